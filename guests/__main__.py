@@ -1,0 +1,5 @@
+import sys
+
+from guests import main
+
+sys.exit(main())

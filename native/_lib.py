@@ -1,0 +1,22 @@
+"""Loads the compiled Linux module, building it first when it is missing or stale."""
+
+from __future__ import annotations
+
+from native.build import ensure_built
+
+ensure_built()
+
+from native._linux import ffi, lib  # noqa: E402  (must follow the build)
+
+from native.errors import NativeError  # noqa: E402
+
+
+def check(rc: int, what: str, **args: object) -> int:
+    """Return ``rc`` when it is not negative; otherwise raise naming the failing call."""
+    if rc < 0:
+        op = ffi.string(lib.sp_last_op()).decode() or what
+        raise NativeError(op if op == what else f"{what}: {op}", -rc, **args)
+    return rc
+
+
+__all__ = ["ffi", "lib", "check"]

@@ -1,0 +1,104 @@
+"""Build the native fixture layer: ``python -m native.build``.
+
+The compiled module carries a digest of its C sources and builder, so a
+stale build is rebuilt instead of silently running old C.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
+NATIVE_DIR = Path(__file__).resolve().parent
+STAMP_SUFFIX = ".sources-sha256"
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def _platform_parts() -> tuple[str, list[Path]]:
+    if sys.platform.startswith("linux"):
+        d = NATIVE_DIR / "linux"
+        return "_linux", sorted(d.glob("*.[ch]")) + [NATIVE_DIR / "_linux_build.py"]
+    if sys.platform == "win32":
+        d = NATIVE_DIR / "windows"
+        return "_windows", sorted(d.glob("*.[ch]")) + [NATIVE_DIR / "_windows_build.py"]
+    raise BuildError(f"snapproof has no native backend for platform {sys.platform!r} (Linux KVM or Windows WHP)")
+
+
+def _digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _stamp_path(module: str) -> Path:
+    return NATIVE_DIR / f"{module}{STAMP_SUFFIX}"
+
+
+def _built_module(module: str) -> Path | None:
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    p = NATIVE_DIR / f"{module}{suffix}"
+    return p if p.exists() else None
+
+
+def is_fresh() -> bool:
+    module, inputs = _platform_parts()
+    stamp = _stamp_path(module)
+    return _built_module(module) is not None and stamp.exists() and stamp.read_text().strip() == _digest(inputs)
+
+
+def _check_compiler() -> None:
+    if sys.platform == "win32":
+        return  # setuptools finds MSVC itself and says so when it is missing
+    cc = os.environ.get("CC", "cc").split()[0]
+    if shutil.which(cc) is None and shutil.which("gcc") is None:
+        raise BuildError(
+            f"no C compiler found (looked for {cc!r} and 'gcc'): snapproof's native layer is C. "
+            "Install one, e.g. 'apt-get install build-essential' (Debian/Ubuntu) or 'dnf install gcc'."
+        )
+
+
+def build(verbose: bool = False) -> Path:
+    module, inputs = _platform_parts()
+    _check_compiler()
+    builder = importlib.import_module(f"native.{module}_build")
+    tmp = NATIVE_DIR / "_build_tmp"
+    try:
+        out = builder.ffibuilder.compile(tmpdir=str(tmp), verbose=verbose)
+    except Exception as e:  # distutils/setuptools raise several types; all mean the same here
+        raise BuildError(f"building native.{module} failed: {e}") from e
+    built = Path(out)
+    target = NATIVE_DIR / built.name
+    if built.resolve() != target.resolve():
+        shutil.copy2(built, target)
+    _stamp_path(module).write_text(_digest(inputs) + "\n")
+    return target
+
+
+def ensure_built() -> None:
+    """Build the native module if it is missing or older than its sources."""
+    if not is_fresh():
+        build()
+
+
+def main() -> int:
+    try:
+        path = build(verbose="-v" in sys.argv)
+    except BuildError as e:
+        print(f"native build: {e}", file=sys.stderr)
+        return 1
+    print(f"native build: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

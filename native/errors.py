@@ -1,0 +1,23 @@
+"""Errors of the native layer: each names the operation, errno and arguments."""
+
+from __future__ import annotations
+
+import os
+
+
+class NativeError(OSError):
+    """A system call or ioctl failed; the message names it, errno and the arguments in hex."""
+
+    def __init__(self, op: str, err: int, **args: object) -> None:
+        self.op = op
+        shown = ", ".join(f"{k}={v:#x}" if isinstance(v, int) else f"{k}={v}" for k, v in args.items())
+        where = f" ({shown})" if shown else ""
+        super().__init__(err, f"{op} failed{where}: errno {err} ({os.strerror(err)})")
+
+
+class CapabilityMissing(Exception):
+    """The host lacks something a test needs; the message is the skip reason, naming it exactly."""
+
+
+class GuestTimeout(TimeoutError):
+    """A guest did not reach the expected exit within its time-out."""

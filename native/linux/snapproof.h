@@ -1,0 +1,154 @@
+/*
+ * snapproof native layer, Linux: the contract between C and Python.
+ *
+ * native/_linux_build.py feeds the lines between the CDEF markers to cffi's
+ * cdef(), so this file is the one place the interface is declared. Keep that
+ * part plain C declarations (no #if, no macros with arguments).
+ *
+ * Conventions: functions return 0 (or a count) on success and -errno on
+ * failure; after a failure sp_last_op() names the system call or ioctl that
+ * failed on this thread.
+ */
+#ifndef SNAPPROOF_H
+#define SNAPPROOF_H
+#include <stdint.h>
+#include <stddef.h>
+
+/* CDEF-BEGIN */
+const char *sp_last_op(void);
+int64_t sp_now_ns(void);
+int sp_current_cpu(void);
+int sp_gettid(void);
+int sp_pin_current_thread(int cpu);
+
+/* ---- KVM ---------------------------------------------------------- */
+enum sp_exit_reason {
+    SP_EXIT_HLT = 1,       /* the guest executed hlt: done */
+    SP_EXIT_SYNC = 2,      /* a write to the sync port (only with SP_RUN_STOP_ON_SYNC) */
+    SP_EXIT_KICKED = 3,    /* sp_vcpu_kick() asked the vCPU to stop */
+    SP_EXIT_TIMEOUT = 4,   /* the run's deadline passed */
+    SP_EXIT_IO = 5,        /* port I/O to a port the loop does not own */
+    SP_EXIT_MMIO = 6,      /* an access KVM could not back with memory */
+    SP_EXIT_SHUTDOWN = 7,  /* triple fault */
+    SP_EXIT_FAIL_ENTRY = 8,
+    SP_EXIT_INTERNAL = 9,
+    SP_EXIT_OTHER = 10,    /* any other KVM exit reason (see kvm_exit_reason) */
+    SP_EXIT_ERROR = 11     /* KVM_RUN failed (see err) */
+};
+
+enum sp_run_flags {
+    SP_RUN_STOP_ON_SYNC = 1
+};
+
+struct sp_exit {
+    uint32_t reason;          /* enum sp_exit_reason */
+    uint32_t kvm_exit_reason; /* raw kvm_run->exit_reason */
+    int32_t err;              /* errno for SP_EXIT_ERROR */
+    int32_t cpu;              /* CPU the vCPU thread was on when the run ended */
+    uint16_t io_port;
+    uint8_t io_size;
+    uint8_t io_is_out;
+    uint32_t io_value;
+    uint64_t mmio_gpa;
+    uint32_t mmio_len;
+    uint8_t mmio_is_write;
+    uint8_t pad[3];
+    uint64_t hw_reason;       /* fail_entry hardware reason / internal suberror */
+    uint64_t sync_count;      /* sync-port writes seen during this call */
+    uint32_t last_sync;       /* value of the last one */
+    uint32_t debug_len;       /* bytes written to the debug buffer */
+    uint64_t run_ns;          /* wall time of this call */
+    uint64_t kvm_runs;        /* KVM_RUN ioctls issued by this call */
+};
+
+struct sp_vcpu;
+
+int sp_kvm_open(void);
+int sp_kvm_api_version(int kvm_fd);
+int sp_kvm_check_extension(int kvm_fd, int cap);
+int sp_vm_create(int kvm_fd);
+int sp_vm_set_tss(int vm_fd, uint64_t addr);
+int sp_vm_set_region(int vm_fd, uint32_t slot, uint32_t flags, uint64_t gpa, uint64_t size, uint64_t hva);
+int sp_vm_get_dirty_log(int vm_fd, uint32_t slot, uint64_t *bitmap);
+
+int sp_vcpu_create(int kvm_fd, int vm_fd, int id, struct sp_vcpu **out);
+void sp_vcpu_destroy(struct sp_vcpu *v);
+int sp_vcpu_set_real_mode(struct sp_vcpu *v, uint16_t cs, uint16_t ip, uint16_t sp);
+int sp_vcpu_set_flat32(struct sp_vcpu *v, uint32_t eip, uint32_t esp, uint32_t esi);
+int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp_exit *out,
+                uint8_t *debug_buf, uint32_t debug_cap);
+int sp_vcpu_kick(struct sp_vcpu *v);
+void sp_vcpu_clear_kick(struct sp_vcpu *v);
+int sp_vcpu_get_regs(struct sp_vcpu *v, uint64_t *out18);
+size_t sp_vcpu_state_size(void);
+int sp_vcpu_save_state(struct sp_vcpu *v, uint8_t *buf, size_t len);
+int sp_vcpu_load_state(struct sp_vcpu *v, const uint8_t *buf, size_t len);
+
+/* ---- userfaultfd -------------------------------------------------- */
+int sp_uffd_open(int *via_devnode);
+int sp_uffd_api(int uffd, uint64_t features, uint64_t *supported, uint64_t *ioctls);
+int sp_uffd_register(int uffd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls);
+int sp_uffd_unregister(int uffd, uint64_t start, uint64_t len);
+int sp_uffd_writeprotect(int uffd, uint64_t start, uint64_t len, int protect);
+int sp_pagemap_scan_wp(uint64_t start, uint64_t npages, uint8_t *present, uint8_t *uffd_wp);
+
+/* ---- the WP snapshot engine --------------------------------------- */
+enum sp_page_state { SP_PAGE_CLEAN = 0, SP_PAGE_COPYING = 1, SP_PAGE_CAPTURED = 2 };
+
+enum sp_inject {
+    SP_INJECT_NO_COPY_BEFORE_WRITE = 1, /* a fault un-protects without capturing the page */
+    SP_INJECT_SINGLE_FLAG_RACE = 2,     /* forkd's bug: "captured" is set before the copy */
+    SP_INJECT_HANDLER_DIES = 4          /* the handler thread exits at its first fault */
+};
+
+#define SP_HIST_BUCKETS 1024
+#define SP_FAULT_LOG 64
+#define SP_MAX_CPUS 64
+
+struct sp_fault_rec {
+    uint64_t offset;       /* page-aligned offset of the fault in the region */
+    uint64_t flags;        /* uffd_msg.arg.pagefault.flags */
+    uint64_t service_ns;   /* handler: message read -> page un-protected */
+    uint32_t tid;          /* faulting thread (UFFD_FEATURE_THREAD_ID) */
+    int32_t handler_cpu;
+    uint32_t copied;       /* 1 if this fault captured the page */
+    uint32_t pad;
+};
+
+struct sp_wp_stats {
+    uint64_t arm_ns;
+    uint64_t faults;            /* fault messages served */
+    uint64_t fault_pages;       /* pages captured by the fault handler */
+    uint64_t bulk_pages;        /* pages captured by the bulk copier */
+    uint64_t waited_on_copier;  /* faults that found the page mid-copy and waited */
+    uint64_t other_events;      /* non-pagefault messages */
+    uint64_t service_ns_total;
+    uint64_t service_ns_max;
+    uint64_t hist_us[1024];     /* fault service latency, 1 us buckets; the last is overflow */
+    uint64_t handler_cpu[64];   /* faults served per CPU */
+    uint32_t log_len;
+    int32_t handler_err;        /* errno that stopped the handler, 0 if none */
+    int32_t handler_alive;
+    int32_t pad;
+    struct sp_fault_rec log[64];
+};
+
+struct sp_wp;
+
+int sp_wp_create(uint64_t mem, uint64_t size, uint64_t features, uint32_t inject,
+                 uint64_t race_window_ns, int handler_cpu, struct sp_wp **out, uint64_t *supported);
+int sp_wp_set_destination(struct sp_wp *w, uint64_t dst);
+int sp_wp_arm(struct sp_wp *w);
+int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, uint64_t batch);
+int64_t sp_wp_pages_in_state(struct sp_wp *w, int state);
+int sp_wp_finalize(struct sp_wp *w, int64_t timeout_ns);
+int sp_wp_release(struct sp_wp *w, int64_t timeout_ns);
+void sp_wp_destroy(struct sp_wp *w);
+void sp_wp_get_stats(struct sp_wp *w, struct sp_wp_stats *out);
+int sp_wp_uffd(struct sp_wp *w);
+
+/* ---- memory helpers ------------------------------------------------ */
+int sp_memcpy_bench(uint64_t dst, uint64_t src, uint64_t len, uint32_t rounds, uint64_t *best_ns);
+/* CDEF-END */
+
+#endif

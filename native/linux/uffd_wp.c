@@ -1,0 +1,509 @@
+/*
+ * The userfaultfd write-protect snapshot engine.
+ *
+ * Arm write-protects the whole guest region; from then on a page reaches the
+ * snapshot exactly once, either by the bulk copier or by the fault handler
+ * when the guest writes it first. Each page moves CLEAN -> COPYING ->
+ * CAPTURED, and only whoever wins CLEAN -> COPYING copies it. A fault on a
+ * page in COPYING waits for CAPTURED before un-protecting it, so a guest
+ * write can never land before the copy has read the page (forkd's single
+ * "captured" flag, set before the copy, let it: SP_INJECT_SINGLE_FLAG_RACE
+ * reproduces that on purpose).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+/* Newer than the 6.1 headers this may be built against; values from the kernel UAPI. */
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1ULL << 13)
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+
+#define PAGE 4096ULL
+#define PM_UFFD_WP (1ULL << 57)
+#define PM_PRESENT (1ULL << 63)
+#define PM_SWAPPED (1ULL << 62)
+
+static inline void cpu_relax(void) { __builtin_ia32_pause(); }
+
+int sp_uffd_open(int *via_devnode)
+{
+    *via_devnode = 0;
+    /* Kernel-mode faults are required: KVM touches guest memory from the kernel. */
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (fd >= 0)
+        return fd;
+    int sys_errno = errno;
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev >= 0) {
+        fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+        int e = errno;
+        close(dev);
+        if (fd >= 0) {
+            *via_devnode = 1;
+            return fd;
+        }
+        errno = e;
+        return sp_fail("USERFAULTFD_IOC_NEW");
+    }
+    errno = sys_errno;
+    return sp_fail("userfaultfd(2)");
+}
+
+int sp_uffd_api(int uffd, uint64_t features, uint64_t *supported, uint64_t *ioctls)
+{
+    struct uffdio_api api = {.api = UFFD_API, .features = features};
+    if (ioctl(uffd, UFFDIO_API, &api) < 0)
+        return sp_fail("UFFDIO_API");
+    *supported = api.features;
+    *ioctls = api.ioctls;
+    return 0;
+}
+
+int sp_uffd_register(int uffd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls)
+{
+    struct uffdio_register reg = {.range = {.start = start, .len = len}, .mode = mode};
+    if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
+        return sp_fail("UFFDIO_REGISTER");
+    *ioctls = reg.ioctls;
+    return 0;
+}
+
+int sp_uffd_unregister(int uffd, uint64_t start, uint64_t len)
+{
+    struct uffdio_range range = {.start = start, .len = len};
+    return ioctl(uffd, UFFDIO_UNREGISTER, &range) < 0 ? sp_fail("UFFDIO_UNREGISTER") : 0;
+}
+
+int sp_uffd_writeprotect(int uffd, uint64_t start, uint64_t len, int protect)
+{
+    /* Clearing protection without DONTWAKE also wakes threads waiting on the range. */
+    struct uffdio_writeprotect wp = {
+        .range = {.start = start, .len = len},
+        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+    };
+    return ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0 ? sp_fail("UFFDIO_WRITEPROTECT") : 0;
+}
+
+/* Read the pagemap entries of [start, start + npages pages): the only
+ * evidence that protection took effect (the ioctl succeeds even where it
+ * protected nothing). Returns how many pages carry PM_UFFD_WP. */
+int sp_pagemap_scan_wp(uint64_t start, uint64_t npages, uint8_t *present, uint8_t *uffd_wp)
+{
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return sp_fail("open(/proc/self/pagemap)");
+    enum { CHUNK = 4096 };
+    static __thread uint64_t buf[CHUNK];
+    int count = 0;
+    for (uint64_t done = 0; done < npages;) {
+        uint64_t n = npages - done < CHUNK ? npages - done : CHUNK;
+        off_t off = (off_t)(((start / PAGE) + done) * sizeof(uint64_t));
+        ssize_t got = pread(fd, buf, n * sizeof(uint64_t), off);
+        if (got != (ssize_t)(n * sizeof(uint64_t))) {
+            if (got >= 0)
+                errno = EIO;
+            int r = sp_fail("pread(/proc/self/pagemap)");
+            close(fd);
+            return r;
+        }
+        for (uint64_t i = 0; i < n; i++) {
+            present[done + i] = (buf[i] & (PM_PRESENT | PM_SWAPPED)) != 0;
+            uffd_wp[done + i] = (buf[i] & PM_UFFD_WP) != 0;
+            count += uffd_wp[done + i];
+        }
+        done += n;
+    }
+    close(fd);
+    return count;
+}
+
+struct sp_wp {
+    int uffd;
+    int stop_fd;
+    uint8_t *mem;
+    uint64_t size;
+    uint64_t npages;
+    uint8_t *dst;
+    uint8_t *state; /* enum sp_page_state, accessed with __atomic builtins */
+    uint32_t inject;
+    uint64_t race_window_ns;
+    int handler_cpu;
+    int armed;
+    int registered;
+    int thread_started;
+    pthread_t thread;
+    struct sp_wp_stats stats;
+};
+
+static void spin_ns(uint64_t ns)
+{
+    int64_t end = sp_now_ns() + (int64_t)ns;
+    while (sp_now_ns() < end)
+        cpu_relax();
+}
+
+static void copy_page(struct sp_wp *w, uint64_t page)
+{
+    memcpy(w->dst + page * PAGE, w->mem + page * PAGE, PAGE);
+}
+
+/* Capture one page for a fault; returns 1 if this call copied it. */
+static int capture_for_fault(struct sp_wp *w, uint64_t page)
+{
+    uint8_t *st = &w->state[page];
+    if (w->inject & SP_INJECT_NO_COPY_BEFORE_WRITE)
+        return 0; /* the bug: let the write land, whatever the copier does later */
+    if (w->inject & SP_INJECT_SINGLE_FLAG_RACE) {
+        /* The bug: one flag, and "set" means "someone will copy it", not "copied". */
+        if (__atomic_exchange_n(st, SP_PAGE_CAPTURED, __ATOMIC_ACQ_REL) == SP_PAGE_CAPTURED)
+            return 0;
+        copy_page(w, page);
+        return 1;
+    }
+    uint8_t expect = SP_PAGE_CLEAN;
+    if (__atomic_compare_exchange_n(st, &expect, SP_PAGE_COPYING, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        copy_page(w, page);
+        __atomic_store_n(st, SP_PAGE_CAPTURED, __ATOMIC_RELEASE);
+        return 1;
+    }
+    if (expect == SP_PAGE_COPYING) {
+        w->stats.waited_on_copier++;
+        while (__atomic_load_n(st, __ATOMIC_ACQUIRE) != SP_PAGE_CAPTURED)
+            cpu_relax();
+    }
+    return 0;
+}
+
+static void record_fault(struct sp_wp *w, const struct uffd_msg *msg, uint64_t offset, int copied,
+                         int64_t t0)
+{
+    struct sp_wp_stats *s = &w->stats;
+    uint64_t ns = (uint64_t)(sp_now_ns() - t0);
+    int cpu = sched_getcpu();
+    s->faults++;
+    s->fault_pages += (uint64_t)copied;
+    s->service_ns_total += ns;
+    if (ns > s->service_ns_max)
+        s->service_ns_max = ns;
+    uint64_t us = ns / 1000;
+    s->hist_us[us < SP_HIST_BUCKETS - 1 ? us : SP_HIST_BUCKETS - 1]++;
+    if (cpu >= 0 && cpu < SP_MAX_CPUS)
+        s->handler_cpu[cpu]++;
+    if (s->log_len < SP_FAULT_LOG) {
+        struct sp_fault_rec *r = &s->log[s->log_len++];
+        r->offset = offset;
+        r->flags = msg->arg.pagefault.flags;
+        r->service_ns = ns;
+        r->tid = msg->arg.pagefault.feat.ptid;
+        r->handler_cpu = cpu;
+        r->copied = (uint32_t)copied;
+    }
+}
+
+static int serve(struct sp_wp *w, const struct uffd_msg *msg)
+{
+    int64_t t0 = sp_now_ns();
+    uint64_t addr = msg->arg.pagefault.address & ~(PAGE - 1);
+    uint64_t base = (uint64_t)(uintptr_t)w->mem;
+    if (addr < base || addr >= base + w->size) {
+        errno = EFAULT; /* a fault outside the region we registered: never expected */
+        return sp_fail("handler: fault outside the region");
+    }
+    uint64_t page = (addr - base) / PAGE;
+    int copied = 0;
+    if (msg->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)
+        copied = capture_for_fault(w, page);
+    if (sp_uffd_writeprotect(w->uffd, addr, PAGE, 0) < 0)
+        return -1;
+    record_fault(w, msg, addr - base, copied, t0);
+    return 0;
+}
+
+static void *handler_main(void *arg)
+{
+    struct sp_wp *w = arg;
+    if (w->handler_cpu >= 0)
+        sp_pin_current_thread(w->handler_cpu);
+    struct pollfd fds[2] = {{.fd = w->uffd, .events = POLLIN}, {.fd = w->stop_fd, .events = POLLIN}};
+    for (;;) {
+        /* No time-out needed: sp_wp_stop_handler() wakes us through stop_fd. */
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            w->stats.handler_err = errno;
+            break;
+        }
+        if (fds[1].revents & POLLIN)
+            break;
+        if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
+            w->stats.handler_err = EPIPE;
+            break;
+        }
+        struct uffd_msg msgs[16];
+        ssize_t n = read(w->uffd, msgs, sizeof(msgs));
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            w->stats.handler_err = errno;
+            break;
+        }
+        for (ssize_t i = 0; i < n / (ssize_t)sizeof(msgs[0]); i++) {
+            if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
+                w->stats.other_events++;
+                continue;
+            }
+            if (w->inject & SP_INJECT_HANDLER_DIES) {
+                w->stats.handler_err = ECANCELED;
+                goto out;
+            }
+            if (serve(w, &msgs[i]) < 0) {
+                w->stats.handler_err = errno ? errno : EIO;
+                goto out;
+            }
+        }
+    }
+out:
+    __atomic_store_n(&w->stats.handler_alive, 0, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+static int stop_handler(struct sp_wp *w, int64_t timeout_ns)
+{
+    if (!w->thread_started)
+        return 0;
+    uint64_t one = 1;
+    if (write(w->stop_fd, &one, sizeof(one)) != sizeof(one))
+        return sp_fail("write(stop eventfd)");
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    int64_t end = (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec + timeout_ns;
+    ts.tv_sec = end / 1000000000LL;
+    ts.tv_nsec = end % 1000000000LL;
+    int r = pthread_timedjoin_np(w->thread, NULL, &ts);
+    if (r != 0) {
+        errno = r;
+        return sp_fail("pthread_timedjoin_np(handler)");
+    }
+    w->thread_started = 0;
+    return 0;
+}
+
+int sp_wp_create(uint64_t mem, uint64_t size, uint64_t features, uint32_t inject,
+                 uint64_t race_window_ns, int handler_cpu, struct sp_wp **out, uint64_t *supported)
+{
+    *out = NULL;
+    *supported = 0;
+    if (size == 0 || size % PAGE || mem % PAGE) {
+        errno = EINVAL;
+        return sp_fail("sp_wp_create(region not page aligned)");
+    }
+    struct sp_wp *w = calloc(1, sizeof(*w));
+    if (!w) {
+        errno = ENOMEM;
+        return sp_fail("calloc");
+    }
+    w->uffd = w->stop_fd = -1;
+    w->mem = (uint8_t *)(uintptr_t)mem;
+    w->size = size;
+    w->npages = size / PAGE;
+    w->inject = inject;
+    w->race_window_ns = race_window_ns;
+    w->handler_cpu = handler_cpu;
+    int r, via_devnode;
+    uint64_t ioctls;
+    w->state = calloc(w->npages, 1);
+    if (!w->state) {
+        errno = ENOMEM;
+        r = sp_fail("calloc(page states)");
+        goto fail;
+    }
+    if ((r = sp_uffd_open(&via_devnode)) < 0)
+        goto fail;
+    w->uffd = r;
+    if ((r = sp_uffd_api(w->uffd, features, supported, &ioctls)) < 0)
+        goto fail;
+    if ((r = sp_uffd_register(w->uffd, mem, size, UFFDIO_REGISTER_MODE_WP, &ioctls)) < 0)
+        goto fail;
+    w->registered = 1;
+    if (!(ioctls & (1ULL << _UFFDIO_WRITEPROTECT))) {
+        errno = EOPNOTSUPP; /* registered, but this memory type offers no WP ioctl */
+        r = sp_fail("UFFDIO_REGISTER(no UFFDIO_WRITEPROTECT for this memory)");
+        goto fail;
+    }
+    w->stop_fd = eventfd(0, EFD_CLOEXEC);
+    if (w->stop_fd < 0) {
+        r = sp_fail("eventfd");
+        goto fail;
+    }
+    w->stats.handler_alive = 1;
+    if ((r = pthread_create(&w->thread, NULL, handler_main, w)) != 0) {
+        errno = r;
+        r = sp_fail("pthread_create(handler)");
+        goto fail;
+    }
+    w->thread_started = 1;
+    *out = w;
+    return 0;
+fail:
+    sp_wp_destroy(w);
+    return r;
+}
+
+int sp_wp_set_destination(struct sp_wp *w, uint64_t dst)
+{
+    w->dst = (uint8_t *)(uintptr_t)dst;
+    return 0;
+}
+
+int sp_wp_arm(struct sp_wp *w)
+{
+    if (!w->dst) {
+        errno = EINVAL;
+        return sp_fail("sp_wp_arm(no destination)");
+    }
+    int64_t t0 = sp_now_ns();
+    memset(w->state, SP_PAGE_CLEAN, w->npages);
+    int r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)w->mem, w->size, 1);
+    w->stats.arm_ns = (uint64_t)(sp_now_ns() - t0);
+    if (r == 0)
+        w->armed = 1;
+    return r;
+}
+
+int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, uint64_t batch)
+{
+    if (first_page > w->npages || npages > w->npages - first_page || batch == 0) {
+        errno = EINVAL;
+        return sp_fail("sp_wp_bulk_copy(range)");
+    }
+    int64_t copied = 0;
+    uint64_t end = first_page + npages;
+    for (uint64_t b = first_page; b < end; b += batch) {
+        uint64_t bend = b + batch < end ? b + batch : end;
+        if (w->inject & SP_INJECT_SINGLE_FLAG_RACE) {
+            /* The bug as a batching copier has it: flag the batch, then copy it.
+             * A fault in between sees "captured" and lets the write land first. */
+            uint64_t mine[512];
+            uint64_t nmine = 0;
+            for (uint64_t p = b; p < bend; p++) {
+                if (__atomic_exchange_n(&w->state[p], SP_PAGE_CAPTURED, __ATOMIC_ACQ_REL) != SP_PAGE_CAPTURED &&
+                    nmine < 512)
+                    mine[nmine++] = p;
+            }
+            for (uint64_t i = 0; i < nmine; i++) {
+                if (w->race_window_ns)
+                    spin_ns(w->race_window_ns);
+                copy_page(w, mine[i]);
+            }
+            copied += (int64_t)nmine;
+        } else {
+            for (uint64_t p = b; p < bend; p++) {
+                uint8_t expect = SP_PAGE_CLEAN;
+                if (__atomic_compare_exchange_n(&w->state[p], &expect, SP_PAGE_COPYING, 0, __ATOMIC_ACQ_REL,
+                                                __ATOMIC_ACQUIRE)) {
+                    copy_page(w, p);
+                    __atomic_store_n(&w->state[p], SP_PAGE_CAPTURED, __ATOMIC_RELEASE);
+                    copied++;
+                }
+            }
+            /* A page the handler is copying must be captured before the batch is un-protected. */
+            for (uint64_t p = b; p < bend; p++)
+                while (__atomic_load_n(&w->state[p], __ATOMIC_ACQUIRE) == SP_PAGE_COPYING)
+                    cpu_relax();
+        }
+        /* Captured pages need no protection: un-protecting them now spares the guest a fault each. */
+        if (sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + b * PAGE), (bend - b) * PAGE, 0) < 0)
+            return -errno;
+    }
+    __atomic_fetch_add(&w->stats.bulk_pages, (uint64_t)copied, __ATOMIC_RELAXED);
+    return copied;
+}
+
+int64_t sp_wp_pages_in_state(struct sp_wp *w, int state)
+{
+    int64_t n = 0;
+    for (uint64_t p = 0; p < w->npages; p++)
+        n += __atomic_load_n(&w->state[p], __ATOMIC_ACQUIRE) == state;
+    return n;
+}
+
+/* Un-protect everything (waking any faulting thread) and stop the handler. */
+int sp_wp_release(struct sp_wp *w, int64_t timeout_ns)
+{
+    int r = 0;
+    if (w->armed) {
+        /* The whole region is un-protected before the uffd may be dropped. */
+        r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)w->mem, w->size, 0);
+        if (r == 0)
+            w->armed = 0;
+    }
+    int s = stop_handler(w, timeout_ns);
+    return r ? r : s;
+}
+
+int sp_wp_finalize(struct sp_wp *w, int64_t timeout_ns)
+{
+    int64_t missing = w->npages - sp_wp_pages_in_state(w, SP_PAGE_CAPTURED);
+    if (missing) {
+        errno = EAGAIN;
+        return sp_fail("sp_wp_finalize(pages not captured)");
+    }
+    return sp_wp_release(w, timeout_ns);
+}
+
+void sp_wp_destroy(struct sp_wp *w)
+{
+    if (!w)
+        return;
+    sp_wp_release(w, 5000000000LL);
+    if (w->registered)
+        sp_uffd_unregister(w->uffd, (uint64_t)(uintptr_t)w->mem, w->size);
+    if (w->thread_started) {
+        /* The handler did not stop in time: leaking it is safer than freeing under it. */
+        return;
+    }
+    if (w->uffd >= 0)
+        close(w->uffd);
+    if (w->stop_fd >= 0)
+        close(w->stop_fd);
+    free(w->state);
+    free(w);
+}
+
+void sp_wp_get_stats(struct sp_wp *w, struct sp_wp_stats *out)
+{
+    memcpy(out, &w->stats, sizeof(*out));
+}
+
+int sp_wp_uffd(struct sp_wp *w) { return w->uffd; }
+
+int sp_memcpy_bench(uint64_t dst, uint64_t src, uint64_t len, uint32_t rounds, uint64_t *best_ns)
+{
+    uint64_t best = UINT64_MAX;
+    for (uint32_t i = 0; i < rounds; i++) {
+        int64_t t0 = sp_now_ns();
+        memcpy((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, len);
+        uint64_t ns = (uint64_t)(sp_now_ns() - t0);
+        if (ns < best)
+            best = ns;
+    }
+    *best_ns = best;
+    return 0;
+}

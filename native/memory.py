@@ -1,0 +1,155 @@
+"""Guest memory backings: the mappings a memslot points at.
+
+memfd (MAP_SHARED shmem, what a snapshotting VMM uses), anonymous, hugetlb
+memfd, a file mapped MAP_PRIVATE (copy-on-write load) and a file mapped
+read-only (the negative control of the original bug).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+from native._lib import ffi
+
+PAGE_SIZE = 4096
+HUGE_PAGE_SIZE = 2 << 20
+MFD_HUGETLB = 0x0004
+MADV_POPULATE_WRITE = 23
+
+
+def check_size(size: int, unit: int = PAGE_SIZE, what: str = "guest memory size") -> int:
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise TypeError(f"{what} must be an int, got {type(size).__name__}")
+    if size <= 0 or size % unit:
+        raise ValueError(f"{what} {size:#x} is not a positive multiple of {unit:#x}")
+    return size
+
+
+class GuestMemory:
+    """One host mapping of guest memory. Use as a context manager; close() is idempotent."""
+
+    def __init__(self, mm: mmap.mmap, size: int, backing: str, fd: int | None = None,
+                 path: Path | None = None, writable: bool = True) -> None:
+        self._mm: mmap.mmap | None = mm
+        self.size = size
+        self.backing = backing
+        self.fd = fd
+        self.path = path
+        self.writable = writable
+        self._ptr = ffi.from_buffer("char[]", mm, require_writable=False)
+        self.addr = int(ffi.cast("uintptr_t", self._ptr))
+
+    # -- constructors -------------------------------------------------------
+    @classmethod
+    def memfd(cls, size: int, name: str = "snapproof-guest") -> GuestMemory:
+        check_size(size)
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(mm, size, "memfd", fd=fd)
+
+    @classmethod
+    def anonymous(cls, size: int) -> GuestMemory:
+        check_size(size)
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        return cls(mm, size, "anonymous")
+
+    @classmethod
+    def hugetlb(cls, size: int, name: str = "snapproof-guest-huge") -> GuestMemory:
+        check_size(size, HUGE_PAGE_SIZE, "hugetlb guest memory size")
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | MFD_HUGETLB)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(mm, size, "hugetlb", fd=fd)
+
+    @classmethod
+    def file_private(cls, path: str | os.PathLike[str], offset: int, size: int) -> GuestMemory:
+        """The file mapped copy-on-write: guest writes stay in this mapping, the file never changes."""
+        return cls._file(path, offset, size, private=True)
+
+    @classmethod
+    def file_readonly(cls, path: str | os.PathLike[str], offset: int, size: int) -> GuestMemory:
+        """The file mapped PROT_READ: the mapping of the original bug (a guest write cannot land)."""
+        return cls._file(path, offset, size, private=False)
+
+    @classmethod
+    def _file(cls, path: str | os.PathLike[str], offset: int, size: int, private: bool) -> GuestMemory:
+        check_size(size)
+        if offset < 0 or offset % PAGE_SIZE:
+            raise ValueError(f"file offset {offset:#x} is not a page-aligned offset")
+        p = Path(path)
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            length = os.fstat(fd).st_size
+            if offset + size > length:
+                raise ValueError(f"{p}: mapping [{offset:#x}, {offset + size:#x}) runs past the file end {length:#x}")
+            if private:
+                mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                               offset=offset)
+            else:
+                mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=offset)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(mm, size, "file-private" if private else "file-readonly", fd=fd, path=p, writable=private)
+
+    # -- access -------------------------------------------------------------
+    @property
+    def mm(self) -> mmap.mmap:
+        if self._mm is None:
+            raise ValueError(f"{self.backing} guest memory is closed")
+        return self._mm
+
+    def _bounds(self, gpa: int, n: int) -> None:
+        if gpa < 0 or n < 0 or gpa + n > self.size:
+            raise ValueError(f"guest range [{gpa:#x}, {gpa + n:#x}) outside memory of size {self.size:#x}")
+
+    def read(self, gpa: int, n: int) -> bytes:
+        self._bounds(gpa, n)
+        return self.mm[gpa:gpa + n]
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self._bounds(gpa, len(data))
+        self.mm[gpa:gpa + len(data)] = data
+
+    def byte(self, gpa: int) -> int:
+        self._bounds(gpa, 1)
+        return self.mm[gpa]
+
+    def snapshot_bytes(self) -> bytes:
+        """A copy of all of guest memory (a reference image for the exact oracle)."""
+        return self.mm[:]
+
+    def populate(self) -> None:
+        """Fault every page in for writing (MADV_POPULATE_WRITE), outside any timed section."""
+        self.mm.madvise(MADV_POPULATE_WRITE)
+
+    def close(self) -> None:
+        if self._mm is None:
+            return
+        ffi.release(self._ptr)
+        self._mm.close()
+        self._mm = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"GuestMemory({self.backing}, size={self.size:#x}, addr={self.addr:#x})"

@@ -1,0 +1,271 @@
+"""The userfaultfd write-protect snapshot engine (C handler thread + bulk copier).
+
+One ``WpSnapshot`` takes one snapshot of one GuestMemory into one destination
+buffer: ``arm()`` write-protects the region, the handler thread copies a page
+before un-protecting it when anything writes it, ``bulk_copy()`` captures the
+rest, ``finalize()`` checks every page is captured, un-protects the region
+and joins the handler. ``close()`` always un-protects before dropping the uffd.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from native import uffd
+from native._lib import check, ffi, lib
+from native.errors import CapabilityMissing, NativeError
+from native.memory import PAGE_SIZE, GuestMemory
+
+
+class FaultInjection(enum.Flag):
+    """Named switches that reproduce real bugs, so the phases can be shown to fail."""
+
+    NONE = 0
+    NO_COPY_BEFORE_WRITE = lib.SP_INJECT_NO_COPY_BEFORE_WRITE  # a fault un-protects without capturing
+    SINGLE_FLAG_RACE = lib.SP_INJECT_SINGLE_FLAG_RACE          # forkd's one flag, set before the copy
+    HANDLER_DIES = lib.SP_INJECT_HANDLER_DIES                  # the handler exits at its first fault
+    SKIP_UNPOPULATED = 1 << 8   # arm without WP_UNPOPULATED and without pre-populating: holes go unprotected
+    ARM_WHILE_RUNNING = 1 << 9  # the live protocol arms without pausing the vCPUs
+
+    @property
+    def c_bits(self) -> int:
+        return self.value & 0xFF
+
+
+class PageState(enum.IntEnum):
+    CLEAN = lib.SP_PAGE_CLEAN
+    COPYING = lib.SP_PAGE_COPYING
+    CAPTURED = lib.SP_PAGE_CAPTURED
+
+
+@dataclass(frozen=True)
+class FaultRecord:
+    offset: int
+    flags: int
+    service_ns: int
+    tid: int
+    handler_cpu: int
+    copied: bool
+
+
+@dataclass(frozen=True)
+class WpStats:
+    arm_ns: int
+    faults: int
+    fault_pages: int
+    bulk_pages: int
+    waited_on_copier: int
+    other_events: int
+    service_ns_total: int
+    service_ns_max: int
+    hist_us: list[int]
+    handler_cpus: dict[int, int]
+    log: list[FaultRecord]
+    handler_err: int
+    handler_alive: bool
+    features_requested: int = 0
+    features_supported: int = 0
+    unpopulated_policy: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def service_percentile_us(self, q: float) -> float:
+        """Percentile of fault service time from the 1 µs histogram (bucket upper edge)."""
+        total = sum(self.hist_us)
+        if not total:
+            return 0.0
+        want = q * total
+        seen = 0
+        for us, n in enumerate(self.hist_us):
+            seen += n
+            if seen >= want:
+                return float(us + 1)
+        return float(len(self.hist_us))
+
+
+_SHMEM_BACKINGS = {"memfd", "hugetlb"}
+_probe_cache: int | None = None
+
+
+def supported_features() -> int:
+    """The uffd feature mask this kernel returns from UFFDIO_API (probed once)."""
+    global _probe_cache
+    if _probe_cache is None:
+        via = ffi.new("int *")
+        fd = lib.sp_uffd_open(via)
+        if fd < 0:
+            raise _uffd_open_error(-fd)
+        import os
+
+        try:
+            sup = ffi.new("uint64_t *")
+            ioctls = ffi.new("uint64_t *")
+            check(lib.sp_uffd_api(fd, 0, sup, ioctls), "UFFDIO_API")
+            _probe_cache = int(sup[0])
+        finally:
+            os.close(fd)
+    return _probe_cache
+
+
+def _uffd_open_error(err: int) -> Exception:
+    import errno
+
+    if err in (errno.EPERM, errno.EACCES):
+        return CapabilityMissing(
+            "userfaultfd for kernel-mode faults denied: needs root, CAP_SYS_PTRACE, "
+            "vm.unprivileged_userfaultfd=1, or access to /dev/userfaultfd")
+    if err == errno.ENOSYS:
+        return CapabilityMissing("userfaultfd(2) not available (kernel built without CONFIG_USERFAULTFD)")
+    return NativeError("userfaultfd", err)
+
+
+class WpSnapshot:
+    def __init__(self, memory: GuestMemory, destination: object, *,
+                 inject: FaultInjection = FaultInjection.NONE, handler_cpu: int | None = None,
+                 race_window_ns: int = 0) -> None:
+        self.memory = memory
+        self.inject = inject
+        self.npages = memory.size // PAGE_SIZE
+        supported = supported_features()
+        need = uffd.mask_of("PAGEFAULT_FLAG_WP", "THREAD_ID")
+        if memory.backing in _SHMEM_BACKINGS:
+            need |= uffd.FEATURES["WP_HUGETLBFS_SHMEM"]
+        missing = need & ~supported
+        if missing:
+            names = ", ".join(f"UFFD_FEATURE_{n} (kernel {uffd.SINCE.get(n, '?')})"
+                              for n in uffd.feature_names(missing))
+            raise CapabilityMissing(f"uffd WP on {memory.backing} memory needs {names}: not in the kernel's mask "
+                                    f"{supported:#x}")
+        # Never-populated pages are skipped by a plain arm; WP_UNPOPULATED (6.4) marks them,
+        # otherwise every page is faulted in first. The injection does neither (forkd's bug).
+        if inject & FaultInjection.SKIP_UNPOPULATED:
+            self.unpopulated_policy = "none (fault injection)"
+        elif supported & uffd.FEATURES["WP_UNPOPULATED"]:
+            need |= uffd.FEATURES["WP_UNPOPULATED"]
+            self.unpopulated_policy = "UFFD_FEATURE_WP_UNPOPULATED"
+        else:
+            memory.populate()
+            self.unpopulated_policy = "pre-populated (MADV_POPULATE_WRITE)"
+        self.features_requested = need
+        self._dst = ffi.from_buffer("char[]", destination, require_writable=True)
+        if len(self._dst) < memory.size:
+            ffi.release(self._dst)
+            raise ValueError(f"snapshot destination is {len(self._dst):#x} bytes, guest memory {memory.size:#x}")
+        out = ffi.new("struct sp_wp **")
+        sup = ffi.new("uint64_t *")
+        rc = lib.sp_wp_create(memory.addr, memory.size, need, inject.c_bits, race_window_ns,
+                              -1 if handler_cpu is None else handler_cpu, out, sup)
+        if rc < 0:
+            ffi.release(self._dst)
+            check(rc, "WP engine create", mem=memory.addr, size=memory.size, features=need)
+        self.features_supported = int(sup[0])
+        self._w = out[0]
+        check(lib.sp_wp_set_destination(self._w, int(ffi.cast("uintptr_t", self._dst))), "set destination")
+        self.armed = False
+        self.finalized = False
+
+    @property
+    def handle(self) -> object:
+        if self._w is None:
+            raise ValueError("WP snapshot is closed")
+        return self._w
+
+    def arm(self) -> int:
+        """Write-protect the whole region; returns the arm time in ns."""
+        check(lib.sp_wp_arm(self.handle), "arm WP", mem=self.memory.addr, size=self.memory.size)
+        self.armed = True
+        return self.stats().arm_ns
+
+    def bulk_copy(self, first_page: int = 0, npages: int | None = None, batch: int = 512) -> int:
+        """Capture every page still CLEAN in the range; returns how many this call copied."""
+        n = self.npages - first_page if npages is None else npages
+        return check(lib.sp_wp_bulk_copy(self.handle, first_page, n, batch), "bulk copy",
+                     first=first_page, npages=n)
+
+    def pages_in_state(self, state: PageState) -> int:
+        return int(lib.sp_wp_pages_in_state(self.handle, int(state)))
+
+    def finalize(self, timeout: float = 5.0) -> WpStats:
+        """Check every page is captured, un-protect the region, join the handler."""
+        rc = lib.sp_wp_finalize(self.handle, int(timeout * 1e9))
+        if rc < 0:
+            missing = self.npages - self.pages_in_state(PageState.CAPTURED)
+            check(rc, "finalize WP snapshot", pages_not_captured=missing)
+        self.finalized = True
+        self.armed = False
+        return self.stats()
+
+    def release(self, timeout: float = 5.0) -> None:
+        """Un-protect everything and stop the handler, whatever state the snapshot is in."""
+        check(lib.sp_wp_release(self.handle, int(timeout * 1e9)), "release WP")
+        self.armed = False
+
+    def protection(self) -> tuple[bytes, bytes]:
+        """(present, uffd_wp) per page, read from /proc/self/pagemap (PM_UFFD_WP is bit 57)."""
+        return read_pagemap(self.memory.addr, self.npages)
+
+    def stats(self) -> WpStats:
+        s = ffi.new("struct sp_wp_stats *")
+        lib.sp_wp_get_stats(self.handle, s)
+        log = [FaultRecord(r.offset, r.flags, r.service_ns, r.tid, r.handler_cpu, bool(r.copied))
+               for r in s.log[0:s.log_len]]
+        cpus = {i: int(n) for i, n in enumerate(s.handler_cpu) if n}
+        return WpStats(
+            arm_ns=s.arm_ns, faults=s.faults, fault_pages=s.fault_pages, bulk_pages=s.bulk_pages,
+            waited_on_copier=s.waited_on_copier, other_events=s.other_events,
+            service_ns_total=s.service_ns_total, service_ns_max=s.service_ns_max,
+            hist_us=list(s.hist_us), handler_cpus=cpus, log=log, handler_err=s.handler_err,
+            handler_alive=bool(s.handler_alive), features_requested=self.features_requested,
+            features_supported=self.features_supported, unpopulated_policy=self.unpopulated_policy,
+        )
+
+    def close(self) -> None:
+        if self._w is None:
+            return
+        lib.sp_wp_destroy(self._w)
+        self._w = None
+        ffi.release(self._dst)
+
+    def __enter__(self) -> WpSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_pagemap(addr: int, npages: int) -> tuple[bytes, bytes]:
+    present = ffi.new("uint8_t[]", npages)
+    wp = ffi.new("uint8_t[]", npages)
+    check(lib.sp_pagemap_scan_wp(addr, npages, present, wp), "read /proc/self/pagemap", addr=addr)
+    return bytes(ffi.buffer(present, npages)), bytes(ffi.buffer(wp, npages))
+
+
+def raw_writeprotect_ns(memory: GuestMemory, rounds: int = 5) -> int:
+    """Best time of the bare UFFDIO_WRITEPROTECT ioctl over the region (the engine's floor)."""
+    import os
+
+    via = ffi.new("int *")
+    fd = lib.sp_uffd_open(via)
+    if fd < 0:
+        raise _uffd_open_error(-fd)
+    try:
+        sup = ffi.new("uint64_t *")
+        ioctls = ffi.new("uint64_t *")
+        feats = uffd.mask_of("PAGEFAULT_FLAG_WP")
+        if memory.backing in _SHMEM_BACKINGS:
+            feats |= uffd.FEATURES["WP_HUGETLBFS_SHMEM"]
+        if supported_features() & uffd.FEATURES["WP_UNPOPULATED"]:
+            feats |= uffd.FEATURES["WP_UNPOPULATED"]
+        check(lib.sp_uffd_api(fd, feats, sup, ioctls), "UFFDIO_API")
+        check(lib.sp_uffd_register(fd, memory.addr, memory.size, uffd.REGISTER_MODE_WP, ioctls), "UFFDIO_REGISTER")
+        best = None
+        for _ in range(rounds):
+            t0 = lib.sp_now_ns()
+            check(lib.sp_uffd_writeprotect(fd, memory.addr, memory.size, 1), "UFFDIO_WRITEPROTECT")
+            ns = lib.sp_now_ns() - t0
+            best = ns if best is None else min(best, ns)
+            check(lib.sp_uffd_writeprotect(fd, memory.addr, memory.size, 0), "UFFDIO_WRITEPROTECT")
+        check(lib.sp_uffd_unregister(fd, memory.addr, memory.size), "UFFDIO_UNREGISTER")
+        return int(best or 0)
+    finally:
+        os.close(fd)
