@@ -7,7 +7,6 @@ from native.build import ensure_built
 ensure_built()
 
 from native._linux import ffi, lib  # noqa: E402  (must follow the build)
-
 from native.errors import NativeError  # noqa: E402
 
 

@@ -176,6 +176,16 @@ class WpSnapshot:
         self.armed = True
         return self.stats().arm_ns
 
+    def rearm(self, first_page: int, npages: int = 1) -> None:
+        """Protect a page range again, its pages CLEAN (the round-trip benchmark re-arms one page)."""
+        check(lib.sp_wp_rearm_range(self.handle, first_page, npages), "re-arm WP", first=first_page, npages=npages)
+        self.armed = True
+
+    def disarm(self) -> None:
+        """Un-protect the whole region, keeping the handler, so ``arm()`` can run again."""
+        check(lib.sp_wp_disarm(self.handle), "disarm WP")
+        self.armed = False
+
     def bulk_copy(self, first_page: int = 0, npages: int | None = None, batch: int = 512) -> int:
         """Capture every page still CLEAN in the range; returns how many this call copied."""
         n = self.npages - first_page if npages is None else npages
@@ -269,3 +279,28 @@ def raw_writeprotect_ns(memory: GuestMemory, rounds: int = 5) -> int:
         return int(best or 0)
     finally:
         os.close(fd)
+
+
+PAGE_IS_WRITTEN = 1 << 1
+PAGE_IS_PRESENT = 1 << 3
+
+
+def pagemap_scan(addr: int, size: int, category_mask: int, return_mask: int, flags: int = 0,
+                 max_regions: int = 4096) -> list[tuple[int, int, int]]:
+    """PAGEMAP_SCAN over [addr, addr + size): (start, end, categories) regions."""
+    vec = ffi.new("struct sp_page_region[]", max_regions)
+    walk_end = ffi.new("uint64_t *")
+    n = check(lib.sp_pagemap_scan(addr, addr + size, flags, category_mask, return_mask, vec, max_regions,
+                                  walk_end), "PAGEMAP_SCAN", start=addr, size=size)
+    return [(int(vec[i].start), int(vec[i].end), int(vec[i].categories)) for i in range(n)]
+
+
+def pagemap_scan_probe() -> None:
+    """Raise NativeError unless PAGEMAP_SCAN answers on a populated page of our own."""
+    from native.memory import GuestMemory
+
+    with GuestMemory.anonymous(PAGE_SIZE) as m:
+        m.populate()
+        regions = pagemap_scan(m.addr, PAGE_SIZE, PAGE_IS_PRESENT, PAGE_IS_PRESENT)
+        if regions != [(m.addr, m.addr + PAGE_SIZE, PAGE_IS_PRESENT)]:
+            raise NativeError("PAGEMAP_SCAN (unexpected answer)", 5, regions=str(regions))

@@ -92,6 +92,12 @@ int sp_uffd_unregister(int uffd, uint64_t start, uint64_t len);
 int sp_uffd_writeprotect(int uffd, uint64_t start, uint64_t len, int protect);
 int sp_pagemap_scan_wp(uint64_t start, uint64_t npages, uint8_t *present, uint8_t *uffd_wp);
 
+/* PAGEMAP_SCAN (kernel 6.7): regions of [start, end) whose categories match. */
+struct sp_page_region { uint64_t start; uint64_t end; uint64_t categories; };
+int64_t sp_pagemap_scan(uint64_t start, uint64_t end, uint64_t flags, uint64_t category_mask,
+                        uint64_t return_mask, struct sp_page_region *vec, uint64_t vec_len,
+                        uint64_t *walk_end);
+
 /* ---- the WP snapshot engine --------------------------------------- */
 enum sp_page_state { SP_PAGE_CLEAN = 0, SP_PAGE_COPYING = 1, SP_PAGE_CAPTURED = 2 };
 
@@ -139,6 +145,8 @@ int sp_wp_create(uint64_t mem, uint64_t size, uint64_t features, uint32_t inject
                  uint64_t race_window_ns, int handler_cpu, struct sp_wp **out, uint64_t *supported);
 int sp_wp_set_destination(struct sp_wp *w, uint64_t dst);
 int sp_wp_arm(struct sp_wp *w);
+int sp_wp_rearm_range(struct sp_wp *w, uint64_t first_page, uint64_t npages);
+int sp_wp_disarm(struct sp_wp *w);
 int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, uint64_t batch);
 int64_t sp_wp_pages_in_state(struct sp_wp *w, int state);
 int sp_wp_finalize(struct sp_wp *w, int64_t timeout_ns);

@@ -134,6 +134,38 @@ int sp_pagemap_scan_wp(uint64_t start, uint64_t npages, uint8_t *present, uint8_
     return count;
 }
 
+/* include/uapi/linux/fs.h (6.7); defined here for older headers. */
+struct sp_pm_scan_arg {
+    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+#define SP_PAGEMAP_SCAN _IOWR('f', 16, struct sp_pm_scan_arg)
+_Static_assert(sizeof(struct sp_pm_scan_arg) == 96, "pm_scan_arg is 12 u64s");
+_Static_assert(sizeof(struct sp_page_region) == 24, "page_region is 3 u64s");
+
+int64_t sp_pagemap_scan(uint64_t start, uint64_t end, uint64_t flags, uint64_t category_mask,
+                        uint64_t return_mask, struct sp_page_region *vec, uint64_t vec_len,
+                        uint64_t *walk_end)
+{
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return sp_fail("open(/proc/self/pagemap)");
+    struct sp_pm_scan_arg arg = {
+        .size = sizeof(arg), .flags = flags, .start = start, .end = end,
+        .vec = (uint64_t)(uintptr_t)vec, .vec_len = vec_len,
+        .category_mask = category_mask, .return_mask = return_mask,
+    };
+    long r = ioctl(fd, SP_PAGEMAP_SCAN, &arg);
+    int e = errno;
+    close(fd);
+    if (r < 0) {
+        errno = e;
+        return sp_fail("PAGEMAP_SCAN");
+    }
+    *walk_end = arg.walk_end;
+    return r;
+}
+
 struct sp_wp {
     int uffd;
     int stop_fd;
@@ -230,9 +262,17 @@ static int serve(struct sp_wp *w, const struct uffd_msg *msg)
     int copied = 0;
     if (msg->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)
         copied = capture_for_fault(w, page);
-    if (sp_uffd_writeprotect(w->uffd, addr, PAGE, 0) < 0)
-        return -1;
+    /* Un-protect without waking, record, then wake: whoever the write unblocks sees
+     * the fault in the stats already. */
+    struct uffdio_writeprotect wp = {
+        .range = {.start = addr, .len = PAGE}, .mode = UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+    };
+    if (ioctl(w->uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
+        return sp_fail("UFFDIO_WRITEPROTECT(un-protect)");
     record_fault(w, msg, addr - base, copied, t0);
+    struct uffdio_range range = {.start = addr, .len = PAGE};
+    if (ioctl(w->uffd, UFFDIO_WAKE, &range) < 0)
+        return sp_fail("UFFDIO_WAKE");
     return 0;
 }
 
@@ -384,6 +424,29 @@ int sp_wp_arm(struct sp_wp *w)
     w->stats.arm_ns = (uint64_t)(sp_now_ns() - t0);
     if (r == 0)
         w->armed = 1;
+    return r;
+}
+
+/* Protect [first, first + n) again with its pages CLEAN: a second snapshot of part of the region. */
+int sp_wp_rearm_range(struct sp_wp *w, uint64_t first_page, uint64_t npages)
+{
+    if (first_page > w->npages || npages > w->npages - first_page) {
+        errno = EINVAL;
+        return sp_fail("sp_wp_rearm_range(range)");
+    }
+    memset(w->state + first_page, SP_PAGE_CLEAN, npages);
+    int r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + first_page * PAGE), npages * PAGE, 1);
+    if (r == 0)
+        w->armed = 1;
+    return r;
+}
+
+/* Un-protect the whole region but keep the handler: the engine can be armed again. */
+int sp_wp_disarm(struct sp_wp *w)
+{
+    int r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)w->mem, w->size, 0);
+    if (r == 0)
+        w->armed = 0;
     return r;
 }
 

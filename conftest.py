@@ -1,0 +1,399 @@
+"""snapproof's pytest plugin: options, host capabilities, VM fixtures, PASS reports and run records.
+
+Fixtures are layered by lifecycle, after Firecracker: ``make_memory`` and
+``make_vm`` are factories that own cleanup; ``report`` is the running test's
+case report. A missing host capability skips with the exact reason from
+``native.host`` (``--strict-host`` turns it into a failure).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from results.record import SCHEMA, CaseReport, PhaseReport, render_phase
+
+ROOT = Path(__file__).resolve().parent
+_SIZE_RE = re.compile(r"^(\d+)([KMG]?)(i?B)?$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '4096' -> bytes (binary units)."""
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"size {text!r} is not a number with an optional K/M/G suffix")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+# -- options --------------------------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("snapproof")
+    g.addoption("--strict-host", action="store_true",
+                help="fail, instead of skip, every test whose host capability is missing (release gates)")
+    g.addoption("--sizes", default="", metavar="LIST",
+                help="extra guest memory sizes for the sized phases, e.g. 1G,4G (default: the phase's own)")
+    g.addoption("--inject", default="none", metavar="SWITCH[,SWITCH]",
+                help="engine fault-injection switches (see native.wp.FaultInjection): the phases must FAIL")
+    g.addoption("--long", action="store_true", help="run the opt-in long runs (marked slow)")
+    g.addoption("--fuzz-examples", type=int, default=500, help="hypothesis examples for the file fuzzers")
+    g.addoption("--results-dir", default=str(ROOT / "results" / "runs"),
+                help="where the YAML run record goes ('' for none)")
+    g.addoption("--reports", choices=("full", "short", "none"), default="full",
+                help="PASS reports at the end: every stage, failures only in detail, or none")
+    g.addoption("--reserve-hugepages", type=int, default=0, metavar="N",
+                help="reserve N more 2 MiB hugepages for the hugetlb cases; vm.nr_hugepages is restored at exit")
+
+
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config._snapproof = Session(config)  # type: ignore[attr-defined]
+    want = config.getoption("reserve_hugepages")
+    if want > 0 and not hasattr(config, "workerinput"):
+        # Only on request, and undone in pytest_unconfigure: the suite never changes host settings on its own.
+        before = int(NR_HUGEPAGES.read_text())
+        NR_HUGEPAGES.write_text(f"{before + want}\n")
+        config._snapproof_hugepages_before = before  # type: ignore[attr-defined]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    before = getattr(config, "_snapproof_hugepages_before", None)
+    if before is not None:
+        NR_HUGEPAGES.write_text(f"{before}\n")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("long"):
+        return
+    skip = pytest.mark.skip(reason="long run: opt in with --long")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``@pytest.mark.sizes(...)`` parametrizes ``mem_size``; ``--sizes`` adds to it."""
+    marker = metafunc.definition.get_closest_marker("sizes")
+    if marker is None or "mem_size" not in metafunc.fixturenames:
+        return
+    sizes = list(marker.args)
+    if marker.kwargs.get("extendable", True):
+        for text in filter(None, metafunc.config.getoption("sizes").split(",")):
+            s = parse_size(text)
+            if s not in sizes:
+                sizes.append(s)
+    from results.record import fmt_bytes
+
+    metafunc.parametrize("mem_size", sizes, ids=[fmt_bytes(s).replace(" ", "") for s in sizes])
+
+
+# -- host capabilities ----------------------------------------------------------------------------
+
+
+def skip_or_fail(config: pytest.Config, reason: str) -> None:
+    if config.getoption("strict_host"):
+        pytest.fail(f"--strict-host: host capability missing: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def host() -> Any:
+    from native.host import probe
+
+    return probe()
+
+
+@pytest.fixture
+def require(request: pytest.FixtureRequest, host: Any) -> Callable[..., None]:
+    """``require("uffd.WP_UNPOPULATED")``: skip (or fail under --strict-host) naming what is missing."""
+
+    def _require(*names: str) -> None:
+        for name in names:
+            reason = host.missing(name)
+            if reason:
+                skip_or_fail(request.config, reason)
+
+    return _require
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    marker = item.get_closest_marker("needs")
+    if marker is None:
+        return
+    from native.host import probe
+
+    rep = probe()
+    for name in marker.args:
+        reason = rep.missing(name)
+        if reason:
+            skip_or_fail(item.config, reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep: pytest.TestReport = outcome.get_result()
+    from native.errors import CapabilityMissing
+
+    # A capability found missing deep inside a fixture or the native layer is a skip too.
+    if call.excinfo is not None and call.excinfo.errisinstance(CapabilityMissing):
+        reason = str(call.excinfo.value)
+        if item.config.getoption("strict_host"):
+            rep.longrepr = f"--strict-host: host capability missing: {reason}"
+        else:
+            rep.outcome = "skipped"
+            rep.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {reason}")
+    item.config._snapproof.record_outcome(item, rep)  # type: ignore[attr-defined]
+
+
+# -- engine switches ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def inject(pytestconfig: pytest.Config) -> Any:
+    """The fault-injection switches of this run (``--inject``); NONE unless a self-test asks."""
+    from native.wp import FaultInjection
+
+    value = FaultInjection.NONE
+    for name in filter(None, pytestconfig.getoption("inject").replace("-", "_").upper().split(",")):
+        if name == "NONE":
+            continue
+        try:
+            value |= FaultInjection[name]
+        except KeyError:
+            known = ", ".join(m.name.lower().replace("_", "-") for m in FaultInjection if m.name != "NONE")
+            raise pytest.UsageError(f"--inject: unknown switch {name.lower()!r} (known: {known})") from None
+    return value
+
+
+# -- resources: memory, VMs -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_memory(require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
+    """Factory: ``make_memory("memfd", size)``; every mapping is closed at teardown, newest first."""
+    from native.memory import GuestMemory
+
+    made: list[Any] = []
+
+    def _make(backing: str, size: int, **kw: Any) -> Any:
+        if backing == "hugetlb":
+            require("hugepages")
+        ctor = {"memfd": GuestMemory.memfd, "anonymous": GuestMemory.anonymous, "hugetlb": GuestMemory.hugetlb,
+                "file-private": GuestMemory.file_private, "file-readonly": GuestMemory.file_readonly}.get(backing)
+        if ctor is None:
+            raise ValueError(f"unknown guest memory backing {backing!r}")
+        mem = ctor(size=size, **kw)
+        made.append(mem)
+        return mem
+
+    yield _make
+    for mem in reversed(made):
+        mem.close()
+
+
+@pytest.fixture
+def make_vm(make_memory: Any, require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
+    """Factory: ``make_vm(memory)`` -> a VM with ``memory`` at GPA 0 in slot 0; all closed at teardown."""
+    require("kvm")
+    from native.kvm import Vm
+
+    made: list[Any] = []
+
+    def _make(memory: Any, flags: int = 0) -> Any:
+        vm = Vm.create()
+        made.append(vm)
+        vm.set_region(slot=0, gpa=0, memory=memory, flags=flags)
+        return vm
+
+    yield _make
+    for vm in reversed(made):
+        vm.close()
+
+
+# -- reports and the run record -------------------------------------------------------------------
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest) -> CaseReport:
+    """The running test's case report: ``with report.stage("arm WP") as st: st.check(...)``."""
+    case = request.config._snapproof.case_for(request.node)  # type: ignore[attr-defined]
+    if case is None:
+        # Self-tests outside a phase still get a report object; it is not printed.
+        case = CaseReport(request.node.nodeid, request.node.name)
+    return case
+
+
+def _phase_of(item: pytest.Item) -> tuple[int, str] | None:
+    m = item.get_closest_marker("phase")
+    if m is None:
+        return None
+    return int(m.args[0]), str(m.args[1])
+
+
+class Session:
+    """Collects case reports per phase and writes them out at the end of the run."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.started = dt.datetime.now(dt.timezone.utc)
+        self.t0 = time.perf_counter_ns()
+        self.phases: dict[int, PhaseReport] = {}
+        self.cases: dict[str, CaseReport] = {}
+        self.record_path: Path | None = None
+
+    def case_for(self, item: pytest.Item) -> CaseReport | None:
+        ph = _phase_of(item)
+        if ph is None:
+            return None
+        case = self.cases.get(item.nodeid)
+        if case is None:
+            doc = (getattr(item, "function", None).__doc__ or "").strip() if hasattr(item, "function") else ""
+            case = CaseReport(item.nodeid, item.name, doc=" ".join(doc.split()))
+            self.cases[item.nodeid] = case
+            phase = self.phases.setdefault(ph[0], PhaseReport(ph[0], ph[1]))
+            phase.cases.append(case)
+        return case
+
+    def record_outcome(self, item: pytest.Item, rep: pytest.TestReport) -> None:
+        case = self.case_for(item)
+        if case is None:
+            return
+        if rep.when == "call" or rep.outcome != "passed":
+            case.duration_ns += int(rep.duration * 1e9)
+        if rep.skipped:
+            case.outcome = "skipped"
+            longrepr = rep.longrepr
+            case.skip_reason = longrepr[2].removeprefix("Skipped: ") if isinstance(longrepr, tuple) else str(longrepr)
+        elif rep.failed:
+            case.outcome = "failed" if rep.when == "call" else "error"
+            case.failure = _short_failure(rep)
+        elif rep.when == "call":
+            case.outcome = "passed"
+
+    def record(self) -> dict[str, Any]:
+        from native.host import probe
+
+        try:
+            hostrep = probe()
+            host_facts = dict(hostrep.facts)
+            caps = [{"name": c.name, "status": c.status.value, "detail": c.detail} for c in hostrep.capabilities]
+        except Exception as e:  # a broken probe must not lose the record
+            host_facts, caps = {"probe_error": str(e)}, []
+        return {
+            "schema": SCHEMA,
+            "run": {
+                "started": self.started.isoformat(timespec="seconds"),
+                "duration_s": round((time.perf_counter_ns() - self.t0) / 1e9, 3),
+                "argv": sys.argv[1:],
+                "strict_host": bool(self.config.getoption("strict_host")),
+                "inject": self.config.getoption("inject"),
+                "git_commit": _git_commit(),
+            },
+            "host": host_facts,
+            "capabilities": caps,
+            "phases": [self.phases[n].to_dict() for n in sorted(self.phases)],
+        }
+
+    def write(self) -> Path | None:
+        out = self.config.getoption("results_dir")
+        if not out or not self.phases:
+            return None
+        d = Path(out)
+        d.mkdir(parents=True, exist_ok=True)
+        stamp = self.started.strftime("%Y%m%dT%H%M%SZ")
+        path = d / f"{stamp}-{socket.gethostname()}.yaml"
+        with open(path, "w") as f:
+            yaml.safe_dump(self.record(), f, sort_keys=False, allow_unicode=True, width=120)
+        self.record_path = path
+        return path
+
+
+def _short_failure(rep: pytest.TestReport) -> str:
+    crash = getattr(rep.longrepr, "reprcrash", None)
+    if crash is not None:
+        return str(crash.message).splitlines()[0] if crash.message else ""
+    text = str(rep.longrepr).strip().splitlines()
+    return text[-1] if text else ""
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    session: Session = config._snapproof  # type: ignore[attr-defined]
+    if not session.phases:
+        return
+    mode = config.getoption("reports")
+    record = session.record()
+    if mode != "none":
+        terminalreporter.section("snapproof phase reports")
+        for phase in record["phases"]:
+            terminalreporter.write_line(render_phase(phase, verbose=(mode == "full")))
+            terminalreporter.write_line("")
+    path = session.write()
+    if path is not None:
+        terminalreporter.write_line(f"run record: {os.path.relpath(path)}")
+
+
+@pytest.fixture
+def make_wp(make_memory: Any, inject: Any, require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
+    """Factory: ``make_wp(memory, destination)`` -> a WpSnapshot with this run's --inject switches.
+
+    Teardown closes every engine (un-protecting before the uffd is dropped) before the memory goes.
+    """
+    require("uffd")
+    from native.wp import WpSnapshot
+
+    made: list[Any] = []
+
+    def _make(memory: Any, destination: Any, **kw: Any) -> Any:
+        kw.setdefault("inject", inject)
+        snap = WpSnapshot(memory, destination, **kw)
+        made.append(snap)
+        return snap
+
+    yield _make
+    for snap in reversed(made):
+        snap.close()
+
+
+@pytest.fixture
+def make_marker16_vm(make_vm: Callable[..., Any]) -> Callable[..., Any]:
+    """Factory: ``make_marker16_vm(memory, plant=True)`` -> (vm, vcpu) ready to run marker16 from 0:0x100.
+
+    With ``plant`` the BEFORE marker 0xBE is written at GPA 0x1000 (the original proof's setup);
+    without it, page 0x1000 is left as it is (a hole in fresh memory).
+    """
+    import guests
+
+    def _make(memory: Any, plant: bool = True) -> tuple[Any, Any]:
+        memory.write(guests.REAL_MODE_LOAD_GPA, guests.load("marker16"))
+        if plant:
+            memory.write(guests.MARKER_GPA, bytes([guests.MARKER_BEFORE]))
+        vm = make_vm(memory)
+        vcpu = vm.add_vcpu()
+        vcpu.set_real_mode(ip=guests.REAL_MODE_LOAD_GPA)
+        return vm, vcpu
+
+    return _make

@@ -1,0 +1,53 @@
+"""Phase 0 — host: everything the phases need, probed for real, as a virt-host-validate style table.
+
+The same table is what ``python -m native.host`` prints; that command exits
+non-zero only when a row FAILs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.phase(0, "host capabilities")
+
+# What phases 1-4 cannot run without on a Linux KVM host (rows of native.host).
+REQUIRED_FOR_PHASES = ("kvm", "uffd", "uffd.PAGEFAULT_FLAG_WP", "uffd.WP_HUGETLBFS_SHMEM")
+
+
+def test_command_line_prints_the_same_table(report, host):
+    """`python -m native.host` prints the probe's table and exits 1 exactly when a row FAILs."""
+    with report.stage("run python -m native.host") as st:
+        proc = subprocess.run([sys.executable, "-m", "native.host"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        st.check(proc.stderr == "", "no error output", f"stderr: {proc.stderr.strip()!r}")
+        table = host.table()
+        st.check(table in proc.stdout, f"{len(host.capabilities)} rows, same table as the in-process probe",
+                 f"table differs from the in-process probe:\n{proc.stdout}")
+        want = 1 if host.failed else 0
+        st.equal(proc.returncode, want, "exit status (0 unless a row FAILs)", str)
+        for line in table.splitlines():
+            st.note(line.strip())
+
+
+@pytest.mark.parametrize("capability", REQUIRED_FOR_PHASES)
+def test_capability_needed_by_the_phases_is_present(report, host, require, capability):
+    """Each capability the phases depend on is present (skip naming it otherwise; FAIL under --strict-host)."""
+    with report.stage(f"probe {capability}") as st:
+        require(capability)
+        row = host.get(capability)
+        st.check(row is not None and row.available, f"{row.what}: {row.detail}")
+
+
+def test_run_record_names_the_kvm_module_and_uffd_mask(report, host, require):
+    """Host facts carry kernel, CPU, KVM module and uffd feature mask: figures are read against them."""
+    require("kvm", "uffd")
+    with report.stage("host facts") as st:
+        for key in ("kernel", "cpu_model", "cpus", "kvm_module", "uffd_features"):
+            st.check(bool(host.facts.get(key)), f"{key}: {host.facts.get(key)}", f"host fact {key!r} missing")
+        if host.facts["kvm_module"] not in ("kvm_intel", "kvm_amd"):
+            st.note(f"KVM module {host.facts['kvm_module']}: timings in this run are not bare-metal figures")

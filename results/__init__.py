@@ -1,0 +1,1 @@
+"""Run records: the phase report model, YAML records, and (``python -m results``) tools over them."""

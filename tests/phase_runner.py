@@ -1,0 +1,40 @@
+"""Run a phase module in a child pytest with engine switches and read back its run record."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class PhaseRun:
+    returncode: int
+    output: str
+    record: dict[str, Any]
+
+    def cases(self) -> dict[str, dict[str, Any]]:
+        return {c["test"]: c for p in self.record.get("phases", []) for c in p["cases"]}
+
+    def outcome(self, test: str) -> str:
+        return self.cases()[test]["outcome"]
+
+    def failure(self, test: str) -> str:
+        return self.cases()[test].get("failure", "")
+
+
+def run_phase(module: str, *args: str, inject: str = "none", timeout: float = 300) -> PhaseRun:
+    with tempfile.TemporaryDirectory(prefix="snapproof-selftest-") as tmp:
+        cmd = [sys.executable, "-m", "pytest", f"phases/{module}", "-q", "-p", "no:randomly", "--reports", "none",
+               "--results-dir", tmp, "--inject", inject, "--benchmark-disable", *args]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        records = sorted(Path(tmp).glob("*.yaml"))
+        record = yaml.safe_load(records[-1].read_text()) if records else {}
+    return PhaseRun(proc.returncode, proc.stdout + proc.stderr, record)

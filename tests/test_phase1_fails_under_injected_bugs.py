@@ -1,0 +1,33 @@
+"""Phase 1 can fail: each engine switch that reproduces a real bug makes the phase FAIL, naming it."""
+
+from __future__ import annotations
+
+from tests.phase_runner import run_phase
+
+PHASE1 = "test_phase1_wp_catches_writes.py"
+EXACT_PAGE = "test_guest_write_is_caught_at_the_exact_page_before_it_lands[1MiB]"
+ANON_HOLE = "test_write_to_a_never_populated_page_is_caught[anonymous]"
+
+
+def test_phase1_passes_without_injection():
+    """The control: the same selection passes with no switch set."""
+    run = run_phase(PHASE1, "-k", "1MiB or anonymous")
+    assert run.returncode == 0, run.output
+    assert run.outcome(EXACT_PAGE) == "passed"
+    assert run.outcome(ANON_HOLE) == "passed"
+
+
+def test_no_copy_before_write_fails_the_snapshot_check():
+    """Un-protecting without capturing lets 0x42 land first: the snapshot no longer holds 0xBE."""
+    run = run_phase(PHASE1, "-k", "1MiB", inject="no-copy-before-write")
+    assert run.returncode == 1, run.output
+    assert run.outcome(EXACT_PAGE) == "failed"
+    assert "snapshot[0x1000] (BEFORE): expected 0xbe, saw 0x0" in run.failure(EXACT_PAGE)
+
+
+def test_arm_without_wp_unpopulated_fails_the_hole_check():
+    """Arming without WP_UNPOPULATED and without pre-populating leaves the anonymous hole unprotected."""
+    run = run_phase(PHASE1, "-k", "anonymous", inject="skip-unpopulated")
+    assert run.returncode == 1, run.output
+    assert run.outcome(ANON_HOLE) == "failed"
+    assert "the hole at 0x1000 is not write-protected" in run.failure(ANON_HOLE)
