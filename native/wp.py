@@ -250,8 +250,8 @@ def read_pagemap(addr: int, npages: int) -> tuple[bytes, bytes]:
     return bytes(ffi.buffer(present, npages)), bytes(ffi.buffer(wp, npages))
 
 
-def raw_writeprotect_ns(memory: GuestMemory, rounds: int = 5) -> int:
-    """Best time of the bare UFFDIO_WRITEPROTECT ioctl over the region (the engine's floor)."""
+def raw_writeprotect_samples(memory: GuestMemory, rounds: int = 20) -> list[int]:
+    """Times (ns) of the bare UFFDIO_WRITEPROTECT ioctl over the region: the floor the engine's arm is held to."""
     import os
 
     via = ffi.new("int *")
@@ -268,15 +268,14 @@ def raw_writeprotect_ns(memory: GuestMemory, rounds: int = 5) -> int:
             feats |= uffd.FEATURES["WP_UNPOPULATED"]
         check(lib.sp_uffd_api(fd, feats, sup, ioctls), "UFFDIO_API")
         check(lib.sp_uffd_register(fd, memory.addr, memory.size, uffd.REGISTER_MODE_WP, ioctls), "UFFDIO_REGISTER")
-        best = None
+        samples = []
         for _ in range(rounds):
             t0 = lib.sp_now_ns()
             check(lib.sp_uffd_writeprotect(fd, memory.addr, memory.size, 1), "UFFDIO_WRITEPROTECT")
-            ns = lib.sp_now_ns() - t0
-            best = ns if best is None else min(best, ns)
+            samples.append(int(lib.sp_now_ns() - t0))
             check(lib.sp_uffd_writeprotect(fd, memory.addr, memory.size, 0), "UFFDIO_WRITEPROTECT")
         check(lib.sp_uffd_unregister(fd, memory.addr, memory.size), "UFFDIO_UNREGISTER")
-        return int(best or 0)
+        return samples
     finally:
         os.close(fd)
 

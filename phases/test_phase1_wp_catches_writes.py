@@ -166,3 +166,113 @@ def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> str:
     off = next(i for i in range(PAGE_SIZE) if a[p + i] != b[p + i])
     return (f"{len(diffs)} pages differ; first at GPA {p + off:#x}: expected {b[p + off]:#04x}, "
             f"saw {a[p + off]:#04x}")
+
+
+# -- benchmarks: figures as ratios to this host's own floor, measured in the same run -------------
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+@pytest.mark.sizes(1 << 20, 64 << 20, 1 << 30, extendable=False)
+def test_benchmark_arm_cost(report, benchmark, make_memory, make_wp, mem_size):
+    """Arming the engine costs what the bare UFFDIO_WRITEPROTECT ioctl costs on the same range."""
+    from native.wp import raw_writeprotect_samples
+
+    with report.stage("populated memfd") as st:
+        mem = make_memory("memfd", mem_size)
+        mem.populate()  # a running guest's memory is populated; first touch stays out of the figure
+        st.note(f"{fmt_bytes(mem_size)} memfd, populated before timing (warm page tables)")
+
+    with report.stage("raw ioctl floor") as st:
+        raw = raw_writeprotect_samples(mem, rounds=20)
+        st.timing("UFFDIO_WRITEPROTECT median", _percentile(raw, 0.5), "bare ioctl, same range, separate uffd")
+
+    with report.stage("engine arm") as st:
+        # The arm copies nothing: an untouched anonymous mapping is a destination that costs nothing.
+        snap = make_wp(mem, make_memory("anonymous", mem_size).mm)
+        samples: list[int] = []
+
+        def arm() -> None:
+            samples.append(snap.arm())
+
+        benchmark.pedantic(arm, setup=snap.disarm, rounds=20, iterations=1)
+        engine, floor = _percentile(samples, 0.5), _percentile(raw, 0.5)
+        ratio = engine / floor
+        per_gib = engine * (1 << 30) / mem_size
+        benchmark.extra_info.update({"arm_median_ns": engine, "raw_ioctl_median_ns": floor, "ratio_to_raw": ratio,
+                                     "arm_ns_per_gib": per_gib})
+        st.timing("arm median", engine, f"{ratio:.2f}x the bare ioctl")
+        st.timing("arm per GiB", per_gib)
+        report.fact("arm_ratio_to_raw_ioctl", round(ratio, 3))
+
+
+
+@pytest.mark.parametrize("placement", ["same-cpu", "other-cpu"])
+def test_benchmark_guest_wp_fault_round_trip(report, benchmark, make_memory, make_marker16_vm, make_wp,
+                                             placement):
+    """A guest write's WP fault round trip, beside the same write with nothing armed, per handler placement."""
+    import os
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if placement == "other-cpu" and len(cpus) < 2:
+        pytest.skip(f"one CPU available ({cpus}): no other CPU for the handler")
+    vcpu_cpu = cpus[0]
+    handler_cpu = vcpu_cpu if placement == "same-cpu" else cpus[1]
+    rounds = 200
+
+    with report.stage("marker16 VM, handler placed") as st:
+        mem = make_memory("memfd", 1 << 20)
+        vm, vcpu = make_marker16_vm(mem)
+        snap = make_wp(mem, bytearray(mem.size), handler_cpu=handler_cpu)
+        snap.arm()
+        snap.bulk_copy()  # every page captured and un-protected: only the re-armed page will fault
+        st.note(f"vCPU thread pinned to CPU {vcpu_cpu}, handler pinned to CPU {handler_cpu} ({placement})")
+
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {vcpu_cpu})
+    try:
+        with report.stage("guest write, nothing armed") as st:
+            plain = [_rerun(vcpu).run_ns for _ in range(rounds)]
+            st.timing("run median", _percentile(plain, 0.5), "marker16 from reset to HLT, warm")
+            st.timing("run p99", _percentile(plain, 0.99))
+
+        with report.stage("guest write to a WP page") as st:
+            armed: list[int] = []
+
+            def setup() -> None:
+                snap.rearm(MARKER_PAGE)
+                vcpu.set_real_mode(ip=guests.REAL_MODE_LOAD_GPA)
+
+            def run() -> None:
+                ex = vcpu.run(timeout=RUN_TIMEOUT_S)
+                if ex.reason is not ExitReason.HLT:
+                    raise AssertionError(f"guest did not halt: {ex.describe()}")
+                armed.append(ex.run_ns)
+
+            benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1)
+            stats = snap.stats()
+            st.equal(stats.faults, rounds, "faults served (one per round)", str)
+            median = _percentile(armed, 0.5) - _percentile(plain, 0.5)
+            p99 = _percentile(armed, 0.99) - _percentile(plain, 0.5)
+            st.timing("round trip median", median, "armed run minus plain run")
+            st.timing("round trip p99", p99)
+            st.timing("handler service p50", stats.service_percentile_us(0.5) * 1000, "1 µs histogram")
+            on_cpus = ", ".join(f"CPU {c}: {n}" for c, n in sorted(stats.handler_cpus.items()))
+            st.note(f"faults served on {on_cpus}")
+            benchmark.extra_info.update({"placement": placement, "round_trip_median_ns": median,
+                                         "round_trip_p99_ns": p99, "plain_run_median_ns": _percentile(plain, 0.5),
+                                         "handler_cpus": stats.handler_cpus})
+            report.fact("round_trip_median_ns", median)
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def _rerun(vcpu):
+    vcpu.set_real_mode(ip=guests.REAL_MODE_LOAD_GPA)
+    ex = vcpu.run(timeout=RUN_TIMEOUT_S)
+    if ex.reason is not ExitReason.HLT:
+        raise AssertionError(f"guest did not halt: {ex.describe()}")
+    return ex
