@@ -1,0 +1,267 @@
+"""The 32-bit guests on real KVM: storm32 leaves exactly the simulated region, counter32 exactly the model.
+
+Each test builds its own VM(s) through the conftest factories (skipped, naming
+why, where /dev/kvm is missing). Guest memory: code at 0x1000, stacks below
+0x7000, parameter blocks at 0x8000 + 0x100*i, data from 0x10000
+(docs/CONTRACTS.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+import guests
+from guests import DATA_REGION_GPA, FLAT32_LOAD_GPA, PARAM_BLOCK_GPA, PARAM_BLOCK_STRIDE, counter, storm
+from guests.counter import CounterParams
+from guests.storm import StormParams
+
+STACK_TOP = 0x7000
+STACK_STRIDE = 0x400
+RUN_TIMEOUT = 30.0   # this host may emulate every instruction (kvm_pvm); HLT comes far sooner
+
+
+def block_gpa(i: int) -> int:
+    return PARAM_BLOCK_GPA + PARAM_BLOCK_STRIDE * i
+
+
+def boot(make_memory: Callable[..., Any], make_vm: Callable[..., Any], name: str, blocks: list[bytes],
+         data_size: int) -> tuple[Any, Any, list[Any]]:
+    """Memory with guest ``name`` and one parameter block per vCPU, a VM over it, vCPUs at the entry."""
+    mem = make_memory("memfd", DATA_REGION_GPA + data_size)
+    mem.write(FLAT32_LOAD_GPA, guests.load(name))
+    vm = make_vm(mem)
+    vcpus = []
+    for i, block in enumerate(blocks):
+        mem.write(block_gpa(i), block)
+        vcpu = vm.add_vcpu()
+        vcpu.set_flat32(eip=FLAT32_LOAD_GPA, esp=STACK_TOP - STACK_STRIDE * i, esi=block_gpa(i))
+        vcpus.append(vcpu)
+    return mem, vm, vcpus
+
+
+def restore(make_memory: Callable[..., Any], make_vm: Callable[..., Any], image: bytes, state: bytes) -> Any:
+    """A fresh VM whose memory is ``image`` and whose one vCPU is ``state``: the resume half of a snapshot."""
+    mem = make_memory("memfd", len(image))
+    mem.write(0, image)
+    vm = make_vm(mem)
+    vcpu = vm.add_vcpu()
+    vcpu.load_state(state)
+    return mem, vcpu
+
+
+def expect_exit(ex: Any, reason: str, what: str) -> None:
+    assert ex.reason.name == reason, f"{what}: expected exit {reason}, saw {ex.describe()}"
+
+
+def run_collecting_syncs(vcpu: Any, what: str) -> list[int]:
+    """Run to HLT, stopping at every sync-port write to record its value."""
+    values = []
+    while True:
+        ex = vcpu.run(timeout=RUN_TIMEOUT, stop_on_sync=True)
+        if ex.reason.name == "HLT":
+            return values
+        expect_exit(ex, "SYNC", what)
+        values.append(ex.last_sync)
+
+
+def first_difference(want: bytes, got: bytes, base: int) -> str:
+    """'N pages differ, first at GPA ...: expected .., saw ..' for two images of the same range."""
+    pages = [p for p in range(len(want) // 4096) if want[p * 4096:(p + 1) * 4096] != got[p * 4096:(p + 1) * 4096]]
+    if not pages:
+        return "identical"
+    p = pages[0]
+    off = next(i for i in range(p * 4096, (p + 1) * 4096) if want[i] != got[i])
+    w = int.from_bytes(want[off & ~3:(off & ~3) + 4], "little")
+    g = int.from_bytes(got[off & ~3:(off & ~3) + 4], "little")
+    return (f"{len(pages)} pages differ, first at GPA {base + (off & ~3):#x}: expected u32 {w:#010x}, "
+            f"saw {g:#010x}")
+
+
+# -- storm32 --------------------------------------------------------------------------------------
+
+
+def test_storm32_on_one_vcpu_halts_leaving_the_simulated_region(make_memory, make_vm) -> None:
+    """storm32 runs its generations to HLT, signalling each, and leaves exactly simulate(params, end)."""
+    p = StormParams.from_seed(21, region_gpa=DATA_REGION_GPA, npages=256, generations=4)
+    mem, _, (vcpu,) = boot(make_memory, make_vm, storm.GUEST, [p.pack()], p.region_size)
+
+    ex = vcpu.run(timeout=RUN_TIMEOUT)
+
+    expect_exit(ex, "HLT", "storm32")
+    assert (ex.sync_count, ex.last_sync) == (4, 4), f"syncs: expected 4 ending with 4, saw {ex.sync_count} " \
+                                                    f"ending with {ex.last_sync}"
+    region = mem.read(p.region_gpa, p.region_size)
+    want = storm.simulate(p, p.total_writes)
+    assert region == want, first_difference(want, region, p.region_gpa)
+    assert storm.read_progress(mem.read(block_gpa(0), storm.BLOCK_SIZE)) == storm.StormProgress(4, 4)
+    v = storm.check_instant(p, region)
+    assert v.ok and v.lo == v.hi == p.total_writes, v.message
+
+
+def test_storm32_on_two_vcpus_leaves_each_half_simulated(make_memory, make_vm) -> None:
+    """Two vCPUs storm disjoint halves concurrently, each from its own block; each half is its simulation."""
+    halves = [StormParams.from_seed(30 + i, region_gpa=DATA_REGION_GPA + i * 128 * 4096, npages=128,
+                                    generations=3) for i in range(2)]
+    mem, _, vcpus = boot(make_memory, make_vm, storm.GUEST, [p.pack() for p in halves], 256 * 4096)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        exits = list(pool.map(lambda v: v.run(timeout=RUN_TIMEOUT), vcpus))
+
+    for i, (p, ex) in enumerate(zip(halves, exits, strict=True)):
+        expect_exit(ex, "HLT", f"storm32 vCPU {i}")
+        assert ex.sync_count == 3, f"vCPU {i}: expected 3 syncs, saw {ex.sync_count}"
+        region = mem.read(p.region_gpa, p.region_size)
+        want = storm.simulate(p, p.total_writes)
+        assert region == want, f"vCPU {i} half: {first_difference(want, region, p.region_gpa)}"
+
+
+def test_storm32_at_each_sync_is_the_sweep_boundary(make_memory, make_vm) -> None:
+    """Stopped at sync g, the region is exactly the instant after sweep g, and the oracle pins that instant."""
+    p = StormParams.from_seed(22, npages=64, generations=3)
+    mem, _, (vcpu,) = boot(make_memory, make_vm, storm.GUEST, [p.pack()], p.region_size)
+
+    for g in range(1, 4):
+        ex = vcpu.run(timeout=RUN_TIMEOUT, stop_on_sync=True)
+        expect_exit(ex, "SYNC", f"storm32 sweep {g}")
+        assert ex.last_sync == g, f"sweep {g}: sync value {ex.last_sync}"
+        region = mem.read(p.region_gpa, p.region_size)
+        want = storm.simulate(p, p.sync_position(g))
+        assert region == want, f"at sync {g}: {first_difference(want, region, p.region_gpa)}"
+        v = storm.check_instant(p, region)
+        assert v.ok and v.lo == v.hi == p.sync_position(g), f"at sync {g}: {v}"
+    expect_exit(vcpu.run(timeout=RUN_TIMEOUT), "HLT", "storm32 after its last sync")
+
+
+def test_storm32_kicked_mid_sweep_is_one_instant(make_memory, make_vm) -> None:
+    """A never-ending storm kicked at arbitrary moments is, each time, exactly one instant of its stream."""
+    p = StormParams.from_seed(23, npages=64, generations=0)
+    mem, _, (vcpu,) = boot(make_memory, make_vm, storm.GUEST, [p.pack()], p.region_size)
+    seen: list[int] = []
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for round_ in range(12):
+            fut = pool.submit(vcpu.run, RUN_TIMEOUT)
+            time.sleep(0.003 + 0.0023 * round_)   # uneven pauses, so the kicks land at unrelated points
+            vcpu.kick()
+            ex = fut.result()
+            expect_exit(ex, "KICKED", f"storm32 kick {round_}")
+            region = mem.read(p.region_gpa, p.region_size)
+            v = storm.check_instant(p, region)
+            assert v.ok and v.lo == v.hi, f"kick {round_}: {v}"
+            assert not seen or v.lo > seen[-1], f"kick {round_}: instant {v.lo} not after {seen[-1]}"
+            seen.append(v.lo)
+            prog = storm.read_progress(mem.read(block_gpa(0), storm.BLOCK_SIZE))
+            assert v.lo_term is not None and v.lo_term.generation in (prog.cur_gen, prog.cur_gen + 1), (
+                f"kick {round_}: oracle at {v.lo_term}, guest says generation {prog.cur_gen}")
+
+
+# -- counter32 ------------------------------------------------------------------------------------
+
+
+def check_counter_final(mem: Any, vcpu: Any, p: CounterParams, block_at: int, what: str) -> None:
+    """Region, parameter block and the registers the guest determines all equal expected_final."""
+    f = counter.expected_final(p)
+    region = mem.read(p.region_gpa, p.region_size)
+    assert region == f.region, f"{what}: {first_difference(f.region, region, p.region_gpa)}"
+    block = mem.read(block_at, counter.BLOCK_SIZE)
+    assert counter.read_progress(block) == counter.read_progress(f.block), (
+        f"{what}: block {counter.read_progress(block)}, expected {counter.read_progress(f.block)}")
+    regs = vcpu.regs()
+    got = {k: regs[k] & 0xFFFFFFFF for k in f.regs}
+    assert got == f.regs, f"{what}: registers {({k: hex(v) for k, v in got.items()})}, " \
+                          f"expected {({k: hex(v) for k, v in f.regs.items()})}"
+    assert regs["esi"] == block_at, f"{what}: ESI {regs['esi']:#x}, expected the block at {block_at:#x}"
+
+
+def test_counter32_run_to_hlt_equals_the_model(make_memory, make_vm) -> None:
+    """An uninterrupted counter32 run ends with the model's region, checksum, block, registers and syncs."""
+    p = CounterParams(npages=16, iterations=20_000, sync_every=1000)
+    mem, _, (vcpu,) = boot(make_memory, make_vm, counter.GUEST, [p.pack()], p.region_size)
+
+    syncs = run_collecting_syncs(vcpu, "counter32")
+
+    want = counter.expected_final(p).syncs
+    assert syncs == want, f"sync values {syncs[:6]}... ({len(syncs)}), model {want[:6]}... ({len(want)})"
+    check_counter_final(mem, vcpu, p, block_gpa(0), "counter32")
+
+
+def test_counter32_stopped_at_a_sync_resumes_in_a_fresh_vm_to_the_same_result(make_memory, make_vm) -> None:
+    """Memory + vCPU state saved at the 5th sync, loaded into a new VM, finish as the model and a straight run do."""
+    p = CounterParams(npages=16, iterations=20_000, sync_every=1000)
+    mem, _, (vcpu,) = boot(make_memory, make_vm, counter.GUEST, [p.pack()], p.region_size)
+
+    # 1. Run to the 5th sync and check the paused guest is the model at that iteration.
+    before = [vcpu.run(timeout=RUN_TIMEOUT, stop_on_sync=True) for _ in range(5)]
+    for ex in before:
+        expect_exit(ex, "SYNC", "counter32 before the snapshot")
+    values = [ex.last_sync for ex in before]
+    i = counter.sync_iteration(values[-1])
+    mid = counter.expected_after(p, i)
+    assert values == mid.syncs, f"syncs before the snapshot {values}, model {mid.syncs}"
+    region = mem.read(p.region_gpa, p.region_size)
+    assert region == mid.region, f"at iteration {i}: {first_difference(mid.region, region, p.region_gpa)}"
+
+    # 2. Snapshot: vCPU state and all of memory.
+    state, image = vcpu.save_state(), mem.snapshot_bytes()
+
+    # 3. Restore into a fresh VM and run to the end; an OUT re-executed on resume would show as a repeated sync.
+    mem2, vcpu2 = restore(make_memory, make_vm, image, state)
+    after = run_collecting_syncs(vcpu2, "counter32 resumed")
+    assert values + after == counter.expected_final(p).syncs, (
+        f"syncs across the snapshot: {values[-2:]} | {after[:3]}..., model "
+        f"{counter.expected_final(p).syncs[len(values) - 2:len(values) + 3]}...")
+    check_counter_final(mem2, vcpu2, p, block_gpa(0), "counter32 resumed")
+
+    # 4. The original, continued, and the resumed copy agree on all of memory.
+    expect_exit(vcpu.run(timeout=RUN_TIMEOUT), "HLT", "counter32 continued")
+    straight, resumed = mem.snapshot_bytes(), mem2.snapshot_bytes()
+    assert resumed == straight, f"resumed vs uninterrupted: {first_difference(straight, resumed, 0)}"
+
+
+def test_counter32_kicked_mid_run_resumes_in_a_fresh_vm_to_the_same_result(make_memory, make_vm) -> None:
+    """A counter32 kicked at an arbitrary instruction, restored into a new VM, finishes exactly as the model."""
+    p = CounterParams(npages=32, iterations=100_000, sync_every=0)
+    mem, _, (vcpu,) = boot(make_memory, make_vm, counter.GUEST, [p.pack()], p.region_size)
+
+    # 1. Run in a thread; kick once the guest's trace word shows it under way.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        fut = pool.submit(vcpu.run, RUN_TIMEOUT)
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while counter.read_progress(mem.read(block_gpa(0), counter.BLOCK_SIZE)).iteration < 1000:
+            assert time.monotonic() < deadline and not fut.done(), "counter32 never reached iteration 1000"
+        vcpu.kick()
+        ex = fut.result()
+    expect_exit(ex, "KICKED", "counter32 (finished before the kick: raise iterations)")
+
+    # 2. Snapshot; the region is the model at the traced iteration, or one later (kicked inside an iteration).
+    state, image = vcpu.save_state(), mem.snapshot_bytes()
+    it = counter.read_progress(mem.read(block_gpa(0), counter.BLOCK_SIZE)).iteration
+    assert 0 < it < p.iterations, f"kicked at iteration {it} of {p.iterations}: not mid-run"
+    region = mem.read(p.region_gpa, p.region_size)
+    candidates = [counter.expected_after(p, j).region for j in (it, min(it + 1, p.iterations))]
+    assert region in candidates, (
+        f"at the kick (trace says {it}): {first_difference(candidates[0], region, p.region_gpa)}")
+
+    # 3. Restore into a fresh VM, run to HLT, compare with the model.
+    mem2, vcpu2 = restore(make_memory, make_vm, image, state)
+    ex2 = vcpu2.run(timeout=RUN_TIMEOUT)
+    expect_exit(ex2, "HLT", "counter32 resumed after the kick")
+    assert ex2.sync_count == 0, f"resumed run wrote {ex2.sync_count} syncs; the working-set one came long before"
+    check_counter_final(mem2, vcpu2, p, block_gpa(0), "counter32 resumed after the kick")
+
+
+@pytest.mark.parametrize("npages", [1, 7])
+def test_counter32_signals_working_set_touched_once(make_memory, make_vm, npages: int) -> None:
+    """The WS_TOUCHED|npages sync comes exactly once, right after iteration npages."""
+    p = CounterParams(npages=npages, iterations=50, sync_every=0)
+    mem, _, (vcpu,) = boot(make_memory, make_vm, counter.GUEST, [p.pack()], p.region_size)
+
+    syncs = run_collecting_syncs(vcpu, "counter32")
+
+    assert syncs == [counter.WS_TOUCHED | npages], f"syncs {[hex(s) for s in syncs]}"
+    check_counter_final(mem, vcpu, p, block_gpa(0), "counter32")
