@@ -375,3 +375,15 @@ def test_counter_params_reject_a_bad_field_naming_it(field: str, value: int, wor
     """A parameter the guest cannot run with is refused, and the error names it."""
     with pytest.raises(ValueError, match=re.escape(words)):
         CounterParams(**{field: value})
+
+
+def test_oracle_exact_mode_catches_a_byte_between_the_stamps() -> None:
+    """Stamps alone cannot see the middle of a page; exact=True compares every byte with the simulation."""
+    p = StormParams.from_seed(13, npages=16, generations=2)
+    region = bytearray(simulate(p, 2 * 16 + 9, idx_in_flight=True))
+    assert check_instant(p, region, exact=True).ok
+    region[5 * PAGE_SIZE + 2000] = 0x5A
+    assert check_instant(p, region).ok, "the stamps are untouched"
+    v = check_instant(p, region, exact=True)
+    assert not v.ok and v.page == 5, v.message
+    assert "byte at GPA 0x157d0 is 0x5a, expected 0x00" in v.message, v.message

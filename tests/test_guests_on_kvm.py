@@ -151,7 +151,7 @@ def test_storm32_kicked_mid_sweep_is_one_instant(make_memory, make_vm) -> None:
             ex = fut.result()
             expect_exit(ex, "KICKED", f"storm32 kick {round_}")
             region = mem.read(p.region_gpa, p.region_size)
-            v = storm.check_instant(p, region)
+            v = storm.check_instant(p, region, exact=True)
             assert v.ok and v.lo == v.hi, f"kick {round_}: {v}"
             assert not seen or v.lo > seen[-1], f"kick {round_}: instant {v.lo} not after {seen[-1]}"
             seen.append(v.lo)
