@@ -153,3 +153,33 @@ class GuestMemory:
 
     def __repr__(self) -> str:
         return f"GuestMemory({self.backing}, size={self.size:#x}, addr={self.addr:#x})"
+
+
+def buffer_address(buf: object) -> tuple[object, int]:
+    """(cffi handle, address) of a writable buffer; release the handle with ``ffi.release``."""
+    h = ffi.from_buffer("char[]", buf, require_writable=True)
+    return h, int(ffi.cast("uintptr_t", h))
+
+
+def copy_timed(dst: object, src: GuestMemory, rounds: int = 1) -> int:
+    """memcpy all of ``src`` into the writable buffer ``dst`` in C; returns the best time in ns."""
+    from native._lib import check, lib
+
+    h, addr = buffer_address(dst)
+    try:
+        if len(h) < src.size:
+            raise ValueError(f"copy destination is {len(h):#x} bytes, source {src.size:#x}")
+        best = ffi.new("uint64_t *")
+        check(lib.sp_memcpy_timed(addr, src.addr, src.size, rounds, best), "memcpy")
+        return int(best[0])
+    finally:
+        ffi.release(h)
+
+
+def warm_memcpy_bandwidth(size: int, rounds: int = 5) -> float:
+    """This host's warm memcpy rate (bytes/s) between two populated buffers of ``size``: the copy limit."""
+    with GuestMemory.anonymous(size) as src, GuestMemory.anonymous(size) as dst:
+        src.populate()
+        dst.populate()
+        ns = copy_timed(dst.mm, src, rounds=rounds)
+    return size / (ns / 1e9)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from native import uffd
 from native._lib import check, ffi, lib
 from native.errors import CapabilityMissing, NativeError
-from native.memory import PAGE_SIZE, GuestMemory
+from native.memory import HUGE_PAGE_SIZE, PAGE_SIZE, GuestMemory
 
 
 class FaultInjection(enum.Flag):
@@ -125,7 +125,9 @@ class WpSnapshot:
                  race_window_ns: int = 0) -> None:
         self.memory = memory
         self.inject = inject
-        self.npages = memory.size // PAGE_SIZE
+        # hugetlb pages are protected and faulted whole: the engine's page is the huge page.
+        self.page_size = HUGE_PAGE_SIZE if memory.backing == "hugetlb" else PAGE_SIZE
+        self.npages = memory.size // self.page_size
         supported = supported_features()
         need = uffd.mask_of("PAGEFAULT_FLAG_WP", "THREAD_ID")
         if memory.backing in _SHMEM_BACKINGS:
@@ -153,7 +155,7 @@ class WpSnapshot:
             raise ValueError(f"snapshot destination is {len(self._dst):#x} bytes, guest memory {memory.size:#x}")
         out = ffi.new("struct sp_wp **")
         sup = ffi.new("uint64_t *")
-        rc = lib.sp_wp_create(memory.addr, memory.size, need, inject.c_bits, race_window_ns,
+        rc = lib.sp_wp_create(memory.addr, memory.size, self.page_size, need, inject.c_bits, race_window_ns,
                               -1 if handler_cpu is None else handler_cpu, out, sup)
         if rc < 0:
             ffi.release(self._dst)
@@ -212,7 +214,7 @@ class WpSnapshot:
 
     def protection(self) -> tuple[bytes, bytes]:
         """(present, uffd_wp) per page, read from /proc/self/pagemap (PM_UFFD_WP is bit 57)."""
-        return read_pagemap(self.memory.addr, self.npages)
+        return read_pagemap(self.memory.addr, self.memory.size // PAGE_SIZE)
 
     def stats(self) -> WpStats:
         s = ffi.new("struct sp_wp_stats *")

@@ -257,6 +257,7 @@ int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp
     tls_run = run;
     v->tid = (pid_t)syscall(SYS_gettid);
     uint32_t reason = 0;
+    int io_pending = 0; /* a port write we handled is completed only by the next KVM_RUN */
 
     for (;;) {
         if (__atomic_load_n(&v->kick, __ATOMIC_ACQUIRE)) {
@@ -270,6 +271,7 @@ int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp
         }
         out->kvm_runs++;
         int rc = ioctl(v->fd, KVM_RUN, 0);
+        io_pending = 0; /* any entry, even one that ends in EINTR, completes pending I/O first */
         if (rc < 0) {
             if (errno == EINTR || errno == EAGAIN) {
                 run->immediate_exit = 0;
@@ -297,6 +299,8 @@ int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp
             out->io_size = run->io.size;
             out->io_is_out = run->io.direction == KVM_EXIT_IO_OUT;
             out->io_value = value;
+            if (out->io_is_out && (run->io.port == SP_DEBUG_PORT || run->io.port == SP_SYNC_PORT))
+                io_pending = 1;
             if (out->io_is_out && run->io.port == SP_DEBUG_PORT && run->io.count == 1) {
                 if (debug_buf && out->debug_len < debug_cap)
                     debug_buf[out->debug_len++] = (uint8_t)value;
@@ -337,6 +341,16 @@ int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp
         }
         if (reason)
             break;
+    }
+    if (io_pending) {
+        /* KVM's API: re-enter with immediate_exit set so the port write completes (RIP moves past
+         * the `out`) before anyone saves this vCPU's state; otherwise a restore repeats it. */
+        run->immediate_exit = 1;
+        out->kvm_runs++;
+        if (ioctl(v->fd, KVM_RUN, 0) == 0 || errno != EINTR) {
+            out->err = errno;
+            sp_set_last_op("KVM_RUN(complete pending I/O)");
+        }
     }
     v->tid = 0;
     tls_run = NULL;

@@ -141,7 +141,7 @@ struct sp_wp_stats {
 
 struct sp_wp;
 
-int sp_wp_create(uint64_t mem, uint64_t size, uint64_t features, uint32_t inject,
+int sp_wp_create(uint64_t mem, uint64_t size, uint64_t page_size, uint64_t features, uint32_t inject,
                  uint64_t race_window_ns, int handler_cpu, struct sp_wp **out, uint64_t *supported);
 int sp_wp_set_destination(struct sp_wp *w, uint64_t dst);
 int sp_wp_arm(struct sp_wp *w);
@@ -156,7 +156,7 @@ void sp_wp_get_stats(struct sp_wp *w, struct sp_wp_stats *out);
 int sp_wp_uffd(struct sp_wp *w);
 
 /* ---- memory helpers ------------------------------------------------ */
-int sp_memcpy_bench(uint64_t dst, uint64_t src, uint64_t len, uint32_t rounds, uint64_t *best_ns);
+int sp_memcpy_timed(uint64_t dst, uint64_t src, uint64_t len, uint32_t rounds, uint64_t *best_ns);
 /* CDEF-END */
 
 #endif

@@ -36,6 +36,7 @@
 #endif
 
 #define PAGE 4096ULL
+#define SP_COPY_RUN 64ULL /* pages the bulk copier claims and copies at once (256 KiB) */
 #define PM_UFFD_WP (1ULL << 57)
 #define PM_PRESENT (1ULL << 63)
 #define PM_SWAPPED (1ULL << 62)
@@ -167,6 +168,7 @@ int64_t sp_pagemap_scan(uint64_t start, uint64_t end, uint64_t flags, uint64_t c
 }
 
 struct sp_wp {
+    uint64_t page; /* the WP granule: 4 KiB, or the huge page size on hugetlb */
     int uffd;
     int stop_fd;
     uint8_t *mem;
@@ -193,7 +195,7 @@ static void spin_ns(uint64_t ns)
 
 static void copy_page(struct sp_wp *w, uint64_t page)
 {
-    memcpy(w->dst + page * PAGE, w->mem + page * PAGE, PAGE);
+    memcpy(w->dst + page * w->page, w->mem + page * w->page, w->page);
 }
 
 /* Capture one page for a fault; returns 1 if this call copied it. */
@@ -252,25 +254,25 @@ static void record_fault(struct sp_wp *w, const struct uffd_msg *msg, uint64_t o
 static int serve(struct sp_wp *w, const struct uffd_msg *msg)
 {
     int64_t t0 = sp_now_ns();
-    uint64_t addr = msg->arg.pagefault.address & ~(PAGE - 1);
+    uint64_t addr = msg->arg.pagefault.address & ~(w->page - 1);
     uint64_t base = (uint64_t)(uintptr_t)w->mem;
     if (addr < base || addr >= base + w->size) {
         errno = EFAULT; /* a fault outside the region we registered: never expected */
         return sp_fail("handler: fault outside the region");
     }
-    uint64_t page = (addr - base) / PAGE;
+    uint64_t page = (addr - base) / w->page;
     int copied = 0;
     if (msg->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)
         copied = capture_for_fault(w, page);
     /* Un-protect without waking, record, then wake: whoever the write unblocks sees
      * the fault in the stats already. */
     struct uffdio_writeprotect wp = {
-        .range = {.start = addr, .len = PAGE}, .mode = UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
+        .range = {.start = addr, .len = w->page}, .mode = UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
     };
     if (ioctl(w->uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
         return sp_fail("UFFDIO_WRITEPROTECT(un-protect)");
     record_fault(w, msg, addr - base, copied, t0);
-    struct uffdio_range range = {.start = addr, .len = PAGE};
+    struct uffdio_range range = {.start = addr, .len = w->page};
     if (ioctl(w->uffd, UFFDIO_WAKE, &range) < 0)
         return sp_fail("UFFDIO_WAKE");
     return 0;
@@ -345,12 +347,12 @@ static int stop_handler(struct sp_wp *w, int64_t timeout_ns)
     return 0;
 }
 
-int sp_wp_create(uint64_t mem, uint64_t size, uint64_t features, uint32_t inject,
+int sp_wp_create(uint64_t mem, uint64_t size, uint64_t page_size, uint64_t features, uint32_t inject,
                  uint64_t race_window_ns, int handler_cpu, struct sp_wp **out, uint64_t *supported)
 {
     *out = NULL;
     *supported = 0;
-    if (size == 0 || size % PAGE || mem % PAGE) {
+    if (page_size < PAGE || (page_size & (page_size - 1)) || size == 0 || size % page_size || mem % page_size) {
         errno = EINVAL;
         return sp_fail("sp_wp_create(region not page aligned)");
     }
@@ -362,7 +364,8 @@ int sp_wp_create(uint64_t mem, uint64_t size, uint64_t features, uint32_t inject
     w->uffd = w->stop_fd = -1;
     w->mem = (uint8_t *)(uintptr_t)mem;
     w->size = size;
-    w->npages = size / PAGE;
+    w->page = page_size;
+    w->npages = size / page_size;
     w->inject = inject;
     w->race_window_ns = race_window_ns;
     w->handler_cpu = handler_cpu;
@@ -435,7 +438,7 @@ int sp_wp_rearm_range(struct sp_wp *w, uint64_t first_page, uint64_t npages)
         return sp_fail("sp_wp_rearm_range(range)");
     }
     memset(w->state + first_page, SP_PAGE_CLEAN, npages);
-    int r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + first_page * PAGE), npages * PAGE, 1);
+    int r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + first_page * w->page), npages * w->page, 1);
     if (r == 0)
         w->armed = 1;
     return r;
@@ -477,14 +480,27 @@ int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, u
             }
             copied += (int64_t)nmine;
         } else {
-            for (uint64_t p = b; p < bend; p++) {
-                uint8_t expect = SP_PAGE_CLEAN;
-                if (__atomic_compare_exchange_n(&w->state[p], &expect, SP_PAGE_COPYING, 0, __ATOMIC_ACQ_REL,
-                                                __ATOMIC_ACQUIRE)) {
-                    copy_page(w, p);
-                    __atomic_store_n(&w->state[p], SP_PAGE_CAPTURED, __ATOMIC_RELEASE);
-                    copied++;
+            for (uint64_t p = b; p < bend;) {
+                /* Claim a run of CLEAN pages and copy it with one memcpy: page-at-a-time copies
+                 * run at about two thirds of memcpy speed. A fault on a claimed page waits at
+                 * most one run (SP_COPY_RUN pages). */
+                uint64_t run = 0;
+                while (p + run < bend && run < SP_COPY_RUN) {
+                    uint8_t expect = SP_PAGE_CLEAN;
+                    if (!__atomic_compare_exchange_n(&w->state[p + run], &expect, SP_PAGE_COPYING, 0,
+                                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                        break;
+                    run++;
                 }
+                if (run == 0) {
+                    p++; /* captured already, or the handler is copying it */
+                    continue;
+                }
+                memcpy(w->dst + p * w->page, w->mem + p * w->page, run * w->page);
+                for (uint64_t q = p; q < p + run; q++)
+                    __atomic_store_n(&w->state[q], SP_PAGE_CAPTURED, __ATOMIC_RELEASE);
+                copied += (int64_t)run;
+                p += run;
             }
             /* A page the handler is copying must be captured before the batch is un-protected. */
             for (uint64_t p = b; p < bend; p++)
@@ -492,7 +508,7 @@ int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, u
                     cpu_relax();
         }
         /* Captured pages need no protection: un-protecting them now spares the guest a fault each. */
-        if (sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + b * PAGE), (bend - b) * PAGE, 0) < 0)
+        if (sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + b * w->page), (bend - b) * w->page, 0) < 0)
             return -errno;
     }
     __atomic_fetch_add(&w->stats.bulk_pages, (uint64_t)copied, __ATOMIC_RELAXED);
@@ -557,7 +573,7 @@ void sp_wp_get_stats(struct sp_wp *w, struct sp_wp_stats *out)
 
 int sp_wp_uffd(struct sp_wp *w) { return w->uffd; }
 
-int sp_memcpy_bench(uint64_t dst, uint64_t src, uint64_t len, uint32_t rounds, uint64_t *best_ns)
+int sp_memcpy_timed(uint64_t dst, uint64_t src, uint64_t len, uint32_t rounds, uint64_t *best_ns)
 {
     uint64_t best = UINT64_MAX;
     for (uint32_t i = 0; i < rounds; i++) {

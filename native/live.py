@@ -1,0 +1,181 @@
+"""The live snapshot protocol a real VMM uses, and the vCPU threads it needs.
+
+Pause: kick every vCPU out of KVM_RUN (signal + immediate_exit) and wait until
+each has stopped. Arm WP while they are stopped, resume them, then bulk-copy
+while they run; a write to a page not yet copied is caught by the handler,
+which copies it first. The pause window is everything between the kick and
+the resume.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from native.errors import GuestTimeout
+from native.kvm import Exit, ExitReason, Vcpu
+from native.memory import copy_timed
+from native.wp import FaultInjection, WpSnapshot, WpStats
+
+
+class VcpuRunner:
+    """Runs vCPUs, one thread each, until they halt, fail, or ``stop()``; can pause and resume them all.
+
+    Every wait is bounded by the runner's deadline; ``stop()`` joins every thread.
+    """
+
+    def __init__(self, vcpus: Sequence[Vcpu], timeout: float) -> None:
+        self.vcpus = list(vcpus)
+        self.deadline = time.monotonic() + timeout
+        self._cv = threading.Condition()
+        self._paused: set[int] = set()
+        self._finished: set[int] = set()
+        self._resume_gen = 0
+        self._stopping = False
+        self.exits: dict[int, Exit] = {}
+        self.errors: dict[int, BaseException] = {}
+        self._threads = [threading.Thread(target=self._loop, args=(i, v), name=f"vcpu{i}", daemon=True)
+                         for i, v in enumerate(self.vcpus)]
+
+    def start(self) -> VcpuRunner:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def _loop(self, i: int, vcpu: Vcpu) -> None:
+        try:
+            while True:
+                left = self._remaining()
+                if left <= 0:
+                    break
+                ex = vcpu.run(timeout=left)
+                if ex.reason is not ExitReason.KICKED:
+                    self.exits[i] = ex
+                    break
+                with self._cv:
+                    if self._stopping:
+                        self.exits[i] = ex
+                        break
+                    gen = self._resume_gen
+                    self._paused.add(i)
+                    self._cv.notify_all()
+                    self._cv.wait_for(lambda g=gen: self._resume_gen != g or self._stopping,
+                                      timeout=max(0.0, self._remaining()))
+                    self._paused.discard(i)
+                    if self._stopping:
+                        self.exits[i] = ex
+                        break
+        except BaseException as e:  # recorded and re-raised in stop(): a thread must never die silently
+            self.errors[i] = e
+        finally:
+            with self._cv:
+                self._finished.add(i)
+                self._cv.notify_all()
+
+    def pause(self, timeout: float = 5.0) -> int:
+        """Kick every vCPU and wait until each is paused or finished; returns the ns that took."""
+        t0 = time.perf_counter_ns()
+        for v in self.vcpus:
+            v.kick()
+        with self._cv:
+            ok = self._cv.wait_for(lambda: len(self._paused | self._finished) == len(self.vcpus), timeout=timeout)
+            if not ok:
+                running = sorted(set(range(len(self.vcpus))) - self._paused - self._finished)
+                raise GuestTimeout(f"vCPUs {running} did not stop within {timeout} s of the kick")
+            for i in self._finished:
+                self.vcpus[i].clear_kick()  # a halted vCPU never consumed its kick
+        return time.perf_counter_ns() - t0
+
+    def resume(self) -> None:
+        with self._cv:
+            self._resume_gen += 1
+            self._cv.notify_all()
+
+    @property
+    def finished(self) -> set[int]:
+        with self._cv:
+            return set(self._finished)
+
+    def wait_finished(self, timeout: float) -> bool:
+        with self._cv:
+            return self._cv.wait_for(lambda: len(self._finished) == len(self.vcpus), timeout=timeout)
+
+    def stop(self, timeout: float = 5.0) -> dict[int, Exit]:
+        """Stop every vCPU and join every thread (bounded); returns each vCPU's last exit."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        for v in self.vcpus:
+            v.kick()
+        end = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(timeout=max(0.0, end - time.monotonic()))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        for v in self.vcpus:
+            v.clear_kick()
+        if alive:
+            raise GuestTimeout(f"vCPU threads {alive} did not stop within {timeout} s")
+        if self.errors:
+            i, e = next(iter(self.errors.items()))
+            raise RuntimeError(f"vCPU {i} thread failed: {e!r}") from e
+        return dict(self.exits)
+
+    def __enter__(self) -> VcpuRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if any(t.is_alive() for t in self._threads):
+            self.stop()
+
+
+@dataclass
+class LiveSnapshot:
+    """What one live snapshot took, in ns; ``pause_ns`` excludes the test-only reference copy."""
+
+    pause_ns: int
+    stop_ns: int
+    arm_ns: int
+    reference_ns: int
+    bulk_ns: int
+    finalize_ns: int
+    vcpu_states: list[bytes]
+    stats: WpStats
+    paused: bool
+
+    @property
+    def total_ns(self) -> int:
+        return self.pause_ns + self.bulk_ns + self.finalize_ns
+
+
+def take_live_snapshot(runner: VcpuRunner, snap: WpSnapshot, reference: object | None = None,
+                       batch: int = 512, timeout: float = 10.0) -> LiveSnapshot:
+    """Pause, (reference copy,) arm, resume, bulk copy while the vCPUs run, finalize.
+
+    ``reference``, a writable buffer, receives guest memory as it is while paused: the exact oracle
+    (test mode only). With ``FaultInjection.ARM_WHILE_RUNNING`` the engine arms without pausing,
+    the bug of arming under running vCPUs.
+    """
+    clock = time.perf_counter_ns
+    reference_ns = 0
+    paused = not (snap.inject & FaultInjection.ARM_WHILE_RUNNING)
+    t0 = clock()
+    stop_ns = runner.pause(timeout) if paused else 0
+    states = [v.save_state() for v in runner.vcpus] if paused else []
+    if reference is not None:
+        reference_ns = copy_timed(reference, snap.memory)
+    arm_ns = snap.arm()
+    if paused:
+        runner.resume()
+    pause_ns = clock() - t0 - reference_ns if paused else 0
+    t1 = clock()
+    snap.bulk_copy(batch=batch)
+    t2 = clock()
+    stats = snap.finalize(timeout)
+    t3 = clock()
+    return LiveSnapshot(pause_ns=pause_ns, stop_ns=stop_ns, arm_ns=arm_ns, reference_ns=reference_ns,
+                        bulk_ns=t2 - t1, finalize_ns=t3 - t2, vcpu_states=states, stats=stats, paused=paused)
