@@ -397,3 +397,81 @@ def make_marker16_vm(make_vm: Callable[..., Any]) -> Callable[..., Any]:
         return vm, vcpu
 
     return _make
+
+
+# -- the write-storm guest, running ---------------------------------------------------------------
+
+
+class StormVm:
+    """A VM running storm32 on each vCPU over disjoint slices of the data region."""
+
+    def __init__(self, memory: Any, vm: Any, params: list[Any]) -> None:
+        self.memory = memory
+        self.vm = vm
+        self.params = params
+
+    @staticmethod
+    def block_gpa(i: int) -> int:
+        import guests
+
+        return guests.PARAM_BLOCK_GPA + guests.PARAM_BLOCK_STRIDE * i
+
+    def progress(self, i: int, image: Any = None) -> Any:
+        """vCPU i's progress words, from live memory or from an image of it (a snapshot, a reference)."""
+        from guests import storm
+
+        gpa = self.block_gpa(i)
+        block = self.memory.read(gpa, storm.BLOCK_SIZE) if image is None else bytes(image[gpa:gpa + storm.BLOCK_SIZE])
+        return storm.read_progress(block)
+
+    def wait(self, predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+        from native.errors import GuestTimeout
+
+        end = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > end:
+                raise GuestTimeout(f"storm guest: {what} not reached within {timeout} s "
+                                   f"(progress {[self.progress(i) for i in range(len(self.params))]})")
+            time.sleep(0.002)
+
+    def region(self, image: Any, i: int) -> bytes:
+        p = self.params[i]
+        return bytes(image[p.region_gpa:p.region_gpa + p.region_size])
+
+
+@pytest.fixture
+def make_storm_vm(make_memory: Callable[..., Any], make_vm: Callable[..., Any]) -> Callable[..., StormVm]:
+    """Factory: ``make_storm_vm(backing, size, vcpus, seed)``: storm32 loaded, each vCPU set up, not yet running.
+
+    The data region (GPA 0x10000 to the end) is split into equal disjoint slices, one per vCPU; each
+    vCPU sweeps its slice forever (generations = 0) in the order its seed gives.
+    """
+    import guests
+    from guests import storm
+
+    def _make(backing: str, size: int, vcpus: int, seed: int = 0x5EED, **mem_kw: Any) -> StormVm:
+        mem = make_memory(backing, size, **mem_kw)
+        mem.write(guests.FLAT32_LOAD_GPA, guests.load("storm32"))
+        pages = (size - guests.DATA_REGION_GPA) // 4096 // vcpus
+        if pages < 2:
+            raise ValueError(f"guest memory {size:#x} leaves fewer than 2 storm pages per vCPU")
+        vm = make_vm(mem)
+        params = []
+        for i in range(vcpus):
+            p = storm.StormParams.from_seed(seed + i, region_gpa=guests.DATA_REGION_GPA + i * pages * 4096,
+                                            npages=pages, generations=0)
+            mem.write(StormVm.block_gpa(i), p.pack())
+            vcpu = vm.add_vcpu()
+            vcpu.set_flat32(eip=guests.FLAT32_LOAD_GPA, esp=0x7000 - 0x400 * i, esi=StormVm.block_gpa(i))
+            params.append(p)
+        return StormVm(mem, vm, params)
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def host_limits() -> dict[str, float]:
+    """This host's own limits, measured once per run: figures are reported as ratios to them."""
+    from native.memory import warm_memcpy_bandwidth
+
+    return {"memcpy_bytes_per_s": warm_memcpy_bandwidth(64 << 20)}

@@ -153,12 +153,14 @@ class LiveSnapshot:
 
 
 def take_live_snapshot(runner: VcpuRunner, snap: WpSnapshot, reference: object | None = None,
-                       batch: int = 512, timeout: float = 10.0) -> LiveSnapshot:
+                       batch: int = 512, timeout: float = 10.0, overlap_faults: int = 0) -> LiveSnapshot:
     """Pause, (reference copy,) arm, resume, bulk copy while the vCPUs run, finalize.
 
-    ``reference``, a writable buffer, receives guest memory as it is while paused: the exact oracle
-    (test mode only). With ``FaultInjection.ARM_WHILE_RUNNING`` the engine arms without pausing,
-    the bug of arming under running vCPUs.
+    Test-mode knobs: ``reference``, a writable buffer, receives guest memory as it is while paused
+    (the exact oracle); ``overlap_faults`` holds the bulk copy until the resumed guest has taken that
+    many WP faults (at most ``timeout``), so copy and guest writes overlap even when the copy is
+    shorter than a vCPU thread's wake-up. With ``FaultInjection.ARM_WHILE_RUNNING`` the engine arms
+    without pausing, the bug of arming under running vCPUs.
     """
     clock = time.perf_counter_ns
     reference_ns = 0
@@ -166,12 +168,18 @@ def take_live_snapshot(runner: VcpuRunner, snap: WpSnapshot, reference: object |
     t0 = clock()
     stop_ns = runner.pause(timeout) if paused else 0
     states = [v.save_state() for v in runner.vcpus] if paused else []
-    if reference is not None:
-        reference_ns = copy_timed(reference, snap.memory)
     arm_ns = snap.arm()
+    if reference is not None:
+        # After the arm, never before: reading a never-populated page maps the zero page into it, and
+        # an arm after that would protect a page the engine itself might have skipped.
+        reference_ns = copy_timed(reference, snap.memory)
     if paused:
         runner.resume()
     pause_ns = clock() - t0 - reference_ns if paused else 0
+    if overlap_faults:
+        end = time.monotonic() + timeout
+        while snap.stats().faults < overlap_faults and time.monotonic() < end and not runner.finished:
+            time.sleep(0.0002)
     t1 = clock()
     snap.bulk_copy(batch=batch)
     t2 = clock()

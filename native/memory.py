@@ -17,6 +17,7 @@ PAGE_SIZE = 4096
 HUGE_PAGE_SIZE = 2 << 20
 MFD_HUGETLB = 0x0004
 MADV_POPULATE_WRITE = 23
+MADV_NOHUGEPAGE = 15
 
 
 def check_size(size: int, unit: int = PAGE_SIZE, what: str = "guest memory size") -> int:
@@ -134,6 +135,10 @@ class GuestMemory:
     def populate(self) -> None:
         """Fault every page in for writing (MADV_POPULATE_WRITE), outside any timed section."""
         self.mm.madvise(MADV_POPULATE_WRITE)
+
+    def no_thp(self) -> None:
+        """Keep transparent huge pages off this mapping: a first touch then populates 4 KiB, not 2 MiB."""
+        self.mm.madvise(MADV_NOHUGEPAGE)
 
     def close(self) -> None:
         if self._mm is None:

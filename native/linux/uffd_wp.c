@@ -23,6 +23,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -186,11 +187,13 @@ struct sp_wp {
     struct sp_wp_stats stats;
 };
 
-static void spin_ns(uint64_t ns)
+/* The injected race window sleeps, as a copier blocked in pwrite() would: spinning here would
+ * take the CPU the guest needs to write inside the window. */
+static void sleep_ns(uint64_t ns)
 {
-    int64_t end = sp_now_ns() + (int64_t)ns;
-    while (sp_now_ns() < end)
-        cpu_relax();
+    struct timespec ts = {.tv_sec = (time_t)(ns / 1000000000ULL), .tv_nsec = (long)(ns % 1000000000ULL)};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+        ;
 }
 
 static void copy_page(struct sp_wp *w, uint64_t page)
@@ -475,7 +478,7 @@ int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, u
             }
             for (uint64_t i = 0; i < nmine; i++) {
                 if (w->race_window_ns)
-                    spin_ns(w->race_window_ns);
+                    sleep_ns(w->race_window_ns);
                 copy_page(w, mine[i]);
             }
             copied += (int64_t)nmine;
