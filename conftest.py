@@ -167,18 +167,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture(scope="session")
 def inject(pytestconfig: pytest.Config) -> Any:
     """The fault-injection switches of this run (``--inject``); NONE unless a self-test asks."""
-    from native.wp import FaultInjection
+    from native.inject import parse
 
-    value = FaultInjection.NONE
-    for name in filter(None, pytestconfig.getoption("inject").replace("-", "_").upper().split(",")):
-        if name == "NONE":
-            continue
-        try:
-            value |= FaultInjection[name]
-        except KeyError:
-            known = ", ".join(m.name.lower().replace("_", "-") for m in FaultInjection if m.name != "NONE")
-            raise pytest.UsageError(f"--inject: unknown switch {name.lower()!r} (known: {known})") from None
-    return value
+    try:
+        return parse(pytestconfig.getoption("inject"))
+    except ValueError as e:
+        raise pytest.UsageError(f"--inject: {e}") from None
 
 
 # -- resources: memory, VMs -----------------------------------------------------------------------

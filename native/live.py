@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from native.errors import GuestTimeout
+from native.inject import FaultInjection
 from native.kvm import Exit, ExitReason, Vcpu
 from native.memory import copy_timed
-from native.wp import FaultInjection, WpSnapshot, WpStats
+from native.wp import WpSnapshot, WpStats
 
 
 class VcpuRunner:

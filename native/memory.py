@@ -136,6 +136,10 @@ class GuestMemory:
         """Fault every page in for writing (MADV_POPULATE_WRITE), outside any timed section."""
         self.mm.madvise(MADV_POPULATE_WRITE)
 
+    def private_bytes(self) -> int:
+        """Private_Clean + Private_Dirty of this mapping in /proc/self/smaps: what it costs beyond the file."""
+        return _smaps_field_sum(self.addr, ("Private_Clean", "Private_Dirty"))
+
     def no_thp(self) -> None:
         """Keep transparent huge pages off this mapping: a first touch then populates 4 KiB, not 2 MiB."""
         self.mm.madvise(MADV_NOHUGEPAGE)
@@ -188,3 +192,21 @@ def warm_memcpy_bandwidth(size: int, rounds: int = 5) -> float:
         dst.populate()
         ns = copy_timed(dst.mm, src, rounds=rounds)
     return size / (ns / 1e9)
+
+
+def _smaps_field_sum(addr: int, fields: tuple[str, ...]) -> int:
+    """Sum of the named kB fields of the /proc/self/smaps entry that starts at ``addr``, in bytes."""
+    total = 0
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:
+                if inside:
+                    break
+                inside = int(head.split("-", 1)[0], 16) == addr
+            elif inside:
+                name, _, rest = line.partition(":")
+                if name in fields:
+                    total += int(rest.split()[0]) * 1024
+    return total

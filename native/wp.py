@@ -15,22 +15,8 @@ from dataclasses import dataclass, field
 from native import uffd
 from native._lib import check, ffi, lib
 from native.errors import CapabilityMissing, NativeError
+from native.inject import C_SWITCHES, FaultInjection
 from native.memory import HUGE_PAGE_SIZE, PAGE_SIZE, GuestMemory
-
-
-class FaultInjection(enum.Flag):
-    """Named switches that reproduce real bugs, so the phases can be shown to fail."""
-
-    NONE = 0
-    NO_COPY_BEFORE_WRITE = lib.SP_INJECT_NO_COPY_BEFORE_WRITE  # a fault un-protects without capturing
-    SINGLE_FLAG_RACE = lib.SP_INJECT_SINGLE_FLAG_RACE          # forkd's one flag, set before the copy
-    HANDLER_DIES = lib.SP_INJECT_HANDLER_DIES                  # the handler exits at its first fault
-    SKIP_UNPOPULATED = 1 << 8   # arm without WP_UNPOPULATED and without pre-populating: holes go unprotected
-    ARM_WHILE_RUNNING = 1 << 9  # the live protocol arms without pausing the vCPUs
-
-    @property
-    def c_bits(self) -> int:
-        return self.value & 0xFF
 
 
 class PageState(enum.IntEnum):
@@ -155,7 +141,7 @@ class WpSnapshot:
             raise ValueError(f"snapshot destination is {len(self._dst):#x} bytes, guest memory {memory.size:#x}")
         out = ffi.new("struct sp_wp **")
         sup = ffi.new("uint64_t *")
-        rc = lib.sp_wp_create(memory.addr, memory.size, self.page_size, need, inject.c_bits, race_window_ns,
+        rc = lib.sp_wp_create(memory.addr, memory.size, self.page_size, need, inject.value & C_SWITCHES, race_window_ns,
                               -1 if handler_cpu is None else handler_cpu, out, sup)
         if rc < 0:
             ffi.release(self._dst)

@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from guests import storm
+from native.inject import FaultInjection
 from native.kvm import ExitReason
 from native.live import VcpuRunner, take_live_snapshot
 from native.memory import PAGE_SIZE
-from native.wp import FaultInjection
 from results.record import fmt_bytes
 
 pytestmark = [pytest.mark.phase(2, "live snapshot consistency"),
