@@ -136,9 +136,13 @@ class GuestMemory:
         """Fault every page in for writing (MADV_POPULATE_WRITE), outside any timed section."""
         self.mm.madvise(MADV_POPULATE_WRITE)
 
-    def private_bytes(self) -> int:
-        """Private_Clean + Private_Dirty of this mapping in /proc/self/smaps: what it costs beyond the file."""
-        return _smaps_field_sum(self.addr, ("Private_Clean", "Private_Dirty"))
+    def cow_bytes(self) -> int:
+        """Pages this mapping holds as its own copies (smaps ``Anonymous``): for a MAP_PRIVATE file mapping,
+        the pages copied on write. ``Private_*`` would also count file pages merely mapped only here."""
+        return _smaps_field_sum(self.addr, ("Anonymous",))
+
+    def rss_bytes(self) -> int:
+        return _smaps_field_sum(self.addr, ("Rss",))
 
     def no_thp(self) -> None:
         """Keep transparent huge pages off this mapping: a first touch then populates 4 KiB, not 2 MiB."""
