@@ -303,7 +303,7 @@ def _stamp_words(params: StormParams, region) -> tuple[list[int], ...]:
     if sys.byteorder == "little":
         words = mv.cast("I")
         return tuple(words[w::WORDS_PER_PAGE].tolist() for w in (0, 1, WORDS_PER_PAGE - 2, WORDS_PER_PAGE - 1))
-    cols = ([], [], [], [])  # pragma: no cover - big-endian hosts
+    cols: tuple[list[int], ...] = ([], [], [], [])  # pragma: no cover - big-endian hosts
     for page in range(params.npages):  # pragma: no cover
         base = page * PAGE_SIZE
         g0, i0 = struct.unpack_from("<II", mv, base)
@@ -466,12 +466,9 @@ def _explain_mixed(params, pos, nxt, g0s, g1s, torn, in_flight, lo, hi, seen) ->
             best_t, best_off = t, off
     if total is not None:
         best_t = min(best_t, total)
-    bad_page = bad_slot = None
-    for j in range(nslots):
-        if not pos[j] < best_t <= nxt[j]:
-            bad_page, bad_slot = divmod(j, 2)
-            break
-    assert bad_page is not None, "an empty instant range has a slot off every instant"
+    first_off = next((j for j in range(nslots) if not pos[j] < best_t <= nxt[j]), None)
+    assert first_off is not None, "an empty instant range has a slot off every instant"
+    bad_page, bad_slot = divmod(first_off, 2)
     seen_gen = (g0s, g1s)[bad_slot][bad_page]
     want_gen = _expected_gen(params, bad_page, bad_slot, best_t)
     pages_off = len({j // 2 for j in range(nslots) if not pos[j] < best_t <= nxt[j]})

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
+if sys.platform == "win32":
+    raise ImportError("native._lib loads the Linux (KVM) C module: on Windows the backend is native.whp")
+
 from native.build import ensure_built
 
 ensure_built()

@@ -89,7 +89,7 @@ def _kvm_rows(rep: HostReport) -> None:
         return
     if not os.access(path, os.R_OK | os.W_OK):
         rep.capabilities.append(Capability("kvm", "KVM", "for /dev/kvm", Status.FAIL,
-                                           f"absent: /dev/kvm not readable+writable by uid {os.getuid()}",
+                                           f"absent: /dev/kvm not readable+writable by uid {_uid()}",
                                            "add the user to group 'kvm' or run as root"))
         return
     from native.errors import CapabilityMissing, NativeError
@@ -151,8 +151,14 @@ def _uffd_rows(rep: HostReport) -> None:
     _pagemap_scan_row(rep)
 
 
+def _uid() -> int:
+    if sys.platform == "win32":
+        return -1
+    return os.geteuid()
+
+
 def _uffd_privilege() -> str:
-    if os.geteuid() == 0:
+    if _uid() == 0:
         return "root"
     try:
         with open("/proc/sys/vm/unprivileged_userfaultfd") as f:

@@ -6,6 +6,11 @@ the ioctl and arguments, ``try_set_region`` returns the errno.
 
 from __future__ import annotations
 
+import sys
+
+if sys.platform == "win32":
+    raise ImportError("native.kvm is the Linux (KVM) backend: on Windows the backend is native.whp")
+
 import enum
 import threading
 from dataclasses import dataclass

@@ -9,6 +9,11 @@ the resume.
 
 from __future__ import annotations
 
+import sys
+
+if sys.platform == "win32":
+    raise ImportError("native.live drives KVM vCPUs: Linux only")
+
 import threading
 import time
 from collections.abc import Sequence
@@ -65,8 +70,11 @@ class VcpuRunner:
                     gen = self._resume_gen
                     self._paused.add(i)
                     self._cv.notify_all()
-                    self._cv.wait_for(lambda g=gen: self._resume_gen != g or self._stopping,
-                                      timeout=max(0.0, self._remaining()))
+
+                    def resumed(g: int = gen) -> bool:
+                        return self._resume_gen != g or self._stopping
+
+                    self._cv.wait_for(resumed, timeout=max(0.0, self._remaining()))
                     self._paused.discard(i)
                     if self._stopping:
                         self.exits[i] = ex

@@ -7,9 +7,15 @@ read-only (the negative control of the original bug).
 
 from __future__ import annotations
 
+import sys
+
+if sys.platform == "win32":
+    raise ImportError("native.memory is the Linux (KVM) backend: on Windows, guest memory is native.whp.FileView")
+
 import mmap
 import os
 from pathlib import Path
+from typing import Any
 
 from native._lib import ffi
 
@@ -168,7 +174,7 @@ class GuestMemory:
         return f"GuestMemory({self.backing}, size={self.size:#x}, addr={self.addr:#x})"
 
 
-def buffer_address(buf: object) -> tuple[object, int]:
+def buffer_address(buf: object) -> tuple[Any, int]:
     """(cffi handle, address) of a writable buffer; release the handle with ``ffi.release``."""
     h = ffi.from_buffer("char[]", buf, require_writable=True)
     return h, int(ffi.cast("uintptr_t", h))

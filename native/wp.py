@@ -9,6 +9,11 @@ and joins the handler. ``close()`` always un-protects before dropping the uffd.
 
 from __future__ import annotations
 
+import sys
+
+if sys.platform == "win32":
+    raise ImportError("native.wp (userfaultfd) is Linux-only: Windows has no userfaultfd")
+
 import enum
 from dataclasses import dataclass, field
 

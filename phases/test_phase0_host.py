@@ -15,8 +15,9 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.phase(0, "host capabilities")
 
-# What phases 1-4 cannot run without on a Linux KVM host (rows of native.host).
-REQUIRED_FOR_PHASES = ("kvm", "uffd", "uffd.PAGEFAULT_FLAG_WP", "uffd.WP_HUGETLBFS_SHMEM")
+# What the phases cannot run without (rows of native.host): phases 1-4 on a Linux KVM host, phase 4 on WHP.
+REQUIRED_FOR_PHASES = (("whp",) if sys.platform == "win32" else
+                       ("kvm", "uffd", "uffd.PAGEFAULT_FLAG_WP", "uffd.WP_HUGETLBFS_SHMEM"))
 
 
 def test_command_line_prints_the_same_table(report, host):
@@ -43,6 +44,7 @@ def test_capability_needed_by_the_phases_is_present(report, host, require, capab
         st.check(row is not None and row.available, f"{row.what}: {row.detail}")
 
 
+@pytest.mark.platform("linux")
 def test_run_record_names_the_kvm_module_and_uffd_mask(report, host, require):
     """Host facts carry kernel, CPU, KVM module and uffd feature mask: figures are read against them."""
     require("kvm", "uffd")

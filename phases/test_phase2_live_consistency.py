@@ -43,9 +43,12 @@ def _pages_differing(a, b, page: int = PAGE_SIZE) -> list[int]:
     return [p // page for p in range(0, len(a), page) if a[p:p + page] != b[p:p + page]]
 
 
+def every_vcpu_swept_once(storm_vm) -> bool:
+    return all(storm_vm.progress(i).done_gen >= 1 for i in range(len(storm_vm.params)))
+
+
 def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host_limits,
-                            started=lambda s: all(s.progress(i).done_gen >= 1 for i in range(len(s.params))),
-                            started_what: str = "every vCPU completed its first sweep"):
+                            started=every_vcpu_swept_once, started_what: str = "every vCPU completed its first sweep"):
     """The phase's procedure, shared by every backing and size: run, snapshot live, stop, judge."""
     mem = storm_vm.memory
     size = mem.size

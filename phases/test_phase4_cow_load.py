@@ -11,7 +11,6 @@ failing the way the original bug did.
 from __future__ import annotations
 
 import hashlib
-import sys
 
 import pytest
 
@@ -22,7 +21,8 @@ from native.inject import FaultInjection
 from results.record import fmt_bytes
 
 pytestmark = [pytest.mark.phase(4, "copy-on-write load")]
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="KVM backend: Linux hosts")
+linux_only = pytest.mark.platform("linux")      # KVM backend
+windows_only = pytest.mark.platform("win32")    # WHP backend
 
 RUN_TIMEOUT_S = 30.0
 ORIGINAL_BUG = ("the snapshot file is mapped read-only: the original PAGE_READONLY + FILE_MAP_READ bug "
@@ -202,4 +202,102 @@ def test_read_only_mapping_stops_the_guest_write_as_the_original_bug_did(report,
 
     with report.stage("nothing landed") as st:
         st.equal(mem.read(first_write, 4), bytes(4), "word at the faulting GPA", lambda v: v.hex())
+        st.equal(file_sha256(image.path), before, "file sha256", lambda v: str(v)[:16] + "…")
+
+
+# -- Windows: WHP with PAGE_WRITECOPY + FILE_MAP_COPY (runs on a Windows host; deselected elsewhere) ------------
+
+
+def write_marker16_image(path, size: int = 1 << 20) -> SnapshotImage:
+    """The original proof's memory: marker16 at 0:0x100, the BEFORE marker 0xBE at GPA 0x1000."""
+    with SnapshotImage.create(path, size, hypervisor="whp") as w:
+        code = guests.load("marker16")
+        w.memory[guests.REAL_MODE_LOAD_GPA:guests.REAL_MODE_LOAD_GPA + len(code)] = code
+        w.memory[guests.MARKER_GPA] = guests.MARKER_BEFORE
+        return w.finalize()
+
+
+def expect_whp_halt(st, ex, what: str) -> None:
+    from native import whp
+
+    if ex.reason is whp.ExitReason.MEMORY_ACCESS and ex.access is whp.MemoryAccessType.WRITE:
+        st.check(False, "", f"{what}: guest write at GPA {ex.gpa:#x} stopped on a memory-access exit: {ORIGINAL_BUG}")
+    st.check(ex.reason is whp.ExitReason.HLT, f"{what} halted", f"{what} did not halt: {ex.describe()}")
+
+
+@windows_only
+@pytest.mark.needs("whp")
+def test_whp_guest_sees_its_write_and_the_file_never_changes(report, tmp_path, inject):
+    """Under WHP, marker16 runs from a FILE_MAP_COPY view: it writes 0x42 and the file keeps 0xBE."""
+    from native import whp
+
+    with report.stage("snapshot file") as st:
+        image = write_marker16_image(tmp_path / "marker16.snap")
+        before = file_sha256(image.path)
+        st.note(f"{fmt_bytes(image.memory_size)} image, sha256 {before[:16]}…")
+
+    if inject & FaultInjection.READ_ONLY_MAPPING:
+        with report.stage("load read-only (fault injection), in a child process") as st:
+            outcome = whp.readonly_load_in_child(image.path, image.memory_offset, image.memory_size)
+            st.check(not outcome.failed_like_original_bug, "", f"{outcome.describe()}: {ORIGINAL_BUG}")
+
+    with report.stage("PAGE_WRITECOPY + FILE_MAP_COPY view, WHvMapGpaRange RWX") as st:
+        commit_before = whp.private_usage()
+        view = whp.FileView.copy(image.path, image.memory_offset, image.memory_size)
+        vm = whp.WhpVm(view)
+        try:
+            commit_mapped = whp.private_usage()
+            ex = vm.run(timeout=RUN_TIMEOUT_S)
+            expect_whp_halt(st, ex, "marker16")
+            st.timing("guest run", ex.run_ns, "includes the copy-on-write fault of its write")
+            st.equal(vm.read(guests.MARKER_GPA, 1)[0], guests.MARKER_AFTER, "the guest's mem[0x1000]")
+            commit_run = whp.private_usage()
+        finally:
+            vm.close()
+            view.close()
+        delta = commit_mapped - commit_before
+        st.note(f"commit charge (PrivateUsage): +{fmt_bytes(max(delta, 0))} for mapping a "
+                f"{fmt_bytes(image.memory_size)} FILE_MAP_COPY view, +{fmt_bytes(max(commit_run - commit_mapped, 0))} "
+                "after the guest's write: PAGE_WRITECOPY charges commit for the whole view, per VM")
+        report.fact("commit_charge_per_view_bytes", delta)
+
+    with report.stage("the file never changed") as st:
+        st.equal(file_sha256(image.path), before, "file sha256", lambda v: str(v)[:16] + "…")
+        on_disk = SnapshotImage.open(image.path, verify=True).read_memory(guests.MARKER_GPA, 1)[0]
+        st.equal(on_disk, guests.MARKER_BEFORE, "mem[0x1000] on disk")
+
+
+@windows_only
+@pytest.mark.needs("whp")
+def test_whp_two_partitions_from_one_file_are_isolated(report, tmp_path):
+    """Two partitions mapped from one file each see only their own writes."""
+    from native import whp
+
+    with report.stage("two partitions, two copy views of one file") as st:
+        image = write_marker16_image(tmp_path / "shared.snap")
+        before = file_sha256(image.path)
+        with whp.FileView.copy(image.path, image.memory_offset, image.memory_size) as a_view, \
+                whp.FileView.copy(image.path, image.memory_offset, image.memory_size) as b_view, \
+                whp.WhpVm(a_view) as a, whp.WhpVm(b_view) as b:
+            b.write(0x2000, b"\x77")  # only B's copy changes at 0x2000
+            expect_whp_halt(st, a.run(timeout=RUN_TIMEOUT_S), "partition A")
+            st.equal(a.read(guests.MARKER_GPA, 1)[0], guests.MARKER_AFTER, "A's mem[0x1000] (A's write)")
+            st.equal(b.read(guests.MARKER_GPA, 1)[0], guests.MARKER_BEFORE, "B's mem[0x1000] (A's write unseen)")
+            st.equal(a.read(0x2000, 1)[0], 0, "A's mem[0x2000] (B's write unseen)")
+            st.equal(b.read(0x2000, 1)[0], 0x77, "B's mem[0x2000]")
+        st.equal(file_sha256(image.path), before, "file sha256", lambda v: str(v)[:16] + "…")
+
+
+@windows_only
+@pytest.mark.needs("whp")
+def test_whp_read_only_view_fails_the_way_the_original_bug_did(report, tmp_path):
+    """The negative control: PAGE_READONLY + FILE_MAP_READ, in a child: an access violation or a write exit."""
+    from native import whp
+
+    with report.stage("read-only view, run in a child process") as st:
+        image = write_marker16_image(tmp_path / "ro.snap")
+        before = file_sha256(image.path)
+        outcome = whp.readonly_load_in_child(image.path, image.memory_offset, image.memory_size)
+        st.check(outcome.failed_like_original_bug, f"{outcome.describe()} — the original bug",
+                 f"the read-only load did not fail like the original bug: {outcome.describe()}")
         st.equal(file_sha256(image.path), before, "file sha256", lambda v: str(v)[:16] + "…")
