@@ -51,15 +51,8 @@ class GuestMemory:
     # -- constructors -------------------------------------------------------
     @classmethod
     def memfd(cls, size: int, name: str = "snapproof-guest") -> GuestMemory:
-        check_size(size)
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            raise
-        return cls(mm, size, "memfd", fd=fd)
+        """Shared memory (shmem) behind a memfd, MAP_SHARED: what a snapshotting VMM backs guests with."""
+        return cls._memfd(check_size(size), name, os.MFD_CLOEXEC, "memfd")
 
     @classmethod
     def anonymous(cls, size: int) -> GuestMemory:
@@ -70,15 +63,20 @@ class GuestMemory:
 
     @classmethod
     def hugetlb(cls, size: int, name: str = "snapproof-guest-huge") -> GuestMemory:
-        check_size(size, HUGE_PAGE_SIZE, "hugetlb guest memory size")
-        fd = os.memfd_create(name, os.MFD_CLOEXEC | MFD_HUGETLB)
+        """A hugetlb memfd (2 MiB pages from the reserved pool), MAP_SHARED."""
+        return cls._memfd(check_size(size, HUGE_PAGE_SIZE, "hugetlb guest memory size"), name,
+                          os.MFD_CLOEXEC | MFD_HUGETLB, "hugetlb")
+
+    @classmethod
+    def _memfd(cls, size: int, name: str, flags: int, backing: str) -> GuestMemory:
+        fd = os.memfd_create(name, flags)
         try:
             os.ftruncate(fd, size)
             mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             raise
-        return cls(mm, size, "hugetlb", fd=fd)
+        return cls(mm, size, backing, fd=fd)
 
     @classmethod
     def file_private(cls, path: str | os.PathLike[str], offset: int, size: int) -> GuestMemory:

@@ -14,7 +14,10 @@ import sys
 if sys.platform == "win32":
     raise ImportError("native.wp (userfaultfd) is Linux-only: Windows has no userfaultfd")
 
+import contextlib
 import enum
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from native import uffd
@@ -82,20 +85,25 @@ def supported_features() -> int:
     """The uffd feature mask this kernel returns from UFFDIO_API (probed once)."""
     global _probe_cache
     if _probe_cache is None:
-        via = ffi.new("int *")
-        fd = lib.sp_uffd_open(via)
-        if fd < 0:
-            raise _uffd_open_error(-fd)
-        import os
-
-        try:
-            sup = ffi.new("uint64_t *")
-            ioctls = ffi.new("uint64_t *")
-            check(lib.sp_uffd_api(fd, 0, sup, ioctls), "UFFDIO_API")
-            _probe_cache = int(sup[0])
-        finally:
-            os.close(fd)
+        with open_uffd(0) as (_, supported):
+            _probe_cache = supported
     return _probe_cache
+
+
+@contextlib.contextmanager
+def open_uffd(features: int) -> Iterator[tuple[int, int]]:
+    """A userfaultfd after the UFFDIO_API handshake asking ``features``: (fd, the kernel's mask); closed after."""
+    via = ffi.new("int *")
+    fd = lib.sp_uffd_open(via)
+    if fd < 0:
+        raise _uffd_open_error(-fd)
+    try:
+        sup = ffi.new("uint64_t *")
+        ioctls = ffi.new("uint64_t *")
+        check(lib.sp_uffd_api(fd, features, sup, ioctls), "UFFDIO_API", features=features)
+        yield fd, int(sup[0])
+    finally:
+        os.close(fd)
 
 
 def _uffd_open_error(err: int) -> Exception:
@@ -245,21 +253,13 @@ def read_pagemap(addr: int, npages: int) -> tuple[bytes, bytes]:
 
 def raw_writeprotect_samples(memory: GuestMemory, rounds: int = 20) -> list[int]:
     """Times (ns) of the bare UFFDIO_WRITEPROTECT ioctl over the region: the floor the engine's arm is held to."""
-    import os
-
-    via = ffi.new("int *")
-    fd = lib.sp_uffd_open(via)
-    if fd < 0:
-        raise _uffd_open_error(-fd)
-    try:
-        sup = ffi.new("uint64_t *")
+    feats = uffd.mask_of("PAGEFAULT_FLAG_WP")
+    if memory.backing in _SHMEM_BACKINGS:
+        feats |= uffd.FEATURES["WP_HUGETLBFS_SHMEM"]
+    if supported_features() & uffd.FEATURES["WP_UNPOPULATED"]:
+        feats |= uffd.FEATURES["WP_UNPOPULATED"]
+    with open_uffd(feats) as (fd, _):
         ioctls = ffi.new("uint64_t *")
-        feats = uffd.mask_of("PAGEFAULT_FLAG_WP")
-        if memory.backing in _SHMEM_BACKINGS:
-            feats |= uffd.FEATURES["WP_HUGETLBFS_SHMEM"]
-        if supported_features() & uffd.FEATURES["WP_UNPOPULATED"]:
-            feats |= uffd.FEATURES["WP_UNPOPULATED"]
-        check(lib.sp_uffd_api(fd, feats, sup, ioctls), "UFFDIO_API")
         check(lib.sp_uffd_register(fd, memory.addr, memory.size, uffd.REGISTER_MODE_WP, ioctls), "UFFDIO_REGISTER")
         samples = []
         for _ in range(rounds):
@@ -269,8 +269,6 @@ def raw_writeprotect_samples(memory: GuestMemory, rounds: int = 20) -> list[int]
             check(lib.sp_uffd_writeprotect(fd, memory.addr, memory.size, 0), "UFFDIO_WRITEPROTECT")
         check(lib.sp_uffd_unregister(fd, memory.addr, memory.size), "UFFDIO_UNREGISTER")
         return samples
-    finally:
-        os.close(fd)
 
 
 PAGE_IS_WRITTEN = 1 << 1
