@@ -157,6 +157,36 @@ int sp_wp_uffd(struct sp_wp *w);
 
 /* ---- memory helpers ------------------------------------------------ */
 int sp_memcpy_timed(uint64_t dst, uint64_t src, uint64_t len, uint32_t rounds, uint64_t *best_ns);
+
+/* ---- lazy restore: uffd MISSING faults served from a snapshot file --- */
+struct sp_lazy_stats {
+    uint64_t faults;            /* MISSING fault messages served */
+    uint64_t fault_pages;       /* pages the handler installed (UFFDIO_COPY) */
+    uint64_t fault_eexist;      /* faults whose page was installed first by someone else (woken only) */
+    uint64_t prefetch_pages;    /* pages sp_lazy_prefetch_all() installed */
+    uint64_t prefetch_eexist;   /* pages the prefetcher found installed already (EEXIST) */
+    uint64_t other_events;      /* non-pagefault messages */
+    uint64_t service_ns_total;  /* handler: message read -> page installed, stats written */
+    uint64_t service_ns_max;
+    uint64_t first_fault_ns;    /* sp_now_ns() when the first fault was read; 0 if none */
+    uint64_t last_fault_ns;     /* the same for the latest fault */
+    uint64_t hist_us[1024];     /* fault service latency, 1 us buckets; the last is overflow */
+    uint64_t handler_cpu[64];   /* faults served per CPU */
+    int32_t handler_err;        /* errno that stopped the handler, 0 if none */
+    int32_t handler_alive;
+};
+
+struct sp_lazy;
+
+/* Register [dst, dst + size) MISSING; faults are served from src_fd's bytes at src_offset. */
+int sp_lazy_create(uint64_t dst, uint64_t size, int src_fd, uint64_t src_offset, uint64_t features,
+                   int handler_cpu, struct sp_lazy **out, uint64_t *supported);
+int64_t sp_lazy_prefetch_all(struct sp_lazy *l, uint64_t batch);
+int64_t sp_lazy_pages_present(struct sp_lazy *l);
+int sp_lazy_release(struct sp_lazy *l, int64_t timeout_ns);
+void sp_lazy_destroy(struct sp_lazy *l);
+void sp_lazy_get_stats(struct sp_lazy *l, struct sp_lazy_stats *out);
+int sp_lazy_uffd(struct sp_lazy *l);
 /* CDEF-END */
 
 #endif

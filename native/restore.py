@@ -1,0 +1,338 @@
+"""Restore a snapshot file into fresh guest memory, three ways behind one interface.
+
+=============  =====================================================================================
+loader         how guest memory is filled
+=============  =====================================================================================
+read-copy      a fresh memfd, filled by reading the file's memory image: every byte is copied
+               (and every destination page first-touched) before the first guest instruction
+map-private    the memory image mapped MAP_PRIVATE (``GuestMemory.file_private``): pages come from
+               the page cache at first touch, guest writes stay private, the file never changes
+lazy-uffd      a fresh memfd (or anonymous mapping) registered with userfaultfd in MISSING mode:
+               the C handler (native/linux/uffd_lazy.c) installs each page from the file with
+               UFFDIO_COPY at the guest's first touch; ``prefetch_all()`` installs the rest
+=============  =====================================================================================
+
+``restore_memory(image, loader)`` returns a ``RestoredMemory``; ``restore_vm(image, loader)`` adds a
+fresh VM whose vCPUs carry the file's saved states. Both are context managers whose ``close()``
+releases everything in reverse order (VM, then the lazy handler, then the memory) and is idempotent.
+Linux only (KVM, userfaultfd).
+"""
+
+from __future__ import annotations
+
+import sys
+
+# Before the platform guard: the names are plain data that a phase's parameters use on every host.
+LOADERS: tuple[str, ...] = ("read-copy", "map-private", "lazy-uffd")
+
+if sys.platform == "win32":
+    raise ImportError("native.restore (KVM, userfaultfd) is Linux-only")
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from native import uffd
+from native._lib import check, ffi, lib
+from native.errors import CapabilityMissing
+from native.image import SnapshotFormatError, SnapshotImage, VcpuKind
+from native.kvm import Vcpu, Vm
+from native.memory import PAGE_SIZE, GuestMemory
+from native.wp import supported_features
+
+LAZY_BACKINGS = ("memfd", "anonymous")
+# One read(2) moves at most 0x7ffff000 bytes on Linux; 1 GiB chunks keep each call whole.
+_READ_CHUNK = 1 << 30
+
+
+# -- lazy loading: userfaultfd MISSING faults served from the file --------------------------------
+
+
+def _hist_percentile_us(hist: list[int], q: float) -> float:
+    """Percentile of a 1 µs histogram (bucket upper edge)."""
+    total = sum(hist)
+    if not total:
+        return 0.0
+    want, seen = q * total, 0
+    for us, n in enumerate(hist):
+        seen += n
+        if seen >= want:
+            return float(us + 1)
+    return float(len(hist))
+
+
+@dataclass(frozen=True)
+class LazyStats:
+    faults: int            # MISSING faults served
+    fault_pages: int       # pages the handler installed
+    fault_eexist: int      # faults whose page was installed first by the prefetcher (woken only)
+    prefetch_pages: int    # pages prefetch_all() installed
+    prefetch_eexist: int   # pages prefetch_all() found installed already
+    other_events: int
+    service_ns_total: int
+    service_ns_max: int
+    first_fault_ns: int    # sp_now_ns() (CLOCK_MONOTONIC) when the first fault was read; 0 if none
+    last_fault_ns: int
+    hist_us: list[int]
+    handler_cpus: dict[int, int]
+    handler_err: int
+    handler_alive: bool
+    features_requested: int = 0
+    features_supported: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def service_ns_mean(self) -> float:
+        return self.service_ns_total / self.faults if self.faults else 0.0
+
+    def service_percentile_us(self, q: float) -> float:
+        return _hist_percentile_us(self.hist_us, q)
+
+
+class LazyUffd:
+    """The lazy loader's engine over one destination mapping. ``close()`` stops the handler (eventfd,
+    bounded join), unregisters the range and unmaps the file; it is idempotent."""
+
+    def __init__(self, memory: GuestMemory, path: str | os.PathLike[str], offset: int, *,
+                 handler_cpu: int | None = None) -> None:
+        if memory.backing not in LAZY_BACKINGS:
+            raise ValueError(f"lazy loading serves 4 KiB pages into {' or '.join(LAZY_BACKINGS)} memory, "
+                             f"not {memory.backing}")
+        self.memory = memory
+        self.path = Path(path)
+        supported = supported_features()
+        # MISSING on anonymous memory needs no feature bit; on shmem (a memfd) it needs MISSING_SHMEM.
+        need = uffd.FEATURES["MISSING_SHMEM"] if memory.backing == "memfd" else 0
+        missing = need & ~supported
+        if missing:
+            names = ", ".join(f"UFFD_FEATURE_{n} (kernel {uffd.SINCE.get(n, '?')})"
+                              for n in uffd.feature_names(missing))
+            raise CapabilityMissing(f"uffd MISSING faults on {memory.backing} memory need {names}: not in the "
+                                    f"kernel's mask {supported:#x}")
+        self.features_requested = need
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            length = os.fstat(fd).st_size
+            if offset < 0 or offset % PAGE_SIZE or offset + memory.size > length:
+                raise ValueError(f"{self.path}: image [{offset:#x}, {offset + memory.size:#x}) is not a page-aligned "
+                                 f"range inside the file ({length:#x} bytes)")
+            out = ffi.new("struct sp_lazy **")
+            sup = ffi.new("uint64_t *")
+            # The C side maps the file PROT_READ itself; that mapping keeps the file, so fd can go.
+            check(lib.sp_lazy_create(memory.addr, memory.size, fd, offset, need,
+                                     -1 if handler_cpu is None else handler_cpu, out, sup),
+                  "lazy loader create", mem=memory.addr, size=memory.size, offset=offset, features=need)
+        finally:
+            os.close(fd)
+        self.features_supported = int(sup[0])
+        self._l = out[0]
+        self.npages = memory.size // PAGE_SIZE
+
+    @property
+    def handle(self) -> object:
+        if self._l is None:
+            raise ValueError("lazy loader is closed")
+        return self._l
+
+    def prefetch_all(self, batch: int = 512) -> int:
+        """Install every page still missing (UFFDIO_COPY, ``batch`` pages a call); returns how many."""
+        return check(lib.sp_lazy_prefetch_all(self.handle, batch), "lazy prefetch", batch=batch)
+
+    def pages_present(self) -> int:
+        return int(lib.sp_lazy_pages_present(self.handle))
+
+    def release(self, timeout: float = 5.0) -> None:
+        """Stop the handler and unregister: the memory stays, a plain mapping (prefetch first to keep the image)."""
+        check(lib.sp_lazy_release(self.handle, int(timeout * 1e9)), "lazy loader release")
+
+    def stats(self) -> LazyStats:
+        s = ffi.new("struct sp_lazy_stats *")
+        lib.sp_lazy_get_stats(self.handle, s)
+        return LazyStats(
+            faults=s.faults, fault_pages=s.fault_pages, fault_eexist=s.fault_eexist,
+            prefetch_pages=s.prefetch_pages, prefetch_eexist=s.prefetch_eexist, other_events=s.other_events,
+            service_ns_total=s.service_ns_total, service_ns_max=s.service_ns_max,
+            first_fault_ns=s.first_fault_ns, last_fault_ns=s.last_fault_ns, hist_us=list(s.hist_us),
+            handler_cpus={i: int(n) for i, n in enumerate(s.handler_cpu) if n}, handler_err=s.handler_err,
+            handler_alive=bool(s.handler_alive), features_requested=self.features_requested,
+            features_supported=self.features_supported,
+        )
+
+    def close(self) -> None:
+        if self._l is None:
+            return
+        lib.sp_lazy_destroy(self._l)
+        self._l = None
+
+    def __enter__(self) -> LazyUffd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- the three loaders ----------------------------------------------------------------------------
+
+
+class RestoredMemory:
+    """Guest memory restored from a snapshot file by one loader. ``memory`` is the GuestMemory a
+    memslot points at; ``lazy`` is the lazy loader's engine (None for the others)."""
+
+    def __init__(self, image: SnapshotImage, loader: str, memory: GuestMemory, lazy: LazyUffd | None,
+                 load_ns: int) -> None:
+        self.image = image
+        self.loader = loader
+        self.memory = memory
+        self.lazy = lazy
+        self.load_ns = load_ns
+
+    def close(self) -> None:
+        # The handler goes before the mapping it fills.
+        if self.lazy is not None:
+            self.lazy.close()
+        self.memory.close()
+
+    def __enter__(self) -> RestoredMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RestoredMemory({self.loader}, {self.memory!r}, from {self.image.path!r})"
+
+
+def _read_copy(image: SnapshotImage, memory: GuestMemory) -> None:
+    """read(2) the memory image into ``memory``: the kernel copies it, first-touching each page."""
+    fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with memoryview(memory.mm) as view:
+            done = 0
+            while done < image.memory_size:
+                with view[done:done + _READ_CHUNK] as part:
+                    n = os.preadv(fd, [part], image.memory_offset + done)
+                if n <= 0:
+                    raise SnapshotFormatError("memory_size", f"{image.memory_size:#x} bytes of memory image",
+                                              f"the file end {done:#x} bytes in (file shrank after open)",
+                                              image.path, prefix="snapshot file truncated")
+                done += n
+    finally:
+        os.close(fd)
+
+
+def restore_memory(image: SnapshotImage, loader: str, *, lazy_backing: str = "memfd",
+                   handler_cpu: int | None = None) -> RestoredMemory:
+    """Fresh guest memory holding ``image``'s memory, by ``loader`` (one of ``LOADERS``)."""
+    if loader not in LOADERS:
+        raise ValueError(f"unknown loader {loader!r} (known: {', '.join(LOADERS)})")
+    t0 = time.perf_counter_ns()
+    size = image.memory_size
+    lazy: LazyUffd | None = None
+    if loader == "map-private":
+        memory = GuestMemory.file_private(image.path, offset=image.memory_offset, size=size)
+    else:
+        memory = GuestMemory.memfd(size, name="snapproof-restore") if loader == "read-copy" or \
+            lazy_backing == "memfd" else GuestMemory.anonymous(size)
+        try:
+            if loader == "read-copy":
+                _read_copy(image, memory)
+            else:
+                lazy = LazyUffd(memory, image.path, image.memory_offset, handler_cpu=handler_cpu)
+        except BaseException:
+            memory.close()
+            raise
+    return RestoredMemory(image, loader, memory, lazy, time.perf_counter_ns() - t0)
+
+
+# -- a fresh VM over restored memory --------------------------------------------------------------
+
+
+@dataclass
+class RestoredVm:
+    """A fresh VM over restored memory, its vCPUs loaded with the file's states (or reset). Times in ns."""
+
+    restored: RestoredMemory
+    vm: Vm
+    vcpus: list[Vcpu]
+    from_saved_state: bool
+    open_ns: int    # the header read and checked (plus the content hash when verified)
+    load_ns: int    # the loader
+    vm_ns: int      # KVM_CREATE_VM + memslot
+    state_ns: int   # vCPUs created and their states loaded (or reset)
+
+    @property
+    def ready_ns(self) -> int:
+        """From the start of the restore until the vCPUs could enter the guest."""
+        return self.open_ns + self.load_ns + self.vm_ns + self.state_ns
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self.restored.memory
+
+    @property
+    def lazy(self) -> LazyUffd | None:
+        return self.restored.lazy
+
+    @property
+    def image(self) -> SnapshotImage:
+        return self.restored.image
+
+    @property
+    def vcpu(self) -> Vcpu:
+        return self.vcpus[0]
+
+    def close(self) -> None:
+        self.vm.close()
+        self.restored.close()
+
+    def __enter__(self) -> RestoredVm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def restore_vm(image: SnapshotImage | str | os.PathLike[str], loader: str, *, verify: bool = True,
+               reset: Callable[[Vcpu], None] | None = None, **loader_kw: object) -> RestoredVm:
+    """A fresh VM restored from a snapshot file: memory by ``loader``, one vCPU per saved state.
+
+    ``image`` is a path (opened here, the content hash checked when ``verify``) or an opened
+    SnapshotImage. A file without vCPU state gets one vCPU, set up by ``reset`` when given (a
+    guest's entry point) and left in KVM's power-on state otherwise.
+    """
+    clock = time.perf_counter_ns
+    t0 = clock()
+    img = image if isinstance(image, SnapshotImage) else SnapshotImage.open(image, verify=verify)
+    for i, kind in enumerate(img.vcpu_kinds):
+        if kind != VcpuKind.KVM_X86:
+            raise SnapshotFormatError(f"vcpu[{i}].kind", f"{int(VcpuKind.KVM_X86)} (kvm_x86) to restore on KVM",
+                                      f"{kind} (written by a {img.hypervisor} host)", img.path,
+                                      prefix="snapshot not restorable here")
+    t1 = clock()
+    restored = restore_memory(img, loader, **loader_kw)  # type: ignore[arg-type]
+    vm: Vm | None = None
+    try:
+        t2 = clock()
+        vm = Vm.create()
+        vm.set_region(slot=0, gpa=0, memory=restored.memory)
+        t3 = clock()
+        vcpus = []
+        for state in img.vcpu_states:
+            vcpu = vm.add_vcpu()
+            vcpu.load_state(state)
+            vcpus.append(vcpu)
+        if not vcpus:
+            vcpu = vm.add_vcpu()
+            if reset is not None:
+                reset(vcpu)
+            vcpus.append(vcpu)
+        t4 = clock()
+    except BaseException:
+        if vm is not None:
+            vm.close()
+        restored.close()
+        raise
+    return RestoredVm(restored, vm, vcpus, from_saved_state=bool(img.vcpu_states), open_ns=t1 - t0,
+                      load_ns=t2 - t1, vm_ns=t3 - t2, state_ns=t4 - t3)

@@ -1,0 +1,98 @@
+"""Phase 3 can fail: a snapshot without its vCPU state fails the mid-execution check, a flipped byte fails the load.
+
+The first runs the phase in a child pytest with ``--inject drop-vcpu-state`` (the capture writes the
+file without vCPU state; the restore falls back to counter32's entry, re-running iterations whose
+writes the snapshot already holds). The second corrupts one byte of a real snapshot's memory image
+and loads it, verified and not.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+
+import guests
+from native.restore import LOADERS
+from tests.phase_runner import run_phase
+
+PHASE3 = "test_phase3_round_trip_restore.py"
+MID = "test_mid_execution_snapshot_resumes_to_the_uninterrupted_result"
+SELECT = "mid_execution and 1MiB"
+MID_CASES = [f"{MID}[1MiB-{loader}]" for loader in LOADERS]
+pytestmark = [pytest.mark.platform("linux")]
+
+
+def test_phase3_mid_execution_passes_without_injection():
+    """The control: the same cases pass with no switch set."""
+    run = run_phase(PHASE3, "-k", SELECT)
+    assert run.returncode == 0, run.output
+    for case in MID_CASES:
+        assert run.outcome(case) == "passed", run.failure(case)
+
+
+def test_dropped_vcpu_state_fails_the_mid_execution_check():
+    """Without its vCPU state the restored counter restarts from its entry: its final memory is not the
+    uninterrupted run's, and the phase says so for every loader."""
+    run = run_phase(PHASE3, "-k", SELECT, inject="drop-vcpu-state")
+    assert run.returncode == 1, run.output
+    for case in MID_CASES:
+        assert run.outcome(case) == "failed", f"{case}: {run.outcome(case)} with the vCPU state dropped"
+        failure = run.failure(case)
+        assert "ends as the uninterrupted run and the model: final memory differs from the uninterrupted " \
+               "run's: " in failure, failure
+    record = run.cases()[MID_CASES[0]]
+    notes = [n for s in record["stages"] for n in s["notes"]]
+    assert "vCPU states: 1 taken, 0 written to the file" in notes, notes
+    assert any("no vCPU state in the file" in n for n in notes), notes
+
+
+# -- one flipped byte in the memory image -----------------------------------------------------------
+
+
+@pytest.fixture
+def marker16_snapshot(make_memory, make_marker16_vm, capture_snapshot):
+    """A real snapshot file: marker16 run to HLT, the marker reset to 0xBE, captured by the engine."""
+    mem = make_memory("memfd", 1 << 20)
+    _, vcpu = make_marker16_vm(mem)
+    ex = vcpu.run(timeout=5.0)
+    assert ex.reason.name == "HLT", f"marker16 did not halt: {ex.describe()}"
+    mem.write(guests.MARKER_GPA, bytes([guests.MARKER_BEFORE]))
+    return capture_snapshot(mem, "marker16").image
+
+
+def flip_memory_byte(image, gpa: int) -> tuple[int, int]:
+    """Flip the low bit of guest byte ``gpa`` in the file's memory image; returns (before, after)."""
+    with open(image.path, "r+b") as f:
+        f.seek(image.memory_offset + gpa)
+        before = f.read(1)[0]
+        f.seek(image.memory_offset + gpa)
+        f.write(bytes([before ^ 0x01]))
+    return before, before ^ 0x01
+
+
+def test_flipped_memory_byte_fails_the_verified_load(marker16_snapshot):
+    """One flipped bit at GPA 0x1000 makes the verified open fail, naming the content hash."""
+    from native.image import SnapshotFormatError, SnapshotImage
+
+    SnapshotImage.open(marker16_snapshot.path, verify=True)  # the control: the file as captured verifies
+    before, after = flip_memory_byte(marker16_snapshot, guests.MARKER_GPA)
+    assert (before, after) == (0xBE, 0xBF)
+    with pytest.raises(SnapshotFormatError, match=r"snapshot header: content_hash: expected [0-9a-f]{64} \(from "
+                                                  r"header\), saw [0-9a-f]{64} \(of the memory image\)"):
+        SnapshotImage.open(marker16_snapshot.path, verify=True)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_flipped_memory_byte_stops_a_verified_restore_and_shows_in_an_unverified_one(marker16_snapshot,
+                                                                                    make_restored_vm, enter_guest,
+                                                                                    loader):
+    """A verified restore refuses the corrupted file; an unverified one runs with the flipped byte (0xBF)."""
+    from native.image import SnapshotFormatError
+
+    flip_memory_byte(marker16_snapshot, guests.MARKER_GPA)
+    with pytest.raises(SnapshotFormatError, match="content_hash"):
+        make_restored_vm(marker16_snapshot.path, loader, verify=True)
+    restored = make_restored_vm(marker16_snapshot.path, loader, verify=False, reset=partial(enter_guest, "marker16"))
+    seen = restored.memory.byte(guests.MARKER_GPA)
+    assert seen == 0xBF, f"unverified {loader} restore: mem[0x1000] expected the flipped 0xbf, saw {seen:#04x}"
