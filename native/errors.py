@@ -21,3 +21,11 @@ class CapabilityMissing(Exception):
 
 class GuestTimeout(TimeoutError):
     """A guest did not reach the expected exit within its time-out."""
+
+
+class HandlerDied(RuntimeError):
+    """A uffd fault-handler thread exited mid-snapshot without being asked to; the message names it.
+
+    The engine un-protects the region as the handler goes, so no writer stays blocked; the
+    snapshot is void (writes it never served landed uncaptured).
+    """

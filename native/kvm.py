@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 
 from native._lib import check, ffi, lib
-from native.errors import CapabilityMissing, NativeError
+from native.errors import CapabilityMissing, GuestTimeout, NativeError
 from native.memory import GuestMemory
 
 KVM_API_VERSION = 12
@@ -79,7 +79,7 @@ class Exit:
         if r is ExitReason.OTHER:
             return f"unhandled KVM exit {self.kvm_exit_reason}"
         if r is ExitReason.SHUTDOWN:
-            return "SHUTDOWN (triple fault)"
+            return f"SHUTDOWN: KVM_EXIT_SHUTDOWN (exit reason {self.kvm_exit_reason}), the guest triple-faulted"
         return r.name
 
 
@@ -91,6 +91,7 @@ class Vcpu:
         self._exit = ffi.new("struct sp_exit *")
         self._debug = ffi.new("uint8_t[]", DEBUG_CAP)
         self._running = threading.Lock()
+        self.closing = False  # set before close() kicks a run on another thread: that thread must not run again
 
     @property
     def handle(self) -> object:
@@ -146,10 +147,26 @@ class Vcpu:
             raise ValueError(f"vCPU state is {len(blob)} bytes, expected {n} (kvm_regs+kvm_sregs+kvm_fpu)")
         check(lib.sp_vcpu_load_state(self.handle, blob, n), "load vCPU state", vcpu=self.index)
 
-    def close(self) -> None:
-        if self._h is not None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Destroy the vCPU; a run still going on another thread is kicked out of KVM_RUN first."""
+        if self._h is None:
+            return
+        self.closing = True
+        # A run on another thread (a VcpuRunner left unstopped by an exception or a SIGINT) must end
+        # before the vCPU goes: destroying it under the loop unmaps kvm_run while the loop still
+        # reads it, a segfault (tests/test_reliability_interrupt.py). One that does not end is
+        # left allocated, never freed under a running loop.
+        if not self._running.acquire(blocking=False):
+            lib.sp_vcpu_kick(self._h)
+            if not self._running.acquire(timeout=timeout):
+                self._h = None
+                raise GuestTimeout(f"vCPU {self.index} still in its run loop {timeout} s after a kick: "
+                                   "left allocated rather than destroyed under it")
+        try:
             lib.sp_vcpu_destroy(self._h)
             self._h = None
+        finally:
+            self._running.release()
 
 
 def vcpu_state_size() -> int:
@@ -218,8 +235,12 @@ class Vm:
     def close(self) -> None:
         import os
 
+        stuck: list[GuestTimeout] = []
         for v in reversed(self.vcpus):
-            v.close()
+            try:
+                v.close()
+            except GuestTimeout as e:  # the rest is closed all the same; the kernel keeps what a run holds
+                stuck.append(e)
         self.vcpus.clear()
         if self.vm_fd >= 0:
             os.close(self.vm_fd)
@@ -228,6 +249,8 @@ class Vm:
             os.close(self.kvm_fd)
             self.kvm_fd = -1
         self.regions.clear()
+        if stuck:
+            raise stuck[0]
 
     def __enter__(self) -> Vm:
         return self
@@ -243,5 +266,9 @@ def _kvm_open_error(err: int) -> Exception:
     if err == errno.ENOENT:
         return CapabilityMissing("/dev/kvm does not exist (KVM module not loaded, or no virtualization support)")
     if err in (errno.EACCES, errno.EPERM):
-        return CapabilityMissing(f"/dev/kvm: permission denied for uid {os.getuid()} (join group 'kvm' or run as root)")
+        from native.host import device_node
+
+        return CapabilityMissing(f"/dev/kvm: permission denied for uid {os.geteuid()} ({errno.errorcode[err]} from "
+                                 f"open O_RDWR; the node is {device_node('/dev/kvm')}): join the node's group or "
+                                 "run as root")
     return NativeError("open(/dev/kvm)", err)

@@ -60,7 +60,8 @@ class VcpuRunner:
                 if left <= 0:
                     break
                 ex = vcpu.run(timeout=left)
-                if ex.reason is not ExitReason.KICKED:
+                # A vCPU being closed under us (the runner never stopped: an exception, a SIGINT) ends the thread.
+                if ex.reason is not ExitReason.KICKED or vcpu.closing:
                     self.exits[i] = ex
                     break
                 with self._cv:
@@ -187,7 +188,11 @@ def take_live_snapshot(runner: VcpuRunner, snap: WpSnapshot, reference: object |
     pause_ns = clock() - t0 - reference_ns if paused else 0
     if overlap_faults:
         end = time.monotonic() + timeout
-        while snap.stats().faults < overlap_faults and time.monotonic() < end and not runner.finished:
+        while time.monotonic() < end and not runner.finished:
+            s = snap.stats()
+            # A dead handler serves no more faults: go on, and bulk_copy raises HandlerDied naming it.
+            if s.faults >= overlap_faults or s.handler_died:
+                break
             time.sleep(0.0002)
     t1 = clock()
     snap.bulk_copy(batch=batch)

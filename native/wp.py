@@ -16,13 +16,14 @@ if sys.platform == "win32":
 
 import contextlib
 import enum
+import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from native import uffd
 from native._lib import check, ffi, lib
-from native.errors import CapabilityMissing, NativeError
+from native.errors import CapabilityMissing, HandlerDied, NativeError
 from native.inject import C_SWITCHES, FaultInjection
 from native.memory import HUGE_PAGE_SIZE, PAGE_SIZE, GuestMemory
 
@@ -62,6 +63,11 @@ class WpStats:
     features_supported: int = 0
     unpopulated_policy: str = ""
     extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def handler_died(self) -> bool:
+        """The handler exited without being asked to (a normal stop leaves handler_err 0)."""
+        return not self.handler_alive and self.handler_err != 0
 
     def service_percentile_us(self, q: float) -> float:
         """Percentile of fault service time from the 1 µs histogram (bucket upper edge)."""
@@ -107,12 +113,10 @@ def open_uffd(features: int) -> Iterator[tuple[int, int]]:
 
 
 def _uffd_open_error(err: int) -> Exception:
-    import errno
-
     if err in (errno.EPERM, errno.EACCES):
-        return CapabilityMissing(
-            "userfaultfd for kernel-mode faults denied: needs root, CAP_SYS_PTRACE, "
-            "vm.unprivileged_userfaultfd=1, or access to /dev/userfaultfd")
+        from native.host import uffd_denied
+
+        return CapabilityMissing(uffd_denied(errno.errorcode[err]))
     if err == errno.ENOSYS:
         return CapabilityMissing("userfaultfd(2) not available (kernel built without CONFIG_USERFAULTFD)")
     return NativeError("userfaultfd", err)
@@ -171,15 +175,35 @@ class WpSnapshot:
             raise ValueError("WP snapshot is closed")
         return self._w
 
+    def _check(self, rc: int, what: str, **args: object) -> int:
+        """``check()``, but a dead handler (EOWNERDEAD from the engine) raises HandlerDied naming it."""
+        if rc == -errno.EOWNERDEAD:
+            raise self._handler_died(what)
+        return check(rc, what, **args)
+
+    def _handler_died(self, what: str) -> HandlerDied:
+        # The dying handler un-protected the region itself (uffd_wp.c, handler_exit); releasing again
+        # here makes sure of it and joins the thread, so nothing of this engine is left waiting.
+        release_rc = lib.sp_wp_release(self.handle, int(5e9))
+        self.armed = False
+        err = self.stats().handler_err
+        name = errno.errorcode.get(err, str(err))
+        why = "; fault injection HANDLER_DIES" if self.inject & FaultInjection.HANDLER_DIES else ""
+        released = "un-protected" if release_rc == 0 else f"NOT un-protected (release errno {-release_rc})"
+        return HandlerDied(f"{what}: the WP fault handler thread died mid-snapshot (errno {err} {name}: "
+                           f"{os.strerror(err)}{why}); the region is {released}, so no writer stays "
+                           f"blocked; this snapshot is void")
+
     def arm(self) -> int:
         """Write-protect the whole region; returns the arm time in ns."""
-        check(lib.sp_wp_arm(self.handle), "arm WP", mem=self.memory.addr, size=self.memory.size)
+        self._check(lib.sp_wp_arm(self.handle), "arm WP", mem=self.memory.addr, size=self.memory.size)
         self.armed = True
         return self.stats().arm_ns
 
     def rearm(self, first_page: int, npages: int = 1) -> None:
         """Protect a page range again, its pages CLEAN (the round-trip benchmark re-arms one page)."""
-        check(lib.sp_wp_rearm_range(self.handle, first_page, npages), "re-arm WP", first=first_page, npages=npages)
+        self._check(lib.sp_wp_rearm_range(self.handle, first_page, npages), "re-arm WP", first=first_page,
+                    npages=npages)
         self.armed = True
 
     def disarm(self) -> None:
@@ -190,8 +214,8 @@ class WpSnapshot:
     def bulk_copy(self, first_page: int = 0, npages: int | None = None, batch: int = 512) -> int:
         """Capture every page still CLEAN in the range; returns how many this call copied."""
         n = self.npages - first_page if npages is None else npages
-        return check(lib.sp_wp_bulk_copy(self.handle, first_page, n, batch), "bulk copy",
-                     first=first_page, npages=n)
+        return self._check(lib.sp_wp_bulk_copy(self.handle, first_page, n, batch), "bulk copy",
+                           first=first_page, npages=n)
 
     def pages_in_state(self, state: PageState) -> int:
         return int(lib.sp_wp_pages_in_state(self.handle, int(state)))
@@ -199,6 +223,8 @@ class WpSnapshot:
     def finalize(self, timeout: float = 5.0) -> WpStats:
         """Check every page is captured, un-protect the region, join the handler."""
         rc = lib.sp_wp_finalize(self.handle, int(timeout * 1e9))
+        if rc == -errno.EOWNERDEAD:
+            raise self._handler_died("finalize WP snapshot")
         if rc < 0:
             missing = self.npages - self.pages_in_state(PageState.CAPTURED)
             check(rc, "finalize WP snapshot", pages_not_captured=missing)

@@ -183,9 +183,20 @@ struct sp_wp {
     int armed;
     int registered;
     int thread_started;
+    int stopping;   /* stop_handler() asked the handler to exit: its exit is no death */
+    int died;       /* the handler exited unasked: the snapshot is void (EOWNERDEAD from here on) */
     pthread_t thread;
     struct sp_wp_stats stats;
 };
+
+/* The snapshot is void once the handler died: writes it never served have landed uncaptured. */
+static int refuse_if_dead(struct sp_wp *w, const char *op)
+{
+    if (!__atomic_load_n(&w->died, __ATOMIC_ACQUIRE))
+        return 0;
+    errno = EOWNERDEAD;
+    return sp_fail(op);
+}
 
 /* The injected race window sleeps, as a copier blocked in pwrite() would: spinning here would
  * take the CPU the guest needs to write inside the window. */
@@ -281,9 +292,40 @@ static int serve(struct sp_wp *w, const struct uffd_msg *msg)
     return 0;
 }
 
+/*
+ * A handler that dies mid-snapshot must not leave anyone blocked on a fault it will never serve,
+ * and time-outs cannot be what frees them. Measured on kvm_pvm, kernel 6.18
+ * (tests/test_reliability_dead_handler.py): a vCPU whose write waits on a WP fault does not leave
+ * KVM_RUN for the run loop's deadline signal (SP_KICK_SIGNAL + immediate_exit) or a kick: the
+ * signal ends the fault wait, KVM retries the access at once, and the vCPU thread spins in the
+ * kernel at 100% CPU until the page is un-protected. A host thread's user-mode fault is retried
+ * the same way after its signal handler. So whenever the handler exits without being asked to
+ * (an error, or SP_INJECT_HANDLER_DIES's abrupt pthread_exit()), this cleanup un-protects the
+ * whole region, which wakes every waiter (UFFDIO_WRITEPROTECT without DONTWAKE). Their writes
+ * then land uncaptured, so the snapshot is void: arm, bulk copy and finalize refuse with
+ * EOWNERDEAD from then on, and native/wp.py raises HandlerDied naming the dead handler.
+ */
+static void handler_exit(void *arg)
+{
+    struct sp_wp *w = arg;
+    int died = !__atomic_load_n(&w->stopping, __ATOMIC_ACQUIRE);
+    if (died) {
+        if (!w->stats.handler_err)
+            w->stats.handler_err = EIO;
+        __atomic_store_n(&w->died, 1, __ATOMIC_RELEASE);
+    }
+    /* Dead in the stats before anyone is woken: a waiter that resumes sees why at once. */
+    __atomic_store_n(&w->stats.handler_alive, 0, __ATOMIC_RELEASE);
+    if (died) {
+        struct uffdio_writeprotect wp = {.range = {.start = (uint64_t)(uintptr_t)w->mem, .len = w->size}};
+        (void)ioctl(w->uffd, UFFDIO_WRITEPROTECT, &wp); /* sp_wp_release() un-protects again if this failed */
+    }
+}
+
 static void *handler_main(void *arg)
 {
     struct sp_wp *w = arg;
+    pthread_cleanup_push(handler_exit, w);
     if (w->handler_cpu >= 0)
         sp_pin_current_thread(w->handler_cpu);
     struct pollfd fds[2] = {{.fd = w->uffd, .events = POLLIN}, {.fd = w->stop_fd, .events = POLLIN}};
@@ -315,8 +357,9 @@ static void *handler_main(void *arg)
                 continue;
             }
             if (w->inject & SP_INJECT_HANDLER_DIES) {
+                /* Dies abruptly, mid-fault, the message read and never served: only handler_exit() runs. */
                 w->stats.handler_err = ECANCELED;
-                goto out;
+                pthread_exit(NULL);
             }
             if (serve(w, &msgs[i]) < 0) {
                 w->stats.handler_err = errno ? errno : EIO;
@@ -325,7 +368,7 @@ static void *handler_main(void *arg)
         }
     }
 out:
-    __atomic_store_n(&w->stats.handler_alive, 0, __ATOMIC_RELEASE);
+    pthread_cleanup_pop(1);
     return NULL;
 }
 
@@ -333,6 +376,7 @@ static int stop_handler(struct sp_wp *w, int64_t timeout_ns)
 {
     if (!w->thread_started)
         return 0;
+    __atomic_store_n(&w->stopping, 1, __ATOMIC_RELEASE);
     uint64_t one = 1;
     if (write(w->stop_fd, &one, sizeof(one)) != sizeof(one))
         return sp_fail("write(stop eventfd)");
@@ -424,6 +468,8 @@ int sp_wp_arm(struct sp_wp *w)
         errno = EINVAL;
         return sp_fail("sp_wp_arm(no destination)");
     }
+    if (refuse_if_dead(w, "sp_wp_arm(fault handler died)") < 0)
+        return -EOWNERDEAD; /* nobody would serve the faults: writers would block until release */
     int64_t t0 = sp_now_ns();
     memset(w->state, SP_PAGE_CLEAN, w->npages);
     int r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)w->mem, w->size, 1);
@@ -440,6 +486,8 @@ int sp_wp_rearm_range(struct sp_wp *w, uint64_t first_page, uint64_t npages)
         errno = EINVAL;
         return sp_fail("sp_wp_rearm_range(range)");
     }
+    if (refuse_if_dead(w, "sp_wp_rearm_range(fault handler died)") < 0)
+        return -EOWNERDEAD;
     memset(w->state + first_page, SP_PAGE_CLEAN, npages);
     int r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + first_page * w->page), npages * w->page, 1);
     if (r == 0)
@@ -465,6 +513,8 @@ int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, u
     int64_t copied = 0;
     uint64_t end = first_page + npages;
     for (uint64_t b = first_page; b < end; b += batch) {
+        if (refuse_if_dead(w, "sp_wp_bulk_copy(fault handler died)") < 0)
+            return -EOWNERDEAD;
         uint64_t bend = b + batch < end ? b + batch : end;
         if (w->inject & SP_INJECT_SINGLE_FLAG_RACE) {
             /* The bug as a batching copier has it: flag the batch, then copy it.
@@ -507,8 +557,11 @@ int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, u
             }
             /* A page the handler is copying must be captured before the batch is un-protected. */
             for (uint64_t p = b; p < bend; p++)
-                while (__atomic_load_n(&w->state[p], __ATOMIC_ACQUIRE) == SP_PAGE_COPYING)
+                while (__atomic_load_n(&w->state[p], __ATOMIC_ACQUIRE) == SP_PAGE_COPYING) {
+                    if (refuse_if_dead(w, "sp_wp_bulk_copy(fault handler died mid-copy)") < 0)
+                        return -EOWNERDEAD; /* its page stays COPYING forever */
                     cpu_relax();
+                }
         }
         /* Captured pages need no protection: un-protecting them now spares the guest a fault each. */
         if (sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + b * w->page), (bend - b) * w->page, 0) < 0)
@@ -542,6 +595,8 @@ int sp_wp_release(struct sp_wp *w, int64_t timeout_ns)
 
 int sp_wp_finalize(struct sp_wp *w, int64_t timeout_ns)
 {
+    if (refuse_if_dead(w, "sp_wp_finalize(fault handler died)") < 0)
+        return -EOWNERDEAD;
     int64_t missing = w->npages - sp_wp_pages_in_state(w, SP_PAGE_CAPTURED);
     if (missing) {
         errno = EAGAIN;
@@ -550,6 +605,10 @@ int sp_wp_finalize(struct sp_wp *w, int64_t timeout_ns)
     return sp_wp_release(w, timeout_ns);
 }
 
+/* Teardown order, on purpose: un-protect the whole region (which wakes every waiter), join the
+ * handler, un-register, and only then close the uffd. Closing it with faults pending wakes them too
+ * on 6.18 (userfaultfd_release; tests/test_reliability_uffd_close.py), but the engine does not lean
+ * on that: the un-protect alone frees every waiter, before the uffd is touched. */
 void sp_wp_destroy(struct sp_wp *w)
 {
     if (!w)

@@ -1,0 +1,56 @@
+"""The suite never changes host settings behind the user's back: hugepages are reserved only with
+--reserve-hugepages, and vm.nr_hugepages is back where it was when the run ends.
+
+A child pytest reports the settings as its tests see them (tests/reliability_child_cases.py,
+test_report_host_settings); the parent reads them before and after. Another run reserving
+hugepages at the same moment on this host would disturb the figures: CI runs one suite at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.reliability_support import HOST_SETTINGS, child_env, host_settings, run_child
+
+NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+RESERVE = 2
+
+
+def _child_run(tmp_path, *extra: str) -> dict:
+    out = tmp_path / f"settings{len(extra)}.json"
+    run = run_child(["-m", "pytest", "tests/reliability_child_cases.py", "-q", "-p", "no:randomly",
+                     "--results-dir", "", "-k", "test_report_host_settings", *extra],
+                    timeout=120, env=child_env(SNAPPROOF_SETTINGS_OUT=str(out)))
+    assert run.returncode == 0, f"child pytest {extra} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def test_no_option_changes_no_host_setting(tmp_path):
+    """Without --reserve-hugepages, every watched setting is the same before, during and after a run."""
+    before = host_settings()
+    during = _child_run(tmp_path)["settings"]
+    after = host_settings()
+    changed = {k: (before[k], during[k], after[k]) for k in HOST_SETTINGS if not before[k] == during[k] == after[k]}
+    assert not changed, f"settings changed (before, during, after): {changed}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="writing vm.nr_hugepages needs root (the option only warns)")
+def test_reserve_hugepages_raises_nr_hugepages_for_the_run_and_restores_it(tmp_path):
+    """--reserve-hugepages 2: vm.nr_hugepages is 2 higher while the run's tests see it, and as before once it ends."""
+    before = host_settings()
+    child = _child_run(tmp_path, "--reserve-hugepages", str(RESERVE))
+    after = host_settings()
+    during = child["settings"]
+    want = int(before[NR_HUGEPAGES]) + RESERVE
+    print(f"vm.nr_hugepages: before {before[NR_HUGEPAGES]}, during {during[NR_HUGEPAGES]}, after {after[NR_HUGEPAGES]}")
+    assert child["reserve_hugepages"] == RESERVE, f"the child saw --reserve-hugepages {child['reserve_hugepages']}"
+    assert int(during[NR_HUGEPAGES]) == want, f"vm.nr_hugepages during the run: expected {want}, " \
+                                              f"saw {during[NR_HUGEPAGES]}"
+    assert after[NR_HUGEPAGES] == before[NR_HUGEPAGES], (
+        f"vm.nr_hugepages after the run: expected {before[NR_HUGEPAGES]} as before, saw {after[NR_HUGEPAGES]}")
+    others = {k: (before[k], during[k], after[k]) for k in HOST_SETTINGS
+              if k != NR_HUGEPAGES and "hugepages-2048kB" not in k and not before[k] == during[k] == after[k]}
+    assert not others, f"settings other than the hugepage count changed (before, during, after): {others}"
