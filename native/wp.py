@@ -194,6 +194,11 @@ class WpSnapshot:
                            f"{os.strerror(err)}{why}); the region is {released}, so no writer stays "
                            f"blocked; this snapshot is void")
 
+    def raise_if_handler_died(self, what: str) -> None:
+        """Raise HandlerDied, naming ``what``, if the handler thread has exited unasked."""
+        if self.stats().handler_died:
+            raise self._handler_died(what)
+
     def arm(self) -> int:
         """Write-protect the whole region; returns the arm time in ns."""
         self._check(lib.sp_wp_arm(self.handle), "arm WP", mem=self.memory.addr, size=self.memory.size)

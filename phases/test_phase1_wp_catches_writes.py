@@ -52,6 +52,7 @@ def test_guest_write_is_caught_at_the_exact_page_before_it_lands(report, make_me
 
     with report.stage("run marker16") as st:
         ex = vcpu.run(timeout=RUN_TIMEOUT_S)
+        snap.raise_if_handler_died("run marker16")
         st.check(ex.reason is ExitReason.HLT, "guest halted", f"guest did not halt: {ex.describe()}")
         st.timing("guest run", ex.run_ns, "includes the WP fault round trip")
 
@@ -101,6 +102,7 @@ def test_host_thread_write_is_caught_the_same_way(report, make_memory, make_wp):
         writer = threading.Thread(target=mem.write, args=(target, b"\x42"), name="host-writer")
         writer.start()
         writer.join(timeout=RUN_TIMEOUT_S)
+        snap.raise_if_handler_died("host thread writes 0x42")
         st.check(not writer.is_alive(), "the writer finished", f"host writer still blocked after {RUN_TIMEOUT_S} s")
 
     with report.stage("fault delivered") as st:
@@ -141,6 +143,7 @@ def test_write_to_a_never_populated_page_is_caught(report, require, make_memory,
 
     with report.stage("run marker16") as st:
         ex = vcpu.run(timeout=RUN_TIMEOUT_S)
+        snap.raise_if_handler_died("run marker16 (write into the hole)")
         st.check(ex.reason is ExitReason.HLT, "guest halted", f"guest did not halt: {ex.describe()}")
         stats = snap.stats()
         st.check(stats.faults == 1, "one fault for the write into the hole",
@@ -257,15 +260,18 @@ def test_benchmark_guest_wp_fault_round_trip(report, benchmark, make_memory, mak
             st.equal(stats.faults, rounds, "faults served (one per round)", str)
             median = _percentile(armed, 0.5) - _percentile(plain, 0.5)
             p99 = _percentile(armed, 0.99) - _percentile(plain, 0.5)
-            st.timing("round trip median", median, "armed run minus plain run")
+            st.timing("round trip median", median, f"armed run minus plain run; the armed run is "
+                      f"{_percentile(armed, 0.5) / _percentile(plain, 0.5):.2f}x the plain run (the floor)")
             st.timing("round trip p99", p99)
             st.timing("handler service p50", stats.service_percentile_us(0.5) * 1000, "1 µs histogram")
             on_cpus = ", ".join(f"CPU {c}: {n}" for c, n in sorted(stats.handler_cpus.items()))
             st.note(f"faults served on {on_cpus}")
             benchmark.extra_info.update({"placement": placement, "round_trip_median_ns": median,
                                          "round_trip_p99_ns": p99, "plain_run_median_ns": _percentile(plain, 0.5),
+                                         "ratio_to_plain_run": _percentile(armed, 0.5) / _percentile(plain, 0.5),
                                          "handler_cpus": stats.handler_cpus})
             report.fact("round_trip_median_ns", median)
+            report.fact("fault_service_hist_us", {us: n for us, n in enumerate(stats.hist_us) if n})
     finally:
         os.sched_setaffinity(0, saved)
 

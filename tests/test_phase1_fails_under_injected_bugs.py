@@ -31,3 +31,11 @@ def test_arm_without_wp_unpopulated_fails_the_hole_check():
     assert run.returncode == 1, run.output
     assert run.outcome(ANON_HOLE) == "failed"
     assert "the hole at 0x1000 is not write-protected" in run.failure(ANON_HOLE)
+
+
+def test_dead_handler_fails_phase1_naming_it_without_hanging():
+    """A handler thread that dies at the first fault fails the phase at once, naming the dead handler."""
+    run = run_phase(PHASE1, "-k", EXACT_PAGE.split("[")[0] + " and 1MiB", inject="handler-dies", timeout=60)
+    assert run.returncode == 1, run.output
+    assert run.outcome(EXACT_PAGE) == "failed"
+    assert "the WP fault handler thread died mid-snapshot" in run.failure(EXACT_PAGE), run.failure(EXACT_PAGE)
