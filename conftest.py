@@ -52,6 +52,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--fuzz-examples", type=int, default=500, help="hypothesis examples for the file fuzzers")
     g.addoption("--results-dir", default=str(ROOT / "results" / "runs"),
                 help="where the YAML run record goes ('' for none)")
+    g.addoption("--plots", action="store_true",
+                help="write PNG plots of the run (matplotlib) into --plots-dir: see results/plots.py")
+    g.addoption("--plots-dir", default=str(ROOT / "results" / "plots"), help="where --plots writes")
     g.addoption("--reports", choices=("full", "short", "none"), default="full",
                 help="PASS reports at the end: every stage, failures only in detail, or none")
     g.addoption("--reserve-hugepages", type=int, default=0, metavar="N",
@@ -87,6 +90,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 # Modules that drive KVM or userfaultfd: a Windows host does not collect them (its gate is phases 0 and 4).
 LINUX_ONLY_MODULES = ["phases/test_phase1_*.py", "phases/test_phase2_*.py", "phases/test_phase3_*.py",
+                      "phases/test_phase5_*.py",
                       "tests/test_phase[123]_*.py", "tests/test_guests_on_kvm.py", "tests/test_reliability*.py"]
 collect_ignore_glob = LINUX_ONLY_MODULES if sys.platform == "win32" else []
 
@@ -324,6 +328,7 @@ class Session:
             "host": host_facts,
             "capabilities": caps,
             "phases": [self.phases[n].to_dict() for n in sorted(self.phases)],
+            "benchmarks": _benchmark_results(self.config),
         }
 
     def write(self) -> Path | None:
@@ -338,6 +343,28 @@ class Session:
             yaml.safe_dump(self.record(), f, sort_keys=False, allow_unicode=True, width=120)
         self.record_path = path
         return path
+
+
+def _benchmark_results(config: pytest.Config) -> list[dict[str, Any]]:
+    """This run's pytest-benchmark results as its JSON has them (stats in seconds), for the record: the gate
+    compares them with a baseline record's by pytest-benchmark's own checks."""
+    bs = getattr(config, "_benchmarksession", None)
+    out = []
+    for bench in getattr(bs, "benchmarks", None) or []:
+        if not bench:  # errored or never ran
+            continue
+        d = bench.as_dict(include_data=False)
+        stats = {k: d["stats"][k] for k in ("min", "max", "mean", "stddev", "median", "iqr", "rounds", "ops")}
+        out.append({"name": d["name"], "fullname": d["fullname"], "params": _plain(d["params"]), "stats": stats,
+                    "extra_info": _plain(d["extra_info"])})
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """JSON-shaped (what pytest-benchmark writes): tuples become lists, odd objects their str()."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))
 
 
 def _short_failure(rep: pytest.TestReport) -> str:
@@ -370,6 +397,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     path = session.write()
     if path is not None:
         terminalreporter.write_line(f"run record: {os.path.relpath(path)}")
+    if config.getoption("plots"):
+        from results.plots import write_plots
+
+        for name, got in write_plots(record, config.getoption("plots_dir")):
+            terminalreporter.write_line(f"plot {name}: {got if isinstance(got, str) else os.path.relpath(got)}")
 
 
 @pytest.fixture
@@ -455,6 +487,9 @@ class StormVm:
         return bytes(image[p.region_gpa:p.region_gpa + p.region_size])
 
 
+STORM_TOP_GPA = 0xFEC00000
+
+
 @pytest.fixture
 def make_storm_vm(make_memory: Callable[..., Any], make_vm: Callable[..., Any]) -> Callable[..., StormVm]:
     """Factory: ``make_storm_vm(backing, size, vcpus, seed, slot_flags=0)``: storm32 loaded, each vCPU set up,
@@ -470,7 +505,9 @@ def make_storm_vm(make_memory: Callable[..., Any], make_vm: Callable[..., Any]) 
               **mem_kw: Any) -> StormVm:
         mem = make_memory(backing, size, **mem_kw)
         mem.write(guests.FLAT32_LOAD_GPA, guests.load("storm32"))
-        pages = (size - guests.DATA_REGION_GPA) // 4096 // vcpus
+        # A 32-bit guest's writes stay below the x86 MMIO window under 4 GiB (IOAPIC 0xFEC00000, LAPIC
+        # 0xFEE00000: KVM exits there as MMIO), so with --sizes 4G the top 20 MiB are memory the storm never writes.
+        pages = (min(size, STORM_TOP_GPA) - guests.DATA_REGION_GPA) // 4096 // vcpus
         if pages < 2:
             raise ValueError(f"guest memory {size:#x} leaves fewer than 2 storm pages per vCPU")
         vm = make_vm(mem, flags=slot_flags)  # slot_flags: e.g. KVM_MEM_LOG_DIRTY_PAGES for the KVM dirty log

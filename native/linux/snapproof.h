@@ -187,6 +187,20 @@ int sp_lazy_release(struct sp_lazy *l, int64_t timeout_ns);
 void sp_lazy_destroy(struct sp_lazy *l);
 void sp_lazy_get_stats(struct sp_lazy *l, struct sp_lazy_stats *out);
 int sp_lazy_uffd(struct sp_lazy *l);
+
+/* ---- dirty tracking for pre-copy (dirty_tracking.c) ---------------- */
+struct sp_wpasync;
+
+/* Register [mem, mem + size) WP with UFFD_FEATURE_WP_ASYNC in `features`: no handler, the kernel
+ * resolves write faults and PAGEMAP_SCAN reports the pages written. */
+int sp_wpasync_create(uint64_t mem, uint64_t size, uint64_t features, struct sp_wpasync **out,
+                      uint64_t *supported);
+int sp_wpasync_protect_all(struct sp_wpasync *t);
+int64_t sp_wpasync_collect(struct sp_wpasync *t, uint64_t dst, uint64_t *scan_ns, uint64_t *copy_ns,
+                           uint64_t *regions);
+void sp_wpasync_destroy(struct sp_wpasync *t);
+int64_t sp_copy_pages_bitmap(uint64_t dst, uint64_t src, const uint64_t *bitmap, uint64_t npages);
+int64_t sp_first_difference(uint64_t a, uint64_t b, uint64_t len);
 /* CDEF-END */
 
 #endif

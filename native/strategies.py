@@ -1,0 +1,338 @@
+"""Snapshot strategies side by side, each in one place, all driven by one protocol.
+
+A strategy takes one snapshot of a running guest's memory into a destination
+buffer in three steps, so the pause window can be measured (and benchmarked)
+on its own:
+
+- ``prepare()``: work done while the guest runs, before the pause;
+- ``pause_window(reference=None)``: kick every vCPU out of KVM_RUN, do what must
+  happen while they are stopped, optionally copy all of memory into
+  ``reference`` (the exact oracle; test mode only, not counted), resume;
+- ``complete()``: work done after the resume; returns a ``StrategySnapshot``.
+
+The strategies:
+
+- ``stop-and-copy``: pause, copy everything, resume.
+- ``wp-copy-before-write``: this suite's engine (native.wp): pause, arm WP,
+  resume, bulk copy while the guest runs; a written page is copied first.
+- ``precopy-wp-async``: iterative pre-copy while the guest runs: register the
+  region with UFFD_FEATURE_WP_ASYNC, protect it, copy everything, then in
+  rounds get-and-clear the written pages with PAGEMAP_SCAN
+  (PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC) and copy them; the pause
+  copies what is still dirty.
+- ``precopy-kvm-dirty-log``: the same rounds with KVM_GET_DIRTY_LOG on a
+  memslot registered with KVM_MEM_LOG_DIRTY_PAGES.
+
+Pre-copy stops iterating when a round finds at most ``stop_pages`` dirty pages
+(default: 1/256 of memory), when a round no longer shrinks the dirty set below
+3/4 of the previous one (the guest dirties as fast as we copy), or after
+``max_rounds``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if sys.platform == "win32":
+    raise ImportError("native.strategies drives KVM and userfaultfd: Linux only")
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from native import uffd
+from native._lib import check, ffi, lib
+from native.errors import CapabilityMissing
+from native.inject import FaultInjection
+from native.kvm import Vm
+from native.live import VcpuRunner
+from native.memory import PAGE_SIZE, GuestMemory, buffer_address, copy_timed
+from native.wp import WpSnapshot, WpStats, supported_features
+
+STOP_AND_COPY: str = "stop-and-copy"
+WP_COPY_BEFORE_WRITE: str = "wp-copy-before-write"
+PRECOPY_WP_ASYNC: str = "precopy-wp-async"
+PRECOPY_KVM_DIRTY_LOG: str = "precopy-kvm-dirty-log"
+STRATEGIES: tuple[str, ...] = (STOP_AND_COPY, WP_COPY_BEFORE_WRITE, PRECOPY_WP_ASYNC, PRECOPY_KVM_DIRTY_LOG)
+
+
+@dataclass(frozen=True)
+class Round:
+    """One pre-copy round: the dirty pages found and copied, and what finding and copying them took."""
+
+    pages: int
+    scan_ns: int   # PAGEMAP_SCAN walk(s) / KVM_GET_DIRTY_LOG
+    copy_ns: int
+
+
+@dataclass
+class StrategySnapshot:
+    """What one snapshot took. ``pause_ns`` spans kick -> resume, less the test-only reference copy;
+    ``total_ns`` spans the first step of ``prepare`` to the end of ``complete``, less it too."""
+
+    strategy: str
+    size: int
+    pause_ns: int = 0
+    stop_ns: int = 0
+    total_ns: int = 0
+    bytes_copied: int = 0
+    reference_ns: int = 0
+    paused_pages: int = 0          # pages copied while the vCPUs were stopped
+    rounds: list[Round] = field(default_factory=list)  # pre-copy: round 0 is the full copy
+    vcpu_states: list[bytes] = field(default_factory=list)
+    wp_stats: WpStats | None = None
+
+    @property
+    def bytes_ratio(self) -> float:
+        return self.bytes_copied / self.size
+
+
+class Snapshotter:
+    """Base of the strategies: the pause protocol and the accounting; subclasses fill in three hooks."""
+
+    name = ""
+
+    def __init__(self, memory: GuestMemory, destination: object, runner: VcpuRunner) -> None:
+        self.memory = memory
+        self.runner = runner
+        self._dst_handle, self.dst_addr = buffer_address(destination)
+        if len(self._dst_handle) < memory.size:
+            ffi.release(self._dst_handle)
+            raise ValueError(f"snapshot destination is {len(self._dst_handle):#x} bytes, memory {memory.size:#x}")
+        self.destination = destination
+        self.result = StrategySnapshot(self.name, memory.size)
+        self._t0 = 0
+        self._closed = False
+
+    # -- the three steps ---------------------------------------------------------------------------
+    def prepare(self) -> None:
+        self.result = StrategySnapshot(self.name, self.memory.size)
+        self._t0 = time.perf_counter_ns()
+        self._before_pause()
+
+    def pause_window(self, reference: object | None = None, timeout: float = 10.0) -> int:
+        r = self.result
+        t0 = time.perf_counter_ns()
+        r.stop_ns = self.runner.pause(timeout)
+        try:
+            r.vcpu_states = [v.save_state() for v in self.runner.vcpus]
+            self._while_paused()
+            if reference is not None:
+                r.reference_ns = copy_timed(reference, self.memory)
+        finally:
+            self.runner.resume()
+        r.pause_ns = time.perf_counter_ns() - t0 - r.reference_ns
+        return r.pause_ns
+
+    def complete(self) -> StrategySnapshot:
+        self._after_resume()
+        r = self.result
+        r.total_ns = time.perf_counter_ns() - self._t0 - r.reference_ns
+        return r
+
+    def take(self, reference: object | None = None) -> StrategySnapshot:
+        """prepare, pause_window, complete: one snapshot."""
+        self.prepare()
+        self.pause_window(reference)
+        return self.complete()
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def _before_pause(self) -> None:
+        pass
+
+    def _while_paused(self) -> None:
+        raise NotImplementedError
+
+    def _after_resume(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            ffi.release(self._dst_handle)
+
+    def __enter__(self) -> Snapshotter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StopAndCopy(Snapshotter):
+    name = STOP_AND_COPY
+
+    def _while_paused(self) -> None:
+        copy_timed(self.destination, self.memory)
+        self.result.paused_pages = self.memory.size // PAGE_SIZE
+        self.result.bytes_copied = self.memory.size
+
+
+class WpCopyBeforeWrite(Snapshotter):
+    """native.wp's engine with the live protocol of native.live.take_live_snapshot, split in steps."""
+
+    name = WP_COPY_BEFORE_WRITE
+
+    def __init__(self, memory: GuestMemory, destination: object, runner: VcpuRunner,
+                 inject: FaultInjection = FaultInjection.NONE) -> None:
+        super().__init__(memory, destination, runner)
+        self.inject = inject
+        self.engine: WpSnapshot | None = None
+
+    def _before_pause(self) -> None:
+        # A fresh engine (uffd, handler thread) per snapshot; creating it is not part of the pause.
+        self.engine = WpSnapshot(self.memory, self.destination, inject=self.inject)
+
+    def _while_paused(self) -> None:
+        assert self.engine is not None
+        self.engine.arm()
+
+    def _after_resume(self) -> None:
+        engine = self.engine
+        assert engine is not None
+        try:
+            engine.bulk_copy()
+            stats = engine.finalize()
+        finally:
+            engine.close()
+            self.engine = None
+        self.result.wp_stats = stats
+        self.result.bytes_copied = (stats.bulk_pages + stats.fault_pages) * engine.page_size
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        super().close()
+
+
+class _PreCopy(Snapshotter):
+    """Iterative pre-copy: full copy, rounds of dirty pages while the guest runs, the rest while paused."""
+
+    def __init__(self, memory: GuestMemory, destination: object, runner: VcpuRunner,
+                 stop_pages: int | None = None, max_rounds: int = 16) -> None:
+        super().__init__(memory, destination, runner)
+        self.npages = memory.size // PAGE_SIZE
+        self.stop_pages = max(1, self.npages // 256) if stop_pages is None else stop_pages
+        self.max_rounds = max_rounds
+
+    # subclass: start tracking (every page clean from here), and one get-and-clear + copy round
+    def _start_tracking(self) -> None:
+        raise NotImplementedError
+
+    def _round(self) -> Round:
+        raise NotImplementedError
+
+    def _stop_tracking(self) -> None:
+        pass
+
+    def _before_pause(self) -> None:
+        r = self.result
+        self._start_tracking()
+        # Round 0: everything. A page written from here on is dirty again and is copied in a later round.
+        r.rounds.append(Round(self.npages, 0, copy_timed(self.destination, self.memory)))
+        while len(r.rounds) <= self.max_rounds:
+            rnd = self._round()
+            r.rounds.append(rnd)
+            if rnd.pages <= self.stop_pages or rnd.pages * 4 > r.rounds[-2].pages * 3:
+                break
+
+    def _while_paused(self) -> None:
+        last = self._round()
+        self.result.paused_pages = last.pages
+        self.result.bytes_copied = (sum(x.pages for x in self.result.rounds) + last.pages) * PAGE_SIZE
+
+    def _after_resume(self) -> None:
+        self._stop_tracking()
+
+    def close(self) -> None:
+        self._stop_tracking()
+        super().close()
+
+
+class PreCopyWpAsync(_PreCopy):
+    name = PRECOPY_WP_ASYNC
+
+    def __init__(self, memory: GuestMemory, destination: object, runner: VcpuRunner, **kw: int | None) -> None:
+        super().__init__(memory, destination, runner, **kw)  # type: ignore[arg-type]
+        self._t: object | None = None
+
+    def _start_tracking(self) -> None:
+        supported = supported_features()
+        need = uffd.mask_of("PAGEFAULT_FLAG_WP", "WP_ASYNC")
+        if self.memory.backing in ("memfd", "hugetlb"):
+            need |= uffd.FEATURES["WP_HUGETLBFS_SHMEM"]
+        missing = need & ~supported
+        if missing:
+            names = ", ".join(f"UFFD_FEATURE_{n} (kernel {uffd.SINCE.get(n, '?')})"
+                              for n in uffd.feature_names(missing))
+            raise CapabilityMissing(f"pre-copy with uffd WP_ASYNC on {self.memory.backing} memory needs {names}: "
+                                    f"not in the kernel's mask {supported:#x}")
+        # Holes (never-populated pages) must be tracked too: a guest write into one is a dirty page.
+        need |= supported & uffd.FEATURES["WP_UNPOPULATED"]
+        out = ffi.new("struct sp_wpasync **")
+        sup = ffi.new("uint64_t *")
+        check(lib.sp_wpasync_create(self.memory.addr, self.memory.size, need, out, sup),
+              "uffd WP_ASYNC register", mem=self.memory.addr, size=self.memory.size, features=need)
+        self._t = out[0]
+        check(lib.sp_wpasync_protect_all(self._t), "UFFDIO_WRITEPROTECT (WP_ASYNC)")
+
+    def _round(self) -> Round:
+        scan, copy, regions = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        pages = check(lib.sp_wpasync_collect(self._t, self.dst_addr, scan, copy, regions),
+                      "PAGEMAP_SCAN get-and-clear written pages")
+        return Round(int(pages), int(scan[0]), int(copy[0]))
+
+    def _stop_tracking(self) -> None:
+        if self._t is not None:
+            lib.sp_wpasync_destroy(self._t)
+            self._t = None
+
+
+class PreCopyKvmDirtyLog(_PreCopy):
+    name = PRECOPY_KVM_DIRTY_LOG
+
+    def __init__(self, memory: GuestMemory, destination: object, runner: VcpuRunner, vm: Vm, slot: int = 0,
+                 **kw: int | None) -> None:
+        super().__init__(memory, destination, runner, **kw)  # type: ignore[arg-type]
+        self.vm = vm
+        self.slot = slot
+
+    def _start_tracking(self) -> None:
+        self.vm.dirty_log(self.slot)  # get-and-clear: what was dirtied before now is in the full copy
+
+    def _round(self) -> Round:
+        t0 = lib.sp_now_ns()
+        bitmap = self.vm.dirty_log(self.slot)
+        t1 = lib.sp_now_ns()
+        pages = lib.sp_copy_pages_bitmap(self.dst_addr, self.memory.addr, ffi.from_buffer("uint64_t[]", bitmap),
+                                         self.npages)
+        return Round(int(pages), int(t1 - t0), int(lib.sp_now_ns() - t1))
+
+
+def make_snapshotter(strategy: str, memory: GuestMemory, destination: object, runner: VcpuRunner, vm: Vm,
+                     inject: FaultInjection = FaultInjection.NONE) -> Snapshotter:
+    """The strategy by name (STRATEGIES); the VM's slot 0 must log dirty pages for the KVM dirty log."""
+    if strategy == STOP_AND_COPY:
+        return StopAndCopy(memory, destination, runner)
+    if strategy == WP_COPY_BEFORE_WRITE:
+        return WpCopyBeforeWrite(memory, destination, runner, inject=inject)
+    if strategy == PRECOPY_WP_ASYNC:
+        return PreCopyWpAsync(memory, destination, runner)
+    if strategy == PRECOPY_KVM_DIRTY_LOG:
+        return PreCopyKvmDirtyLog(memory, destination, runner, vm)
+    raise ValueError(f"unknown snapshot strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
+
+
+
+def first_difference(a: object, b: object) -> int:
+    """Offset of the first byte where two equal-sized buffers differ, or -1 (memcmp speed)."""
+    ha: Any = ffi.from_buffer("char[]", a)
+    hb: Any = ffi.from_buffer("char[]", b)
+    try:
+        if len(ha) != len(hb):
+            raise ValueError(f"buffers differ in size: {len(ha):#x} and {len(hb):#x} bytes")
+        pa, pb = (int(ffi.cast("uintptr_t", h)) for h in (ha, hb))
+        return int(lib.sp_first_difference(pa, pb, len(ha)))
+    finally:
+        ffi.release(ha)
+        ffi.release(hb)

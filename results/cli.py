@@ -1,0 +1,144 @@
+"""``python -m results``: tools over run records.
+
+    python -m results show RUN.yaml [--short] [--phase N]      the PASS reports again, from the record
+    python -m results matrix RUN.yaml...                      host x phase: outcome, duration, key figures
+    python -m results gate RUN.yaml --baseline BASE.yaml --policy results/gate.yaml
+                       [--host-class NAME] [--benchmarks RUN.json --baseline-benchmarks BASE.json]
+    python -m results plots RUN.yaml [--out results/plots]    the PNG plots of one record
+
+Exit status: 0 fine, 1 the gate failed, 2 a file could not be used (the message says which and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from results.load import RecordError, fact_values, host_label, load_record
+from results.record import fmt_ns, render_phase
+
+
+def _ratio(v: float) -> str:
+    return f"{v:.2f}x"
+
+
+# The key figures a fleet matrix shows beside the outcomes: (column, phase, case pattern, fact, format).
+KEY_FIGURES: list[tuple[str, int, str, str, Callable[[Any], str]]] = [
+    ("arm/ioctl 1GiB", 1, "test_benchmark_arm_cost[[]1GiB]", "arm_ratio_to_raw_ioctl", _ratio),
+    ("WP fault RT", 1, "test_benchmark_guest_wp_fault_round_trip[[]same-cpu]", "round_trip_median_ns", fmt_ns),
+    ("copy/memcpy 256MiB", 2, "test_benchmark_bulk_copy_rate[[]256MiB]", "copy_rate_ratio_to_memcpy", _ratio),
+    ("1st instr 64MiB map-private", 3, "test_benchmark_time_to_first_instruction[[]map-private-64MiB]",
+     "time_to_first_instruction_ns", fmt_ns),
+    ("COW run/plain", 4, "test_benchmark_cow_load_run*", "ratio_to_plain_memfd_run", _ratio),
+    ("WP pause 1GiB", 5, "test_every_strategy_*[[]1GiB]", "pause_ns.wp-copy-before-write", fmt_ns),
+    ("stop&copy/WP pause 1GiB", 5, "test_every_strategy_*[[]1GiB]", "wp_pause_shorter_than_stop_and_copy_x",
+     lambda v: f"{v:.1f}x"),
+    ("pre-copy bytes 1GiB", 5, "test_every_strategy_*[[]1GiB]", "bytes_ratio.precopy-wp-async", _ratio),
+]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def show(rec: dict[str, Any], verbose: bool = True, only: int | None = None) -> str:
+    run, host = rec.get("run", {}), rec.get("host", {})
+    lines = [f"snapproof run {run.get('started', '?')} ({run.get('duration_s', '?')} s, commit "
+             f"{run.get('git_commit') or '?'}, inject {run.get('inject', 'none')}"
+             f"{', --strict-host' if run.get('strict_host') else ''})",
+             f"host {host_label(rec)}: {host.get('cpu_model', '?')}, {host.get('cpus', '?')} CPUs, "
+             f"{int(host.get('memory_bytes', 0)) / (1 << 30):.1f} GiB memory, "
+             f"uffd features {host.get('uffd_features', '?')}",
+             ""]
+    for p in rec["phases"]:
+        if only is None or p["phase"] == only:
+            lines += [render_phase(p, verbose=verbose), ""]
+    if rec.get("benchmarks"):
+        lines.append(f"{len(rec['benchmarks'])} pytest-benchmark results in the record "
+                     "(python -m results gate compares them with a baseline)")
+    return "\n".join(lines).rstrip()
+
+
+def matrix(records: list[tuple[str, dict[str, Any]]]) -> str:
+    phases: dict[int, str] = {}
+    for _, rec in records:
+        for p in rec["phases"]:
+            phases.setdefault(p["phase"], p["title"])
+    numbers = sorted(phases)
+    labels = []
+    for path, rec in records:
+        label = host_label(rec)
+        labels.append(label if sum(host_label(r) == label for _, r in records) == 1
+                      else f"{label} @ {rec['run'].get('started', path)}")
+    header = ["host", *[f"{n} {phases[n]}" for n in numbers]]
+    rows = []
+    for label, (_, rec) in zip(labels, records, strict=True):
+        by = {p["phase"]: p for p in rec["phases"]}
+        rows.append([label, *[f"{by[n]['outcome']} {fmt_ns(by[n]['duration_ns'])}" if n in by else "NOT RUN"
+                              for n in numbers]])
+    out = [_table(header, rows)]
+    cols = [(k, ph, case, fact, fmt) for k, ph, case, fact, fmt in KEY_FIGURES
+            if any(fact_values(rec, ph, case, fact) for _, rec in records)]
+    if cols:
+        frows = []
+        for label, (_, rec) in zip(labels, records, strict=True):
+            cells = []
+            for _, ph, case, fact, fmt in cols:
+                got = fact_values(rec, ph, case, fact)
+                cells.append(fmt(got[0][1]) if got else "-")
+            frows.append([label, *cells])
+        out += ["", "key figures (ratios are to the host's own limits measured in the same run)",
+                _table(["host", *[c[0] for c in cols]], frows)]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m results", description="Tools over snapproof run records.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("show", help="print the PASS reports of a run record again")
+    s.add_argument("record")
+    s.add_argument("--short", action="store_true", help="stages of failed cases only")
+    s.add_argument("--phase", type=int, help="only this phase")
+    m = sub.add_parser("matrix", help="host x phase table of many run records (a fleet)")
+    m.add_argument("records", nargs="+")
+    g = sub.add_parser("gate", help="judge a run against a baseline under a policy; exit 1 when it fails")
+    g.add_argument("record")
+    g.add_argument("--baseline", required=True, help="the baseline run record (YAML)")
+    g.add_argument("--policy", required=True, help="the gate policy (YAML, schema snapproof-gate/1)")
+    g.add_argument("--host-class", help="apply this class of the policy instead of matching on host facts")
+    g.add_argument("--benchmarks", help="pytest-benchmark JSON of the run (default: the record's benchmarks)")
+    g.add_argument("--baseline-benchmarks", help="pytest-benchmark JSON of the baseline (default: its record's)")
+    p = sub.add_parser("plots", help="write the PNG plots of a run record")
+    p.add_argument("record")
+    p.add_argument("--out", default="results/plots", help="folder for the PNGs (default results/plots)")
+    args = ap.parse_args(argv)
+
+    from results.gate import PolicyError
+
+    try:
+        if args.cmd == "show":
+            print(show(load_record(args.record), verbose=not args.short, only=args.phase))
+        elif args.cmd == "matrix":
+            print(matrix([(path, load_record(path)) for path in args.records]))
+        elif args.cmd == "gate":
+            from results.gate import gate
+
+            text, status = gate(args.record, args.baseline, args.policy, args.host_class, args.benchmarks,
+                                args.baseline_benchmarks)
+            print(text)
+            return status
+        elif args.cmd == "plots":
+            from results.plots import write_plots
+
+            for name, got in write_plots(load_record(args.record), args.out):
+                print(f"{name}: {got}" if isinstance(got, str) else f"{name}: wrote {got}")
+    except (RecordError, PolicyError) as e:
+        print(f"python -m results {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,235 @@
+"""The release gate: a run record judged against a baseline record under a YAML policy.
+
+``python -m results gate RUN.yaml --baseline BASE.yaml --policy results/gate.yaml`` exits 1 and
+says why when a required phase did not PASS, a required capability is missing, a tracked figure
+regressed past its margin, or a tracked benchmark regressed by pytest-benchmark's own check
+(``--benchmark-compare-fail`` expressions such as ``median:25%``). The policy schema is in
+results/README.md; results/gate.yaml is the example this repository gates itself with.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from results.load import RecordError, benchmarks, dig, fact_values, host_label, phase
+from results.record import fmt_ns
+
+POLICY_SCHEMA = "snapproof-gate/1"
+
+
+class PolicyError(Exception):
+    """The policy file is unreadable or malformed (the message names the key)."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    ok: bool
+    kind: str   # phase / capability / figure / benchmark / baseline
+    text: str
+
+    def line(self) -> str:
+        return f"  {'PASS' if self.ok else 'FAIL'}  {self.kind:<10} {self.text}"
+
+
+def load_policy(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        policy = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise PolicyError(f"{p}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise PolicyError(f"{p}: not YAML: {e}") from None
+    if not isinstance(policy, dict) or policy.get("schema") != POLICY_SCHEMA:
+        raise PolicyError(f"{p}: schema {policy.get('schema') if isinstance(policy, dict) else None!r}, "
+                          f"expected {POLICY_SCHEMA!r}")
+    classes = policy.get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise PolicyError(f"{p}: 'classes' must be a non-empty list of host classes")
+    for i, c in enumerate(classes):
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+            raise PolicyError(f"{p}: classes[{i}] needs a 'name'")
+        if not isinstance(c.get("match", {}), dict):
+            raise PolicyError(f"{p}: classes[{i}] ({c['name']}): 'match' must be a mapping of host facts")
+        for f in c.get("figures", []):
+            for key in ("name", "phase", "fact"):
+                if key not in f:
+                    raise PolicyError(f"{p}: classes[{i}] ({c['name']}): a figure has no {key!r}: {f}")
+            if f.get("better", "lower") not in ("lower", "higher"):
+                raise PolicyError(f"{p}: figure {f['name']!r}: 'better' is lower or higher, got {f['better']!r}")
+    return policy
+
+
+def matches(klass: dict[str, Any], host: dict[str, Any]) -> bool:
+    """Every ``match`` key equals the host fact (a list in the policy: any of its values)."""
+    for key, want in klass.get("match", {}).items():
+        have = host.get(key)
+        options = want if isinstance(want, list) else [want]
+        if have is None or not any(str(have) == str(o) for o in options):
+            return False
+    return True
+
+
+def select_class(policy: dict[str, Any], host: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    classes = policy["classes"]
+    if name is not None:
+        for c in classes:
+            if c["name"] == name:
+                return c
+        raise PolicyError(f"no host class {name!r} in the policy (classes: {', '.join(c['name'] for c in classes)})")
+    for c in classes:
+        if matches(c, host):
+            return c
+    facts = ", ".join(f"{k}={host.get(k)!r}" for k in sorted({k for c in classes for k in c.get("match", {})}))
+    raise PolicyError(f"no host class in the policy matches this host ({facts})")
+
+
+def _margin(spec: Any, base: float) -> float:
+    """Allowed worsening: '25%' of the baseline value, or an absolute number."""
+    if isinstance(spec, str) and spec.endswith("%"):
+        return abs(base) * float(spec[:-1]) / 100
+    return float(spec or 0)
+
+
+def _fmt(v: float, fact: str) -> str:
+    return fmt_ns(v) if fact.endswith("_ns") or "_ns." in fact else f"{v:.4g}"
+
+
+def check_figures(klass: dict[str, Any], run: dict[str, Any], base: dict[str, Any]) -> list[Finding]:
+    out = []
+    for f in klass.get("figures", []):
+        name, fact, number, case = f["name"], f["fact"], int(f["phase"]), f.get("case", "*")
+        got = fact_values(run, number, case, fact)
+        if not got:
+            if f.get("required", True):
+                out.append(Finding(False, "figure",
+                                   f"{name}: not in the run (phase {number}, case {case}, fact {fact})"))
+            continue
+        baseline = dict(fact_values(base, number, case, fact))
+        lower = f.get("better", "lower") == "lower"
+        for test, value in got:
+            value = float(value)
+            limit = f.get("limit")
+            if limit is not None and (value > float(limit) if lower else value < float(limit)):
+                out.append(Finding(False, "figure", f"{name} [{test}]: {_fmt(value, fact)} is past the limit "
+                                   f"{_fmt(float(limit), fact)} ({'at most' if lower else 'at least'})"))
+                continue
+            if test not in baseline:
+                out.append(Finding(True, "figure", f"{name} [{test}]: {_fmt(value, fact)}; not in the baseline, "
+                                   "not compared"))
+                continue
+            ref = float(baseline[test])
+            allowed = _margin(f.get("margin", 0), ref)
+            worse = value - ref if lower else ref - value
+            text = (f"{name} [{test}]: {_fmt(value, fact)} vs baseline {_fmt(ref, fact)} "
+                    f"({'+' if value >= ref else ''}{(value / ref - 1) * 100 if ref else 0:.1f}%; "
+                    f"allowed {f.get('margin', 0)} {'up' if lower else 'down'})")
+            out.append(Finding(worse <= allowed, "figure", text))
+    return out
+
+
+def check_benchmarks(klass: dict[str, Any], run_benches: dict[str, dict[str, Any]],
+                     base_benches: dict[str, dict[str, Any]]) -> list[Finding]:
+    """pytest-benchmark's own regression checks (``--benchmark-compare-fail`` syntax), per tracked benchmark."""
+    spec = klass.get("benchmarks")
+    if not spec:
+        return []
+    from pytest_benchmark.utils import parse_compare_fail
+
+    try:
+        checks = [parse_compare_fail(e) for e in spec.get("compare_fail", ["median:25%"])]
+    except Exception as e:  # argparse.ArgumentTypeError: names the bad expression
+        raise PolicyError(f"benchmarks.compare_fail: {e}") from None
+    include = spec.get("include", ["*"])
+    exclude = spec.get("exclude", [])
+
+    def tracked(b: dict[str, Any]) -> bool:
+        names = (b["fullname"], b["name"])
+        return (any(fnmatch.fnmatchcase(n, pat) for pat in include for n in names)
+                and not any(fnmatch.fnmatchcase(n, pat) for pat in exclude for n in names))
+
+    out = []
+    for fullname, bb in sorted(base_benches.items()):
+        if not tracked(bb):
+            continue
+        rb = run_benches.get(fullname)
+        if rb is None:
+            if spec.get("required", True):
+                out.append(Finding(False, "benchmark", f"{bb['name']}: in the baseline, not in the run"))
+            continue
+        fails = [msg for c in checks if (msg := c.fails(rb["stats"], bb["stats"]))]
+        med, bmed = rb["stats"]["median"] * 1e9, bb["stats"]["median"] * 1e9
+        text = f"{rb['name']}: median {fmt_ns(med)} vs baseline {fmt_ns(bmed)} ({(med / bmed - 1) * 100:+.1f}%)"
+        out.append(Finding(not fails, "benchmark", text + ("; " + "; ".join(fails) if fails else "")))
+    for fullname, rb in sorted(run_benches.items()):
+        if fullname not in base_benches and tracked(rb):
+            out.append(Finding(True, "benchmark", f"{rb['name']}: new (not in the baseline), not compared"))
+    return out
+
+
+def evaluate(run: dict[str, Any], base: dict[str, Any], policy: dict[str, Any], host_class: str | None = None,
+             run_benches: dict[str, dict[str, Any]] | None = None,
+             base_benches: dict[str, dict[str, Any]] | None = None) -> tuple[dict[str, Any], list[Finding]]:
+    """(the host class applied, every finding). The run and the baseline must belong to the same class."""
+    klass = select_class(policy, run.get("host", {}), host_class)
+    findings = []
+    if host_class is None and not matches(klass, base.get("host", {})):
+        findings.append(Finding(False, "baseline", f"the baseline's host {host_label(base)} is not of class "
+                                f"{klass['name']!r}: figures from another class of host prove nothing"))
+    for number in klass.get("required_phases", []):
+        p = phase(run, int(number))
+        if p is None:
+            findings.append(Finding(False, "phase", f"phase {number}: NOT RUN (required)"))
+            continue
+        detail = ""
+        if p["outcome"] != "PASS":
+            bad = [c for c in p["cases"] if c["outcome"] != "passed"]
+            why = bad[0].get("failure") or bad[0].get("skip_reason") or bad[0]["outcome"] if bad else ""
+            if bad:
+                detail = f" ({len(bad)} of {len(p['cases'])} cases not passed; first: {bad[0]['test']}: {why})"
+        findings.append(Finding(p["outcome"] == "PASS", "phase",
+                                f"phase {number} {p['title']}: {p['outcome']}{detail}"))
+    caps = {c["name"]: c for c in run.get("capabilities", [])}
+    for entry in klass.get("required_capabilities", []):
+        name, allow = (entry, ["PASS"]) if isinstance(entry, str) else (entry["name"], entry.get("allow", ["PASS"]))
+        c = caps.get(name)
+        if c is None:
+            findings.append(Finding(False, "capability", f"{name}: not probed in the run"))
+        else:
+            findings.append(Finding(c["status"] in allow, "capability", f"{name}: {c['status']} ({c.get('detail', '')})"
+                                    + ("" if c["status"] in allow else f"; required: {' or '.join(allow)}")))
+    findings += check_figures(klass, run, base)
+    findings += check_benchmarks(klass, benchmarks(run) if run_benches is None else run_benches,
+                                 benchmarks(base) if base_benches is None else base_benches)
+    return klass, findings
+
+
+def gate(run_path: str, baseline_path: str, policy_path: str, host_class: str | None = None,
+         run_json: str | None = None, baseline_json: str | None = None) -> tuple[str, int]:
+    """The gate's report and exit status: 0 pass, 1 fail."""
+    from results.load import benchmarks_from_json, load_record
+
+    run, base = load_record(run_path), load_record(baseline_path)
+    policy = load_policy(policy_path)
+
+    def by_name(path: str | None) -> dict[str, dict[str, Any]] | None:
+        return None if path is None else {b["fullname"]: b for b in benchmarks_from_json(path)}
+
+    klass, findings = evaluate(run, base, policy, host_class, by_name(run_json), by_name(baseline_json))
+    failed = [f for f in findings if not f.ok]
+    lines = [f"snapproof gate: {run_path} on {host_label(run)}",
+             f"  baseline {baseline_path} on {host_label(base)}; policy {policy_path}, host class {klass['name']!r}"]
+    lines += [f.line() for f in findings]
+    verdict = "FAIL" if failed else "PASS"
+    lines.append(f"gate: {verdict} ({len(findings) - len(failed)} of {len(findings)} checks passed)")
+    if failed:
+        lines.append("why:")
+        lines += [f"  - {f.kind} {f.text}" for f in failed]
+    return "\n".join(lines), 1 if failed else 0
+
+
+__all__ = ["Finding", "PolicyError", "RecordError", "evaluate", "gate", "load_policy", "select_class", "dig"]
