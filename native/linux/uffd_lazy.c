@@ -18,7 +18,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
-#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
@@ -111,46 +110,19 @@ static int serve(struct sp_lazy *l, const struct uffd_msg *msg)
     return 0;
 }
 
+static int serve_message(void *ctx, const struct uffd_msg *msg)
+{
+    return serve(ctx, msg);
+}
+
 static void *lazy_handler_main(void *arg)
 {
     struct sp_lazy *l = arg;
     if (l->handler_cpu >= 0)
         sp_pin_current_thread(l->handler_cpu);
-    struct pollfd fds[2] = {{.fd = l->uffd, .events = POLLIN}, {.fd = l->stop_fd, .events = POLLIN}};
-    for (;;) {
-        /* No time-out: sp_lazy_release() wakes us through stop_fd. */
-        if (poll(fds, 2, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            l->stats.handler_err = errno;
-            break;
-        }
-        if (fds[1].revents & POLLIN)
-            break;
-        if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
-            l->stats.handler_err = EPIPE;
-            break;
-        }
-        struct uffd_msg msgs[16];
-        ssize_t n = read(l->uffd, msgs, sizeof(msgs));
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EINTR)
-                continue;
-            l->stats.handler_err = errno;
-            break;
-        }
-        for (ssize_t i = 0; i < n / (ssize_t)sizeof(msgs[0]); i++) {
-            if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
-                l->stats.other_events++;
-                continue;
-            }
-            if (serve(l, &msgs[i]) < 0) {
-                l->stats.handler_err = errno ? errno : EIO;
-                goto out;
-            }
-        }
-    }
-out:
+    int err = sp_uffd_serve_loop(l->uffd, l->stop_fd, serve_message, l, &l->stats.other_events);
+    if (err)
+        l->stats.handler_err = err;
     __atomic_store_n(&l->stats.handler_alive, 0, __ATOMIC_RELEASE);
     return NULL;
 }
@@ -159,21 +131,10 @@ static int lazy_stop_handler(struct sp_lazy *l, int64_t timeout_ns)
 {
     if (!l->thread_started)
         return 0;
-    uint64_t one = 1;
-    if (write(l->stop_fd, &one, sizeof(one)) != sizeof(one))
-        return sp_fail("write(stop eventfd)");
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    int64_t end = (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec + timeout_ns;
-    ts.tv_sec = end / 1000000000LL;
-    ts.tv_nsec = end % 1000000000LL;
-    int r = pthread_timedjoin_np(l->thread, NULL, &ts);
-    if (r != 0) {
-        errno = r;
-        return sp_fail("pthread_timedjoin_np(lazy handler)");
-    }
-    l->thread_started = 0;
-    return 0;
+    int r = sp_uffd_stop_thread(l->thread, l->stop_fd, timeout_ns);
+    if (r == 0)
+        l->thread_started = 0;
+    return r;
 }
 
 int sp_lazy_create(uint64_t dst, uint64_t size, int src_fd, uint64_t src_offset, uint64_t features,

@@ -14,7 +14,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
-#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
@@ -322,52 +321,26 @@ static void handler_exit(void *arg)
     }
 }
 
+static int serve_or_die(void *ctx, const struct uffd_msg *msg)
+{
+    struct sp_wp *w = ctx;
+    if (w->inject & SP_INJECT_HANDLER_DIES) {
+        /* Dies abruptly, mid-fault, the message read and never served: only handler_exit() runs. */
+        w->stats.handler_err = ECANCELED;
+        pthread_exit(NULL);
+    }
+    return serve(w, msg);
+}
+
 static void *handler_main(void *arg)
 {
     struct sp_wp *w = arg;
     pthread_cleanup_push(handler_exit, w);
     if (w->handler_cpu >= 0)
         sp_pin_current_thread(w->handler_cpu);
-    struct pollfd fds[2] = {{.fd = w->uffd, .events = POLLIN}, {.fd = w->stop_fd, .events = POLLIN}};
-    for (;;) {
-        /* No time-out needed: sp_wp_stop_handler() wakes us through stop_fd. */
-        if (poll(fds, 2, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            w->stats.handler_err = errno;
-            break;
-        }
-        if (fds[1].revents & POLLIN)
-            break;
-        if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL)) {
-            w->stats.handler_err = EPIPE;
-            break;
-        }
-        struct uffd_msg msgs[16];
-        ssize_t n = read(w->uffd, msgs, sizeof(msgs));
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EINTR)
-                continue;
-            w->stats.handler_err = errno;
-            break;
-        }
-        for (ssize_t i = 0; i < n / (ssize_t)sizeof(msgs[0]); i++) {
-            if (msgs[i].event != UFFD_EVENT_PAGEFAULT) {
-                w->stats.other_events++;
-                continue;
-            }
-            if (w->inject & SP_INJECT_HANDLER_DIES) {
-                /* Dies abruptly, mid-fault, the message read and never served: only handler_exit() runs. */
-                w->stats.handler_err = ECANCELED;
-                pthread_exit(NULL);
-            }
-            if (serve(w, &msgs[i]) < 0) {
-                w->stats.handler_err = errno ? errno : EIO;
-                goto out;
-            }
-        }
-    }
-out:
+    int err = sp_uffd_serve_loop(w->uffd, w->stop_fd, serve_or_die, w, &w->stats.other_events);
+    if (err)
+        w->stats.handler_err = err;
     pthread_cleanup_pop(1);
     return NULL;
 }
@@ -377,21 +350,10 @@ static int stop_handler(struct sp_wp *w, int64_t timeout_ns)
     if (!w->thread_started)
         return 0;
     __atomic_store_n(&w->stopping, 1, __ATOMIC_RELEASE);
-    uint64_t one = 1;
-    if (write(w->stop_fd, &one, sizeof(one)) != sizeof(one))
-        return sp_fail("write(stop eventfd)");
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    int64_t end = (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec + timeout_ns;
-    ts.tv_sec = end / 1000000000LL;
-    ts.tv_nsec = end % 1000000000LL;
-    int r = pthread_timedjoin_np(w->thread, NULL, &ts);
-    if (r != 0) {
-        errno = r;
-        return sp_fail("pthread_timedjoin_np(handler)");
-    }
-    w->thread_started = 0;
-    return 0;
+    int r = sp_uffd_stop_thread(w->thread, w->stop_fd, timeout_ns);
+    if (r == 0)
+        w->thread_started = 0;
+    return r;
 }
 
 int sp_wp_create(uint64_t mem, uint64_t size, uint64_t page_size, uint64_t features, uint32_t inject,
