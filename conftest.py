@@ -91,7 +91,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # Modules that drive KVM or userfaultfd: a Windows host does not collect them (its gate is phases 0 and 4).
 LINUX_ONLY_MODULES = ["phases/test_phase1_*.py", "phases/test_phase2_*.py", "phases/test_phase3_*.py",
                       "phases/test_phase5_*.py",
-                      "tests/test_phase[123]_*.py", "tests/test_guests_on_kvm.py", "tests/test_reliability*.py"]
+                      "tests/test_phase[1235]_*.py", "tests/test_guests_on_kvm.py", "tests/test_reliability*.py"]
 collect_ignore_glob = LINUX_ONLY_MODULES if sys.platform == "win32" else []
 
 

@@ -97,7 +97,7 @@ def judge(storm_vm, snapshot, reference):
         page = off // PAGE_SIZE
         differing = sum(1 for q in range(page * PAGE_SIZE, snapshot.size, PAGE_SIZE)
                         if snapshot.mm[q:q + PAGE_SIZE] != reference.mm[q:q + PAGE_SIZE])
-        detail = (f"{differing} pages differ from memory at the pause, first at GPA {off:#x}: expected "
+        detail = (f"exact oracle: {differing} pages differ from memory at the pause, first at GPA {off:#x}: expected "
                   f"{reference.mm[off]:#04x}, saw {snapshot.mm[off]:#04x}")
     return exact_ok, detail, [instant(p, snapshot) for p in storm_vm.params]
 
@@ -145,7 +145,7 @@ def strategy_stage(report, strategy, storm_vm, runner, snapshot, reference, snap
                      "pause_ratio_to_memcpy": round(snap.pause_ns / floor, 4)})
         st.check(exact_ok, "exact oracle: equals the reference copied while the vCPUs were stopped", detail)
         for i, v in enumerate(verdicts):
-            st.check(bool(v), f"instant oracle, vCPU {i}: {v.message}", f"vCPU {i}: {v.message}")
+            st.check(bool(v), f"instant oracle, vCPU {i}: {v.message}", f"instant oracle, vCPU {i}: {v.message}")
 
 
 @pytest.mark.sizes(64 << 20, 256 << 20, 1 << 30)

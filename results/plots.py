@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from results.load import benchmarks, cases, host_label
-from results.record import fmt_bytes
+from results.record import fmt_bytes, fmt_ns
 
 _SIZE_ID = re.compile(r"\[(?:[^\]]*-)?(\d+)(KiB|MiB|GiB)(?:-[^\]]*)?\]")
 _UNIT = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
@@ -81,7 +81,7 @@ def arm_cost(rec: dict[str, Any], out: Path) -> Path | str:
     if all(r[2] for r in rows):
         ax.plot(sizes, [r[2] / 1e6 for r in rows], "s--", label="bare UFFDIO_WRITEPROTECT (median)")
     for s, a, _ in rows:
-        ax.annotate(f"{a / 1e6:.2f} ms\n{a * (1 << 30) / s / 1e6:.1f} ms/GiB", (s, a / 1e6), textcoords="offset points",
+        ax.annotate(f"{fmt_ns(a)}\n{a * (1 << 30) / s / 1e6:.1f} ms/GiB", (s, a / 1e6), textcoords="offset points",
                     xytext=(6, -18), fontsize=8)
     _size_axis(ax, sizes)
     ax.set_yscale("log")
@@ -91,7 +91,8 @@ def arm_cost(rec: dict[str, Any], out: Path) -> Path | str:
 
 
 def copy_rate(rec: dict[str, Any], out: Path) -> Path | str:
-    quiet, live = [], []
+    quiet = []
+    live: dict[str, list[tuple[int, float]]] = defaultdict(list)
     memcpy = None
     for b in benchmarks(rec, "*test_benchmark_bulk_copy_rate*").values():
         size = size_of(b["name"], b.get("params"))
@@ -104,20 +105,21 @@ def copy_rate(rec: dict[str, Any], out: Path) -> Path | str:
         f = c.get("facts", {})
         size = f.get("mem_size") or size_of(c["test"])
         if size and "copy_rate_bytes_per_s" in f:
-            live.append((size, f["copy_rate_bytes_per_s"], c["test"]))
+            kind = c["test"].split("[", 1)[0].removeprefix("test_live_snapshot_")
+            kind = kind.removesuffix("_is_memory_at_the_arm_instant")
+            live[kind.replace("_", " ")].append((size, f["copy_rate_bytes_per_s"]))
     if not quiet and not live:
         return "no copy-rate figures (phase 2) in the record"
     fig, ax = _figure(rec, "Bulk copy rate vs size")
     if quiet:
         quiet.sort()
         ax.plot([q[0] for q in quiet], [q[1] / 1e9 for q in quiet], "o-", label="bulk copy, guest idle (best)")
-    if live:
-        live.sort()
-        ax.plot([v[0] for v in live], [v[1] / 1e9 for v in live], "x", markersize=9,
-                label="bulk copy, storm guest writing")
+    for marker, (kind, pts) in zip("x+*^v", sorted(live.items()), strict=False):
+        ax.plot([v[0] for v in pts], [v[1] / 1e9 for v in pts], marker, markersize=9, linestyle="none",
+                label=f"storm guest writing: {kind}")
     if memcpy:
         ax.axhline(memcpy / 1e9, color="0.3", linestyle=":", label=f"warm memcpy {memcpy / 1e9:.1f} GB/s (host limit)")
-    _size_axis(ax, [q[0] for q in quiet] + [v[0] for v in live])
+    _size_axis(ax, [q[0] for q in quiet] + [v[0] for pts in live.values() for v in pts])
     ax.set_ylabel("GB/s")
     ax.set_ylim(bottom=0)
     ax.legend()
@@ -139,9 +141,11 @@ def fault_latency(rec: dict[str, Any], out: Path) -> Path | str:
     for label, hist in sorted(series.items()):
         xs = sorted(hist)
         total = sum(hist.values())
-        ax.step(xs, [hist[x] for x in xs], where="post", label=f"{label} ({total} faults)")
+        # Bucket i holds [i, i+1) µs: drawn as bars over that interval on a log axis.
+        ax.bar([x + 1 for x in xs], [hist[x] for x in xs], width=[-1.0 if x else -0.5 for x in xs], align="edge",
+               alpha=0.6, label=f"{label} ({total} faults)")
     ax.set_yscale("log")
-    ax.set_xscale("symlog", linthresh=10)
+    ax.set_xscale("log")
     ax.set_xlabel("service time, µs (1 µs buckets; the last bucket is overflow)")
     ax.set_ylabel("faults")
     ax.legend()

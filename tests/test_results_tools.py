@@ -1,0 +1,198 @@
+"""Self-tests of ``python -m results``: show, matrix, gate (each reason it fails), plots.
+
+Records are built here, one field changed at a time from a passing one, so each gate reason is
+proved to fail the gate on its own and to say why.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from results.cli import main, matrix, show
+from results.gate import PolicyError, evaluate, load_policy
+from results.load import RecordError, load_record
+from results.record import SCHEMA
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICY = ROOT / "results" / "gate.yaml"
+
+
+def _bench(name: str, median_s: float, **extra) -> dict:
+    return {"name": name, "fullname": f"phases/test_x.py::{name}", "params": {},
+            "stats": {"min": median_s * 0.9, "max": median_s * 1.2, "mean": median_s, "stddev": median_s / 20,
+                      "median": median_s, "iqr": median_s / 10, "rounds": 5, "ops": 1 / median_s},
+            "extra_info": extra}
+
+
+def _record(kvm_module: str = "kvm_pvm") -> dict:
+    case = {"test": "test_every_strategy_snapshots_the_running_guest_consistently[1GiB]", "nodeid": "n",
+            "claim": "c", "outcome": "passed", "duration_ns": 10, "stages": [],
+            "facts": {"bytes_ratio": {"precopy-wp-async": 1.03}, "pause_ns": {"wp-copy-before-write": 24_000_000}}}
+    return {
+        "schema": SCHEMA,
+        "run": {"started": "2026-11-23T00:00:00+00:00", "duration_s": 1.0, "argv": [], "strict_host": True,
+                "inject": "none", "git_commit": "abc"},
+        "host": {"hostname": "h1", "kvm_module": kvm_module, "kernel": "6.18", "platform": "linux"},
+        "capabilities": [{"name": "kvm", "status": "PASS", "detail": "accessible"},
+                         {"name": "uffd.WP_ASYNC", "status": "PASS", "detail": "bit offered"}],
+        "phases": [{"phase": 5, "title": "snapshot strategies", "outcome": "PASS", "duration_ns": 10,
+                    "cases": [case]}],
+        "benchmarks": [_bench("test_benchmark_pause_window[1GiB-stop-and-copy]", 0.050)],
+    }
+
+
+POLICY_TEXT = """
+schema: snapproof-gate/1
+classes:
+  - name: software-kvm
+    match: {kvm_module: kvm_pvm}
+    required_phases: [5]
+    required_capabilities: [kvm, uffd.WP_ASYNC]
+    figures:
+      - name: pre-copy bytes
+        phase: 5
+        case: "test_every_strategy_*[[]1GiB]"
+        fact: bytes_ratio.precopy-wp-async
+        better: lower
+        margin: 10%
+        limit: 1.5
+    benchmarks:
+      compare_fail: [median:25%]
+      include: ["*pause_window*"]
+"""
+
+
+@pytest.fixture
+def policy(tmp_path) -> dict:
+    p = tmp_path / "gate.yaml"
+    p.write_text(POLICY_TEXT)
+    return load_policy(p)
+
+
+def _failures(run: dict, base: dict, policy: dict) -> list[str]:
+    _, findings = evaluate(run, base, policy)
+    return [f"{f.kind} {f.text}" for f in findings if not f.ok]
+
+
+def test_identical_run_and_baseline_pass_the_gate(policy):
+    """A run equal to its baseline passes every check of its host class."""
+    assert _failures(_record(), _record(), policy) == []
+
+
+def test_a_required_phase_that_did_not_pass_fails_the_gate(policy):
+    """A required phase that FAILed, or never ran, fails the gate naming the phase and the first bad case."""
+    run = _record()
+    run["phases"][0]["outcome"] = "FAIL"
+    run["phases"][0]["cases"][0].update(outcome="failed", failure="[stage 2] exact oracle: 3 pages differ")
+    assert any("phase 5 snapshot strategies: FAIL" in f and "3 pages differ" in f
+               for f in _failures(run, _record(), policy))
+    run["phases"] = []
+    assert _failures(run, _record(), policy)[0].startswith("phase phase 5: NOT RUN")
+
+
+def test_a_missing_required_capability_fails_the_gate(policy):
+    """A required capability that is not PASS fails the gate naming it."""
+    run = _record()
+    run["capabilities"][1] = {"name": "uffd.WP_ASYNC", "status": "WARN", "detail": "bit not offered"}
+    failures = _failures(run, _record(), policy)
+    assert len(failures) == 1 and failures[0].startswith("capability uffd.WP_ASYNC: WARN"), failures
+
+
+def test_a_figure_past_its_margin_or_limit_fails_the_gate(policy):
+    """A tracked figure worse than the baseline by more than its margin, or past its limit, fails the gate."""
+    run = _record()
+    run["phases"][0]["cases"][0]["facts"]["bytes_ratio"]["precopy-wp-async"] = 1.2  # +16.5% > 10%
+    assert any(f.startswith("figure pre-copy bytes") for f in _failures(run, _record(), policy))
+    run["phases"][0]["cases"][0]["facts"]["bytes_ratio"]["precopy-wp-async"] = 1.05  # +1.9%: within
+    assert _failures(run, _record(), policy) == []
+    run["phases"][0]["cases"][0]["facts"]["bytes_ratio"]["precopy-wp-async"] = 1.6
+    base = copy.deepcopy(run)
+    assert any("past the limit" in f for f in _failures(run, base, policy))
+
+
+def test_a_benchmark_regression_fails_the_gate_by_pytest_benchmarks_own_check(policy):
+    """A benchmark median 40% over the baseline's fails ``median:25%`` with pytest-benchmark's message."""
+    run = _record()
+    run["benchmarks"] = [_bench("test_benchmark_pause_window[1GiB-stop-and-copy]", 0.070)]
+    failures = _failures(run, _record(), policy)
+    assert len(failures) == 1 and "PercentageRegressionCheck" in failures[0], failures
+    run["benchmarks"] = []
+    assert _failures(run, _record(), policy) == ["benchmark test_benchmark_pause_window[1GiB-stop-and-copy]: "
+                                                 "in the baseline, not in the run"]
+
+
+def test_a_baseline_from_another_host_class_fails_the_gate(policy):
+    """Comparing a kvm_pvm run with a kvm_intel baseline proves nothing: the gate says so."""
+    assert any(f.startswith("baseline") for f in _failures(_record(), _record("kvm_intel"), policy))
+
+
+def test_no_matching_host_class_is_a_usage_error(policy):
+    with pytest.raises(PolicyError, match="no host class in the policy matches this host"):
+        evaluate(_record("kvm_amd"), _record("kvm_amd"), policy)
+
+
+def test_gate_command_exits_1_and_says_why(tmp_path):
+    """``python -m results gate`` prints every check and the reasons, and exits 1 on a failed gate."""
+    (tmp_path / "gate.yaml").write_text(POLICY_TEXT)
+    run = _record()
+    run["phases"][0]["outcome"] = "FAIL"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(_record()))
+    proc = subprocess.run([sys.executable, "-m", "results", "gate", str(tmp_path / "run.yaml"), "--baseline",
+                           str(tmp_path / "base.yaml"), "--policy", str(tmp_path / "gate.yaml")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "gate: FAIL" in proc.stdout and "why:" in proc.stdout and "phase 5 snapshot strategies: FAIL" in proc.stdout
+
+
+def test_committed_policy_and_baseline_gate_the_committed_baseline():
+    """results/gate.yaml parses, and the committed baseline passes the gate against itself."""
+    policy = load_policy(POLICY)
+    baselines = sorted((ROOT / "results" / "baselines").glob("*.yaml"))
+    assert baselines, "no committed baseline record under results/baselines/"
+    for path in baselines:
+        base = load_record(path)
+        _, findings = evaluate(base, base, policy)
+        assert [f.text for f in findings if not f.ok] == [], path
+
+
+def test_a_record_of_another_schema_is_refused(tmp_path):
+    p = tmp_path / "old.yaml"
+    p.write_text(yaml.safe_dump({"schema": "snapproof-run/0", "phases": []}))
+    with pytest.raises(RecordError, match="schema 'snapproof-run/0'"):
+        load_record(p)
+    assert main(["show", str(p)]) == 2
+
+
+def test_show_prints_the_phase_report_from_the_record():
+    text = show(_record())
+    assert "[phase 5] snapshot strategies" in text and "test_every_strategy_snapshots" in text
+
+
+def test_matrix_has_a_row_per_host_and_a_column_per_phase():
+    a, b = _record(), _record("kvm_intel")
+    b["host"]["hostname"] = "h2"
+    b["phases"][0]["outcome"] = "FAIL"
+    text = matrix([("a.yaml", a), ("b.yaml", b)])
+    rows = text.splitlines()
+    assert "5 snapshot strategies" in rows[0]
+    assert any(r.startswith("h1 (kvm_pvm") and "PASS" in r for r in rows)
+    assert any(r.startswith("h2 (kvm_intel") and "FAIL" in r for r in rows)
+    assert "WP pause 1GiB" in text and "24.0 ms" in text
+
+
+def test_plots_are_written_or_skipped_with_a_reason(tmp_path):
+    from results.plots import write_plots
+
+    rec = _record()
+    rec["phases"][0]["cases"][0]["facts"]["strategies"] = [
+        {"strategy": s, "size": 1 << 30, "pause_ns": ns} for s, ns in (("stop-and-copy", 5e7), ("precopy", 5e5))]
+    got = dict(write_plots(rec, tmp_path))
+    assert isinstance(got["pause_windows"], Path) and got["pause_windows"].stat().st_size > 1000
+    assert isinstance(got["arm_cost"], str) and "no arm-cost benchmarks" in got["arm_cost"]
