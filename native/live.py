@@ -45,7 +45,13 @@ class VcpuRunner:
         self._threads = [threading.Thread(target=self._loop, args=(i, v), name=f"vcpu{i}", daemon=True)
                          for i, v in enumerate(self.vcpus)]
 
-    def start(self) -> VcpuRunner:
+    def start(self, paused: bool = False) -> VcpuRunner:
+        """Start the vCPU threads. ``paused`` parks each before its first instruction, where the next
+        ``pause()`` finds it at once: a live snapshot then pins a point the caller chose, not a kick's
+        latency (what the resumed vCPUs do during the copy is unchanged)."""
+        if paused:
+            for v in self.vcpus:
+                v.kick()  # sticky: the first run returns KICKED at once and the thread parks
         for t in self._threads:
             t.start()
         return self
@@ -97,8 +103,8 @@ class VcpuRunner:
             if not ok:
                 running = sorted(set(range(len(self.vcpus))) - self._paused - self._finished)
                 raise GuestTimeout(f"vCPUs {running} did not stop within {timeout} s of the kick")
-            for i in self._finished:
-                self.vcpus[i].clear_kick()  # a halted vCPU never consumed its kick
+            for i in self._paused | self._finished:
+                self.vcpus[i].clear_kick()  # parked or halted, it never consumed this kick: drop it
         return time.perf_counter_ns() - t0
 
     def resume(self) -> None:
