@@ -84,8 +84,9 @@ def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host
 
     with report.stage("live snapshot") as st:
         try:
-            # The copy starts once every vCPU could have faulted: copy and guest writes overlap at any size.
-            live = take_live_snapshot(runner, snap, reference=reference.mm, overlap_faults=nvcpus)
+            # The copy starts once the resumed guest has taken two WP faults a vCPU (the first may be the page
+            # it was paused in): copy and guest writes overlap at any size.
+            live = take_live_snapshot(runner, snap, reference=reference.mm, overlap_faults=2 * nvcpus)
         finally:
             exits = runner.stop()
         stats = live.stats
