@@ -110,6 +110,9 @@ class VcpuRunner:
     def resume(self) -> None:
         with self._cv:
             self._resume_gen += 1
+            # Not paused from now on, even before each thread wakes: a pause() right after this waits for a
+            # fresh park instead of trusting a stale one (and never drops a kick a running vCPU still needs).
+            self._paused.clear()
             self._cv.notify_all()
 
     @property

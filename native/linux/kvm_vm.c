@@ -28,6 +28,9 @@
 #define SP_DEBUG_PORT 0xE9
 #define SP_SYNC_PORT 0x500
 
+/* Read by the kick handler, in a signal. In a dlopen()ed module the first access in a thread goes
+ * through __tls_get_addr(), which may allocate: sp_vcpu_run() writes it before any signal can target
+ * the thread (deadline timer armed after, tid published after), so the handler's read never allocates. */
 static __thread struct kvm_run *tls_run;
 
 struct sp_vcpu {
@@ -249,12 +252,14 @@ int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp
     }
     int64_t t0 = sp_now_ns();
     int64_t deadline = t0 + timeout_ns;
+    struct kvm_run *run = v->run;
+    tls_run = run; /* first: this thread's TLS slot exists before its first signal */
     timer_t timer;
     int r = arm_deadline(&timer, timeout_ns);
-    if (r < 0)
+    if (r < 0) {
+        tls_run = NULL;
         return r;
-    struct kvm_run *run = v->run;
-    tls_run = run;
+    }
     v->tid = (pid_t)syscall(SYS_gettid);
     uint32_t reason = 0;
     int io_pending = 0; /* a port write we handled is completed only by the next KVM_RUN */
