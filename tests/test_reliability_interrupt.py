@@ -41,15 +41,23 @@ def _read_until(proc: subprocess.Popen, marker: str, timeout: float) -> str:
     return seen.decode()
 
 
-def test_sigint_mid_capture_releases_everything_and_marks_the_file_incomplete(tmp_path, record_property):
-    """SIGINT during the live bulk copy: prompt exit, nothing left held, the file marked incomplete."""
-    path = tmp_path / "interrupted.snap"
+class Interrupted:
+    """What a child said and did around a SIGINT: its exit, how long that took, its START and LAST words."""
+
+    def __init__(self, returncode: int, exit_s: float, out: str, err: str) -> None:
+        self.returncode, self.exit_s, self.out, self.err = returncode, exit_s, out, err
+        lines = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.splitlines() if " " in ln}
+        assert "LAST" in lines, f"the child printed no last words; stdout:\n{out}\nstderr:\n{err}"
+        self.start, self.last = json.loads(lines["START"]), json.loads(lines["LAST"])
+
+
+def _interrupt(cmd: list[str], tmp_path, marker: str, settle_s: float) -> Interrupted:
+    """Start ``cmd``, wait for the line ``marker``, let it run ``settle_s``, SIGINT it; bounded throughout."""
     stderr = (tmp_path / "child.stderr").open("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "tests.reliability_child", "interrupted-capture", str(path)],
-                            cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=stderr)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=stderr)
     try:
-        before = _read_until(proc, "ARMED", ARMED_WITHIN_S)
-        time.sleep(0.05)  # into the copy: a few of its chunks are done, most are not
+        before = _read_until(proc, marker, ARMED_WITHIN_S)
+        time.sleep(settle_s)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         try:
@@ -57,7 +65,7 @@ def test_sigint_mid_capture_releases_everything_and_marks_the_file_incomplete(tm
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate(timeout=5)
-            raise AssertionError(f"child still running {EXIT_WITHIN_S} s after SIGINT (killed)") from None
+            raise AssertionError(f"child still running {EXIT_WITHIN_S} s after SIGINT (killed): {cmd}") from None
         exit_s = time.monotonic() - t0
     finally:
         if proc.poll() is None:
@@ -66,13 +74,19 @@ def test_sigint_mid_capture_releases_everything_and_marks_the_file_incomplete(tm
         stderr.seek(0)
         err = stderr.read()
         stderr.close()
-    out = before + rest.decode()
-    lines = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.splitlines() if " " in ln}
-    assert "LAST" in lines, f"the child printed no last words; stdout:\n{out}\nstderr:\n{err}"
-    start, last = json.loads(lines["START"]), json.loads(lines["LAST"])
-    print(f"SIGINT -> exit {proc.returncode} in {exit_s:.3f} s; last words: {last}")
-    record_property("exit_after_sigint_s", round(exit_s, 3))
-    assert proc.returncode == 130, f"exit status: expected 130 (interrupted), saw {proc.returncode}; stderr:\n{err}"
+    return Interrupted(proc.returncode, exit_s, before + rest.decode(), err)
+
+
+def test_sigint_mid_capture_releases_everything_and_marks_the_file_incomplete(tmp_path, record_property):
+    """SIGINT during the live bulk copy: prompt exit, nothing left held, the file marked incomplete."""
+    path = tmp_path / "interrupted.snap"
+    cmd = [sys.executable, "-m", "tests.reliability_child", "interrupted-capture", str(path)]
+    # A few of the copy's chunks done, most not: the interrupt lands in the bulk copy.
+    run = _interrupt(cmd, tmp_path, "ARMED", settle_s=0.05)
+    start, last = run.start, run.last
+    print(f"SIGINT -> exit {run.returncode} in {run.exit_s:.3f} s; last words: {last}")
+    record_property("exit_after_sigint_s", round(run.exit_s, 3))
+    assert run.returncode == 130, f"exit status: expected 130 (interrupted), saw {run.returncode}; stderr:\n{run.err}"
     assert last["interrupted"] and last["stage"] == "bulk copy, guest running", (
         f"expected the interrupt during the bulk copy, saw stage {last['stage']!r}, interrupted={last['interrupted']}")
     assert last["wp_pages_left"] == 0, f"WP not released: {last['wp_pages_left']} pages keep PM_UFFD_WP"
@@ -93,40 +107,18 @@ def test_sigint_mid_capture_releases_everything_and_marks_the_file_incomplete(tm
 
 def test_sigint_during_phase2_tears_everything_down(tmp_path, record_property):
     """SIGINT to a child pytest in phase 2: exit 2 within 10 s, no uffd, fd or thread left at unconfigure."""
-    stderr = (tmp_path / "child.stderr").open("w+")
     cmd = [sys.executable, "-m", "pytest", "phases/test_phase2_live_consistency.py", "-q", "-s", "-p", "no:randomly",
            "-p", "no:faulthandler", "-p", "tests.reliability_child", "--results-dir", "", "--reports", "none",
            "--benchmark-disable", "-k", "64MiB-2vcpus"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=stderr)
-    try:
-        before = _read_until(proc, "CALL phases/test_phase2_live_consistency.py::"
-                                   "test_live_snapshot_of_memfd_is_memory_at_the_arm_instant[64MiB-2vcpus]",
-                             ARMED_WITHIN_S)
-        time.sleep(0.1)  # the storm guest is running: the runner is started and not yet stopped
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        try:
-            rest, _ = proc.communicate(timeout=EXIT_WITHIN_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate(timeout=5)
-            raise AssertionError(f"child pytest still running {EXIT_WITHIN_S} s after SIGINT (killed)") from None
-        exit_s = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
-        stderr.seek(0)
-        err = stderr.read()
-        stderr.close()
-    out = before + rest.decode()
-    lines = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.splitlines() if " " in ln}
-    assert "LAST" in lines, f"the child printed no last words; stdout:\n{out}\nstderr:\n{err}"
-    start, last = json.loads(lines["START"]), json.loads(lines["LAST"])
-    where = next((ln for ln in out.splitlines() if ln.endswith(": KeyboardInterrupt")), "(no traceback line)")
-    print(f"SIGINT -> pytest exit {proc.returncode} in {exit_s:.3f} s, interrupted at {where}; last words: {last}")
-    record_property("exit_after_sigint_s", round(exit_s, 3))
-    assert proc.returncode == 2, f"exit status: expected 2 (pytest interrupted), saw {proc.returncode}; stderr:\n{err}"
+    # The storm guest is running: the runner is started and not yet stopped.
+    run = _interrupt(cmd, tmp_path, "CALL phases/test_phase2_live_consistency.py::"
+                                    "test_live_snapshot_of_memfd_is_memory_at_the_arm_instant[64MiB-2vcpus]", 0.1)
+    start, last = run.start, run.last
+    where = next((ln for ln in run.out.splitlines() if ln.endswith(": KeyboardInterrupt")), "(no traceback line)")
+    print(f"SIGINT -> pytest exit {run.returncode} in {run.exit_s:.3f} s, interrupted at {where}; last words: {last}")
+    record_property("exit_after_sigint_s", round(run.exit_s, 3))
+    assert run.returncode == 2, (
+        f"exit status: expected 2 (pytest interrupted), saw {run.returncode}; stderr:\n{run.err}")
     assert last["uffds"] == 0, f"userfaultfds still open at unconfigure: {last['uffds']}"
     assert last["fds"] <= start["fds"], f"open fds: expected at most {start['fds']} as at the start, saw {last['fds']}"
     assert last["threads"] == start["threads"], f"threads (kernel count): expected {start['threads']}, " \
