@@ -646,25 +646,6 @@ def wait_until() -> Callable[..., None]:
 
 
 @pytest.fixture
-def first_difference() -> Callable[..., str]:
-    """``first_difference(want, got, base=0)``: "" when two images are equal, else how many pages differ
-    and the first differing u32, GPA in hex, expected vs seen."""
-
-    def _first(want: Any, got: Any, base: int = 0) -> str:
-        page = 4096
-        if len(want) != len(got):
-            return f"images differ in size: expected {len(want):#x} bytes, saw {len(got):#x}"
-        pages = [p for p in range(0, len(want), page) if want[p:p + page] != got[p:p + page]]
-        if not pages:
-            return ""
-        off = next(i for i in range(pages[0], pages[0] + page) if want[i] != got[i]) & ~3
-        w, g = (int.from_bytes(bytes(img[off:off + 4]), "little") for img in (want, got))
-        return f"{len(pages)} pages differ, first at GPA {base + off:#x}: expected u32 {w:#010x}, saw {g:#010x}"
-
-    return _first
-
-
-@pytest.fixture
 def capture_snapshot(tmp_path: Path, inject: Any, require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
     """Factory: ``capture_snapshot(memory, name, vcpus=(), runner=None)`` -> native.capture.FileCapture.
 

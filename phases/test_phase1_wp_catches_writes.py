@@ -15,6 +15,7 @@ import pytest
 
 import guests
 from native import uffd
+from native.compare import describe_difference
 from native.kvm import ExitReason
 from native.memory import PAGE_SIZE
 from native.wp import PageState
@@ -85,7 +86,7 @@ def test_guest_write_is_caught_at_the_exact_page_before_it_lands(report, make_me
         st.equal(copied, snap.npages - 1, "pages captured by the bulk copier", str)
         st.equal(final.fault_pages, 1, "pages captured by fault", str)
         st.check(snapshot == at_arm, "snapshot equals memory at the arm instant, byte for byte",
-                 _first_difference(snapshot, at_arm))
+                 describe_difference(at_arm, snapshot))
 
 
 def test_host_thread_write_is_caught_the_same_way(report, make_memory, make_wp):
@@ -159,16 +160,6 @@ def snap_pagemap(mem) -> tuple[bytes, bytes]:
     from native.wp import read_pagemap
 
     return read_pagemap(mem.addr, mem.size // PAGE_SIZE)
-
-
-def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> str:
-    diffs = [p for p in range(0, len(a), PAGE_SIZE) if a[p:p + PAGE_SIZE] != b[p:p + PAGE_SIZE]]
-    if not diffs:
-        return "images are equal"
-    p = diffs[0]
-    off = next(i for i in range(PAGE_SIZE) if a[p + i] != b[p + i])
-    return (f"{len(diffs)} pages differ; first at GPA {p + off:#x}: expected {b[p + off]:#04x}, "
-            f"saw {a[p + off]:#04x}")
 
 
 # -- benchmarks: figures as ratios to this host's own floor, measured in the same run -------------

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from guests import storm
+from native.compare import differing_pages
 from native.inject import FaultInjection
 from native.kvm import ExitReason
 from native.live import VcpuRunner, take_live_snapshot
@@ -39,10 +40,6 @@ HEAD_START_SLICE_S = 0.002
 
 def _gbps(nbytes: int, ns: float) -> float:
     return nbytes / ns if ns else 0.0
-
-
-def _pages_differing(a, b, page: int = PAGE_SIZE) -> list[int]:
-    return [p // page for p in range(0, len(a), page) if a[p:p + page] != b[p:p + page]]
 
 
 def every_vcpu_swept_once(storm_vm) -> bool:
@@ -121,7 +118,7 @@ def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host
         for i, ex in sorted(exits.items()):
             st.check(ex.reason is ExitReason.KICKED, f"vCPU {i} was still running when stopped",
                      f"vCPU {i} ended with {ex.describe()} before it was stopped")
-        changed = _pages_differing(mem.mm, reference.mm)
+        changed = differing_pages(mem.mm, reference.mm)
         st.check(len(changed) > 0, f"{len(changed)} pages changed after the arm instant",
                  "no page changed after the arm: the guest wrote nothing during the snapshot, nothing was proved")
 
@@ -132,7 +129,7 @@ def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host
                 verdict = storm.check_instant(p, region)
             st.check(bool(verdict), f"vCPU {i}: {verdict.message}", f"vCPU {i}: {verdict.message}")
     with report.stage("exact oracle") as st:
-        diffs = _pages_differing(snapshot.mm, reference.mm)
+        diffs = differing_pages(snapshot.mm, reference.mm)
         first = f"first at GPA {diffs[0] * PAGE_SIZE:#x}" if diffs else ""
         st.check(not diffs, "snapshot equals the reference copied during the pause, byte for byte",
                  f"{len(diffs)} pages differ from memory at the arm instant; {first}")
@@ -218,7 +215,7 @@ def test_host_writers_racing_the_copier_never_change_the_snapshot(report, make_m
         t.join(timeout=10)
     assert not any(t.is_alive() for t in threads), "a host writer is still blocked 10 s after the copy"
     snap.finalize()
-    diffs = _pages_differing(dst, at_arm)
+    diffs = differing_pages(dst, at_arm)
     assert not diffs, f"pages {[hex(d * PAGE_SIZE) for d in diffs[:8]]} differ from memory at the arm instant"
     for page in pages:
         assert mem.read(page * PAGE_SIZE + 100, 1)[0] == value, f"host write to page {page:#x} was lost"

@@ -30,6 +30,7 @@ import guests
 from guests import counter
 from guests.counter import CounterParams
 from native.capture import FileCapture
+from native.compare import describe_difference
 from native.image import SnapshotImage
 from native.kvm import Exit, ExitReason, Vm
 from native.live import VcpuRunner
@@ -103,7 +104,7 @@ def lazy_note(st, restored) -> None:
 @pytest.mark.sizes(1 << 20, 64 << 20)
 @pytest.mark.parametrize("loader", LOADERS)
 def test_original_sequence_reruns_in_a_fresh_vm_from_the_file(report, make_memory, make_marker16_vm, capture_snapshot,
-                                                              make_restored_vm, enter_guest, first_difference,
+                                                              make_restored_vm, enter_guest,
                                                               mem_size, loader):
     """The captured file loads into a fresh VM holding 0xBE at 0x1000; marker16 re-runs from 0:0x100 and writes 0x42."""
     with report.stage("source VM runs marker16") as st:
@@ -133,7 +134,7 @@ def test_original_sequence_reruns_in_a_fresh_vm_from_the_file(report, make_memor
         st.check(image.verified, f"content hash matches the header (sha256 of {fmt_bytes(image.memory_size)})")
         on_file = image.read_memory()
         st.check(on_file == at_capture, "the file's image equals source memory at the capture, byte for byte",
-                 f"file vs source at the capture: {first_difference(at_capture, on_file)}")
+                 f"file vs source at the capture: {describe_difference(at_capture, on_file)}")
         st.timing("verified open", verify_ns, "header checks + sha256 of the image; outside the restore figures")
 
     with report.stage(f"restore ({loader}) into a fresh VM") as st:
@@ -168,7 +169,7 @@ def test_original_sequence_reruns_in_a_fresh_vm_from_the_file(report, make_memor
 def test_mid_execution_snapshot_resumes_to_the_uninterrupted_result(report, benchmark, make_memory,
                                                                     make_counter32_vm, capture_snapshot,
                                                                     make_restored_vm, enter_guest,
-                                                                    counter32_uninterrupted, first_difference,
+                                                                    counter32_uninterrupted,
                                                                     mem_size, loader):
     """counter32 captured live mid-run resumes in a fresh VM and ends exactly as an uninterrupted run and the model."""
     p = counter_params(mem_size)
@@ -223,7 +224,7 @@ def test_mid_execution_snapshot_resumes_to_the_uninterrupted_result(report, benc
         # Paused inside an iteration, the region can be one add ahead of the trace word.
         candidates = [counter.expected_after(p, j).region for j in (k, k + 1)]
         st.check(region in candidates, f"the file's region is the model after iteration {k} (or {k + 1})",
-                 f"file region vs model at iteration {k}: {first_difference(candidates[0], region, p.region_gpa)}")
+                 f"file region vs model at iteration {k}: {describe_difference(candidates[0], region, p.region_gpa)}")
 
     with report.stage(f"restore ({loader}) + resume to the working set") as st:
         def resume():
@@ -266,7 +267,7 @@ def test_mid_execution_snapshot_resumes_to_the_uninterrupted_result(report, benc
         want = counter.expected_final(p)
         st.equal(syncs, ref.syncs, "sync values after the resume (all came after the snapshot)",
                  lambda v: str([hex(x) for x in v]))
-        diff = first_difference(ref.memory, final)
+        diff = describe_difference(ref.memory, final)
         st.check(not diff, f"final memory equals the uninterrupted run's, byte for byte ({fmt_bytes(mem_size)})",
                  f"final memory differs from the uninterrupted run's: {diff}")
         seen = {r: regs[r] & 0xFFFFFFFF for r in want.regs}
@@ -275,7 +276,7 @@ def test_mid_execution_snapshot_resumes_to_the_uninterrupted_result(report, benc
         st.equal(seen, want.regs, "registers vs the model", lambda v: ", ".join(f"{r}={x:#x}" for r, x in v.items()))
         region = final[p.region_gpa:p.region_gpa + p.region_size]
         st.check(region == want.region, f"region equals the model after {p.iterations} iterations",
-                 f"region vs model: {first_difference(want.region, region, p.region_gpa)}")
+                 f"region vs model: {describe_difference(want.region, region, p.region_gpa)}")
         st.timing("uninterrupted run", ref.run_ns, "reference VM, entry to HLT, first touch included")
 
 

@@ -19,6 +19,7 @@ import guests
 from guests import DATA_REGION_GPA, FLAT32_LOAD_GPA, PARAM_BLOCK_GPA, PARAM_BLOCK_STRIDE, counter, storm
 from guests.counter import CounterParams
 from guests.storm import StormParams
+from native.compare import describe_difference
 
 STACK_TOP = 0x7000
 STACK_STRIDE = 0x400
@@ -69,19 +70,6 @@ def run_collecting_syncs(vcpu: Any, what: str) -> list[int]:
         values.append(ex.last_sync)
 
 
-def first_difference(want: bytes, got: bytes, base: int) -> str:
-    """'N pages differ, first at GPA ...: expected .., saw ..' for two images of the same range."""
-    pages = [p for p in range(len(want) // 4096) if want[p * 4096:(p + 1) * 4096] != got[p * 4096:(p + 1) * 4096]]
-    if not pages:
-        return "identical"
-    p = pages[0]
-    off = next(i for i in range(p * 4096, (p + 1) * 4096) if want[i] != got[i])
-    w = int.from_bytes(want[off & ~3:(off & ~3) + 4], "little")
-    g = int.from_bytes(got[off & ~3:(off & ~3) + 4], "little")
-    return (f"{len(pages)} pages differ, first at GPA {base + (off & ~3):#x}: expected u32 {w:#010x}, "
-            f"saw {g:#010x}")
-
-
 # -- storm32 --------------------------------------------------------------------------------------
 
 
@@ -97,7 +85,7 @@ def test_storm32_on_one_vcpu_halts_leaving_the_simulated_region(make_memory, mak
                                                     f"ending with {ex.last_sync}"
     region = mem.read(p.region_gpa, p.region_size)
     want = storm.simulate(p, p.total_writes)
-    assert region == want, first_difference(want, region, p.region_gpa)
+    assert region == want, describe_difference(want, region, p.region_gpa)
     assert storm.read_progress(mem.read(block_gpa(0), storm.BLOCK_SIZE)) == storm.StormProgress(4, 4)
     v = storm.check_instant(p, region)
     assert v.ok and v.lo == v.hi == p.total_writes, v.message
@@ -117,7 +105,7 @@ def test_storm32_on_two_vcpus_leaves_each_half_simulated(make_memory, make_vm) -
         assert ex.sync_count == 3, f"vCPU {i}: expected 3 syncs, saw {ex.sync_count}"
         region = mem.read(p.region_gpa, p.region_size)
         want = storm.simulate(p, p.total_writes)
-        assert region == want, f"vCPU {i} half: {first_difference(want, region, p.region_gpa)}"
+        assert region == want, f"vCPU {i} half: {describe_difference(want, region, p.region_gpa)}"
 
 
 def test_storm32_at_each_sync_is_the_sweep_boundary(make_memory, make_vm) -> None:
@@ -131,7 +119,7 @@ def test_storm32_at_each_sync_is_the_sweep_boundary(make_memory, make_vm) -> Non
         assert ex.last_sync == g, f"sweep {g}: sync value {ex.last_sync}"
         region = mem.read(p.region_gpa, p.region_size)
         want = storm.simulate(p, p.sync_position(g))
-        assert region == want, f"at sync {g}: {first_difference(want, region, p.region_gpa)}"
+        assert region == want, f"at sync {g}: {describe_difference(want, region, p.region_gpa)}"
         v = storm.check_instant(p, region)
         assert v.ok and v.lo == v.hi == p.sync_position(g), f"at sync {g}: {v}"
     expect_exit(vcpu.run(timeout=RUN_TIMEOUT), "HLT", "storm32 after its last sync")
@@ -167,7 +155,7 @@ def check_counter_final(mem: Any, vcpu: Any, p: CounterParams, block_at: int, wh
     """Region, parameter block and the registers the guest determines all equal expected_final."""
     f = counter.expected_final(p)
     region = mem.read(p.region_gpa, p.region_size)
-    assert region == f.region, f"{what}: {first_difference(f.region, region, p.region_gpa)}"
+    assert region == f.region, f"{what}: {describe_difference(f.region, region, p.region_gpa)}"
     block = mem.read(block_at, counter.BLOCK_SIZE)
     assert counter.read_progress(block) == counter.read_progress(f.block), (
         f"{what}: block {counter.read_progress(block)}, expected {counter.read_progress(f.block)}")
@@ -204,7 +192,7 @@ def test_counter32_stopped_at_a_sync_resumes_in_a_fresh_vm_to_the_same_result(ma
     mid = counter.expected_after(p, i)
     assert values == mid.syncs, f"syncs before the snapshot {values}, model {mid.syncs}"
     region = mem.read(p.region_gpa, p.region_size)
-    assert region == mid.region, f"at iteration {i}: {first_difference(mid.region, region, p.region_gpa)}"
+    assert region == mid.region, f"at iteration {i}: {describe_difference(mid.region, region, p.region_gpa)}"
 
     # 2. Snapshot: vCPU state and all of memory.
     state, image = vcpu.save_state(), mem.snapshot_bytes()
@@ -220,7 +208,7 @@ def test_counter32_stopped_at_a_sync_resumes_in_a_fresh_vm_to_the_same_result(ma
     # 4. The original, continued, and the resumed copy agree on all of memory.
     expect_exit(vcpu.run(timeout=RUN_TIMEOUT), "HLT", "counter32 continued")
     straight, resumed = mem.snapshot_bytes(), mem2.snapshot_bytes()
-    assert resumed == straight, f"resumed vs uninterrupted: {first_difference(straight, resumed, 0)}"
+    assert resumed == straight, f"resumed vs uninterrupted: {describe_difference(straight, resumed, 0)}"
 
 
 def test_counter32_kicked_mid_run_resumes_in_a_fresh_vm_to_the_same_result(make_memory, make_vm) -> None:
@@ -245,7 +233,7 @@ def test_counter32_kicked_mid_run_resumes_in_a_fresh_vm_to_the_same_result(make_
     region = mem.read(p.region_gpa, p.region_size)
     candidates = [counter.expected_after(p, j).region for j in (it, min(it + 1, p.iterations))]
     assert region in candidates, (
-        f"at the kick (trace says {it}): {first_difference(candidates[0], region, p.region_gpa)}")
+        f"at the kick (trace says {it}): {describe_difference(candidates[0], region, p.region_gpa)}")
 
     # 3. Restore into a fresh VM, run to HLT, compare with the model.
     mem2, vcpu2 = restore(make_memory, make_vm, image, state)
