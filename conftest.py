@@ -168,6 +168,35 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             skip_or_fail(item.config, reason)
 
 
+# What a test built through the factories, so a failure can put its state in the run record.
+LIVE_RESOURCES = pytest.StashKey[list[Any]]()
+
+
+def _live(item: pytest.Item) -> list[Any]:
+    return item.stash.setdefault(LIVE_RESOURCES, [])
+
+
+def _failure_facts(item: pytest.Item) -> dict[str, Any]:
+    """Registers of every idle vCPU and stats of every WP engine the failed test built (never blocks)."""
+    facts: dict[str, Any] = {}
+    for n, obj in enumerate(_live(item)):
+        try:
+            if hasattr(obj, "vcpus"):  # a VM
+                for v in obj.vcpus:
+                    if (regs := v.regs_if_idle()) is None:
+                        continue  # closed, or still inside a run: its state is not ours to read now
+                    facts[f"vm{n}_vcpu{v.index}_regs"] = {k: f"{regs[k]:#x}" for k in
+                                                          ("eip", "eflags", "eax", "ebx", "ecx", "edx", "esi", "esp")}
+            elif hasattr(obj, "stats") and getattr(obj, "_w", None) is not None:  # a WP engine
+                st = obj.stats()
+                facts[f"wp{n}_stats"] = {"faults": st.faults, "fault_pages": st.fault_pages,
+                                         "bulk_pages": st.bulk_pages, "handler_alive": st.handler_alive,
+                                         "handler_err": st.handler_err, "arm_ns": st.arm_ns}
+        except Exception as e:  # evidence gathering must never mask the failure itself
+            facts[f"resource{n}_error"] = repr(e)
+    return facts
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
@@ -182,7 +211,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         else:
             rep.outcome = "skipped"
             rep.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {reason}")
-    item.config._snapproof.record_outcome(item, rep)  # type: ignore[attr-defined]
+    session: Session = item.config._snapproof  # type: ignore[attr-defined]
+    session.record_outcome(item, rep)
+    if rep.failed and rep.when == "call" and (case := session.case_for(item)) is not None:
+        for key, value in _failure_facts(item).items():
+            case.fact(key, value)
 
 
 # -- engine switches ------------------------------------------------------------------------------
@@ -228,7 +261,8 @@ def make_memory(require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-def make_vm(make_memory: Any, require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
+def make_vm(request: pytest.FixtureRequest, make_memory: Any,
+            require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
     """Factory: ``make_vm(memory)`` -> a VM with ``memory`` at GPA 0 in slot 0; all closed at teardown."""
     require("kvm")
     from native.kvm import Vm
@@ -238,6 +272,7 @@ def make_vm(make_memory: Any, require: Callable[..., None]) -> Iterator[Callable
     def _make(memory: Any, flags: int = 0) -> Any:
         vm = Vm.create()
         made.append(vm)
+        _live(request.node).append(vm)
         vm.set_region(slot=0, gpa=0, memory=memory, flags=flags)
         return vm
 
@@ -405,7 +440,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 
 @pytest.fixture
-def make_wp(make_memory: Any, inject: Any, require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
+def make_wp(request: pytest.FixtureRequest, make_memory: Any, inject: Any,
+            require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
     """Factory: ``make_wp(memory, destination)`` -> a WpSnapshot with this run's --inject switches.
 
     Teardown closes every engine (un-protecting before the uffd is dropped) before the memory goes.
@@ -419,6 +455,7 @@ def make_wp(make_memory: Any, inject: Any, require: Callable[..., None]) -> Iter
         kw.setdefault("inject", inject)
         snap = WpSnapshot(memory, destination, **kw)
         made.append(snap)
+        _live(request.node).append(snap)
         return snap
 
     yield _make

@@ -147,6 +147,15 @@ class Vcpu:
             raise ValueError(f"vCPU state is {len(blob)} bytes, expected {n} (kvm_regs+kvm_sregs+kvm_fpu)")
         check(lib.sp_vcpu_load_state(self.handle, blob, n), "load vCPU state", vcpu=self.index)
 
+    def regs_if_idle(self) -> dict[str, int] | None:
+        """The registers, or None when the vCPU is closed or inside a run (never waits for one to end)."""
+        if self._h is None or not self._running.acquire(blocking=False):
+            return None
+        try:
+            return self.regs()
+        finally:
+            self._running.release()
+
     def close(self, timeout: float = 5.0) -> None:
         """Destroy the vCPU; a run still going on another thread is kicked out of KVM_RUN first."""
         if self._h is None:

@@ -23,6 +23,12 @@ def test_no_copy_before_write_fails_the_snapshot_check():
     assert run.returncode == 1, run.output
     assert run.outcome(EXACT_PAGE) == "failed"
     assert "snapshot[0x1000] (BEFORE): expected 0xbe, saw 0x0" in run.failure(EXACT_PAGE)
+    # The failed case's record carries the evidence: the vCPU's registers and the engine's handler stats.
+    facts = run.cases()[EXACT_PAGE]["facts"]
+    regs = next(v for k, v in facts.items() if k.endswith("_regs"))
+    assert regs["eip"] == "0x106", f"marker16 halted after its hlt at 0x105: expected EIP 0x106, saw {regs['eip']}"
+    wp = next(v for k, v in facts.items() if k.endswith("_stats"))
+    assert wp["faults"] == 1 and wp["fault_pages"] == 0, f"expected 1 fault that captured nothing, saw {wp}"
 
 
 def test_arm_without_wp_unpopulated_fails_the_hole_check():
