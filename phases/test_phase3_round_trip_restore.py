@@ -480,3 +480,41 @@ def test_benchmark_original_sequence_1MiB(report, benchmark, make_memory, make_m
                                      "ratio_to_fresh_vm": total / floor})
         report.fact("sequence_median_ns", total)
         report.fact("sequence_ratio_to_fresh_vm", round(total / floor, 3))
+
+
+@pytest.mark.sizes(1 << 20, 64 << 20, extendable=False)
+def test_benchmark_capture_to_file(report, benchmark, make_memory, make_marker16_vm, capture_snapshot, host_limits,
+                                   mem_size):
+    """Capturing a stopped VM's memory into a snapshot file, against a warm memcpy of the same size."""
+    with report.stage("source VM halted, memory populated") as st:
+        mem = make_memory("memfd", mem_size)
+        mem.populate()  # the guest's memory is warm; the file's page cache is not (a new file each round)
+        _, vcpu = make_marker16_vm(mem)
+        ex = vcpu.run(timeout=RUN_TIMEOUT_S)
+        st.check(ex.reason is ExitReason.HLT, "source guest halted", f"source guest did not halt: {ex.describe()}")
+
+    rounds: list[FileCapture] = []
+
+    def capture() -> None:
+        rounds.append(capture_snapshot(mem, f"bench-{len(rounds)}", vcpus=[vcpu]))
+
+    def drop_file(*_args: object) -> None:
+        os.unlink(rounds[-1].image.path)  # untimed: freeing a big file's page cache is no part of a capture
+
+    with report.stage(f"capture into a new file, {BENCH_ROUNDS} rounds") as st:
+        benchmark.pedantic(capture, teardown=drop_file, rounds=BENCH_ROUNDS, iterations=1)
+        total = _median([c.total_ns for c in rounds])
+        memcpy_ns = mem_size / host_limits["memcpy_bytes_per_s"] * 1e9
+        st.timing("capture", total, f"median; file create + engine + file finalize; {total / memcpy_ns:.1f}x a warm "
+                  f"memcpy of {fmt_bytes(mem_size)} ({fmt_ns(memcpy_ns)}); the file's pages are first-touched")
+        st.timing("engine", _median([c.engine_ns for c in rounds]),
+                  f"arm {fmt_ns(_median([c.arm_ns for c in rounds]))}, bulk copy "
+                  f"{fmt_ns(_median([c.bulk_ns for c in rounds]))}, finalize "
+                  f"{fmt_ns(_median([c.finalize_ns for c in rounds]))} (un-protect + join, no fixed sleep)")
+        st.timing("file finalize", _median([c.file_ns for c in rounds]), "msync, fsync, sha256, header, fsync")
+        st.check(all(c.stats.bulk_pages == mem_size // PAGE_SIZE for c in rounds),
+                 f"every round's bulk copy captured all {mem_size // PAGE_SIZE} pages",
+                 f"bulk pages per round: {[c.stats.bulk_pages for c in rounds]}")
+        benchmark.extra_info.update({"capture_median_ns": total, "memcpy_ns": memcpy_ns,
+                                     "ratio_to_memcpy": total / memcpy_ns})
+        report.fact("capture_ratio_to_memcpy", round(total / memcpy_ns, 2))
