@@ -366,7 +366,7 @@ class Session:
             "benchmarks": _benchmark_results(self.config),
         }
 
-    def write(self) -> Path | None:
+    def write(self, record: dict[str, Any]) -> Path | None:
         out = self.config.getoption("results_dir")
         if not out or not self.phases:
             return None
@@ -375,7 +375,7 @@ class Session:
         stamp = self.started.strftime("%Y%m%dT%H%M%SZ")
         path = d / f"{stamp}-{socket.gethostname()}.yaml"
         with open(path, "w") as f:
-            yaml.safe_dump(self.record(), f, sort_keys=False, allow_unicode=True, width=120)
+            yaml.safe_dump(record, f, sort_keys=False, allow_unicode=True, width=120)
         self.record_path = path
         return path
 
@@ -429,7 +429,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         for phase in record["phases"]:
             terminalreporter.write_line(render_phase(phase, verbose=(mode == "full")))
             terminalreporter.write_line("")
-    path = session.write()
+    path = session.write(record)  # the record just printed, not a second gathering of it
     if path is not None:
         terminalreporter.write_line(f"run record: {os.path.relpath(path)}")
     if config.getoption("plots"):
