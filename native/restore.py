@@ -36,11 +36,10 @@ from pathlib import Path
 
 from native import uffd
 from native._lib import check, ffi, lib
-from native.errors import CapabilityMissing
 from native.image import SnapshotFormatError, SnapshotImage, VcpuKind
 from native.kvm import Vcpu, Vm
 from native.memory import PAGE_SIZE, GuestMemory
-from native.wp import supported_features
+from native.wp import require_features
 
 LAZY_BACKINGS = ("memfd", "anonymous")
 # One read(2) moves at most 0x7ffff000 bytes on Linux; 1 GiB chunks keep each call whole.
@@ -102,15 +101,9 @@ class LazyUffd:
                              f"not {memory.backing}")
         self.memory = memory
         self.path = Path(path)
-        supported = supported_features()
         # MISSING on anonymous memory needs no feature bit; on shmem (a memfd) it needs MISSING_SHMEM.
         need = uffd.FEATURES["MISSING_SHMEM"] if memory.backing == "memfd" else 0
-        missing = need & ~supported
-        if missing:
-            names = ", ".join(f"UFFD_FEATURE_{n} (kernel {uffd.SINCE.get(n, '?')})"
-                              for n in uffd.feature_names(missing))
-            raise CapabilityMissing(f"uffd MISSING faults on {memory.backing} memory need {names}: not in the "
-                                    f"kernel's mask {supported:#x}")
+        require_features(need, f"uffd MISSING faults on {memory.backing} memory")
         self.features_requested = need
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:

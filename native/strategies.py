@@ -42,12 +42,11 @@ from typing import Any
 
 from native import uffd
 from native._lib import check, ffi, lib
-from native.errors import CapabilityMissing
 from native.inject import FaultInjection
 from native.kvm import Vm
 from native.live import VcpuRunner
 from native.memory import PAGE_SIZE, GuestMemory, buffer_address, copy_timed
-from native.wp import WpSnapshot, WpStats, supported_features
+from native.wp import WpSnapshot, WpStats, require_features
 
 STOP_AND_COPY: str = "stop-and-copy"
 WP_COPY_BEFORE_WRITE: str = "wp-copy-before-write"
@@ -257,16 +256,10 @@ class PreCopyWpAsync(_PreCopy):
         self._t: object | None = None
 
     def _start_tracking(self) -> None:
-        supported = supported_features()
         need = uffd.mask_of("PAGEFAULT_FLAG_WP", "WP_ASYNC")
         if self.memory.backing in ("memfd", "hugetlb"):
             need |= uffd.FEATURES["WP_HUGETLBFS_SHMEM"]
-        missing = need & ~supported
-        if missing:
-            names = ", ".join(f"UFFD_FEATURE_{n} (kernel {uffd.SINCE.get(n, '?')})"
-                              for n in uffd.feature_names(missing))
-            raise CapabilityMissing(f"pre-copy with uffd WP_ASYNC on {self.memory.backing} memory needs {names}: "
-                                    f"not in the kernel's mask {supported:#x}")
+        supported = require_features(need, f"pre-copy with uffd WP_ASYNC on {self.memory.backing} memory")
         # Holes (never-populated pages) must be tracked too: a guest write into one is a dirty page.
         need |= supported & uffd.FEATURES["WP_UNPOPULATED"]
         out = ffi.new("struct sp_wpasync **")

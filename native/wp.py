@@ -96,6 +96,16 @@ def supported_features() -> int:
     return _probe_cache
 
 
+def require_features(need: int, what: str) -> int:
+    """The kernel's uffd feature mask, or CapabilityMissing naming each bit of ``need`` it lacks (and its kernel)."""
+    supported = supported_features()
+    missing = need & ~supported
+    if missing:
+        names = ", ".join(f"UFFD_FEATURE_{n} (kernel {uffd.SINCE.get(n, '?')})" for n in uffd.feature_names(missing))
+        raise CapabilityMissing(f"{what} needs {names}: not in the kernel's mask {supported:#x}")
+    return supported
+
+
 @contextlib.contextmanager
 def open_uffd(features: int) -> Iterator[tuple[int, int]]:
     """A userfaultfd after the UFFDIO_API handshake asking ``features``: (fd, the kernel's mask); closed after."""
@@ -131,16 +141,10 @@ class WpSnapshot:
         # hugetlb pages are protected and faulted whole: the engine's page is the huge page.
         self.page_size = HUGE_PAGE_SIZE if memory.backing == "hugetlb" else PAGE_SIZE
         self.npages = memory.size // self.page_size
-        supported = supported_features()
         need = uffd.mask_of("PAGEFAULT_FLAG_WP", "THREAD_ID")
         if memory.backing in _SHMEM_BACKINGS:
             need |= uffd.FEATURES["WP_HUGETLBFS_SHMEM"]
-        missing = need & ~supported
-        if missing:
-            names = ", ".join(f"UFFD_FEATURE_{n} (kernel {uffd.SINCE.get(n, '?')})"
-                              for n in uffd.feature_names(missing))
-            raise CapabilityMissing(f"uffd WP on {memory.backing} memory needs {names}: not in the kernel's mask "
-                                    f"{supported:#x}")
+        supported = require_features(need, f"uffd WP on {memory.backing} memory")
         # Never-populated pages are skipped by a plain arm; WP_UNPOPULATED (6.4) marks them,
         # otherwise every page is faulted in first. The injection does neither (forkd's bug).
         if inject & FaultInjection.SKIP_UNPOPULATED:
