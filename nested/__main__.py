@@ -1,0 +1,5 @@
+import sys
+
+from nested.kvm_amd import main
+
+sys.exit(main())
