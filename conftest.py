@@ -49,6 +49,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--inject", default="none", metavar="SWITCH[,SWITCH]",
                 help="engine fault-injection switches (see native.wp.FaultInjection): the phases must FAIL")
     g.addoption("--long", action="store_true", help="run the opt-in long runs (marked slow)")
+    g.addoption("--nested", action="store_true",
+                help="also run the suite on kvm_amd nested under QEMU TCG (tests/test_nested_kvm_amd.py)")
     g.addoption("--fuzz-examples", type=int, default=500, help="hypothesis examples for the file fuzzers")
     g.addoption("--results-dir", default=str(ROOT / "results" / "runs"),
                 help="where the YAML run record goes ('' for none)")
@@ -100,11 +102,11 @@ def on_platform(name: str) -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Tests for another OS's backend, and long runs nobody asked for (--long), are deselected, not
+    # Tests for another OS's backend, and long or nested runs nobody asked for (--long, --nested), are deselected, not
     # skipped: a skip means a missing host capability, and a phase with one is not a PASS.
-    long = config.getoption("long")
+    long, nested = config.getoption("long"), config.getoption("nested")
     unwanted = [i for i in items if ((m := i.get_closest_marker("platform")) and not on_platform(m.args[0]))
-                or (not long and i.get_closest_marker("slow"))]
+                or (not long and i.get_closest_marker("slow")) or (not nested and i.get_closest_marker("nested"))]
     if unwanted:
         config.hook.pytest_deselected(items=unwanted)
         items[:] = [i for i in items if i not in unwanted]

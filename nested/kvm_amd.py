@@ -200,14 +200,15 @@ def run(argv: list[str], out: Path, npt: bool = True, timeout: float = 1800.0, c
                 chunk = os.read(qemu.stdout.fileno(), 65536)
                 if not chunk:
                     break
+                # Raw, as it comes: pytest's progress dots arrive without a newline for minutes under TCG.
+                log.write(chunk.decode(errors="replace"))
+                log.flush()
+                if echo:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
                 pending += chunk
                 *done, pending = pending.split(b"\n")
-                for raw in done:
-                    line = raw.decode(errors="replace").rstrip("\r")
-                    lines.append(line)
-                    log.write(line + "\n")
-                    if echo:
-                        print(f"[nested npt={int(npt)}] {line}", flush=True)
+                lines.extend(raw.decode(errors="replace").rstrip("\r") for raw in done)
             qemu.wait(timeout=30)
         finally:
             if qemu.poll() is None:
@@ -233,6 +234,7 @@ def main(args: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the nested host is killed")
     p.add_argument("--cwd", type=Path, default=REPO, help="the checkout to run in (default: this one)")
     p.add_argument("--install", action="store_true", help="apt-get install what the nested run needs first")
+    p.add_argument("--prepare", action="store_true", help="only install (with --install) and fetch the kernel")
     p.add_argument("command", nargs=argparse.REMAINDER,
                    help="after --: the command to run there (default: python3 -m pytest phases --strict-host)")
     a = p.parse_args(args)
@@ -240,6 +242,10 @@ def main(args: list[str] | None = None) -> int:
     try:
         if a.install:
             install_host_tools()
+        if a.prepare:
+            kernel = fetch_kernel()
+            print(f"nested: kernel {kernel.version} ready in {kernel.vmlinuz.parent.parent}")
+            return 0
         out = a.out or Path(tempfile.mkdtemp(prefix="snapproof-nested-"))
         r = run(command, out, npt=bool(a.npt), timeout=a.timeout, cwd=a.cwd.resolve())
     except NestedError as e:
