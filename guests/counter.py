@@ -169,6 +169,19 @@ def halt_eip() -> int:
     return FLAT32_LOAD_GPA + len(code) - 2
 
 
+# ``addl %ebx, (%eax,%edx,4)``: the read-modify-write into the region, the guest's first store.
+REGION_STORE = b"\x01\x1c\x90"
+
+
+def region_store_eip() -> int:
+    """EIP of counter32's store into its region: where a vCPU whose first write KVM refused stops."""
+    code = load(GUEST)
+    if code.count(REGION_STORE) != 1:
+        raise ValueError(f"{GUEST}.bin holds {code.count(REGION_STORE)} copies of the region store "
+                         f"({REGION_STORE.hex(' ')}), expected exactly one")
+    return FLAT32_LOAD_GPA + code.index(REGION_STORE)
+
+
 def expected_final(params: CounterParams) -> CounterState:
     """What an uninterrupted run leaves at HLT: region, checksum, registers, block, syncs.
 

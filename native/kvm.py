@@ -27,6 +27,8 @@ KVM_MEM_READONLY = 2
 REG_NAMES = ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "eip", "eflags")
 DEBUG_CAP = 4096
+# kvm_run->memory_fault.flags (include/uapi/linux/kvm.h, 6.8+): the fault hit guest_memfd (private) memory.
+KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
 
 
 class ExitReason(enum.IntEnum):
@@ -41,6 +43,8 @@ class ExitReason(enum.IntEnum):
     INTERNAL = lib.SP_EXIT_INTERNAL
     OTHER = lib.SP_EXIT_OTHER
     ERROR = lib.SP_EXIT_ERROR
+    EFAULT = lib.SP_EXIT_EFAULT
+    MEMORY_FAULT = lib.SP_EXIT_MEMORY_FAULT
 
 
 @dataclass(frozen=True)
@@ -62,12 +66,25 @@ class Exit:
     debug: bytes
     run_ns: int
     kvm_runs: int
+    rip: int | None = None   # after a failed KVM_RUN (ERROR, EFAULT, MEMORY_FAULT), read with KVM_GET_REGS
+    fault_gpa: int = 0       # MEMORY_FAULT: the fault covers [fault_gpa, fault_gpa + fault_size)
+    fault_size: int = 0
+    fault_flags: int = 0
 
     def describe(self) -> str:
         r = self.reason
         if r is ExitReason.MMIO:
             kind = "write" if self.mmio_is_write else "read"
-            return f"MMIO {kind} at GPA {self.mmio_gpa:#x} ({self.mmio_len} bytes)"
+            return f"KVM_EXIT_MMIO {kind} at GPA {self.mmio_gpa:#x} ({self.mmio_len} bytes)"
+        if r is ExitReason.MEMORY_FAULT:
+            private = " (private)" if self.fault_flags & KVM_MEMORY_EXIT_FLAG_PRIVATE else ""
+            return (f"KVM_RUN failed with {_errno_name(self.err)} and KVM_EXIT_MEMORY_FAULT: KVM could not back "
+                    f"guest memory [{self.fault_gpa:#x}, {self.fault_gpa + self.fault_size:#x}) with host memory, "
+                    f"flags {self.fault_flags:#x}{private}, {self._at_rip()}")
+        if r is ExitReason.EFAULT:
+            return (f"KVM_RUN failed with EFAULT: KVM could not back a guest access with host memory, "
+                    f"{self._at_rip()}; GPA unknown: only KVM_EXIT_MEMORY_FAULT (6.8+, KVM_CAP_MEMORY_FAULT_INFO) "
+                    "or KVM_EXIT_MMIO names it")
         if r is ExitReason.IO:
             return f"port I/O to port {self.io_port:#x} (value {self.io_value:#x})"
         if r is ExitReason.TIMEOUT:
@@ -75,12 +92,22 @@ class Exit:
         if r in (ExitReason.FAIL_ENTRY, ExitReason.INTERNAL):
             return f"{r.name} (reason {self.hw_reason:#x})"
         if r is ExitReason.ERROR:
-            return f"KVM_RUN failed with errno {self.err}"
+            return f"KVM_RUN failed with {_errno_name(self.err)}, {self._at_rip()}"
         if r is ExitReason.OTHER:
             return f"unhandled KVM exit {self.kvm_exit_reason}"
         if r is ExitReason.SHUTDOWN:
             return f"SHUTDOWN: KVM_EXIT_SHUTDOWN (exit reason {self.kvm_exit_reason}), the guest triple-faulted"
         return r.name
+
+    def _at_rip(self) -> str:
+        return "RIP unknown (KVM_GET_REGS failed)" if self.rip is None else f"guest RIP {self.rip:#x}"
+
+
+def _errno_name(err: int) -> str:
+    import errno
+    import os
+
+    return f"errno {err} {errno.errorcode.get(err, '?')} ({os.strerror(err)})"
 
 
 class Vcpu:
@@ -119,7 +146,8 @@ class Vcpu:
                 io_port=e.io_port, io_value=e.io_value, mmio_gpa=e.mmio_gpa, mmio_len=e.mmio_len,
                 mmio_is_write=bool(e.mmio_is_write), hw_reason=e.hw_reason, sync_count=e.sync_count,
                 last_sync=e.last_sync, debug=bytes(ffi.buffer(self._debug, e.debug_len)), run_ns=e.run_ns,
-                kvm_runs=e.kvm_runs,
+                kvm_runs=e.kvm_runs, rip=e.rip if e.rip_valid else None, fault_gpa=e.fault_gpa,
+                fault_size=e.fault_size, fault_flags=e.fault_flags,
             )
 
     def kick(self) -> None:

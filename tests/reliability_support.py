@@ -74,7 +74,9 @@ class Gauges:
 
 def threads_settled(want: int, timeout: float = 2.0) -> int:
     """The kernel thread count once it equals ``want``, or as it is at ``timeout``: a VM's KVM worker
-    (kvm-nx-lpage-recovery, one per VM that ran) leaves shortly after the VM is closed, not at once."""
+    (kvm-nx-lpage-recovery, one per VM that ran) leaves shortly after the VM is closed, not at once, and
+    a joined pthread is listed until the kernel reaps it (pthread_join returns when the exiting thread
+    clears its tid, before that)."""
     end = time.monotonic() + timeout
     while (n := kernel_threads()) != want and time.monotonic() < end:
         time.sleep(0.01)

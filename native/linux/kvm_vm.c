@@ -14,6 +14,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -25,6 +26,24 @@
 #include "internal.h"
 
 #define SP_KICK_SIGNAL (SIGRTMIN + 4)
+
+/* KVM_EXIT_MEMORY_FAULT and its kvm_run->memory_fault arrived in 6.8 (KVM_CAP_MEMORY_FAULT_INFO);
+ * the 6.1 system headers lack them. The layout is the kernel's include/uapi/linux/kvm.h: three u64
+ * at the start of the kvm_run exit union, like every other member of it. */
+#ifndef KVM_EXIT_MEMORY_FAULT
+#define KVM_EXIT_MEMORY_FAULT 39
+#endif
+struct sp_kvm_memory_fault {
+    uint64_t flags; /* KVM_MEMORY_EXIT_FLAG_PRIVATE (1 << 3), nothing else so far */
+    uint64_t gpa;
+    uint64_t size;
+};
+#ifdef KVM_CAP_MEMORY_FAULT_INFO /* headers that have it: the layout above must be theirs */
+_Static_assert(offsetof(struct kvm_run, memory_fault) == offsetof(struct kvm_run, hw),
+               "kvm_run->memory_fault is not at the start of the exit union");
+_Static_assert(sizeof(((struct kvm_run *)0)->memory_fault) == sizeof(struct sp_kvm_memory_fault),
+               "kvm_run->memory_fault is not three u64");
+#endif
 #define SP_DEBUG_PORT 0xE9
 #define SP_SYNC_PORT 0x500
 
@@ -242,6 +261,34 @@ static void finish(struct sp_vcpu *v, struct sp_exit *out, uint32_t reason, int6
     out->run_ns = (uint64_t)(sp_now_ns() - t0);
 }
 
+/* KVM_RUN returned -1 with `err` (not EINTR/EAGAIN): which failure it is, what KVM said about it,
+ * and where the guest stopped. A guest access KVM cannot back with host memory (on hardware KVM, a
+ * write through a PROT_READ mapping) fails KVM_RUN with EFAULT before the instruction retires, so
+ * RIP is still on it; from 6.8 kvm_run->memory_fault adds the GPA, else the GPA is unknown. */
+static uint32_t failed_run(struct sp_vcpu *v, struct sp_exit *out, int err)
+{
+    struct kvm_run *run = v->run;
+    uint32_t reason = SP_EXIT_ERROR;
+    out->err = err;
+    if ((err == EFAULT || err == EHWPOISON) && run->exit_reason == KVM_EXIT_MEMORY_FAULT) {
+        struct sp_kvm_memory_fault mf;
+        memcpy(&mf, &run->hw, sizeof(mf)); /* hw is the exit union's first member: its start */
+        out->fault_flags = mf.flags;
+        out->fault_gpa = mf.gpa;
+        out->fault_size = mf.size;
+        reason = SP_EXIT_MEMORY_FAULT;
+    } else if (err == EFAULT) {
+        reason = SP_EXIT_EFAULT;
+    }
+    struct kvm_regs regs;
+    if (ioctl(v->fd, KVM_GET_REGS, &regs) == 0) {
+        out->rip = regs.rip;
+        out->rip_valid = 1;
+    }
+    sp_set_last_op("KVM_RUN");
+    return reason;
+}
+
 int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp_exit *out,
                 uint8_t *debug_buf, uint32_t debug_cap)
 {
@@ -275,6 +322,9 @@ int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp
             break;
         }
         out->kvm_runs++;
+        /* KVM writes exit_reason only when it has one to give: a KVM_RUN failing with EFAULT on a
+         * kernel before 6.8 leaves the previous value, which must not pass for a memory-fault exit. */
+        run->exit_reason = KVM_EXIT_UNKNOWN;
         int rc = ioctl(v->fd, KVM_RUN, 0);
         io_pending = 0; /* any entry, even one that ends in EINTR, completes pending I/O first */
         if (rc < 0) {
@@ -282,9 +332,7 @@ int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp
                 run->immediate_exit = 0;
                 continue; /* the top of the loop says why */
             }
-            out->err = errno;
-            sp_set_last_op("KVM_RUN");
-            reason = SP_EXIT_ERROR;
+            reason = failed_run(v, out, errno);
             break;
         }
         switch (run->exit_reason) {

@@ -33,7 +33,14 @@ enum sp_exit_reason {
     SP_EXIT_FAIL_ENTRY = 8,
     SP_EXIT_INTERNAL = 9,
     SP_EXIT_OTHER = 10,    /* any other KVM exit reason (see kvm_exit_reason) */
-    SP_EXIT_ERROR = 11     /* KVM_RUN failed (see err) */
+    SP_EXIT_ERROR = 11,    /* KVM_RUN failed (see err) */
+    /* KVM_RUN failed with EFAULT: KVM found no host memory it may use for a guest access (a write
+     * through a PROT_READ mapping in a slot without KVM_MEM_READONLY, on hardware KVM). Before
+     * KVM_CAP_MEMORY_FAULT_INFO (6.8) that is all it says: no GPA; rip says where the guest stopped. */
+    SP_EXIT_EFAULT = 12,
+    /* The same with KVM_EXIT_MEMORY_FAULT (6.8+): KVM_RUN -1 (EFAULT or EHWPOISON) and the fault's
+     * fault_gpa, fault_size, fault_flags from kvm_run->memory_fault; rip as for SP_EXIT_EFAULT. */
+    SP_EXIT_MEMORY_FAULT = 13
 };
 
 enum sp_run_flags {
@@ -43,7 +50,7 @@ enum sp_run_flags {
 struct sp_exit {
     uint32_t reason;          /* enum sp_exit_reason */
     uint32_t kvm_exit_reason; /* raw kvm_run->exit_reason */
-    int32_t err;              /* errno for SP_EXIT_ERROR */
+    int32_t err;              /* errno for SP_EXIT_ERROR, SP_EXIT_EFAULT, SP_EXIT_MEMORY_FAULT */
     int32_t cpu;              /* CPU the vCPU thread was on when the run ended */
     uint16_t io_port;
     uint8_t io_size;
@@ -59,6 +66,12 @@ struct sp_exit {
     uint32_t debug_len;       /* bytes written to the debug buffer */
     uint64_t run_ns;          /* wall time of this call */
     uint64_t kvm_runs;        /* KVM_RUN ioctls issued by this call */
+    uint64_t rip;             /* after a failed KVM_RUN: the guest's RIP (KVM_GET_REGS), if rip_valid */
+    uint64_t fault_gpa;       /* SP_EXIT_MEMORY_FAULT: kvm_run->memory_fault.gpa (page aligned) */
+    uint64_t fault_size;      /* ... .size: the fault covers [fault_gpa, fault_gpa + fault_size) */
+    uint64_t fault_flags;     /* ... .flags (KVM_MEMORY_EXIT_FLAG_*) */
+    uint32_t rip_valid;       /* 1 when rip was read */
+    uint32_t pad2;
 };
 
 struct sp_vcpu;
