@@ -706,11 +706,12 @@ def capture_snapshot(tmp_path: Path, inject: Any, require: Callable[..., None]) 
 
 
 @pytest.fixture
-def make_restored_vm(require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
+def make_restored_vm(require: Callable[..., None], inject: Any) -> Iterator[Callable[..., Any]]:
     """Factory: ``make_restored_vm(image_or_path, loader, verify=True, reset=None)`` -> native.restore.RestoredVm.
 
-    Loaders: read-copy, map-private, lazy-uffd. Teardown closes each, newest first: the VM, then the
-    lazy loader's handler, then the memory.
+    Loaders: read-copy, map-private, lazy-uffd. The restore gets this run's --inject switches (the
+    vCPU-state ones act there). Teardown closes each, newest first: the VM, then the lazy loader's
+    handler, then the memory.
     """
     require("kvm")
     from native.restore import restore_vm
@@ -722,6 +723,7 @@ def make_restored_vm(require: Callable[..., None]) -> Iterator[Callable[..., Any
             require("uffd")
             if kw.get("lazy_backing", "memfd") == "memfd":
                 require("uffd.MISSING_SHMEM")
+        kw.setdefault("inject", inject)
         restored = restore_vm(image, loader, **kw)
         made.append(restored)
         return restored
