@@ -329,6 +329,73 @@ def msr_entries(msrs: bytes) -> dict[int, int]:
     return {index: value for index, _, value in MSR_ENTRY.iter_unpack(msrs)}
 
 
+# Where the fields a reader looks for sit in each part (x86_64 UAPI, <asm/kvm.h>): (offset, size, name).
+_REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
+              "r14", "r15", "rip", "rflags")
+_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+_PART_FIELDS: dict[VcpuPart, list[tuple[int, int, str]]] = {
+    VcpuPart.REGS: [(8 * i, 8, name) for i, name in enumerate(_REG_NAMES)],
+    VcpuPart.SREGS: [(24 * i, 24, name) for i, name in enumerate(_SEGMENTS)] + [
+        (192, 16, "gdt"), (208, 16, "idt"), (224, 8, "cr0"), (232, 8, "cr2"), (240, 8, "cr3"), (248, 8, "cr4"),
+        (256, 8, "cr8"), (264, 8, "efer"), (272, 8, "apic_base"), (280, 32, "interrupt_bitmap")],
+    VcpuPart.XSAVE: [(0, 2, "FCW"), (2, 2, "FSW"), (4, 1, "FTW"), (6, 2, "FOP"), (8, 8, "FIP"), (16, 8, "FDP"),
+                     (24, 4, "MXCSR"), (28, 4, "MXCSR_MASK")]
+                    + [(32 + 16 * k, 16, f"ST{k}/MM{k}") for k in range(8)]
+                    + [(160 + 16 * k, 16, f"XMM{k}") for k in range(16)]
+                    + [(512, 8, "XSTATE_BV"), (520, 8, "XCOMP_BV")],
+    VcpuPart.XCRS: [(0, 4, "nr_xcrs"), (4, 4, "flags")] + [field for k in range(16) for field in
+                                                          ((8 + 16 * k, 8, f"xcrs[{k}].xcr"),
+                                                           (16 + 16 * k, 8, f"xcrs[{k}].value"))],
+    VcpuPart.VCPU_EVENTS: [(0, 1, "exception.injected"), (1, 1, "exception.nr"), (2, 1, "exception.has_error_code"),
+                           (3, 1, "exception.pending"), (4, 4, "exception.error_code"), (8, 1, "interrupt.injected"),
+                           (9, 1, "interrupt.nr"), (10, 1, "interrupt.soft"), (11, 1, "interrupt.shadow"),
+                           (12, 1, "nmi.injected"), (13, 1, "nmi.pending"), (14, 1, "nmi.masked"),
+                           (16, 4, "sipi_vector"), (20, 4, "flags"), (24, 1, "smi.smm"), (25, 1, "smi.pending"),
+                           (26, 1, "smi.smm_inside_nmi"), (27, 1, "smi.latched_init"), (28, 1, "triple_fault.pending"),
+                           (55, 1, "exception_has_payload"), (56, 8, "exception_payload")],
+    VcpuPart.MP_STATE: [(0, 4, "mp_state")],
+    VcpuPart.DEBUGREGS: [(0, 8, "DR0"), (8, 8, "DR1"), (16, 8, "DR2"), (24, 8, "DR3"), (32, 8, "DR6"),
+                         (40, 8, "DR7"), (48, 8, "flags")],
+}
+
+
+def part_field(part: VcpuPart, data: bytes, name: str) -> int:
+    """A named field of a part (``part_field(VcpuPart.XSAVE, xsave, "XMM0")``), little-endian."""
+    for start, size, field in _PART_FIELDS.get(part, []):
+        if field == name:
+            return int.from_bytes(data[start:start + size], "little")
+    raise KeyError(f"{part.label} has no field {name!r}")
+
+
+def _field_at(part: VcpuPart, offset: int) -> tuple[int, int, str]:
+    for start, size, name in _PART_FIELDS.get(part, []):
+        if start <= offset < start + size:
+            return start, size, name
+    return offset, 1, f"byte {offset:#x}"
+
+
+def describe_part_difference(part: VcpuPart, want: bytes, seen: bytes,
+                             ignore_msrs: Iterable[int] = ()) -> str | None:
+    """Where ``seen`` differs from ``want`` (two versions of one part), naming the field and both values in
+    hex; None when they agree (MSRs in ``ignore_msrs`` not compared)."""
+    if part is VcpuPart.MSRS:
+        a, b, skip = msr_entries(want), msr_entries(seen), set(ignore_msrs)
+        diffs = [f"MSR {i:#x} expected {a[i]:#x}, saw {b[i]:#x}" if i in b else f"MSR {i:#x} expected "
+                 f"{a[i]:#x}, missing" for i in a if i not in skip and a[i] != b.get(i)]
+        diffs += [f"MSR {i:#x} not expected, saw {b[i]:#x}" for i in b if i not in a and i not in skip]
+        return "; ".join(diffs) or None
+    if want == seen:
+        return None
+    if len(want) != len(seen):
+        return f"{len(seen)} bytes, expected {len(want)}"
+    first = next(i for i, (x, y) in enumerate(zip(want, seen, strict=True)) if x != y)
+    count = sum(x != y for x, y in zip(want, seen, strict=True))
+    start, size, name = _field_at(part, first)
+    width = 2 * size + 2
+    was, now = (int.from_bytes(b[start:start + size], "little") for b in (want, seen))
+    return f"{name} expected {was:#0{width}x}, saw {now:#0{width}x} ({count} byte(s) differ from offset {first:#x})"
+
+
 def pack_vcpu_section(states: Sequence[bytes], kinds: Sequence[int]) -> bytes:
     """The vCPU section for these states: one record each, in order. A KVM x86 state is checked part by
     part first (SnapshotFormatError, a ValueError, naming it), so no file is sealed with one the loader refuses."""
