@@ -668,6 +668,81 @@ def counter32_uninterrupted() -> Callable[..., CounterRun]:
     return _run
 
 
+# -- cpustate32: a guest whose result lives in x87/SSE registers, an MSR, debug registers and an NMI ------
+
+
+@pytest.fixture
+def make_cpustate32_vm(make_vm: Callable[..., Any]) -> Callable[..., Any]:
+    """Factory: ``make_cpustate32_vm(memory, seeds, iterations, sync_at)`` -> (vm, [CpuStateParams]): one vCPU
+    per seed, each with KVM's supported CPUID (as a VMM gives its guest), its parameter block from its seed
+    (XSAVE asked for when the vCPU's CPUID offers it) and at the entry, not yet running."""
+    from guests import cpustate
+    from native.image import VcpuPart
+
+    def _make(memory: Any, seeds: list[int], iterations: int, sync_at: list[int]) -> tuple[Any, list[Any]]:
+        vm = make_vm(memory)
+        cpuid = vm.supported_cpuid()
+        for _ in seeds:
+            vm.add_vcpu().set_cpuid(cpuid)
+        # What the guest's CPUID will say, read back from KVM: kvm_pvm's KVM_GET_SUPPORTED_CPUID leaves XSAVE out
+        # of leaf 1 but KVM_SET_CPUID2 fills it in (real KVM lists it where the host has it and keeps it).
+        offers = cpustate.cpuid_offers_xsave(vm.vcpus[0].get_part(VcpuPart.CPUID))
+        xcr0 = cpustate.XCR0_X87_SSE if offers else 0
+        params = [cpustate.CpuStateParams.from_seed(seed, iterations, at, xcr0) for seed, at in
+                  zip(seeds, sync_at, strict=True)]
+        cpustate.load_into(memory, params)
+        for i, vcpu in enumerate(vm.vcpus):
+            cpustate.entry(vcpu, i)
+        return vm, params
+
+    return _make
+
+
+class CpuStateRun:
+    """What an uninterrupted cpustate32 run left at HLT: all of memory and each vCPU's registers."""
+
+    def __init__(self, memory: bytes, regs: list[dict[str, int]]) -> None:
+        self.memory = memory
+        self.regs = regs
+
+
+@pytest.fixture(scope="session")
+def cpustate32_uninterrupted() -> Callable[..., CpuStateRun]:
+    """``cpustate32_uninterrupted(params, mem_size)`` -> CpuStateRun: cpustate32 on one vCPU per params in a
+    VM of its own, each run to its sync, answered with one NMI (the guest's protocol) and run to HLT, never
+    snapshotted. Kept for the session: every loader's resumed run is compared with the same reference."""
+    from guests import cpustate
+    from native.kvm import ExitReason, Vm
+    from native.memory import GuestMemory
+
+    runs: dict[tuple[Any, int], CpuStateRun] = {}
+
+    def _run(params: list[Any], mem_size: int, timeout: float = 60.0) -> CpuStateRun:
+        key = (tuple(params), mem_size)
+        if key not in runs:
+            with GuestMemory.memfd(mem_size) as mem, Vm.create() as vm:
+                vm.set_region(slot=0, gpa=0, memory=mem)
+                cpustate.load_into(mem, params)
+                cpuid = vm.supported_cpuid()
+                for i, p in enumerate(params):
+                    vcpu = vm.add_vcpu()
+                    vcpu.set_cpuid(cpuid)
+                    cpustate.entry(vcpu, i)
+                    if p.sync_at:
+                        ex = vcpu.run(timeout=timeout, stop_on_sync=True)
+                        if ex.reason is not ExitReason.SYNC or ex.last_sync != p.sync_at:
+                            raise RuntimeError(f"uninterrupted cpustate32 vCPU {i}: expected SYNC {p.sync_at:#x}, "
+                                               f"saw {ex.describe()} (sync {ex.last_sync:#x})")
+                        vcpu.inject_nmi()
+                    ex = vcpu.run(timeout=timeout)
+                    if ex.reason is not ExitReason.HLT:
+                        raise RuntimeError(f"uninterrupted cpustate32 vCPU {i}: expected HLT, saw {ex.describe()}")
+                runs[key] = CpuStateRun(mem.snapshot_bytes(), [v.regs() for v in vm.vcpus])
+        return runs[key]
+
+    return _run
+
+
 @pytest.fixture
 def wait_until() -> Callable[..., None]:
     """``wait_until(predicate, what, timeout=30.0)``: poll until ``predicate()`` is true; GuestTimeout
@@ -708,11 +783,12 @@ def capture_snapshot(tmp_path: Path, inject: Any, require: Callable[..., None]) 
 
 
 @pytest.fixture
-def make_restored_vm(require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
+def make_restored_vm(require: Callable[..., None], inject: Any) -> Iterator[Callable[..., Any]]:
     """Factory: ``make_restored_vm(image_or_path, loader, verify=True, reset=None)`` -> native.restore.RestoredVm.
 
-    Loaders: read-copy, map-private, lazy-uffd. Teardown closes each, newest first: the VM, then the
-    lazy loader's handler, then the memory.
+    Loaders: read-copy, map-private, lazy-uffd. The restore gets this run's --inject switches (the
+    vCPU-state ones act there). Teardown closes each, newest first: the VM, then the lazy loader's
+    handler, then the memory.
     """
     require("kvm")
     from native.restore import restore_vm
@@ -724,6 +800,7 @@ def make_restored_vm(require: Callable[..., None]) -> Iterator[Callable[..., Any
             require("uffd")
             if kw.get("lazy_backing", "memfd") == "memfd":
                 require("uffd.MISSING_SHMEM")
+        kw.setdefault("inject", inject)
         restored = restore_vm(image, loader, **kw)
         made.append(restored)
         return restored

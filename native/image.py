@@ -1,58 +1,92 @@
-"""The snapproof snapshot file: one header page, then the raw dense memory image.
+"""The snapproof snapshot file: one header page, the raw dense memory image, then the vCPU states.
 
 Layout of a file (all integers little-endian)::
 
-    0x0000  header page (4096 bytes, table below)
-    0x1000  memory image: memory_size bytes, guest physical address 0 first
+    0x0000                        header page (4096 bytes, table below)
+    0x1000                        memory image: memory_size bytes, guest physical address 0 first
+    0x1000 + memory_size          vCPU section: vcpu_size bytes of vCPU records (below)
 
 The memory image starts on a page boundary, so a backend can map it directly
-(Linux ``mmap(MAP_PRIVATE)``, Windows ``FILE_MAP_COPY``), and dropping the first
-4096 bytes leaves a plain raw memory file. The file is exactly
-``memory_offset + memory_size`` bytes long; nothing trails the image.
+(Linux ``mmap(MAP_PRIVATE)``, Windows ``FILE_MAP_COPY``), and the bytes from
+4096 for memory_size are a plain raw memory file. The file is exactly
+``memory_offset + memory_size + vcpu_size`` bytes long.
+
+Format version 2 moved the vCPU states out of the header page: a whole x86
+vCPU state (XSAVE alone is 4096 bytes or more) does not fit a page. Version 1
+files (regs + sregs + FPU only, in the header) are refused, naming both
+versions: their vCPU state is too little to resume a guest correctly.
 
 Header page::
 
-    offset  size  field            meaning
-    ------  ----  ---------------  ---------------------------------------------------
-    0x000      8  magic            b"SNAPPROF"
-    0x008      4  format_version   1
-    0x00c      4  header_size      4096
-    0x010      4  arch             Arch: 1 = x86_64
-    0x014      4  page_size        4096
-    0x018      8  memory_offset    4096 (the memory image follows the header page)
-    0x020      8  memory_size      bytes of memory image; > 0, a multiple of page_size
-    0x028      4  flags            bit 0 COMPLETE: the capture finished; other bits 0
-    0x02c      4  hash_algo        HashAlgo: 1 = sha256
-    0x030     16  hypervisor       ASCII tag, NUL-padded: "kvm" or "whp"
-    0x040     32  content_hash     sha256 of the memory image
-    0x060      4  vcpu_count       number of vCPU records in vcpu_area
-    0x064     28  reserved         zero
-    0x080   3936  vcpu_area        vcpu_count records, then zero padding (below)
-    0xfe0     32  header_checksum  sha256 of the header page with this field zeroed
+    offset  size  field               meaning
+    ------  ----  ------------------  ------------------------------------------------
+    0x000      8  magic               b"SNAPPROF"
+    0x008      4  format_version      2
+    0x00c      4  header_size         4096
+    0x010      4  arch                Arch: 1 = x86_64
+    0x014      4  page_size           4096
+    0x018      8  memory_offset       4096 (the memory image follows the header page)
+    0x020      8  memory_size         bytes of memory image; > 0, a multiple of page_size
+    0x028      4  flags               bit 0 COMPLETE: the capture finished; other bits 0
+    0x02c      4  hash_algo           HashAlgo: 1 = sha256
+    0x030     16  hypervisor          ASCII tag, NUL-padded: "kvm" or "whp"
+    0x040     32  content_hash        sha256 of the memory image
+    0x060      4  vcpu_count          number of vCPU records in the vCPU section
+    0x064      4  vcpu_state_version  1: the layout of a KVM x86 vCPU state (below)
+    0x068      8  vcpu_offset         memory_offset + memory_size: the section follows the image
+    0x070      8  vcpu_size           bytes of the vCPU section, a multiple of 8
+    0x078     32  vcpu_hash           sha256 of the vCPU section
+    0x098   3912  reserved            zero
+    0xfe0     32  header_checksum     sha256 of the header page with this field zeroed
 
-A vCPU record, 8-byte aligned inside vcpu_area::
+The header checksum covers vcpu_hash, so one chain of hashes covers every
+byte of vCPU state; the section is small and always checked on open.
 
-    +0  4  kind    VcpuKind: 1 = KVM x86 (kvm_regs + kvm_sregs + kvm_fpu, raw, 872 bytes;
-                   the layout belongs to native/kvm.py), 2 = WHP x86 (native/whp.py)
+A vCPU record, 8-byte aligned in the vCPU section, one per vCPU in vCPU-index order::
+
+    +0  4  kind    VcpuKind: 1 = KVM x86 (parts, below), 2 = WHP x86 (opaque, native/whp.py)
     +4  4  length  bytes of state that follow
-    +8     state   opaque bytes, then zero padding to the next multiple of 8
+    +8     state   then zero padding to the next multiple of 8
 
-The area holds 3936 bytes, so four KVM x86 vCPUs (4 * 880 bytes) fit.
+A KVM x86 state (vcpu_state_version 1) is self-describing: a sequence of
+parts, each 8-byte aligned::
+
+    +0  4  part    VcpuPart id: what the bytes are (table below)
+    +4  4  length  bytes of the part that follow
+    +8     bytes   the kernel's struct for that part, then zero padding to a multiple of 8
+
+    id  part         bytes                                            KVM ioctls
+    --  -----------  -----------------------------------------------  ----------------------------
+     1  regs         struct kvm_regs, 144                             KVM_GET/SET_REGS
+     2  sregs        struct kvm_sregs, 312                            KVM_GET/SET_SREGS
+     3  xsave        struct kvm_xsave: KVM_CAP_XSAVE2 bytes, >= 4096  KVM_GET_XSAVE(2)/SET_XSAVE
+     4  xcrs         struct kvm_xcrs, 392 (only with KVM_CAP_XCRS)    KVM_GET/SET_XCRS
+     5  msrs         struct kvm_msr_entry[n], 16 each                 KVM_GET/SET_MSRS
+     6  vcpu_events  struct kvm_vcpu_events, 64                       KVM_GET/SET_VCPU_EVENTS
+     7  mp_state     struct kvm_mp_state, 4                           KVM_GET/SET_MP_STATE
+     8  debugregs    struct kvm_debugregs, 128                        KVM_GET/SET_DEBUGREGS
+     9  cpuid        struct kvm_cpuid2 + nent kvm_cpuid_entry2, 8+40n KVM_GET/SET_CPUID2
+
+Every part but xcrs is required, each at most once; which MSRs, the save and
+restore order and the kernel-side rules live in native/kvm.py.
 
 Writing: ``SnapshotImage.create()`` sizes the file, writes a header with COMPLETE
 clear, and maps the memory region for the capture engine to fill. ``finalize()``
-flushes the memory, hashes it, and only then writes the header with COMPLETE
-set. A capture that is aborted, raises, or dies leaves the file in place,
-marked incomplete; ``SnapshotImage.open()`` refuses it. (Deleting on abort was
-the alternative; it would make an abort and a crash leave different files.)
+flushes the memory, hashes it, appends the vCPU section and only then writes
+the header with COMPLETE set. A capture that is aborted, raises, or dies leaves
+the file in place, marked incomplete; ``SnapshotImage.open()`` refuses it.
+(Deleting on abort was the alternative; it would make an abort and a crash
+leave different files.)
 
 Reading: ``SnapshotImage.open()`` trusts no header field. It checks, in order,
 magic, format_version, header_size, flags (COMPLETE), arch, page_size,
-memory_offset, hash_algo, hypervisor, reserved, memory_size against the file
-length, the vCPU records, the header checksum and, on a verified load, the
-content hash. Each failure raises ``SnapshotFormatError`` naming the field, what
-was expected and what was seen. No allocation depends on a header value before
-that value has been checked against the file length.
+memory_offset, hash_algo, hypervisor, reserved, memory_size and vcpu_size
+against the file length, vcpu_offset, vcpu_state_version, the header checksum,
+then reads the vCPU section and checks vcpu_hash, the vCPU records and every
+part of each KVM x86 state, and, on a verified load, the content hash. Each
+failure raises ``SnapshotFormatError`` naming the field (``vcpu[1].msrs.length``
+for a part), what was expected and what was seen. No allocation depends on a
+header value before that value has been checked against the file length.
 
 ``python -m native.image info FILE`` prints a header in plain words.
 
@@ -71,10 +105,13 @@ import mmap
 import os
 import struct
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import NoReturn
 
 MAGIC = b"SNAPPROF"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The layout of a KVM x86 vCPU state (the parts below); bumped when a part's meaning changes.
+VCPU_STATE_VERSION = 1
 HEADER_SIZE = 4096
 PAGE_SIZE = 4096
 MEMORY_OFFSET = HEADER_SIZE
@@ -97,13 +134,18 @@ FIELDS: dict[str, tuple[int, str]] = {
     "hypervisor": (0x030, "16s"),
     "content_hash": (0x040, "32s"),
     "vcpu_count": (0x060, "<I"),
-    "reserved": (0x064, "28s"),
-    "vcpu_area": (0x080, "3936s"),
+    "vcpu_state_version": (0x064, "<I"),
+    "vcpu_offset": (0x068, "<Q"),
+    "vcpu_size": (0x070, "<Q"),
+    "vcpu_hash": (0x078, "32s"),
+    "reserved": (0x098, "3912s"),
     "header_checksum": (0xFE0, "32s"),
 }
-VCPU_AREA_OFFSET, _ = FIELDS["vcpu_area"]
-VCPU_AREA_SIZE = struct.calcsize(FIELDS["vcpu_area"][1])
 VCPU_RECORD_HEAD = struct.Struct("<II")  # kind, length
+PART_HEAD = struct.Struct("<II")         # part id, length
+# A bound on the vCPU section read into memory on open: 1024 vCPUs of about 20 KiB each fit.
+VCPU_SECTION_MAX = 64 << 20
+EMPTY_SHA256 = hashlib.sha256(b"").digest()
 CHECKSUM_OFFSET, _ = FIELDS["header_checksum"]
 CHECKSUM_SIZE = 32
 
@@ -121,8 +163,44 @@ class HashAlgo(enum.IntEnum):
 
 
 class VcpuKind(enum.IntEnum):
-    KVM_X86 = 1  # struct kvm_regs + kvm_sregs + kvm_fpu, raw (native/kvm.py)
-    WHP_X86 = 2  # WHP register block (native/whp.py)
+    KVM_X86 = 1  # parts (VcpuPart), vcpu_state_version 1 (native/kvm.py)
+    WHP_X86 = 2  # WHP register block, opaque (native/whp.py)
+
+
+class VcpuPart(enum.IntEnum):
+    """A part of a KVM x86 vCPU state: its id in the file, and the C layer's enum sp_vcpu_part."""
+
+    REGS = 1
+    SREGS = 2
+    XSAVE = 3
+    XCRS = 4
+    MSRS = 5
+    VCPU_EVENTS = 6
+    MP_STATE = 7
+    DEBUGREGS = 8
+    CPUID = 9
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+# The kernel's x86_64 UAPI structs (stable ABI); native/linux/vcpu_state.c asserts the same sizes.
+FIXED_PART_SIZES = {
+    VcpuPart.REGS: 144,         # struct kvm_regs
+    VcpuPart.SREGS: 312,        # struct kvm_sregs
+    VcpuPart.XCRS: 392,         # struct kvm_xcrs
+    VcpuPart.VCPU_EVENTS: 64,   # struct kvm_vcpu_events
+    VcpuPart.MP_STATE: 4,       # struct kvm_mp_state
+    VcpuPart.DEBUGREGS: 128,    # struct kvm_debugregs
+}
+XSAVE_MIN_SIZE = 4096                  # struct kvm_xsave; KVM_CAP_XSAVE2 can ask for more
+MSR_ENTRY = struct.Struct("<IIQ")      # struct kvm_msr_entry: index, reserved, data
+CPUID_HEAD = struct.Struct("<II")      # struct kvm_cpuid2: nent, padding
+CPUID_ENTRY_SIZE = 40                  # struct kvm_cpuid_entry2
+# KVM_GET_XCRS needs KVM_CAP_XCRS (a host CPU with XSAVE); every other part is in every state.
+OPTIONAL_PARTS = frozenset({VcpuPart.XCRS})
+REQUIRED_PARTS = tuple(p for p in VcpuPart if p not in OPTIONAL_PARTS)
 
 
 # The kind a writer tags vCPU states with unless told otherwise.
@@ -180,28 +258,166 @@ def _pad8(n: int) -> int:
     return (n + 7) & ~7
 
 
-def pack_vcpu_area(states: Sequence[bytes], kinds: Sequence[int]) -> bytes:
-    """The vcpu_area bytes for these states; ValueError if they do not fit."""
-    area = bytearray(VCPU_AREA_SIZE)
-    pos = 0
+def _label(part: int) -> str:
+    try:
+        return VcpuPart(part).label
+    except ValueError:
+        return f"part {part}"
+
+
+def pack_kvm_x86_state(parts: Mapping[VcpuPart, bytes]) -> bytes:
+    """A KVM x86 vCPU state from its parts, in the mapping's order (each part's bytes as KVM gave them)."""
+    out = bytearray()
+    for part, data in parts.items():
+        VcpuPart(part)  # ValueError on an unknown part
+        out += PART_HEAD.pack(int(part), len(data)) + bytes(data)
+        out += bytes(_pad8(len(out)) - len(out))
+    return bytes(out)
+
+
+def split_kvm_x86_state(state: bytes, where: str = "vCPU state", path: str | os.PathLike | None = None,
+                        prefix: str = "vCPU state") -> dict[VcpuPart, bytes]:
+    """The parts of a KVM x86 vCPU state, in their order in it. Trusts nothing: a bad part header,
+    size, padding, a repeated or missing part raises SnapshotFormatError naming ``where.<part>``."""
+    def fail(field: str, expected: str, seen: str) -> NoReturn:
+        raise SnapshotFormatError(field, expected, seen, path, prefix)
+
+    parts: dict[VcpuPart, bytes] = {}
+    pos, j = 0, 0
+    while pos < len(state):
+        if pos + PART_HEAD.size > len(state):
+            fail(f"{where}.part[{j}]", f"a {PART_HEAD.size}-byte part header at state offset {pos:#x}",
+                 f"the state end at {len(state):#x}")
+        ident, size = PART_HEAD.unpack_from(state, pos)
+        if ident not in _values(VcpuPart):
+            fail(f"{where}.part[{j}].id", ", ".join(f"{int(p)} ({p.label})" for p in VcpuPart), f"{ident}")
+        part = VcpuPart(ident)
+        name = f"{where}.{part.label}"
+        if part in parts:
+            fail(name, "once", f"it again as part[{j}] at state offset {pos:#x}")
+        start = pos + PART_HEAD.size
+        if size > len(state) - start:
+            fail(f"{name}.length", f"at most {len(state) - start} (what is left of the state)", str(size))
+        data = state[start:start + size]
+        if part in FIXED_PART_SIZES and size != FIXED_PART_SIZES[part]:
+            fail(f"{name}.length", f"{FIXED_PART_SIZES[part]} (the kernel struct)", str(size))
+        if part is VcpuPart.XSAVE and (size < XSAVE_MIN_SIZE or size % 4):
+            fail(f"{name}.length", f"a multiple of 4, at least {XSAVE_MIN_SIZE} (struct kvm_xsave)", str(size))
+        if part is VcpuPart.MSRS and size % MSR_ENTRY.size:
+            fail(f"{name}.length", f"a multiple of {MSR_ENTRY.size} (struct kvm_msr_entry)", str(size))
+        if part is VcpuPart.CPUID:
+            if size < CPUID_HEAD.size:
+                fail(f"{name}.length", f"at least {CPUID_HEAD.size} (struct kvm_cpuid2)", str(size))
+            nent = CPUID_HEAD.unpack_from(data)[0]
+            if CPUID_HEAD.size + nent * CPUID_ENTRY_SIZE != size:
+                fail(f"{name}.nent", f"{(size - CPUID_HEAD.size) / CPUID_ENTRY_SIZE:g} (length {size} = "
+                     f"{CPUID_HEAD.size} + {CPUID_ENTRY_SIZE} * nent)", str(nent))
+        end = start + size
+        pos = min(_pad8(end), len(state))
+        if any(state[end:pos]):
+            fail(f"{name} padding", "zero", bytes(state[end:pos]).hex())
+        parts[part] = bytes(data)
+        j += 1
+    missing = [p.label for p in REQUIRED_PARTS if p not in parts]
+    if missing:
+        fail(where, "parts " + ", ".join(p.label for p in REQUIRED_PARTS), "no " + ", ".join(missing))
+    return parts
+
+
+def msr_entries(msrs: bytes) -> dict[int, int]:
+    """A msrs part as {index: value}."""
+    return {index: value for index, _, value in MSR_ENTRY.iter_unpack(msrs)}
+
+
+# Where the fields a reader looks for sit in each part (x86_64 UAPI, <asm/kvm.h>): (offset, size, name).
+_REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
+              "r14", "r15", "rip", "rflags")
+_SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+_PART_FIELDS: dict[VcpuPart, list[tuple[int, int, str]]] = {
+    VcpuPart.REGS: [(8 * i, 8, name) for i, name in enumerate(_REG_NAMES)],
+    VcpuPart.SREGS: [(24 * i, 24, name) for i, name in enumerate(_SEGMENTS)] + [
+        (192, 16, "gdt"), (208, 16, "idt"), (224, 8, "cr0"), (232, 8, "cr2"), (240, 8, "cr3"), (248, 8, "cr4"),
+        (256, 8, "cr8"), (264, 8, "efer"), (272, 8, "apic_base"), (280, 32, "interrupt_bitmap")],
+    VcpuPart.XSAVE: [(0, 2, "FCW"), (2, 2, "FSW"), (4, 1, "FTW"), (6, 2, "FOP"), (8, 8, "FIP"), (16, 8, "FDP"),
+                     (24, 4, "MXCSR"), (28, 4, "MXCSR_MASK")]
+                    + [(32 + 16 * k, 16, f"ST{k}/MM{k}") for k in range(8)]
+                    + [(160 + 16 * k, 16, f"XMM{k}") for k in range(16)]
+                    + [(512, 8, "XSTATE_BV"), (520, 8, "XCOMP_BV")],
+    VcpuPart.XCRS: [(0, 4, "nr_xcrs"), (4, 4, "flags")] + [field for k in range(16) for field in
+                                                          ((8 + 16 * k, 8, f"xcrs[{k}].xcr"),
+                                                           (16 + 16 * k, 8, f"xcrs[{k}].value"))],
+    VcpuPart.VCPU_EVENTS: [(0, 1, "exception.injected"), (1, 1, "exception.nr"), (2, 1, "exception.has_error_code"),
+                           (3, 1, "exception.pending"), (4, 4, "exception.error_code"), (8, 1, "interrupt.injected"),
+                           (9, 1, "interrupt.nr"), (10, 1, "interrupt.soft"), (11, 1, "interrupt.shadow"),
+                           (12, 1, "nmi.injected"), (13, 1, "nmi.pending"), (14, 1, "nmi.masked"),
+                           (16, 4, "sipi_vector"), (20, 4, "flags"), (24, 1, "smi.smm"), (25, 1, "smi.pending"),
+                           (26, 1, "smi.smm_inside_nmi"), (27, 1, "smi.latched_init"), (28, 1, "triple_fault.pending"),
+                           (55, 1, "exception_has_payload"), (56, 8, "exception_payload")],
+    VcpuPart.MP_STATE: [(0, 4, "mp_state")],
+    VcpuPart.DEBUGREGS: [(0, 8, "DR0"), (8, 8, "DR1"), (16, 8, "DR2"), (24, 8, "DR3"), (32, 8, "DR6"),
+                         (40, 8, "DR7"), (48, 8, "flags")],
+}
+
+
+def part_field(part: VcpuPart, data: bytes, name: str) -> int:
+    """A named field of a part (``part_field(VcpuPart.XSAVE, xsave, "XMM0")``), little-endian."""
+    for start, size, field in _PART_FIELDS.get(part, []):
+        if field == name:
+            return int.from_bytes(data[start:start + size], "little")
+    raise KeyError(f"{part.label} has no field {name!r}")
+
+
+def _field_at(part: VcpuPart, offset: int) -> tuple[int, int, str]:
+    for start, size, name in _PART_FIELDS.get(part, []):
+        if start <= offset < start + size:
+            return start, size, name
+    return offset, 1, f"byte {offset:#x}"
+
+
+def describe_part_difference(part: VcpuPart, want: bytes, seen: bytes,
+                             ignore_msrs: Iterable[int] = ()) -> str | None:
+    """Where ``seen`` differs from ``want`` (two versions of one part), naming the field and both values in
+    hex; None when they agree (MSRs in ``ignore_msrs`` not compared)."""
+    if part is VcpuPart.MSRS:
+        a, b, skip = msr_entries(want), msr_entries(seen), set(ignore_msrs)
+        diffs = [f"MSR {i:#x} expected {a[i]:#x}, saw {b[i]:#x}" if i in b else f"MSR {i:#x} expected "
+                 f"{a[i]:#x}, missing" for i in a if i not in skip and a[i] != b.get(i)]
+        diffs += [f"MSR {i:#x} not expected, saw {b[i]:#x}" for i in b if i not in a and i not in skip]
+        return "; ".join(diffs) or None
+    if want == seen:
+        return None
+    if len(want) != len(seen):
+        return f"{len(seen)} bytes, expected {len(want)}"
+    first = next(i for i, (x, y) in enumerate(zip(want, seen, strict=True)) if x != y)
+    count = sum(x != y for x, y in zip(want, seen, strict=True))
+    start, size, name = _field_at(part, first)
+    width = 2 * size + 2
+    was, now = (int.from_bytes(b[start:start + size], "little") for b in (want, seen))
+    return f"{name} expected {was:#0{width}x}, saw {now:#0{width}x} ({count} byte(s) differ from offset {first:#x})"
+
+
+def pack_vcpu_section(states: Sequence[bytes], kinds: Sequence[int]) -> bytes:
+    """The vCPU section for these states: one record each, in order. A KVM x86 state is checked part by
+    part first (SnapshotFormatError, a ValueError, naming it), so no file is sealed with one the loader refuses."""
+    section = bytearray()
     for i, (state, kind) in enumerate(zip(states, kinds, strict=True)):
-        VcpuKind(kind)  # ValueError on an unknown kind
-        need = VCPU_RECORD_HEAD.size + len(state)
-        if pos + need > VCPU_AREA_SIZE:
-            total = sum(_pad8(VCPU_RECORD_HEAD.size + len(s)) for s in states)
-            raise ValueError(
-                f"vCPU states do not fit the header page: vCPU {i} needs {need} bytes at area offset "
-                f"{pos}; all {len(states)} records need {total} bytes, the area holds {VCPU_AREA_SIZE}")
-        VCPU_RECORD_HEAD.pack_into(area, pos, int(kind), len(state))
-        area[pos + VCPU_RECORD_HEAD.size:pos + need] = state
-        pos += _pad8(need)
-    return bytes(area)
+        if VcpuKind(kind) is VcpuKind.KVM_X86:  # ValueError on an unknown kind
+            split_kvm_x86_state(state, f"vcpu[{i}]")
+        if len(state) > 0xFFFFFFFF:
+            raise ValueError(f"a vCPU state of {len(state)} bytes does not fit a record's u32 length")
+        section += VCPU_RECORD_HEAD.pack(int(kind), len(state)) + bytes(state)
+        section += bytes(_pad8(len(section)) - len(section))
+    if len(section) > VCPU_SECTION_MAX:
+        raise ValueError(f"vCPU states: {len(section)} bytes, more than the loader reads ({VCPU_SECTION_MAX})")
+    return bytes(section)
 
 
 def pack_header(*, memory_size: int, arch: int, hypervisor: str, complete: bool,
                 content_hash: bytes = bytes(32), vcpu_states: Sequence[bytes] = (),
                 vcpu_kinds: Sequence[int] = ()) -> bytes:
-    """A header page for these values, checksum included."""
+    """A header page for these values, checksum included; the vCPU section it describes is
+    ``pack_vcpu_section(vcpu_states, vcpu_kinds)``, written right after the memory image."""
+    section = pack_vcpu_section(vcpu_states, vcpu_kinds)
     header = bytearray(HEADER_SIZE)
     _put(header, "magic", MAGIC)
     _put(header, "format_version", FORMAT_VERSION)
@@ -215,7 +431,10 @@ def pack_header(*, memory_size: int, arch: int, hypervisor: str, complete: bool,
     _put(header, "hypervisor", hypervisor.encode("ascii"))
     _put(header, "content_hash", content_hash)
     _put(header, "vcpu_count", len(vcpu_states))
-    _put(header, "vcpu_area", pack_vcpu_area(vcpu_states, vcpu_kinds))
+    _put(header, "vcpu_state_version", VCPU_STATE_VERSION)
+    _put(header, "vcpu_offset", MEMORY_OFFSET + memory_size)
+    _put(header, "vcpu_size", len(section))
+    _put(header, "vcpu_hash", hashlib.sha256(section).digest())
     _put(header, "header_checksum", header_checksum(bytes(header)))
     return bytes(header)
 
@@ -357,7 +576,7 @@ class SnapshotWriter:
             raise ValueError(f"{self.path}: snapshot writer already closed")
         states = [bytes(s) for s in vcpu_states]
         kind = DEFAULT_VCPU_KIND[self.hypervisor] if vcpu_kind is None else VcpuKind(vcpu_kind)
-        pack_vcpu_area(states, [kind] * len(states))  # a too-big state fails here, before any write
+        section = pack_vcpu_section(states, [kind] * len(states))  # a bad state fails here, before any write
         self._mm.flush()
         self._unmap()  # nobody can write after the hash below is taken
         f = self._file
@@ -366,6 +585,10 @@ class SnapshotWriter:
             # leaves an incomplete file, never a complete one with stale pages.
             os.fsync(f.fileno())
             digest = _hash_file_range(f, MEMORY_OFFSET, self.memory_size)
+            # The vCPU section after the image, durable before the header that describes it.
+            f.seek(MEMORY_OFFSET + self.memory_size)
+            f.write(section)
+            os.fsync(f.fileno())
             f.seek(0)
             f.write(pack_header(memory_size=self.memory_size, arch=self.arch, hypervisor=self.hypervisor,
                                 complete=True, content_hash=digest, vcpu_states=states,
@@ -405,6 +628,10 @@ class SnapshotImage:
     hash_algo: HashAlgo
     hypervisor: str
     content_hash: bytes
+    vcpu_state_version: int
+    vcpu_offset: int
+    vcpu_size: int
+    vcpu_hash: bytes
     vcpu_kinds: tuple[int, ...]
     vcpu_states: tuple[bytes, ...]
     header_checksum: bytes
@@ -434,14 +661,14 @@ class SnapshotImage:
         with open(path, "rb", buffering=0) as f:
             length = os.fstat(f.fileno()).st_size
             header = f.read(HEADER_SIZE)
-            img = cls._parse(os.fspath(path), header, length, allow_incomplete)
+            img = cls._parse(os.fspath(path), header, length, allow_incomplete, f)
             if verify:
                 img._verify_with(f)
         return img
 
     @classmethod
-    def _parse(cls, path: str, header: bytes, length: int, allow_incomplete: bool) -> SnapshotImage:
-        def fail(field, expected, seen, prefix="snapshot header"):
+    def _parse(cls, path: str, header: bytes, length: int, allow_incomplete: bool, f) -> SnapshotImage:
+        def fail(field, expected, seen, prefix="snapshot header") -> NoReturn:
             raise SnapshotFormatError(field, expected, seen, path, prefix)
 
         def truncated(what):
@@ -460,6 +687,9 @@ class SnapshotImage:
         img.verified = False
 
         img.format_version = _get(header, "format_version")
+        if img.format_version == 1:
+            fail("format_version", str(FORMAT_VERSION), "1 (a version 1 file holds only regs + sregs + FPU for "
+                 "each vCPU, too little to resume a guest: capture it again)")
         if img.format_version != FORMAT_VERSION:
             fail("format_version", str(FORMAT_VERSION), str(img.format_version))
         if (seen := _get(header, "header_size")) != HEADER_SIZE:
@@ -490,11 +720,13 @@ class SnapshotImage:
         if tag.decode("ascii", "replace") not in HYPERVISORS:
             fail("hypervisor", " or ".join(repr(h) for h in HYPERVISORS), repr(raw_tag))
         img.hypervisor = tag.decode("ascii")
-        if any(_get(header, "reserved")):
-            fail("reserved", "all zero", _get(header, "reserved").hex())
+        reserved = _get(header, "reserved")
+        if any(reserved):
+            at = next(i for i, b in enumerate(reserved) if b)
+            fail("reserved", "all zero", f"byte {reserved[at]:#04x} at header offset {FIELDS['reserved'][0] + at:#x}")
 
         # Sizes against the file: python ints cannot overflow, and nothing is
-        # allocated from memory_size until it matches the bytes on disk.
+        # allocated from memory_size or vcpu_size until it matches the bytes on disk.
         img.memory_size = _get(header, "memory_size")
         if img.memory_size == 0 or img.memory_size % img.page_size:
             fail("memory_size", f"a positive multiple of page_size {_hex(img.page_size)}",
@@ -503,50 +735,84 @@ class SnapshotImage:
         if img.memory_size > held:
             fail("memory_size", f"at most {_hex(max(held, 0))} (file length {_hex(length)} - memory_offset "
                  f"{_hex(img.memory_offset)})", _hex(img.memory_size), "snapshot file truncated")
-        if img.memory_size < held:
-            fail("memory_size", f"{_hex(held)} (file length {_hex(length)} - memory_offset "
-                 f"{_hex(img.memory_offset)})", _hex(img.memory_size))
-
-        img.vcpu_kinds, img.vcpu_states = cls._parse_vcpu_area(header, fail)
+        img.vcpu_size = _get(header, "vcpu_size")
+        if img.vcpu_size % 8 or img.vcpu_size > VCPU_SECTION_MAX:
+            fail("vcpu_size", f"a multiple of 8, at most {_hex(VCPU_SECTION_MAX)}", _hex(img.vcpu_size))
+        if img.vcpu_size > held - img.memory_size:
+            fail("vcpu_size", f"at most {_hex(held - img.memory_size)} (file length {_hex(length)} - memory_offset "
+                 f"- memory_size)", _hex(img.vcpu_size), "snapshot file truncated")
+        if img.memory_size + img.vcpu_size < held:
+            fail("memory_size", f"{_hex(held - img.vcpu_size)} (file length {_hex(length)} - memory_offset "
+                 f"{_hex(img.memory_offset)} - vcpu_size {_hex(img.vcpu_size)})", _hex(img.memory_size))
+        img.vcpu_offset = _get(header, "vcpu_offset")
+        if img.vcpu_offset != img.memory_offset + img.memory_size:
+            fail("vcpu_offset", f"{_hex(img.memory_offset + img.memory_size)} (memory_offset + memory_size)",
+                 _hex(img.vcpu_offset))
+        img.vcpu_state_version = _get(header, "vcpu_state_version")
+        if img.vcpu_state_version != VCPU_STATE_VERSION:
+            fail("vcpu_state_version", str(VCPU_STATE_VERSION), str(img.vcpu_state_version))
 
         img.header_checksum = _get(header, "header_checksum")
         want = header_checksum(header)
         if img.header_checksum != want:
             fail("header_checksum", want.hex(), img.header_checksum.hex())
         img.content_hash = _get(header, "content_hash")
+
+        # The header is what it claims to be; now the vCPU section it describes.
+        f.seek(img.vcpu_offset)
+        section = f.read(img.vcpu_size)
+        if len(section) != img.vcpu_size:
+            fail("vcpu_size", f"{_hex(img.vcpu_size)} bytes at {_hex(img.vcpu_offset)}",
+                 f"{_hex(len(section))} (file shrank after open)", "snapshot file truncated")
+        img.vcpu_hash = _get(header, "vcpu_hash")
+        seen = hashlib.sha256(section).digest()
+        if seen != img.vcpu_hash:
+            fail("vcpu_hash", f"{img.vcpu_hash.hex()} (from header)", f"{seen.hex()} (of the vCPU section)")
+        img.vcpu_kinds, img.vcpu_states = cls._parse_vcpu_section(_get(header, "vcpu_count"), section, path)
         return img
 
     @staticmethod
-    def _parse_vcpu_area(header: bytes, fail) -> tuple[tuple[int, ...], tuple[bytes, ...]]:
-        count = _get(header, "vcpu_count")
-        most = VCPU_AREA_SIZE // VCPU_RECORD_HEAD.size
+    def _parse_vcpu_section(count: int, section: bytes, path: str) -> tuple[tuple[int, ...], tuple[bytes, ...]]:
+        def fail(field, expected, seen) -> NoReturn:
+            raise SnapshotFormatError(field, expected, seen, path, "snapshot vCPU state")
+
+        most = len(section) // VCPU_RECORD_HEAD.size
         if count > most:  # checked first, so a huge count never drives the loop
-            fail("vcpu_count", f"at most {most} (records of {VCPU_RECORD_HEAD.size}+ bytes in "
-                 f"{VCPU_AREA_SIZE})", str(count))
-        area = header[VCPU_AREA_OFFSET:VCPU_AREA_OFFSET + VCPU_AREA_SIZE]
+            fail("vcpu_count", f"at most {most} (records of {VCPU_RECORD_HEAD.size}+ bytes in the "
+                 f"{len(section)}-byte vCPU section)", str(count))
         kinds, states, pos = [], [], 0
         for i in range(count):
-            if pos + VCPU_RECORD_HEAD.size > VCPU_AREA_SIZE:
-                fail(f"vcpu[{i}]", f"a record inside the {VCPU_AREA_SIZE}-byte vcpu_area",
-                     f"the area ends at record offset {pos}")
-            kind, size = VCPU_RECORD_HEAD.unpack_from(area, pos)
+            if pos + VCPU_RECORD_HEAD.size > len(section):
+                fail(f"vcpu[{i}]", f"a record inside the {len(section)}-byte vCPU section",
+                     f"the section ends at record offset {pos}")
+            kind, size = VCPU_RECORD_HEAD.unpack_from(section, pos)
             if kind not in _values(VcpuKind):
                 fail(f"vcpu[{i}].kind", " or ".join(_enum_name(VcpuKind, k) for k in VcpuKind),
                      _enum_name(VcpuKind, kind))
             start = pos + VCPU_RECORD_HEAD.size
-            if size > VCPU_AREA_SIZE - start:
-                fail(f"vcpu[{i}].length", f"at most {VCPU_AREA_SIZE - start} (what is left of vcpu_area)",
+            if size > len(section) - start:
+                fail(f"vcpu[{i}].length", f"at most {len(section) - start} (what is left of the vCPU section)",
                      str(size))
             end = start + size
-            pos = min(_pad8(end), VCPU_AREA_SIZE)
-            if any(area[end:pos]):
-                fail(f"vcpu[{i}] padding", "zero", bytes(area[end:pos]).hex())
+            pos = min(_pad8(end), len(section))
+            if any(section[end:pos]):
+                fail(f"vcpu[{i}] padding", "zero", bytes(section[end:pos]).hex())
+            state = bytes(section[start:end])
+            if kind == VcpuKind.KVM_X86:
+                split_kvm_x86_state(state, f"vcpu[{i}]", path, "snapshot vCPU state")
             kinds.append(kind)
-            states.append(bytes(area[start:end]))
-        if any(area[pos:]):
-            fail("vcpu_area", f"zero after {count} record(s) (from area offset {pos})",
-                 f"non-zero bytes from area offset {pos + next(i for i, b in enumerate(area[pos:]) if b)}")
+            states.append(state)
+        if pos != len(section):
+            fail("vcpu_size", f"{_hex(pos)} (the end of record {count - 1 if count else 'none'})",
+                 f"{_hex(len(section))}: bytes after the last record")
         return tuple(kinds), tuple(states)
+
+    def vcpu_parts(self, index: int) -> dict[VcpuPart, bytes]:
+        """vCPU ``index``'s KVM x86 state, part by part (checked on open)."""
+        if self.vcpu_kinds[index] != VcpuKind.KVM_X86:
+            raise ValueError(f"vCPU {index} holds a {_enum_name(VcpuKind, self.vcpu_kinds[index])} state, "
+                             "not KVM x86 parts")
+        return split_kvm_x86_state(self.vcpu_states[index], f"vcpu[{index}]", self.path)
 
     def _verify_with(self, f) -> None:
         if not self.complete:
@@ -610,6 +876,29 @@ def rewrite_header(path, *, fix_checksum: bool = True, **fields) -> None:
         f.write(header)
 
 
+def rewrite_vcpu_section(path, section: bytes, *, fix_hash: bool = True, **fields) -> None:
+    """Replace the vCPU section of an existing file, for negative tests: ``section`` lands at
+    vcpu_offset, the file ends after it, and vcpu_size and vcpu_hash describe it (unless
+    ``fix_hash=False``) so the loader reaches the record checks; ``fields`` go to rewrite_header."""
+    with open(path, "r+b") as f:
+        header = f.read(HEADER_SIZE)
+        offset = _get(header, "vcpu_offset")
+        f.seek(offset)
+        f.write(section)
+        f.truncate(offset + len(section))
+    if fix_hash:
+        fields = {"vcpu_size": len(section), "vcpu_hash": hashlib.sha256(section).digest(), **fields}
+    rewrite_header(path, **fields)
+
+
+def read_vcpu_section(path) -> bytes:
+    """The vCPU section of a file as its header places it (no checks: for tests that corrupt it)."""
+    with open(path, "rb") as f:
+        header = f.read(HEADER_SIZE)
+        f.seek(_get(header, "vcpu_offset"))
+        return f.read(_get(header, "vcpu_size"))
+
+
 def human_size(n: int) -> str:
     """0x100000 -> '0x100000 (1 MiB)'."""
     value, unit = float(n), "B"
@@ -635,10 +924,17 @@ def describe(img: SnapshotImage) -> list[str]:
         ("file length", human_size(img.file_length)),
         ("content hash", f"{img.hash_algo.name.lower()} {img.content_hash.hex()}"),
         ("header checksum", f"sha256 {img.header_checksum.hex()} (matches)"),
-        ("vCPUs", str(len(img.vcpu_states))),
+        ("vCPUs", f"{len(img.vcpu_states)}, state layout version {img.vcpu_state_version}, "
+                  f"{img.vcpu_size} bytes after the image"),
     ]
     for i, (kind, state) in enumerate(zip(img.vcpu_kinds, img.vcpu_states, strict=True)):
-        lines.append((f"  vCPU {i}", f"{VcpuKind(kind).name.lower()} state, {len(state)} bytes"))
+        text = f"{VcpuKind(kind).name.lower()} state, {len(state)} bytes"
+        if kind == VcpuKind.KVM_X86:
+            parts = img.vcpu_parts(i)
+            text += ": " + ", ".join(f"{p.label} {len(d)}" for p, d in parts.items())
+            if VcpuPart.MSRS in parts:
+                text += f" ({len(parts[VcpuPart.MSRS]) // MSR_ENTRY.size} MSRs)"
+        lines.append((f"  vCPU {i}", text))
     return [f"{k:<16} {v}" for k, v in lines]
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 
+from native.image import VcpuPart
+
 
 class FaultInjection(enum.Flag):
     NONE = 0
@@ -19,10 +21,33 @@ class FaultInjection(enum.Flag):
     ARM_WHILE_RUNNING = 1 << 9      # the live protocol arms without pausing the vCPUs
     DROP_VCPU_STATE = 1 << 10       # the snapshot file is written without its vCPU state
     READ_ONLY_MAPPING = 1 << 11     # a COW load maps the snapshot file read-only (hyperlight's Windows bug)
+    # A restore that forgets one part of each vCPU's state (Vcpu.load_state skips it), or every vCPU's own:
+    DROP_XSAVE = 1 << 12            # x87/MMX, SSE and every XSAVE component left as a fresh vCPU has them
+    DROP_XCRS = 1 << 13             # XCR0 left at its reset value (x87 only)
+    DROP_MSRS = 1 << 14             # no KVM_SET_MSRS: SYSENTER, TSC, PAT, ... at their reset values
+    DROP_VCPU_EVENTS = 1 << 15      # pending/injected exception, interrupt shadow, NMI pending/masked lost
+    DROP_MP_STATE = 1 << 16         # no KVM_SET_MP_STATE: a halted or waiting vCPU restored runnable
+    DROP_DEBUGREGS = 1 << 17        # DR0-DR3, DR6, DR7 left at their reset values
+    SAME_VCPU_STATE = 1 << 18       # every vCPU restored with vCPU 0's state
 
 
 # The switches implemented inside the C engine (SP_INJECT_*).
 C_SWITCHES = 0xFF
+
+# The part of a vCPU's state each DROP_* switch makes the restore skip.
+DROPPED_PART = {
+    FaultInjection.DROP_XSAVE: VcpuPart.XSAVE,
+    FaultInjection.DROP_XCRS: VcpuPart.XCRS,
+    FaultInjection.DROP_MSRS: VcpuPart.MSRS,
+    FaultInjection.DROP_VCPU_EVENTS: VcpuPart.VCPU_EVENTS,
+    FaultInjection.DROP_MP_STATE: VcpuPart.MP_STATE,
+    FaultInjection.DROP_DEBUGREGS: VcpuPart.DEBUGREGS,
+}
+
+
+def dropped_parts(inject: FaultInjection) -> frozenset[VcpuPart]:
+    """The vCPU state parts these switches make a restore skip."""
+    return frozenset(part for switch, part in DROPPED_PART.items() if inject & switch)
 
 
 def parse(text: str) -> FaultInjection:

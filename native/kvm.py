@@ -12,11 +12,22 @@ if sys.platform == "win32":
     raise ImportError("native.kvm is the Linux (KVM) backend: on Windows the backend is native.whp")
 
 import enum
+import errno
 import threading
 from dataclasses import dataclass
 
 from native._lib import check, ffi, lib
 from native.errors import CapabilityMissing, GuestTimeout, NativeError
+from native.image import (
+    CPUID_ENTRY_SIZE,
+    CPUID_HEAD,
+    FIXED_PART_SIZES,
+    MSR_ENTRY,
+    XSAVE_MIN_SIZE,
+    VcpuPart,
+    pack_kvm_x86_state,
+    split_kvm_x86_state,
+)
 from native.memory import GuestMemory
 
 KVM_API_VERSION = 12
@@ -29,6 +40,25 @@ REG_NAMES = ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp",
 DEBUG_CAP = 4096
 # kvm_run->memory_fault.flags (include/uapi/linux/kvm.h, 6.8+): the fault hit guest_memfd (private) memory.
 KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+
+# KVM_CHECK_EXTENSION numbers (linux/kvm.h), asked on the VM fd as api.rst says for KVM_CAP_XSAVE2.
+KVM_CAP_XCRS = 56
+KVM_CAP_XSAVE2 = 208
+KVM_MAX_CPUID_ENTRIES = 256
+
+# The order a vCPU's parts are read and written in (Firecracker's vstate/vcpu x86_64 save_state and
+# restore_state, for the same reasons):
+# - save: KVM_GET_MP_STATE first, because it runs kvm_apic_accept_events(), which can change the state
+#   the other GETs read; KVM_GET_VCPU_EVENTS last, since other GETs can touch what it reports.
+# - restore: CPUID first: KVM judges CR4 bits (KVM_SET_SREGS), XCR0 (KVM_SET_XCRS), the XSAVE
+#   features (KVM_SET_XSAVE) and which MSRs exist by the vCPU's CPUID. MP state before the rest.
+#   KVM_SET_REGS drops a pending exception, so events come after it, last of all. MSRs after sregs
+#   (KVM_SET_SREGS writes EFER and the APIC base), and after CPUID. Debug registers before MSRs as
+#   Firecracker does (IA32_DEBUGCTL is an MSR; DR7 is not).
+SAVE_ORDER = (VcpuPart.MP_STATE, VcpuPart.REGS, VcpuPart.SREGS, VcpuPart.XSAVE, VcpuPart.XCRS,
+              VcpuPart.DEBUGREGS, VcpuPart.CPUID, VcpuPart.MSRS, VcpuPart.VCPU_EVENTS)
+RESTORE_ORDER = (VcpuPart.CPUID, VcpuPart.MP_STATE, VcpuPart.REGS, VcpuPart.SREGS, VcpuPart.XSAVE,
+                 VcpuPart.XCRS, VcpuPart.DEBUGREGS, VcpuPart.MSRS, VcpuPart.VCPU_EVENTS)
 
 
 class ExitReason(enum.IntEnum):
@@ -118,6 +148,8 @@ class Vcpu:
         self._exit = ffi.new("struct sp_exit *")
         self._debug = ffi.new("uint8_t[]", DEBUG_CAP)
         self._running = threading.Lock()
+        self._msrs_to_save: list[int] | None = None  # KVM's MSR list, less those this vCPU refuses (first save)
+        self.msrs_refused_at_value: list[int] = []    # by the last load_state: see _set_msrs
         self.closing = False  # set before close() kicks a run on another thread: that thread must not run again
 
     @property
@@ -162,18 +194,116 @@ class Vcpu:
         check(lib.sp_vcpu_get_regs(self.handle, out), "KVM_GET_REGS", vcpu=self.index)
         return dict(zip(REG_NAMES, list(out), strict=True))
 
-    def save_state(self) -> bytes:
-        """regs + sregs + FPU, as struct kvm_regs, kvm_sregs, kvm_fpu back to back."""
-        n = lib.sp_vcpu_state_size()
-        buf = ffi.new("uint8_t[]", n)
-        check(lib.sp_vcpu_save_state(self.handle, buf, n), "save vCPU state", vcpu=self.index)
+    def get_part(self, part: VcpuPart, msrs: list[int] | None = None) -> bytes:
+        """One part of the vCPU's state, the kernel's struct as KVM_GET_* fills it. ``msrs``: the MSR
+        indices to read for the msrs part (every MSR in ``msrs_to_save()`` by default)."""
+        if part is VcpuPart.MSRS:
+            indices = self.msrs_to_save() if msrs is None else msrs
+            buf = ffi.new("uint8_t[]", MSR_ENTRY.size * len(indices) or 1)
+            for i, index in enumerate(indices):
+                MSR_ENTRY.pack_into(ffi.buffer(buf), MSR_ENTRY.size * i, index, 0, 0)
+            n = check(lib.sp_vcpu_get_part(self.handle, part, buf, MSR_ENTRY.size * len(indices)), "KVM_GET_MSRS",
+                      vcpu=self.index)
+            if n != len(indices):
+                raise NativeError("KVM_GET_MSRS", errno.EINVAL, vcpu=self.index, msr=indices[n],
+                                  read=f"{n} of {len(indices)} MSRs")
+            return bytes(ffi.buffer(buf, MSR_ENTRY.size * n))
+        size = self._part_size(part)
+        buf = ffi.new("uint8_t[]", size)
+        n = check(lib.sp_vcpu_get_part(self.handle, part, buf, size), f"get vCPU {part.label}", vcpu=self.index)
         return bytes(ffi.buffer(buf, n))
 
-    def load_state(self, blob: bytes) -> None:
-        n = lib.sp_vcpu_state_size()
-        if len(blob) != n:
-            raise ValueError(f"vCPU state is {len(blob)} bytes, expected {n} (kvm_regs+kvm_sregs+kvm_fpu)")
-        check(lib.sp_vcpu_load_state(self.handle, blob, n), "load vCPU state", vcpu=self.index)
+    def set_part(self, part: VcpuPart, data: bytes) -> None:
+        """Write one part of the vCPU's state (KVM_SET_*); a refused MSR is named by its index."""
+        if part is VcpuPart.XSAVE:
+            # KVM_SET_XSAVE reads exactly this host's KVM_CAP_XSAVE2 size: a shorter state (from a host
+            # without the larger components) is the same state with them in their init (absent) form.
+            size = self.vm.xsave_size()
+            if len(data) > size:
+                raise ValueError(f"vCPU {self.index}: xsave part of {len(data)} bytes, this host's KVM takes "
+                                 f"{size} (KVM_CAP_XSAVE2): the state holds XSAVE components this host lacks")
+            data = data + bytes(size - len(data))
+        if part is VcpuPart.CPUID and CPUID_HEAD.unpack_from(data)[0] == 0:
+            return  # no entries: a fresh vCPU has none either, and KVM_SET_CPUID2 has nothing to set
+        if part is VcpuPart.MSRS:
+            self._set_msrs(data)
+            return
+        check(lib.sp_vcpu_set_part(self.handle, part, data, len(data)), f"set vCPU {part.label}", vcpu=self.index)
+
+    def _set_msrs(self, data: bytes) -> None:
+        """KVM_SET_MSRS for every entry. KVM stops at an MSR it refuses: one that this vCPU already holds
+        at the wanted value (KVM_GET_MSRS says so) is noted in ``msrs_refused_at_value`` and passed over
+        (kvm_pvm refuses to write some paravirtual MSRs it lets be read); any other is an error naming it."""
+        self.msrs_refused_at_value = []
+        while data:
+            n = check(lib.sp_vcpu_set_part(self.handle, VcpuPart.MSRS, data, len(data)), "set vCPU msrs",
+                      vcpu=self.index)
+            if n == len(data) // MSR_ENTRY.size:
+                return
+            index, _, value = MSR_ENTRY.unpack_from(data, MSR_ENTRY.size * n)
+            held = self.get_part(VcpuPart.MSRS, [index])
+            if MSR_ENTRY.unpack(held)[2] != value:
+                raise NativeError("KVM_SET_MSRS", errno.EINVAL, vcpu=self.index, msr=index, value=value,
+                                  held=MSR_ENTRY.unpack(held)[2])
+            self.msrs_refused_at_value.append(index)
+            data = data[MSR_ENTRY.size * (n + 1):]
+
+    def _part_size(self, part: VcpuPart) -> int:
+        if part in FIXED_PART_SIZES:
+            return FIXED_PART_SIZES[part]
+        if part is VcpuPart.XSAVE:
+            return self.vm.xsave_size()
+        if part is VcpuPart.CPUID:
+            return CPUID_HEAD.size + CPUID_ENTRY_SIZE * KVM_MAX_CPUID_ENTRIES
+        raise ValueError(f"{part.label}: no size of its own (the msrs part is sized by its MSR list)")
+
+    def msrs_to_save(self) -> list[int]:
+        """The MSRs a snapshot holds: KVM_GET_MSR_INDEX_LIST less those KVM_GET_MSRS refuses on this
+        vCPU (Firecracker's filter: KVM lists MSRs whose CPUID feature the guest may lack). Asked once."""
+        if self._msrs_to_save is None:
+            readable: list[int] = []
+            rest = self.vm.msr_index_list()
+            while rest:
+                buf = ffi.new("uint8_t[]", MSR_ENTRY.size * len(rest))
+                for i, index in enumerate(rest):
+                    MSR_ENTRY.pack_into(ffi.buffer(buf), MSR_ENTRY.size * i, index, 0, 0)
+                n = check(lib.sp_vcpu_get_part(self.handle, VcpuPart.MSRS, buf, MSR_ENTRY.size * len(rest)),
+                          "KVM_GET_MSRS", vcpu=self.index)
+                readable += rest[:n]
+                rest = rest[n + 1:]  # KVM stops at the first MSR it refuses: skip that one, go on
+            self._msrs_to_save = readable
+        return list(self._msrs_to_save)
+
+    def save_state(self) -> bytes:
+        """The whole x86 state, part by part in SAVE_ORDER, as the file's self-describing KVM x86
+        state (native/image.py). The vCPU must be stopped: outside KVM_RUN, any port write completed."""
+        parts = {}
+        for part in SAVE_ORDER:
+            if part is VcpuPart.XCRS and not self.vm.has_xcrs():
+                continue  # KVM_GET_XCRS needs a host CPU with XSAVE (KVM_CAP_XCRS); the format allows its absence
+            parts[part] = self.get_part(part)
+        return pack_kvm_x86_state(parts)
+
+    def load_state(self, blob: bytes, skip: frozenset[VcpuPart] = frozenset()) -> tuple[VcpuPart, ...]:
+        """Write a state from ``save_state`` (or a file) into this vCPU, in RESTORE_ORDER; returns the
+        parts written. ``skip``: parts deliberately left out, for fault injection only (native/inject.py).
+        A malformed state raises SnapshotFormatError (a ValueError) naming the part, before any write."""
+        parts = split_kvm_x86_state(blob, f"vCPU {self.index} state")
+        applied = []
+        for part in RESTORE_ORDER:
+            if part in parts and part not in skip:
+                self.set_part(part, parts[part])
+                applied.append(part)
+        return tuple(applied)
+
+    def set_cpuid(self, cpuid: bytes) -> None:
+        """KVM_SET_CPUID2 with a struct kvm_cpuid2 and its entries (e.g. ``Vm.supported_cpuid()``): what
+        the guest's CPUID reports, and what KVM judges CR4, XCR0 and MSR writes by. Before the first run."""
+        self.set_part(VcpuPart.CPUID, cpuid)
+
+    def inject_nmi(self) -> None:
+        """KVM_NMI: queue an NMI, delivered at the next guest entry unless NMIs are blocked."""
+        check(lib.sp_vcpu_inject_nmi(self.handle), "KVM_NMI", vcpu=self.index)
 
     def regs_if_idle(self) -> dict[str, int] | None:
         """The registers, or None when the vCPU is closed or inside a run (never waits for one to end)."""
@@ -204,10 +334,6 @@ class Vcpu:
             self._h = None
         finally:
             self._running.release()
-
-
-def vcpu_state_size() -> int:
-    return int(lib.sp_vcpu_state_size())
 
 
 class Vm:
@@ -268,6 +394,28 @@ class Vm:
         vcpu = Vcpu(self, index, out[0])
         self.vcpus.append(vcpu)
         return vcpu
+
+    def xsave_size(self) -> int:
+        """Bytes of a kvm_xsave for this VM: KVM_CAP_XSAVE2's answer (>= 4096) when KVM has it, else 4096."""
+        size = check(lib.sp_kvm_check_extension(self.vm_fd, KVM_CAP_XSAVE2), "KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)")
+        return max(size, XSAVE_MIN_SIZE)
+
+    def has_xcrs(self) -> bool:
+        return check(lib.sp_kvm_check_extension(self.vm_fd, KVM_CAP_XCRS), "KVM_CHECK_EXTENSION(KVM_CAP_XCRS)") > 0
+
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores for a vCPU."""
+        n = check(lib.sp_kvm_msr_index_list(self.kvm_fd, ffi.NULL, 0), "KVM_GET_MSR_INDEX_LIST")
+        out = ffi.new("uint32_t[]", n or 1)
+        n = check(lib.sp_kvm_msr_index_list(self.kvm_fd, out, n), "KVM_GET_MSR_INDEX_LIST")
+        return list(out[0:n])
+
+    def supported_cpuid(self) -> bytes:
+        """KVM_GET_SUPPORTED_CPUID as a struct kvm_cpuid2 with its entries, for ``Vcpu.set_cpuid``."""
+        size = CPUID_HEAD.size + CPUID_ENTRY_SIZE * KVM_MAX_CPUID_ENTRIES
+        buf = ffi.new("uint8_t[]", size)
+        n = check(lib.sp_kvm_supported_cpuid(self.kvm_fd, buf, size), "KVM_GET_SUPPORTED_CPUID")
+        return bytes(ffi.buffer(buf, n))
 
     def close(self) -> None:
         import os

@@ -36,7 +36,8 @@ from pathlib import Path
 
 from native import uffd
 from native._lib import check, ffi, lib
-from native.image import SnapshotFormatError, SnapshotImage, VcpuKind
+from native.image import SnapshotFormatError, SnapshotImage, VcpuKind, VcpuPart
+from native.inject import FaultInjection, dropped_parts
 from native.kvm import Vcpu, Vm
 from native.memory import PAGE_SIZE, GuestMemory
 from native.wp import require_features
@@ -250,6 +251,7 @@ class RestoredVm:
     vm: Vm
     vcpus: list[Vcpu]
     from_saved_state: bool
+    applied_parts: list[tuple[VcpuPart, ...]]  # per vCPU: the state parts written, in the order written
     open_ns: int    # the header read and checked (plus the content hash when verified)
     load_ns: int    # the loader
     vm_ns: int      # KVM_CREATE_VM + memslot
@@ -288,12 +290,15 @@ class RestoredVm:
 
 
 def restore_vm(image: SnapshotImage | str | os.PathLike[str], loader: str, *, verify: bool = True,
-               reset: Callable[[Vcpu], None] | None = None, **loader_kw: object) -> RestoredVm:
+               reset: Callable[[Vcpu], None] | None = None, inject: FaultInjection = FaultInjection.NONE,
+               **loader_kw: object) -> RestoredVm:
     """A fresh VM restored from a snapshot file: memory by ``loader``, one vCPU per saved state.
 
     ``image`` is a path (opened here, the content hash checked when ``verify``) or an opened
-    SnapshotImage. A file without vCPU state gets one vCPU, set up by ``reset`` when given (a
-    guest's entry point) and left in KVM's power-on state otherwise.
+    SnapshotImage. vCPU i is created with id i and loaded with state i (``Vcpu.load_state``: every
+    part, in RESTORE_ORDER). A file without vCPU state gets one vCPU, set up by ``reset`` when given
+    (a guest's entry point) and left in KVM's power-on state otherwise. ``inject``: the DROP_* switches
+    skip a part of every state, SAME_VCPU_STATE gives every vCPU vCPU 0's state (bugs to be caught).
     """
     clock = time.perf_counter_ns
     t0 = clock()
@@ -311,10 +316,14 @@ def restore_vm(image: SnapshotImage | str | os.PathLike[str], loader: str, *, ve
         vm = Vm.create()
         vm.set_region(slot=0, gpa=0, memory=restored.memory)
         t3 = clock()
-        vcpus = []
-        for state in img.vcpu_states:
+        vcpus, applied = [], []
+        states = list(img.vcpu_states)
+        if inject & FaultInjection.SAME_VCPU_STATE:
+            states = states[:1] * len(states)
+        skip = dropped_parts(inject)
+        for state in states:
             vcpu = vm.add_vcpu()
-            vcpu.load_state(state)
+            applied.append(vcpu.load_state(state, skip=skip))
             vcpus.append(vcpu)
         if not vcpus:
             vcpu = vm.add_vcpu()
@@ -327,5 +336,6 @@ def restore_vm(image: SnapshotImage | str | os.PathLike[str], loader: str, *, ve
             vm.close()
         restored.close()
         raise
-    return RestoredVm(restored, vm, vcpus, from_saved_state=bool(img.vcpu_states), open_ns=t1 - t0,
+    return RestoredVm(restored, vm, vcpus, from_saved_state=bool(img.vcpu_states), applied_parts=applied,
+                      open_ns=t1 - t0,
                       load_ns=t2 - t1, vm_ns=t3 - t2, state_ns=t4 - t3)

@@ -1,6 +1,6 @@
 """Phase 3 — a snapshot file restores into a fresh VM that runs correctly: by copy, by MAP_PRIVATE, by lazy uffd.
 
-Two sequences, each through all three loaders of native/restore.py:
+Three sequences, each through all three loaders of native/restore.py:
 
 - the original (forkd v0.4 proof 4, PR #160): the source VM runs marker16 to HLT (0x42 at GPA
   0x1000); the marker is reset to 0xBE; the WP engine captures memory straight into a snapshot
@@ -10,6 +10,11 @@ Two sequences, each through all three loaders of native/restore.py:
   while the guest runs) captures it into a file; a fresh VM restored from the file resumes where
   the snapshot stopped it, touches its working set, and halts with the memory and registers of an
   uninterrupted run of the same guest and of the counter model (guests/counter.py).
+- whole vCPU state: cpustate32 on two vCPUs keeps its running result in XMM0, in MM0 (the x87
+  registers), in IA32_SYSENTER_EIP and in DR0-DR3; each vCPU stops at its own sync point and the host
+  answers with an NMI, left pending; the stopped VM is captured into a file, restored into a fresh VM
+  whose vCPUs resume each with its own state (NMI included), and both end as an uninterrupted run and
+  the model (guests/cpustate.py), with every part of each vCPU's state read back equal to the file's.
 
 Per loader and size the report gives the time to the first guest instruction (restore until
 marker16 halts: its first instruction and two more) and the time until the resumed counter has
@@ -27,12 +32,20 @@ from functools import partial
 import pytest
 
 import guests
-from guests import counter
+from guests import counter, cpustate
 from guests.counter import CounterParams
 from native.capture import FileCapture
 from native.compare import describe_difference
-from native.image import SnapshotImage
-from native.kvm import Exit, ExitReason, Vm
+from native.image import (
+    MSR_ENTRY,
+    SnapshotImage,
+    VcpuPart,
+    describe_part_difference,
+    msr_entries,
+    part_field,
+    split_kvm_x86_state,
+)
+from native.kvm import RESTORE_ORDER, Exit, ExitReason, Vm
 from native.live import VcpuRunner
 from native.memory import PAGE_SIZE, GuestMemory
 from native.restore import LOADERS, RestoredVm, restore_vm
@@ -56,6 +69,11 @@ WS_TOUCHED = counter.WS_TOUCHED
 BLOCK = guests.PARAM_BLOCK_GPA
 PRE_RUN_S = 0.001  # the guest's head start before the live snapshot (~50 of 240 first-pass iterations here)
 PRE_RUN_SLICES = 100
+# cpustate32: two vCPUs, each stopped at its own point, so each holds a state of its own at the capture.
+CPUSTATE_SEEDS = [0xC0FFEE, 0x5EED2]
+CPUSTATE_ITERATIONS = 1500
+CPUSTATE_SYNC_AT = [600, 1100]
+MSR_IA32_TSC = 0x10  # counts on between the restore and its read-back: the one part of the state that may differ
 clock = time.perf_counter_ns
 
 
@@ -278,6 +296,131 @@ def test_mid_execution_snapshot_resumes_to_the_uninterrupted_result(report, benc
         st.check(region == want.region, f"region equals the model after {p.iterations} iterations",
                  f"region vs model: {describe_difference(want.region, region, p.region_gpa)}")
         st.timing("uninterrupted run", ref.run_ns, "reference VM, entry to HLT, first touch included")
+
+
+# -- whole vCPU state, two vCPUs ------------------------------------------------------------------------
+
+
+def guest_values_in_state(parts: dict[VcpuPart, bytes]) -> dict[str, int]:
+    """cpustate32's running values as a saved vCPU state holds them (the guest's registers, not its memory)."""
+    xmm = part_field(VcpuPart.XSAVE, parts[VcpuPart.XSAVE], "XMM0")
+    return {"XMM0": xmm, "MM0": part_field(VcpuPart.XSAVE, parts[VcpuPart.XSAVE], "ST0/MM0") & (1 << 64) - 1,
+            "SYSENTER_EIP": msr_entries(parts[VcpuPart.MSRS]).get(cpustate.MSR_SYSENTER_EIP, -1),
+            **{f"DR{k}": part_field(VcpuPart.DEBUGREGS, parts[VcpuPart.DEBUGREGS], f"DR{k}") for k in range(4)},
+            "nmi.pending": part_field(VcpuPart.VCPU_EVENTS, parts[VcpuPart.VCPU_EVENTS], "nmi.pending"),
+            "XCR0": part_field(VcpuPart.XCRS, parts[VcpuPart.XCRS], "xcrs[0].value") if VcpuPart.XCRS in parts else 1,
+            "ebx": part_field(VcpuPart.REGS, parts[VcpuPart.REGS], "rbx")}
+
+
+def model_values_at_sync(p: cpustate.CpuStateParams) -> dict[str, int]:
+    v = cpustate.expected_after(p, p.sync_at)
+    return {"XMM0": sum(w << 32 * k for k, w in enumerate(v.xmm)), "MM0": v.mm, "SYSENTER_EIP": v.msr,
+            **{f"DR{k}": w for k, w in enumerate(p.dr_init)}, "nmi.pending": 1, "XCR0": p.xcr0 or 1, "ebx": p.sync_at}
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_two_vcpus_resume_each_with_its_own_whole_state(report, make_memory, make_cpustate32_vm, capture_snapshot,
+                                                        make_restored_vm, cpustate32_uninterrupted, loader):
+    """cpustate32's two vCPUs, stopped at their own sync points with an NMI pending and captured, resume in a fresh
+    VM each with its own x87/SSE, MSR, XCR, debug-register, event and MP state, and end as an uninterrupted run
+    and the model."""
+    mem_size = 1 << 20
+    with report.stage("cpustate32 on two vCPUs") as st:
+        mem = make_memory("memfd", mem_size)
+        vm, params = make_cpustate32_vm(mem, CPUSTATE_SEEDS, CPUSTATE_ITERATIONS, CPUSTATE_SYNC_AT)
+        for i, p in enumerate(params):
+            st.note(f"vCPU {i}: seed {CPUSTATE_SEEDS[i]:#x}, {p.iterations} iterations, sync after {p.sync_at}, "
+                    f"XCR0 {p.xcr0 or 1:#x} ({'XSAVE on: the CPUID offers it' if p.xcr0 else 'XSAVE off'})")
+
+    with report.stage("each vCPU runs to its own sync point; the host answers with an NMI") as st:
+        for i, (vcpu, p) in enumerate(zip(vm.vcpus, params, strict=True)):
+            ex = vcpu.run(timeout=GUEST_TIMEOUT_S, stop_on_sync=True)
+            st.check(ex.reason is ExitReason.SYNC and ex.last_sync == p.sync_at,
+                     f"vCPU {i} stopped at its sync after iteration {p.sync_at}",
+                     f"vCPU {i}: expected SYNC {p.sync_at:#x}, saw {ex.describe()} (sync {ex.last_sync:#x})")
+            vcpu.inject_nmi()  # queued: delivered at the next entry, so the capture holds it pending
+        st.note("the vCPUs are stopped (not in KVM_RUN): the capture needs no pause and no head start")
+
+    with report.stage("capture both vCPUs into the file") as st:
+        cap = capture_snapshot(mem, "cpustate32", vcpus=vm.vcpus)
+        s = cap.stats
+        st.check(s.bulk_pages + s.fault_pages == mem_size // PAGE_SIZE, f"{mem_size // PAGE_SIZE} pages captured",
+                 f"{s.bulk_pages} + {s.fault_pages} pages captured of {mem_size // PAGE_SIZE}")
+        st.equal(cap.vcpu_states_written, 2, "vCPU states in the file", str)
+        capture_timings(st, cap)
+
+    with report.stage("the file holds each vCPU's own state at its sync point") as st:
+        image = SnapshotImage.open(cap.image.path, verify=True)
+        st.check(image.verified, f"content hash and vCPU section hash match ({len(image.vcpu_states)} vCPUs, "
+                 f"{image.vcpu_size} bytes of vCPU state, layout version {image.vcpu_state_version})")
+        for i, p in enumerate(params):
+            parts = image.vcpu_parts(i)
+            st.note(f"vCPU {i}: " + ", ".join(f"{part.label} {len(data)}" for part, data in parts.items())
+                    + f" bytes; {len(parts[VcpuPart.MSRS]) // MSR_ENTRY.size} MSRs")
+            seen, want = guest_values_in_state(parts), model_values_at_sync(p)
+            st.equal(seen, want, f"vCPU {i}'s registers in the file vs the model after iteration {p.sync_at}",
+                     lambda v: ", ".join(f"{k}={x:#x}" for k, x in v.items()))
+
+    with report.stage(f"restore ({loader}) into a fresh VM") as st:
+        restored = make_restored_vm(image.path, loader, verify=False)
+        st.equal(len(restored.vcpus), 2, "vCPUs created, one per saved state", str)
+        # Read back now, before the guest runs: what KVM holds is what the restore wrote.
+        read_back = [v.save_state() for v in restored.vcpus]
+        restore_timings(st, restored)
+        for i, v in enumerate(restored.vcpus):
+            if v.msrs_refused_at_value:
+                st.note(f"vCPU {i}: KVM refused to set MSR(s) {', '.join(hex(m) for m in v.msrs_refused_at_value)}; "
+                        "the vCPU already held the file's value")
+
+    with report.stage("both vCPUs resume to HLT") as st:
+        for i, vcpu in enumerate(restored.vcpus):
+            ex = vcpu.run(timeout=GUEST_TIMEOUT_S, stop_on_sync=True)
+            st.check(ex.reason is ExitReason.HLT, f"vCPU {i} halted", f"vCPU {i} did not halt: {ex.describe()}")
+            st.equal(ex.sync_count, 0, f"vCPU {i} sync writes after the resume (its sync came before the capture)", str)
+        if restored.lazy is not None:
+            restored.lazy.prefetch_all()
+        final = restored.memory.snapshot_bytes()
+        regs = [v.regs() for v in restored.vcpus]
+
+    with report.stage("each vCPU ends as the model and the uninterrupted run") as st:
+        ref = cpustate32_uninterrupted(params, mem_size)
+        results = [cpustate.read_result(final[cpustate.block_gpa(i):cpustate.block_gpa(i) + cpustate.BLOCK_SIZE])
+                   for i in range(len(params))]
+        # Every vCPU's differences in one message: a state given to the wrong vCPU shows on both.
+        diffs = [f"vCPU {i} {d}" for i, (seen, p) in enumerate(zip(results, params, strict=True))
+                 for d in seen.differences(cpustate.expected_result(p))]
+        st.check(not diffs, "each vCPU reports the model's result: " + "; ".join(
+            f"vCPU {i}: {r.describe()}" for i, r in enumerate(results)),
+            f"results vs the model: {'; '.join(diffs)}")
+        diff = describe_difference(ref.memory, final)
+        st.check(not diff, f"final memory equals the uninterrupted run's, byte for byte ({fmt_bytes(mem_size)})",
+                 f"final memory differs from the uninterrupted run's: {diff}")
+        for i in range(len(params)):
+            want = {r: ref.regs[i][r] & 0xFFFFFFFF for r in ("ebx", "esi", "esp", "eip")}
+            st.equal({r: regs[i][r] & 0xFFFFFFFF for r in want}, want, f"vCPU {i} registers vs the uninterrupted run",
+                     lambda v: ", ".join(f"{r}={x:#x}" for r, x in v.items()))
+            st.equal(regs[i]["eip"], cpustate.halt_eip(), f"vCPU {i} EIP vs the model (just past the hlt)")
+
+    with report.stage("each restored vCPU held the file's state, part by part") as st:
+        # What the guest's result cannot show (XCR0, the MP state) is proven here: KVM gave every part back as
+        # the file has it (the TSC excepted: it counts on), and the restore wrote every part the file holds.
+        for i, blob in enumerate(read_back):
+            saved, held = image.vcpu_parts(i), split_kvm_x86_state(blob)
+            diffs = {part.label: d for part in saved
+                     if (d := describe_part_difference(part, saved[part], held.get(part, b""),
+                                                       ignore_msrs=[MSR_IA32_TSC]))}
+            st.check(not diffs, f"vCPU {i}: every part read back equals the file's ({len(saved)} parts; "
+                     f"MSR {MSR_IA32_TSC:#x}, the TSC, not compared)",
+                     f"vCPU {i} state read back after the restore vs the file: "
+                     + "; ".join(f"{k}: {d}" for k, d in diffs.items()))
+        for i, applied in enumerate(restored.applied_parts):
+            # The MP state of a VM without an in-kernel LAPIC is always RUNNABLE (KVM refuses any other), so a
+            # restore that skipped it would read back equal: this is what shows it.
+            want = tuple(part for part in RESTORE_ORDER if part in image.vcpu_parts(i))
+            missing = [p.label for p in want if p not in applied]
+            st.equal([p.label for p in applied], [p.label for p in want],
+                     f"vCPU {i}: parts the restore wrote, in order{f' (not written: {missing})' if missing else ''}",
+                     lambda v: ", ".join(v))
 
 
 # -- benchmarks: figures as ratios to this host's own limits, measured in the same run ---------------

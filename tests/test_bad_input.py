@@ -69,12 +69,23 @@ def test_run_time_out_must_be_positive(require, make_memory, make_marker16_vm):
         vcpu.run(timeout=0)
 
 
-def test_vcpu_state_of_the_wrong_size_is_refused(require, make_memory, make_marker16_vm):
-    """Loading a vCPU state blob of the wrong length names both lengths."""
+def test_malformed_vcpu_state_is_refused_naming_the_part(require, make_memory, make_marker16_vm):
+    """Loading a vCPU state whose regs part has the wrong length names the vCPU, the part and both lengths;
+    nothing is written to the vCPU."""
     require("kvm")
+    from native.image import PART_HEAD, VcpuPart, split_kvm_x86_state
+
     _, vcpu = make_marker16_vm(make_memory("memfd", 1 << 20))
-    with pytest.raises(ValueError, match=r"vCPU state is 10 bytes, expected 872 \(kvm_regs\+kvm_sregs\+kvm_fpu\)"):
-        vcpu.load_state(bytes(10))
+    before = vcpu.save_state()
+    bad = PART_HEAD.pack(VcpuPart.REGS, 136) + bytes(136)
+    with pytest.raises(ValueError, match=r"vCPU state: vCPU 0 state\.regs\.length: expected 144 \(the kernel "
+                                         r"struct\), saw 136"):
+        vcpu.load_state(bad)
+    with pytest.raises(ValueError, match=r"vCPU 0 state: expected parts regs, sregs, .*, saw no regs, sregs"):
+        vcpu.load_state(bytes(0))
+    after = split_kvm_x86_state(vcpu.save_state())
+    for part in (VcpuPart.REGS, VcpuPart.SREGS):
+        assert after[part] == split_kvm_x86_state(before)[part], f"a refused state changed the vCPU's {part.label}"
 
 
 @pytest.mark.parametrize(("err", "words"), [

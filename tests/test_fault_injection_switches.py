@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from native.inject import C_SWITCHES, FaultInjection, known_names, parse
+from native.image import VcpuPart
+from native.inject import C_SWITCHES, DROPPED_PART, FaultInjection, dropped_parts, known_names, parse
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the C engine is the Linux backend")
@@ -19,6 +20,31 @@ def test_c_engine_switch_values_match_python():
     assert FaultInjection.HANDLER_DIES.value == lib.SP_INJECT_HANDLER_DIES
     in_c = [m for m in FaultInjection if m.value & C_SWITCHES]
     assert len(in_c) == 3, f"a new C-level switch needs a line above: {in_c}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the C layer is the Linux backend")
+def test_vcpu_state_part_ids_match_the_c_enum_and_its_struct_sizes():
+    """The file's part ids are the C layer's enum sp_vcpu_part, and image.py's sizes are the kernel's."""
+    from native import image
+    from native._lib import lib
+
+    assert {p.name: p.value for p in VcpuPart} == {p.name: getattr(lib, f"SP_PART_{p.name}") for p in VcpuPart}
+    for part in VcpuPart:
+        want = image.FIXED_PART_SIZES.get(part, 0)
+        assert lib.sp_vcpu_part_size(part) == want, f"{part.label}: C says {lib.sp_vcpu_part_size(part)}, image {want}"
+
+
+def test_each_drop_switch_names_one_vcpu_state_part():
+    """Every DROP_* vCPU-state switch skips exactly its own part, and only those switches skip any."""
+    # DROP_VCPU_STATE is the capture's switch (no state in the file at all), not a restore's.
+    drops = [m for m in FaultInjection
+             if m.name and m.name.startswith("DROP_") and m is not FaultInjection.DROP_VCPU_STATE]
+    assert sorted(m.name for m in drops) == sorted(m.name for m in DROPPED_PART)
+    for switch, part in DROPPED_PART.items():
+        assert dropped_parts(switch) == {part}, f"{switch.name}: skips {dropped_parts(switch)}"
+        assert switch.name == f"DROP_{part.name}", f"{switch.name} drops {part.label}: name it after the part"
+    assert dropped_parts(FaultInjection.SAME_VCPU_STATE | FaultInjection.DROP_VCPU_STATE) == frozenset()
+    assert len(set(DROPPED_PART.values())) == len(DROPPED_PART)
 
 
 def test_switches_parse_from_their_command_line_names():

@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import guests
-from guests import counter, storm
+from guests import counter, cpustate, storm
 from guests.counter import CounterParams
+from guests.cpustate import CpuStateParams
 from guests.storm import PAGE_SIZE, StormParams, check_instant, simulate, write_order
 
 # -- binaries -------------------------------------------------------------------------------------
@@ -43,7 +44,7 @@ def test_marker16_is_the_six_bytes_of_the_original_proof() -> None:
     assert code == bytes.fromhex("B0 42 A2 00 10 F4"), f"marker16.bin: expected b0 42 a2 00 10 f4, saw {code.hex(' ')}"
 
 
-@pytest.mark.parametrize("name", ["storm32", "counter32"])
+@pytest.mark.parametrize("name", ["storm32", "counter32", "cpustate32"])
 def test_flat32_guest_fits_below_the_stacks_and_halts_in_a_loop(name: str) -> None:
     """A 32-bit guest's code ends below the lowest vCPU stack (8 vCPUs) and ends with hlt; jmp .-1."""
     code = guests.load(name)
@@ -68,6 +69,13 @@ def _set_constants(name: str) -> dict[str, int]:
                             "P_SYNC_EVERY": "OFF_SYNC_EVERY", "P_ITER": "OFF_ITER", "P_CHECKSUM": "OFF_CHECKSUM",
                             "P_FINAL": "OFF_FINAL", "P_DONE": "OFF_DONE", "DONE_MAGIC": "DONE_MAGIC",
                             "WS_TOUCHED": "WS_TOUCHED"}),
+    ("cpustate32", cpustate, {"P_ITERS": "OFF_ITERATIONS", "P_SYNC_AT": "OFF_SYNC_AT", "P_XCR0": "OFF_XCR0",
+                              "P_MSR_INIT": "OFF_MSR_INIT", "P_XMM_INIT": "OFF_XMM_INIT", "P_MM_INIT": "OFF_MM_INIT",
+                              "P_DR_INIT": "OFF_DR_INIT", "P_XMM": "OFF_XMM", "P_MM": "OFF_MM", "P_ITER": "OFF_ITER",
+                              "P_NMIS": "OFF_NMIS", "P_NMI_AT": "OFF_NMI_AT", "P_MSR_FINAL": "OFF_MSR_FINAL",
+                              "P_XMM_FINAL": "OFF_XMM_FINAL", "P_MM_FINAL": "OFF_MM_FINAL",
+                              "P_DR_FINAL": "OFF_DR_FINAL", "P_DONE": "OFF_DONE", "DONE_MAGIC": "DONE_MAGIC",
+                              "MSR_SYSENTER_EIP": "MSR_SYSENTER_EIP"}),
 ])
 def test_param_block_offsets_agree_between_source_and_model(name: str, module, pairs: dict[str, str]) -> None:
     """Every .set constant of the guest's block equals the Python module's constant of the same role."""
@@ -375,6 +383,65 @@ def test_counter_params_reject_a_bad_field_naming_it(field: str, value: int, wor
     """A parameter the guest cannot run with is refused, and the error names it."""
     with pytest.raises(ValueError, match=re.escape(words)):
         CounterParams(**{field: value})
+
+
+def test_cpustate32_loads_at_the_contract_address() -> None:
+    """cpustate32's absolute addresses (GDT, IDT, NMI gate) assume the 32-bit load address of the contract."""
+    assert _set_constants("cpustate32")["LOAD"] == guests.FLAT32_LOAD_GPA
+
+
+def test_cpustate_param_block_layout_is_pinned() -> None:
+    """CpuStateParams.pack puts each field at its pinned offset, guest words zero, one 0x100-byte block."""
+    p = CpuStateParams(iterations=77, sync_at=5, xcr0=3, msr_init=0x11, xmm_init=(1, 2, 3, 4),
+                       mm_init=0x0123456789ABCDEF, dr_init=(5, 6, 7, 8))
+    block = p.pack()
+    assert len(block) == 0x100, f"cpustate block: expected 0x100 bytes, saw {len(block):#x}"
+    assert struct.unpack_from("<8IQ4I", block) == (77, 5, 3, 0x11, 1, 2, 3, 4, 0x0123456789ABCDEF, 5, 6, 7, 8)
+    assert block[0x38:] == bytes(0xC8), "cpustate block: guest and spare words must be zero"
+    assert CpuStateParams.unpack(block) == p
+
+
+def test_cpustate_from_seed_is_pinned_and_differs_per_seed() -> None:
+    """from_seed draws every seed word by splitmix64; two seeds share no register value."""
+    a, b = CpuStateParams.from_seed(1, 10, 5), CpuStateParams.from_seed(2, 10, 5)
+    assert (a.msr_init, a.dr_init[0]) == (0x89025CC1, 0x71C18690), f"from_seed(1) changed: {a}"
+    seen_a, seen_b = ({p.msr_init, *p.xmm_init, p.mm_init, *p.dr_init} for p in (a, b))
+    assert not seen_a & seen_b, f"seeds 1 and 2 share values: {seen_a & seen_b}"
+
+
+def test_cpustate_model_matches_hand_computed_values() -> None:
+    """Two iterations from small seeds, worked by hand: the lanes, MM0 and SYSENTER_EIP."""
+    p = CpuStateParams(iterations=2, msr_init=1, xmm_init=(1, 0, 0, 0), mm_init=0)
+    # i=1, m=1: a = rol(1,5) ^ 2 = 34; b = 34; c = 34; d = 34; mm = 34 + (1 << 32); m = rol(1,3) + 34 = 42.
+    one = cpustate.expected_after(p, 1)
+    assert (one.xmm, one.mm, one.msr) == ((34, 34, 34, 34), 34 + (1 << 32), 42)
+    # i=2, m=42: a = rol(34,5) ^ 44 = 1088 ^ 44 = 1132; b = 1166; c = 34 ^ 1166 = 1196; d = 1230;
+    # mm = 34 + (1 << 32) + 1230 + (2 << 32); m = rol(42,3) + low32(mm) = 336 + 1264 = 1600.
+    two = cpustate.expected_after(p, 2)
+    assert (two.xmm, two.mm, two.msr) == ((1132, 1166, 1196, 1230), 1264 + (3 << 32), 1600)
+
+
+def test_cpustate_expected_block_carries_the_result_and_the_inputs() -> None:
+    """At HLT the block holds the inputs, the report (one NMI after sync_at, the DRs) and DONE."""
+    p = CpuStateParams.from_seed(3, 40, 17)
+    block = cpustate.expected_block(p)
+    assert CpuStateParams.unpack(block) == p
+    r = cpustate.read_result(block)
+    assert r == cpustate.expected_result(p)
+    assert (r.nmis, r.nmi_at, r.iteration, r.done, r.dr) == (1, 17, 40, True, p.dr_init)
+    none = cpustate.read_result(bytes(cpustate.BLOCK_SIZE))
+    assert none.differences(r)[0].startswith("XMM0: expected "), none.differences(r)
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("sync_at", 11, "sync_at 11: must be in [0, iterations 10]"),
+    ("xcr0", 7, "xcr0 0x7"),
+    ("mm_init", 1 << 64, "mm_init 0x10000000000000000"),
+])
+def test_cpustate_params_reject_a_bad_field_naming_it(field: str, value: int, words: str) -> None:
+    """A parameter the guest cannot run with is refused, and the error names it."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        CpuStateParams(**{"iterations": 10, field: value})
 
 
 def test_oracle_exact_mode_catches_a_byte_between_the_stamps() -> None:

@@ -8,6 +8,7 @@ why, where /dev/kvm is missing). Guest memory: code at 0x1000, stacks below
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -253,3 +254,33 @@ def test_counter32_signals_working_set_touched_once(make_memory, make_vm, npages
 
     assert syncs == [counter.WS_TOUCHED | npages], f"syncs {[hex(s) for s in syncs]}"
     check_counter_final(mem, vcpu, p, block_gpa(0), "counter32")
+
+
+# -- cpustate32 -----------------------------------------------------------------------------------
+
+
+def test_cpustate32_on_two_vcpus_ends_as_the_model(make_memory, make_cpustate32_vm) -> None:
+    """Each vCPU, answered at its sync with one NMI, ends with the model's XMM0, MM0, SYSENTER_EIP, DR0-DR3
+    and NMI record in its block, byte for byte, and its EIP just past the hlt."""
+    from guests import cpustate
+
+    mem = make_memory("memfd", 1 << 20)
+    vm, params = make_cpustate32_vm(mem, [11, 12], 400, [150, 399])
+    for i, (vcpu, p) in enumerate(zip(vm.vcpus, params, strict=True)):
+        ex = vcpu.run(timeout=RUN_TIMEOUT, stop_on_sync=True)
+        expect_exit(ex, "SYNC", f"cpustate32 vCPU {i}")
+        assert ex.last_sync == p.sync_at, f"vCPU {i}: sync {ex.last_sync:#x}, expected {p.sync_at:#x}"
+        at_sync = cpustate.expected_after(p, p.sync_at)
+        block = mem.read(cpustate.block_gpa(i), cpustate.BLOCK_SIZE)
+        seen = (struct.unpack_from("<4I", block, cpustate.OFF_XMM), struct.unpack_from("<Q", block, cpustate.OFF_MM)[0])
+        assert seen == (at_sync.xmm, at_sync.mm), f"vCPU {i} at its sync: round trip {seen}, model {at_sync}"
+        vcpu.inject_nmi()
+        expect_exit(vcpu.run(timeout=RUN_TIMEOUT), "HLT", f"cpustate32 vCPU {i} after the NMI")
+    for i, (vcpu, p) in enumerate(zip(vm.vcpus, params, strict=True)):
+        block = mem.read(cpustate.block_gpa(i), cpustate.BLOCK_SIZE)
+        diffs = cpustate.read_result(block).differences(cpustate.expected_result(p))
+        assert not diffs, f"vCPU {i}: {'; '.join(diffs)}"
+        want = cpustate.expected_block(p)
+        assert block == want, f"vCPU {i} block: {describe_difference(want, block, cpustate.block_gpa(i))}"
+        eip = vcpu.regs()["eip"]
+        assert eip == cpustate.halt_eip(), f"vCPU {i}: EIP {eip:#x}, expected {cpustate.halt_eip():#x}"

@@ -12,11 +12,22 @@ from pathlib import Path
 import pytest
 
 from native import image
-from native.image import Arch, SnapshotFormatError, SnapshotImage, VcpuKind, rewrite_header
+from native.image import (
+    PART_HEAD,
+    Arch,
+    SnapshotFormatError,
+    SnapshotImage,
+    VcpuKind,
+    VcpuPart,
+    read_vcpu_section,
+    rewrite_header,
+    rewrite_vcpu_section,
+)
+from tests.sample_states import kvm_x86_parts, kvm_x86_state
 
 REPO = Path(__file__).resolve().parents[1]
 MEMORY_SIZE = 4 * image.PAGE_SIZE
-KVM_STATE_SIZE = 872  # kvm_regs + kvm_sregs + kvm_fpu on x86_64; opaque to the format
+STATES = [kvm_x86_state(0x11), kvm_x86_state(0x22, msrs=5, cpuid_entries=3)]
 
 
 def pattern(size: int) -> bytes:
@@ -28,7 +39,7 @@ def pattern(size: int) -> bytes:
 def snap(tmp_path) -> Path:
     """A valid, complete snapshot: 4 pages, two KVM vCPU states."""
     path = tmp_path / "valid.snap"
-    SnapshotImage.write(path, pattern(MEMORY_SIZE), vcpu_states=[b"\x11" * KVM_STATE_SIZE, b"\x22" * 100])
+    SnapshotImage.write(path, pattern(MEMORY_SIZE), vcpu_states=STATES)
     return path
 
 
@@ -48,9 +59,19 @@ def test_round_trip_preserves_memory_and_vcpu_states(snap):
     """What was written reads back byte for byte, with its vCPU states in order."""
     img = SnapshotImage.open(snap)
     assert img.read_memory() == pattern(MEMORY_SIZE)
-    assert img.vcpu_states == (b"\x11" * KVM_STATE_SIZE, b"\x22" * 100)
+    assert img.vcpu_states == tuple(STATES)
     assert img.vcpu_kinds == (VcpuKind.KVM_X86, VcpuKind.KVM_X86)
+    assert img.vcpu_parts(1) == kvm_x86_parts(0x22, msrs=5, cpuid_entries=3)
     assert img.verified
+
+
+def test_vcpu_section_follows_the_memory_image_and_ends_the_file(snap):
+    """vcpu_offset = 4096 + memory_size, the file ends after vcpu_size bytes, vcpu_hash is their sha256."""
+    img = SnapshotImage.open(snap)
+    section = image.pack_vcpu_section(STATES, [VcpuKind.KVM_X86] * 2)
+    assert (img.vcpu_offset, img.vcpu_size, img.vcpu_state_version) == (0x1000 + MEMORY_SIZE, len(section), 1)
+    assert snap.read_bytes()[img.vcpu_offset:] == section
+    assert img.vcpu_hash == hashlib.sha256(section).digest()
 
 
 def test_header_fields_describe_the_file(snap):
@@ -60,12 +81,12 @@ def test_header_fields_describe_the_file(snap):
     assert (img.memory_offset, img.memory_size) == (0x1000, MEMORY_SIZE)
     assert img.complete and img.flags == image.FLAG_COMPLETE
     assert img.content_hash == hashlib.sha256(pattern(MEMORY_SIZE)).digest()
-    assert img.path == str(snap) and img.file_length == 0x1000 + MEMORY_SIZE
+    assert img.path == str(snap) and img.file_length == 0x1000 + MEMORY_SIZE + img.vcpu_size
 
 
-def test_stripping_the_header_page_leaves_the_raw_memory_image(snap):
-    """The image sits at offset 4096, so the file minus one page is plain raw memory."""
-    assert snap.read_bytes()[4096:] == pattern(MEMORY_SIZE)
+def test_the_memory_image_is_raw_memory_at_offset_4096(snap):
+    """memory_size bytes from offset 4096 are plain raw memory: mappable, or cut out with dd."""
+    assert snap.read_bytes()[4096:4096 + MEMORY_SIZE] == pattern(MEMORY_SIZE)
 
 
 def test_read_memory_reads_a_range_and_refuses_one_outside_the_image(snap):
@@ -82,10 +103,10 @@ def test_whp_file_tags_its_vcpu_states_as_whp(tmp_path):
     assert (img.hypervisor, img.vcpu_kinds) == ("whp", (VcpuKind.WHP_X86,))
 
 
-def test_four_kvm_vcpu_states_fit_in_the_header_page(tmp_path):
-    """The vCPU area holds four 872-byte KVM states (the documented capacity)."""
-    states = [bytes([i]) * KVM_STATE_SIZE for i in range(4)]
-    assert SnapshotImage.write(tmp_path / "4.snap", bytes(4096), vcpu_states=states).vcpu_states == tuple(states)
+def test_many_full_size_vcpu_states_fit(tmp_path):
+    """The section has no fixed capacity: 64 vCPUs with 256 CPUID entries and 100 MSRs each round-trip."""
+    states = [kvm_x86_state(i, msrs=100, cpuid_entries=256) for i in range(64)]
+    assert SnapshotImage.write(tmp_path / "64.snap", bytes(4096), vcpu_states=states).vcpu_states == tuple(states)
 
 
 # --- the writer ---------------------------------------------------------------
@@ -203,11 +224,14 @@ def test_abort_with_a_live_pointer_does_not_raise(tmp_path):
     rejected(path, "flags", "did not finish")
 
 
-def test_vcpu_states_too_big_for_the_header_are_refused_before_sealing(tmp_path):
-    """Five KVM states overflow the vCPU area: ValueError, and the file is still incomplete."""
-    path = tmp_path / "big.snap"
-    with SnapshotImage.create(path, MEMORY_SIZE) as w, pytest.raises(ValueError, match="do not fit the header"):
-        w.finalize([bytes(KVM_STATE_SIZE)] * 5)
+def test_a_malformed_kvm_state_is_refused_before_sealing(tmp_path):
+    """A KVM state without its msrs part is a ValueError naming it, and the file is still incomplete."""
+    parts = kvm_x86_parts(0x33)
+    del parts[VcpuPart.MSRS]
+    path = tmp_path / "bad.snap"
+    with SnapshotImage.create(path, MEMORY_SIZE) as w, pytest.raises(ValueError, match=r"vcpu\[1\]: expected parts "
+                                                                            r"regs, .*, saw no msrs"):
+        w.finalize([kvm_x86_state(0x11), image.pack_kvm_x86_state(parts)])
     rejected(path, "flags", "did not finish")
 
 
@@ -232,8 +256,15 @@ def test_wrong_magic_rejected(snap):
 
 
 def test_wrong_format_version_rejected(snap):
-    rewrite_header(snap, format_version=2)
-    rejected(snap, "format_version", "saw 2")
+    rewrite_header(snap, format_version=3)
+    rejected(snap, "format_version", "expected 2, saw 3")
+
+
+def test_version_1_file_is_refused_naming_both_versions(snap):
+    """A version 1 file (regs + sregs + FPU per vCPU in the header) is refused, saying why."""
+    rewrite_header(snap, format_version=1)
+    err = rejected(snap, "format_version", "expected 2, saw 1 (a version 1 file holds only regs + sregs + FPU")
+    assert "capture it again" in str(err)
 
 
 def test_wrong_header_size_rejected(snap):
@@ -293,8 +324,8 @@ def test_memory_size_smaller_than_the_file_rejected(snap):
 
 
 def test_memory_size_larger_than_the_file_rejected(snap):
-    rewrite_header(snap, memory_size=MEMORY_SIZE + 4096)
-    err = rejected(snap, "memory_size", f"saw {MEMORY_SIZE + 4096:#x}")
+    rewrite_header(snap, memory_size=MEMORY_SIZE + 0x10000)
+    err = rejected(snap, "memory_size", f"saw {MEMORY_SIZE + 0x10000:#x}")
     assert "truncated" in str(err)
 
 
@@ -303,6 +334,29 @@ def test_truncated_memory_image_rejected(snap):
         f.truncate(4096 + MEMORY_SIZE - 4096)
     err = rejected(snap, "memory_size", f"at most {MEMORY_SIZE - 4096:#x}")
     assert str(err).startswith("snapshot file truncated")
+
+
+def test_truncated_vcpu_section_rejected(snap):
+    """The memory image is whole but the vCPU states after it are cut: vcpu_size names it."""
+    with open(snap, "r+b") as f:
+        f.truncate(4096 + MEMORY_SIZE + 16)
+    err = rejected(snap, "vcpu_size", "expected at most 0x10")
+    assert str(err).startswith("snapshot file truncated")
+
+
+def test_vcpu_size_not_whole_records_rejected(snap):
+    rewrite_header(snap, vcpu_size=SnapshotImage.open(snap).vcpu_size - 4)
+    rejected(snap, "vcpu_size", "a multiple of 8")
+
+
+def test_vcpu_offset_not_after_the_image_rejected(snap):
+    rewrite_header(snap, vcpu_offset=0x1000)
+    rejected(snap, "vcpu_offset", f"expected {0x1000 + MEMORY_SIZE:#x} (memory_offset + memory_size), saw 0x1000")
+
+
+def test_unknown_vcpu_state_version_rejected(snap):
+    rewrite_header(snap, vcpu_state_version=2)
+    rejected(snap, "vcpu_state_version", "expected 1, saw 2")
 
 
 def test_truncated_header_rejected(snap):
@@ -317,44 +371,139 @@ def test_empty_file_rejected(tmp_path):
     rejected(tmp_path / "empty.snap", "file length", "saw 0x0 bytes")
 
 
-def test_vcpu_count_beyond_the_area_rejected(snap):
+def test_vcpu_count_beyond_the_section_rejected(snap):
     rewrite_header(snap, vcpu_count=2**32 - 1)
     rejected(snap, "vcpu_count", "saw 4294967295")
 
 
 def test_vcpu_count_larger_than_the_records_present_rejected(snap):
     rewrite_header(snap, vcpu_count=3)
-    rejected(snap, "vcpu[2].kind", "saw 0 (unknown)")
+    rejected(snap, "vcpu[2]", "the section ends at record offset")
 
 
-def test_vcpu_record_length_beyond_the_area_rejected(snap):
-    area = bytearray(image.pack_vcpu_area([b"x" * 8], [VcpuKind.KVM_X86]))
-    area[4:8] = (image.VCPU_AREA_SIZE).to_bytes(4, "little")
-    rewrite_header(snap, vcpu_count=1, vcpu_area=bytes(area))
-    rejected(snap, "vcpu[0].length", f"saw {image.VCPU_AREA_SIZE}")
+def test_vcpu_record_length_beyond_the_section_rejected(snap):
+    section = bytearray(image.pack_vcpu_section([b"x" * 8], [VcpuKind.WHP_X86]))
+    section[4:8] = (64).to_bytes(4, "little")
+    rewrite_vcpu_section(snap, bytes(section), vcpu_count=1)
+    rejected(snap, "vcpu[0].length", "saw 64")
 
 
 def test_unknown_vcpu_kind_rejected(snap):
-    area = bytearray(image.pack_vcpu_area([b"s"], [VcpuKind.KVM_X86]))
-    area[0:4] = (9).to_bytes(4, "little")
-    rewrite_header(snap, vcpu_count=1, vcpu_area=bytes(area))
+    section = bytearray(image.pack_vcpu_section([b"s"], [VcpuKind.WHP_X86]))
+    section[0:4] = (9).to_bytes(4, "little")
+    rewrite_vcpu_section(snap, bytes(section), vcpu_count=1)
     rejected(snap, "vcpu[0].kind", "saw 9 (unknown)")
 
 
 def test_bytes_after_the_last_vcpu_record_rejected(snap):
-    area = bytearray(image.VCPU_AREA_SIZE)
-    area[-1] = 0xEE
-    rewrite_header(snap, vcpu_count=0, vcpu_area=bytes(area))
-    rejected(snap, "vcpu_area", "non-zero bytes")
+    rewrite_vcpu_section(snap, read_vcpu_section(snap) + bytes(8))
+    rejected(snap, "vcpu_size", "bytes after the last record")
 
 
 def test_header_checksum_mismatch_rejected(snap):
-    with open(snap, "r+b") as f:  # flip one bit of a vCPU state: no field check can see it
-        f.seek(image.VCPU_AREA_OFFSET + 8)
+    with open(snap, "r+b") as f:  # flip one bit of vcpu_hash: no field check can see it
+        f.seek(image.FIELDS["vcpu_hash"][0])
         byte = f.read(1)[0]
-        f.seek(image.VCPU_AREA_OFFSET + 8)
+        f.seek(image.FIELDS["vcpu_hash"][0])
         f.write(bytes([byte ^ 0x01]))
     rejected(snap, "header_checksum", "saw ")
+
+
+def test_vcpu_hash_mismatch_rejected(snap):
+    """One flipped bit in a vCPU state, verified or not: the section's hash names it."""
+    with open(snap, "r+b") as f:
+        f.seek(4096 + MEMORY_SIZE + 100)
+        byte = f.read(1)[0]
+        f.seek(4096 + MEMORY_SIZE + 100)
+        f.write(bytes([byte ^ 0x01]))
+    rejected(snap, "vcpu_hash", "(of the vCPU section)", verify=False)
+
+
+# --- one field of one vCPU state part wrong (the section re-hashed, so the part's own check is reached) ---
+
+
+def rewrite_vcpu_state(path, index: int, state: bytes) -> None:
+    """Replace vCPU ``index``'s state in a file, keeping the others, the section hash and the checksum valid.
+    The records are packed here, unchecked: pack_vcpu_section refuses the malformed states these tests need."""
+    img = SnapshotImage.open(path, verify=False)
+    states = list(img.vcpu_states)
+    states[index] = state
+    section = bytearray()
+    for kind, one in zip(img.vcpu_kinds, states, strict=True):
+        section += image.VCPU_RECORD_HEAD.pack(kind, len(one)) + one + bytes(-len(one) % 8)
+    rewrite_vcpu_section(path, bytes(section))
+
+
+def corrupt_part_head(state: bytes, part: VcpuPart, *, ident: int | None = None, length: int | None = None) -> bytes:
+    """``state`` with the id or length of ``part``'s header changed, the bytes left where they were."""
+    out = bytearray(state)
+    pos = 0
+    while True:
+        seen, size = PART_HEAD.unpack_from(out, pos)
+        if seen == part:
+            PART_HEAD.pack_into(out, pos, seen if ident is None else ident, size if length is None else length)
+            return bytes(out)
+        pos += PART_HEAD.size + (size + 7) // 8 * 8
+
+
+@pytest.mark.parametrize(("part", "length", "field", "seen"), [
+    (VcpuPart.REGS, 140, "vcpu[1].regs.length", "expected 144 (the kernel struct), saw 140"),
+    (VcpuPart.SREGS, 320, "vcpu[1].sregs.length", "expected 312 (the kernel struct), saw 320"),
+    (VcpuPart.VCPU_EVENTS, 56, "vcpu[1].vcpu_events.length", "expected 64 (the kernel struct), saw 56"),
+    (VcpuPart.DEBUGREGS, 0, "vcpu[1].debugregs.length", "expected 128 (the kernel struct), saw 0"),
+    (VcpuPart.XSAVE, 2048, "vcpu[1].xsave.length", "at least 4096 (struct kvm_xsave), saw 2048"),
+    (VcpuPart.MSRS, 72, "vcpu[1].msrs.length", "a multiple of 16 (struct kvm_msr_entry), saw 72"),
+    (VcpuPart.MP_STATE, 2**32 - 1, "vcpu[1].mp_state.length", "(what is left of the state), saw 4294967295"),
+])
+def test_vcpu_state_part_of_the_wrong_length_rejected(snap, part, length, field, seen):
+    """A part whose length is not its struct's is refused naming the vCPU and the part."""
+    rewrite_vcpu_state(snap, 1, corrupt_part_head(STATES[1], part, length=length))
+    rejected(snap, field, seen)
+
+
+def test_unknown_vcpu_state_part_rejected(snap):
+    rewrite_vcpu_state(snap, 0, corrupt_part_head(STATES[0], VcpuPart.DEBUGREGS, ident=42))
+    rejected(snap, "vcpu[0].part[5].id", "9 (cpuid), saw 42")
+
+
+def test_repeated_vcpu_state_part_rejected(snap):
+    rewrite_vcpu_state(snap, 0, corrupt_part_head(STATES[0], VcpuPart.XCRS, ident=VcpuPart.REGS))
+    rejected(snap, "vcpu[0].regs", "expected once, saw it again as part[2]")
+
+
+def test_missing_vcpu_state_part_rejected(snap):
+    parts = kvm_x86_parts(0x11)
+    del parts[VcpuPart.VCPU_EVENTS]
+    rewrite_vcpu_state(snap, 0, image.pack_kvm_x86_state(parts))
+    rejected(snap, "vcpu[0]", "saw no vcpu_events")
+
+
+def test_a_state_without_the_optional_xcrs_part_loads(snap):
+    """XCRs are optional (KVM_CAP_XCRS needs a host CPU with XSAVE); every other part is required."""
+    parts = kvm_x86_parts(0x11)
+    del parts[VcpuPart.XCRS]
+    rewrite_vcpu_state(snap, 0, image.pack_kvm_x86_state(parts))
+    assert VcpuPart.XCRS not in SnapshotImage.open(snap).vcpu_parts(0)
+
+
+def test_cpuid_part_whose_entry_count_disagrees_with_its_length_rejected(snap):
+    parts = kvm_x86_parts(0x22, msrs=5, cpuid_entries=3)
+    parts[VcpuPart.CPUID] = image.CPUID_HEAD.pack(4, 0) + parts[VcpuPart.CPUID][8:]
+    rewrite_vcpu_state(snap, 1, image.pack_kvm_x86_state(parts))
+    rejected(snap, "vcpu[1].cpuid.nent", "expected 3 (length 128 = 8 + 40 * nent), saw 4")
+
+
+def test_nonzero_vcpu_state_part_padding_rejected(snap):
+    parts = kvm_x86_parts(0x11)
+    state = bytearray(image.pack_kvm_x86_state({VcpuPart.MP_STATE: parts.pop(VcpuPart.MP_STATE), **parts}))
+    state[PART_HEAD.size + 4] = 0x01  # mp_state is 4 bytes, padded to 8
+    rewrite_vcpu_state(snap, 0, bytes(state))
+    rejected(snap, "vcpu[0].mp_state padding", "saw 01000000")
+
+
+def test_truncated_vcpu_state_part_header_rejected(snap):
+    rewrite_vcpu_state(snap, 0, STATES[0] + PART_HEAD.pack(VcpuPart.REGS, 0)[:4])
+    rejected(snap, "vcpu[0].part[9]", "expected a 8-byte part header at state offset")
 
 
 def test_content_hash_mismatch_rejected_on_verified_load(snap):
@@ -378,9 +527,9 @@ def test_first_failing_check_wins_in_documented_order(snap):
     bad = {"magic": b"XXXXXXXX", "format_version": 9, "header_size": 1, "flags": 0, "arch": 9,
            "page_size": 1, "memory_offset": 1, "hash_algo": 9, "hypervisor": "x", "reserved": b"\x01",
            "memory_size": 2**63}
-    good = {"magic": image.MAGIC, "format_version": 1, "header_size": 4096, "flags": 1, "arch": 1,
+    good = {"magic": image.MAGIC, "format_version": 2, "header_size": 4096, "flags": 1, "arch": 1,
             "page_size": 4096, "memory_offset": 4096, "hash_algo": 1, "hypervisor": "kvm",
-            "reserved": bytes(28), "memory_size": MEMORY_SIZE}
+            "reserved": bytes(3912), "memory_size": MEMORY_SIZE}
     rewrite_header(snap, **bad)
     seen = []
     for field in bad:
@@ -409,7 +558,9 @@ def test_info_prints_the_header_in_plain_words(snap, capsys):
     for line in ("complete         yes", "architecture     x86_64", "hypervisor       kvm",
                  "page size        0x1000 (4 KiB)", "memory size      0x4000 (16 KiB), 4 pages",
                  f"content hash     sha256 {hashlib.sha256(pattern(MEMORY_SIZE)).hexdigest()}",
-                 "vCPUs            2", "  vCPU 0         kvm_x86 state, 872 bytes",
+                 "vCPUs            2, state layout version 1, ",
+                 f"  vCPU 0         kvm_x86 state, {len(STATES[0])} bytes: regs 144, sregs 312, xcrs 392, "
+                 "vcpu_events 64, mp_state 4, debugregs 128, xsave 4096, msrs 32, cpuid 8 (2 MSRs)",
                  "content check    verifies"):
         assert line in out, f"missing {line!r} in:\n{out}"
 

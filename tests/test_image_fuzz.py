@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from native import image
-from native.image import SnapshotFormatError, SnapshotImage, rewrite_header
+from native.image import SnapshotFormatError, SnapshotImage, read_vcpu_section, rewrite_header, rewrite_vcpu_section
+from tests.sample_states import kvm_x86_state
 
 MEMORY_SIZE = 4 * image.PAGE_SIZE
 # Opening a small file reads one header page and hashes through a buffer no
@@ -26,10 +27,10 @@ INTERESTING_INTS = [0, 1, 7, 8, 0xFFF, 0x1000, 0x1001, 0x2000, MEMORY_SIZE - 0x1
 
 @pytest.fixture(scope="module")
 def valid_bytes(tmp_path_factory) -> bytes:
-    """A small valid snapshot (4 pages, two vCPU states) as raw bytes."""
+    """A small valid snapshot (4 pages, two KVM x86 vCPU states) as raw bytes."""
     path = tmp_path_factory.mktemp("fuzz-seed") / "seed.snap"
     memory = bytes(range(256)) * (MEMORY_SIZE // 256)
-    SnapshotImage.write(path, memory, vcpu_states=[b"\x5a" * 872, b"\xa5" * 13])
+    SnapshotImage.write(path, memory, vcpu_states=[kvm_x86_state(0x5A), kvm_x86_state(0xA5, msrs=3, cpuid_entries=2)])
     return path.read_bytes()
 
 
@@ -71,7 +72,8 @@ def open_ends_cleanly(path: Path) -> None:
         return
     event("valid image")
     length = path.stat().st_size
-    assert result.memory_offset + result.memory_size == length, f"{result} accepted for a {length:#x}-byte file"
+    assert result.memory_offset + result.memory_size + result.vcpu_size == length, \
+        f"{result} accepted for a {length:#x}-byte file"
     assert result.verified and len(result.read_memory()) == result.memory_size
 
 
@@ -86,30 +88,33 @@ def field_value(name: str):
                      st.integers(0, top).map(lambda v: v & ~(image.PAGE_SIZE - 1)))  # passes "whole pages"
 
 
+# The section's record and part headers: where a trusted length would index past the state.
+RECORD_OR_PART_LENGTHS = st.one_of(st.integers(0, 5000), st.sampled_from([2**31, 2**32 - 1]))
+
+
 @st.composite
-def vcpu_area(draw):
-    """Records that look almost right: plausible and wild kinds and lengths."""
-    area = bytearray(image.VCPU_AREA_SIZE)
-    pos = 0
-    for _ in range(draw(st.integers(0, 6))):
-        kind = draw(st.sampled_from([0, 1, 2, 3, 2**32 - 1]))
-        length = draw(st.one_of(st.integers(0, 900), st.sampled_from([image.VCPU_AREA_SIZE, 2**32 - 1])))
-        if pos + 8 > len(area):
-            break
-        struct.pack_into("<II", area, pos, kind, length)
-        pos += 8 + min(length, 900)
-        pos += draw(st.sampled_from([0, (-pos) % 8, 1]))
-    return bytes(area)
+def section_edits(draw, section: bytes):
+    """The seed's vCPU section with some u32 words (kinds, part ids, lengths, nent) set to near-miss or wild
+    values, and bytes flipped."""
+    data = bytearray(section)
+    for _ in range(draw(st.integers(1, 6))):
+        at = draw(st.integers(0, len(data) // 4 - 1)) * 4
+        value = draw(st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]), RECORD_OR_PART_LENGTHS))
+        struct.pack_into("<I", data, at, value)
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(data) - 1))
+        data[at] ^= draw(st.integers(1, 255))
+    cut = draw(st.one_of(st.none(), st.integers(0, len(data))))
+    return bytes(data if cut is None else data[:cut])
 
 
 header_edits = st.lists(
     st.tuples(st.sampled_from(["xor", "set"]), st.integers(0, image.HEADER_SIZE - 1), st.integers(1, 255)),
     min_size=1, max_size=16)
 # The sizes and vCPU records are where a trusted value would do harm: drawn more often.
-field_names = st.sampled_from(sorted(image.FIELDS) + ["memory_size"] * 4 + ["vcpu_count", "vcpu_area"] * 2)
-field_sets = st.lists(field_names.flatmap(
-    lambda name: st.tuples(st.just(name), vcpu_area() if name == "vcpu_area" else field_value(name))),
-    min_size=1, max_size=4)
+field_names = st.sampled_from(sorted(image.FIELDS) + ["memory_size", "vcpu_size"] * 4 + ["vcpu_count"] * 2)
+field_sets = st.lists(field_names.flatmap(lambda name: st.tuples(st.just(name), field_value(name))),
+                      min_size=1, max_size=4)
 file_lengths = st.one_of(st.none(), st.integers(0, image.HEADER_SIZE + MEMORY_SIZE + 2 * image.PAGE_SIZE))
 
 
@@ -150,6 +155,25 @@ def test_fuzzed_field_values_with_valid_checksum_end_in_format_error_or_valid_im
         path.write_bytes(valid_bytes)
         for name, value in fields:
             rewrite_header(path, fix_checksum=fix_checksum, **{name: value})
+        open_ends_cleanly(path)
+
+    run()
+
+
+@FUZZ_TIMEOUT
+def test_fuzzed_vcpu_section_behind_a_valid_hash_ends_in_format_error_or_valid_image(valid_bytes, fuzz_settings,
+                                                                                      tmp_path):
+    """Records and parts with wrong kinds, ids, lengths and counts (the section re-hashed, the checksum kept
+    valid, so the record and part checks are reached): a clean error naming the vCPU, or a valid image."""
+    path = tmp_path / "fuzz.snap"
+    path.write_bytes(valid_bytes)
+    section = read_vcpu_section(path)
+
+    @fuzz_settings
+    @given(edited=section_edits(section), count=st.sampled_from([None, 0, 1, 2, 3, 2**32 - 1]))
+    def run(edited, count):
+        path.write_bytes(valid_bytes)
+        rewrite_vcpu_section(path, edited, **({} if count is None else {"vcpu_count": count}))
         open_ends_cleanly(path)
 
     run()

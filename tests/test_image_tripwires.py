@@ -20,7 +20,12 @@ def test_magic_is_pinned():
 
 
 def test_format_version_is_pinned():
-    assert image.FORMAT_VERSION == 1, BREAKS_SAVED_SNAPSHOTS
+    # 2: the vCPU states left the header page for a section after the image, as self-describing parts.
+    assert image.FORMAT_VERSION == 2, BREAKS_SAVED_SNAPSHOTS
+
+
+def test_vcpu_state_version_is_pinned():
+    assert image.VCPU_STATE_VERSION == 1, BREAKS_SAVED_SNAPSHOTS
 
 
 def test_header_size_is_pinned():
@@ -49,14 +54,40 @@ def test_field_offsets_are_pinned():
         "hypervisor": (0x030, "16s"),
         "content_hash": (0x040, "32s"),
         "vcpu_count": (0x060, "<I"),
-        "reserved": (0x064, "28s"),
-        "vcpu_area": (0x080, "3936s"),
+        "vcpu_state_version": (0x064, "<I"),
+        "vcpu_offset": (0x068, "<Q"),
+        "vcpu_size": (0x070, "<Q"),
+        "vcpu_hash": (0x078, "32s"),
+        "reserved": (0x098, "3912s"),
         "header_checksum": (0xFE0, "32s"),
     }, BREAKS_SAVED_SNAPSHOTS
 
 
 def test_vcpu_record_head_is_pinned():
     assert image.VCPU_RECORD_HEAD.format == "<II", BREAKS_SAVED_SNAPSHOTS
+
+
+def test_vcpu_state_part_layout_is_pinned():
+    """Part header, ids and the kernel struct sizes of a KVM x86 vCPU state (vcpu_state_version 1)."""
+    layout = {
+        "part_head": image.PART_HEAD.format,
+        "parts": {p.name: p.value for p in image.VcpuPart},
+        "fixed_sizes": {p.name: n for p, n in image.FIXED_PART_SIZES.items()},
+        "xsave_min": image.XSAVE_MIN_SIZE,
+        "msr_entry": image.MSR_ENTRY.format,
+        "cpuid": (image.CPUID_HEAD.format, image.CPUID_ENTRY_SIZE),
+        "optional": sorted(p.name for p in image.OPTIONAL_PARTS),
+    }
+    assert layout == {
+        "part_head": "<II",
+        "parts": {"REGS": 1, "SREGS": 2, "XSAVE": 3, "XCRS": 4, "MSRS": 5, "VCPU_EVENTS": 6, "MP_STATE": 7,
+                  "DEBUGREGS": 8, "CPUID": 9},
+        "fixed_sizes": {"REGS": 144, "SREGS": 312, "XCRS": 392, "VCPU_EVENTS": 64, "MP_STATE": 4, "DEBUGREGS": 128},
+        "xsave_min": 4096,
+        "msr_entry": "<IIQ",
+        "cpuid": ("<II", 40),
+        "optional": ["XCRS"],
+    }, BREAKS_SAVED_SNAPSHOTS
 
 
 def test_enum_codes_are_pinned():
@@ -76,16 +107,28 @@ def test_enum_codes_are_pinned():
     }, BREAKS_SAVED_SNAPSHOTS
 
 
-# sha256 of pack_header() for the inputs below, computed when format version 1 was set.
-PINNED_HEADER_SHA256 = "dbaf3f621f1849a242e138881972a73fbe642af19d107249952f568bf90731dc"
+# sha256 of pack_header() and pack_vcpu_section() for the inputs below, computed when format version 2 was set.
+PINNED_HEADER_SHA256 = "f243c4fcedb3872eb5071f2758cb86dfa596f43db88dae1e0bb62a47a47ae773"
+PINNED_SECTION_SHA256 = "4d030167a8907ff5e7cdb96186843b28092c7f735b775a5c1b8e7a2cecec4d2a"
 
 
-def test_header_bytes_for_fixed_inputs_are_pinned():
-    """The whole header page for fixed inputs, as a digest: catches any layout or checksum change."""
+def fixed_kvm_x86_state(fill: int) -> bytes:
+    """A well-formed KVM x86 state whose every part is ``fill`` bytes (two MSRs, no CPUID entries)."""
+    parts = {part: bytes([fill]) * size for part, size in image.FIXED_PART_SIZES.items()}
+    parts[image.VcpuPart.XSAVE] = bytes([fill]) * image.XSAVE_MIN_SIZE
+    parts[image.VcpuPart.MSRS] = image.MSR_ENTRY.pack(0x176, 0, fill) + image.MSR_ENTRY.pack(0x10, 0, fill)
+    parts[image.VcpuPart.CPUID] = image.CPUID_HEAD.pack(0, 0)
+    return image.pack_kvm_x86_state(parts)
+
+
+def test_header_and_vcpu_section_bytes_for_fixed_inputs_are_pinned():
+    """The whole header page and vCPU section for fixed inputs, as digests: catches any layout or checksum change."""
+    states, kinds = [fixed_kvm_x86_state(0xAA), b"\x55" * 5], [image.VcpuKind.KVM_X86, image.VcpuKind.WHP_X86]
     header = image.pack_header(memory_size=0x100000, arch=image.Arch.X86_64, hypervisor="kvm", complete=True,
-                               content_hash=bytes(range(32)), vcpu_states=[b"\xaa" * 872, b"\x55" * 5],
-                               vcpu_kinds=[image.VcpuKind.KVM_X86] * 2)
-    assert hashlib.sha256(header).hexdigest() == PINNED_HEADER_SHA256, BREAKS_SAVED_SNAPSHOTS
+                               content_hash=bytes(range(32)), vcpu_states=states, vcpu_kinds=kinds)
+    section = image.pack_vcpu_section(states, kinds)
+    assert (hashlib.sha256(header).hexdigest(), hashlib.sha256(section).hexdigest()) == \
+        (PINNED_HEADER_SHA256, PINNED_SECTION_SHA256), BREAKS_SAVED_SNAPSHOTS
 
 
 # --- invariants the pins rely on (not tripwires: these must simply hold) ------

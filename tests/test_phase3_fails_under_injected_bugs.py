@@ -1,9 +1,12 @@
-"""Phase 3 can fail: a snapshot without its vCPU state fails the mid-execution check, a flipped byte fails the load.
+"""Phase 3 can fail: a snapshot without its vCPU state fails the mid-execution check, a restore that drops any
+one part of a vCPU's state (or gives every vCPU vCPU 0's) fails the two-vCPU whole-state check, a flipped
+byte fails the load.
 
-The first runs the phase in a child pytest with ``--inject drop-vcpu-state`` (the capture writes the
+The first two run the phase in a child pytest with ``--inject drop-vcpu-state`` (the capture writes the
 file without vCPU state; the restore falls back to counter32's entry, re-running iterations whose
-writes the snapshot already holds). The second corrupts one byte of a real snapshot's memory image
-and loads it, verified and not.
+writes the snapshot already holds) or one of the restore's vCPU-state switches (drop-xsave, drop-xcrs,
+drop-msrs, drop-vcpu-events, drop-mp-state, drop-debugregs, same-vcpu-state). The last corrupts one byte
+of a real snapshot's memory image and loads it, verified and not.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ PHASE3 = "test_phase3_round_trip_restore.py"
 MID = "test_mid_execution_snapshot_resumes_to_the_uninterrupted_result"
 SELECT = "mid_execution and 1MiB"
 MID_CASES = [f"{MID}[1MiB-{loader}]" for loader in LOADERS]
+# One loader is enough here: the vCPU state is loaded the same way whichever loader filled memory.
+WHOLE_STATE = "test_two_vcpus_resume_each_with_its_own_whole_state"
+WHOLE_STATE_CASE = f"{WHOLE_STATE}[read-copy]"
+WHOLE_STATE_SELECT = "two_vcpus and read-copy"
+RESULTS = "each vCPU ends as the model and the uninterrupted run: results vs the model: "
+READ_BACK = "each restored vCPU held the file's state, part by part: "
 pytestmark = [pytest.mark.platform("linux")]
 
 
@@ -45,6 +54,48 @@ def test_dropped_vcpu_state_fails_the_mid_execution_check():
     notes = [n for s in record["stages"] for n in s["notes"]]
     assert "vCPU states: 1 taken, 0 written to the file" in notes, notes
     assert any("no vCPU state in the file" in n for n in notes), notes
+
+
+# -- a restore that drops one part of each vCPU's state, or gives every vCPU vCPU 0's -------------------
+
+
+def test_phase3_whole_state_passes_without_injection():
+    """The control: the two-vCPU whole-state case passes with no switch set."""
+    run = run_phase(PHASE3, "-k", WHOLE_STATE_SELECT)
+    assert run.returncode == 0, run.output
+    assert run.outcome(WHOLE_STATE_CASE) == "passed", run.failure(WHOLE_STATE_CASE)
+
+
+@pytest.mark.parametrize(("switch", "named"), [
+    # The guest's own result shows these: its XMM0 and MM0, its SYSENTER_EIP, its NMI, its DR0-DR3.
+    ("drop-xsave", [RESULTS + "vCPU 0 XMM0: expected ", "vCPU 0 MM0 (x87 R0): expected "]),
+    ("drop-msrs", [RESULTS + "vCPU 0 XMM0: expected ", "vCPU 0 SYSENTER_EIP (MSR 0x176): expected "]),
+    ("drop-vcpu-events", [RESULTS + "vCPU 0 NMIs taken: expected 0x1, saw 0x0; vCPU 0 NMI after iteration: "
+                                    "expected 0x258, saw 0x0"]),
+    ("drop-debugregs", [RESULTS + "vCPU 0 DR0-DR3: expected "]),
+    ("same-vcpu-state", [RESULTS + "vCPU 0 NMIs taken: expected 0x1, saw 0x2", "vCPU 1 XMM0: expected "]),
+    # These the guest cannot see: XCR0 shows in the state read back, the MP state (always RUNNABLE without
+    # an in-kernel LAPIC) in the parts the restore wrote.
+    ("drop-xcrs", [READ_BACK + "vCPU 0 state read back after the restore vs the file: xcrs: xcrs[0].value "
+                               "expected 0x0000000000000003, saw 0x0000000000000001"]),
+    ("drop-mp-state", [READ_BACK + "vCPU 0: parts the restore wrote, in order (not written: ['mp_state'])"]),
+])
+def test_restore_without_one_part_of_the_vcpu_state_fails_the_whole_state_check(require, switch, named):
+    """With the restore dropping one part of each vCPU's state (or giving all of them vCPU 0's), the two-vCPU
+    case fails and its message names what differed."""
+    require("kvm")
+    if switch == "drop-xcrs":
+        from native.kvm import Vm
+
+        with Vm.create() as vm:
+            if not vm.has_xcrs():
+                pytest.skip("KVM_CHECK_EXTENSION(KVM_CAP_XCRS) is 0 here (no XSAVE on the host CPU): no XCRs to drop")
+    run = run_phase(PHASE3, "-k", WHOLE_STATE_SELECT, inject=switch)
+    assert run.returncode == 1, run.output
+    assert run.outcome(WHOLE_STATE_CASE) == "failed", f"{switch}: {run.outcome(WHOLE_STATE_CASE)}"
+    failure = run.failure(WHOLE_STATE_CASE)
+    for words in named:
+        assert words in failure, f"{switch}: expected {words!r} in the failure: {failure}"
 
 
 # -- one flipped byte in the memory image -----------------------------------------------------------

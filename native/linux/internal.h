@@ -6,6 +6,8 @@
 /* Record `op` as this thread's failing operation and return -errno. */
 int sp_fail(const char *op);
 void sp_set_last_op(const char *op);
+/* The vCPU's KVM fd (kvm_vm.c), for vcpu_state.c. */
+int sp_vcpu_fd(const struct sp_vcpu *v);
 
 #include <linux/userfaultfd.h>
 #include <pthread.h>

@@ -440,51 +440,8 @@ int sp_vcpu_get_regs(struct sp_vcpu *v, uint64_t *out18)
     return 0;
 }
 
-/* The saved vCPU state: struct kvm_regs, kvm_sregs, kvm_fpu, back to back. */
-size_t sp_vcpu_state_size(void)
+/* For vcpu_state.c, which moves the vCPU's state part by part (internal.h). */
+int sp_vcpu_fd(const struct sp_vcpu *v)
 {
-    return sizeof(struct kvm_regs) + sizeof(struct kvm_sregs) + sizeof(struct kvm_fpu);
-}
-
-int sp_vcpu_save_state(struct sp_vcpu *v, uint8_t *buf, size_t len)
-{
-    if (len != sp_vcpu_state_size()) {
-        errno = EINVAL;
-        return sp_fail("sp_vcpu_save_state(len)");
-    }
-    struct kvm_regs regs;
-    struct kvm_sregs sregs;
-    struct kvm_fpu fpu;
-    if (ioctl(v->fd, KVM_GET_REGS, &regs) < 0)
-        return sp_fail("KVM_GET_REGS");
-    if (ioctl(v->fd, KVM_GET_SREGS, &sregs) < 0)
-        return sp_fail("KVM_GET_SREGS");
-    if (ioctl(v->fd, KVM_GET_FPU, &fpu) < 0)
-        return sp_fail("KVM_GET_FPU");
-    memcpy(buf, &regs, sizeof(regs));
-    memcpy(buf + sizeof(regs), &sregs, sizeof(sregs));
-    memcpy(buf + sizeof(regs) + sizeof(sregs), &fpu, sizeof(fpu));
-    return 0;
-}
-
-int sp_vcpu_load_state(struct sp_vcpu *v, const uint8_t *buf, size_t len)
-{
-    if (len != sp_vcpu_state_size()) {
-        errno = EINVAL;
-        return sp_fail("sp_vcpu_load_state(len)");
-    }
-    struct kvm_regs regs;
-    struct kvm_sregs sregs;
-    struct kvm_fpu fpu;
-    memcpy(&regs, buf, sizeof(regs));
-    memcpy(&sregs, buf + sizeof(regs), sizeof(sregs));
-    memcpy(&fpu, buf + sizeof(regs) + sizeof(sregs), sizeof(fpu));
-    /* sregs first: KVM_SET_SREGS may reset state that regs then overwrite. */
-    if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
-        return sp_fail("KVM_SET_SREGS");
-    if (ioctl(v->fd, KVM_SET_REGS, &regs) < 0)
-        return sp_fail("KVM_SET_REGS");
-    if (ioctl(v->fd, KVM_SET_FPU, &fpu) < 0)
-        return sp_fail("KVM_SET_FPU");
-    return 0;
+    return v->fd;
 }

@@ -93,9 +93,28 @@ int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp
 int sp_vcpu_kick(struct sp_vcpu *v);
 void sp_vcpu_clear_kick(struct sp_vcpu *v);
 int sp_vcpu_get_regs(struct sp_vcpu *v, uint64_t *out18);
-size_t sp_vcpu_state_size(void);
-int sp_vcpu_save_state(struct sp_vcpu *v, uint8_t *buf, size_t len);
-int sp_vcpu_load_state(struct sp_vcpu *v, const uint8_t *buf, size_t len);
+
+/* ---- vCPU state, one part at a time (vcpu_state.c) ---------------- */
+/* A part's bytes are the kernel's struct; the ids are the part ids of the snapshot file
+ * (native/image.py VcpuPart; a self-test compares). Order and layout: native/kvm.py. */
+enum sp_vcpu_part {
+    SP_PART_REGS = 1,         /* struct kvm_regs */
+    SP_PART_SREGS = 2,        /* struct kvm_sregs */
+    SP_PART_XSAVE = 3,        /* struct kvm_xsave: KVM_CAP_XSAVE2 bytes (KVM_GET_XSAVE2), else 4096 */
+    SP_PART_XCRS = 4,         /* struct kvm_xcrs */
+    SP_PART_MSRS = 5,         /* struct kvm_msr_entry[]: the caller names the indices; returns the count done */
+    SP_PART_VCPU_EVENTS = 6,  /* struct kvm_vcpu_events */
+    SP_PART_MP_STATE = 7,     /* struct kvm_mp_state */
+    SP_PART_DEBUGREGS = 8,    /* struct kvm_debugregs */
+    SP_PART_CPUID = 9         /* struct kvm_cpuid2 + nent struct kvm_cpuid_entry2 */
+};
+size_t sp_vcpu_part_size(uint32_t part);  /* the fixed size of a part; 0 for xsave, msrs, cpuid */
+int sp_vcpu_get_part(struct sp_vcpu *v, uint32_t part, uint8_t *buf, size_t len);
+int sp_vcpu_set_part(struct sp_vcpu *v, uint32_t part, const uint8_t *buf, size_t len);
+int sp_vcpu_inject_nmi(struct sp_vcpu *v);
+/* KVM_GET_MSR_INDEX_LIST: returns the count n; the indices are written when cap >= n. */
+int sp_kvm_msr_index_list(int kvm_fd, uint32_t *out, uint32_t cap);
+int sp_kvm_supported_cpuid(int kvm_fd, uint8_t *buf, size_t len);
 
 /* ---- userfaultfd -------------------------------------------------- */
 int sp_uffd_open(int *via_devnode);
