@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -425,9 +426,20 @@ class FakeWindowsLib:
     Every call is checked against the cdef's parameter count, and structs come
     from an ABI-mode FFI of the same cdef, so a misspelt field or a missing
     argument in whp.py fails here instead of on the first Windows host.
+
+    A model, not WHP: views are copies of the file (a copy view takes writes,
+    a read-only one does not), one partition of the process may map memory at
+    a time (ERROR_VID_PARTITION_ALREADY_EXISTS otherwise), a copy view is
+    charged its whole size as commit and copy-on-write memory its private
+    pages, and a run plays marker16 or cow16 by what sits at GPA 0x100 (any
+    other memory gets one canned memory-access exit). It lets the phase-4 WHP
+    tests run on Linux against the API as whp.py declares it; the C under the
+    API is what native/windows/ci.sh tests.
     """
 
-    def __init__(self, image: bytes, absent: str | None = None, map_hresult: int = 0, features: int = 1) -> None:
+    BASE_COMMIT = 5 << 20
+
+    def __init__(self, absent: str | None = None, map_hresult: int = 0, features: int = 1) -> None:
         from cffi import FFI
 
         import native._windows_build as builder
@@ -436,15 +448,16 @@ class FakeWindowsLib:
         self.ffi.cdef(builder._cdef_text())
         self._decls = {k.split(" ", 1)[1]: v[0] for k, v in self.ffi._parser._declarations.items()
                        if k.startswith("function ")}
-        self.memory = self.ffi.new("uint8_t[]", image)
         self.absent = self.ffi.new("char[]", absent.encode()) if absent else self.ffi.NULL
         self.map_hresult = map_hresult
         self.features = features
         self.last = ("", 0, 0)
         self.calls: list[str] = []
-        self.view_mode = 0
-        self.cow_attached = False
-        self.private: dict[int, bytearray] = {}  # the CoW memory's private pages, by page number
+        self.views: dict[int, dict] = {}
+        self.vms: dict[int, dict] = {}
+        self.cows: dict[int, dict] = {}
+        self.vid_owner: int | None = None
+        self._next = 0x10
 
     def __getattr__(self, name: str):
         if name in self._decls:
@@ -459,9 +472,24 @@ class FakeWindowsLib:
             return call
         return self.ffi.integer_const(name)
 
+    def _handle(self, ctype: str) -> tuple[int, object]:
+        self._next += 1
+        return self._next, self.ffi.cast(ctype, self._next)
+
+    def _key(self, handle: object) -> int:
+        return int(self.ffi.cast("uintptr_t", handle))
+
     def _fail(self, op: str, code: int, hresult: bool) -> int:
         self.last = (op, code, int(hresult))
         return -1
+
+    @property
+    def view_mode(self) -> int:
+        return self.views[max(self.views)]["mode"] if self.views else 0
+
+    @property
+    def private(self) -> dict[int, bytearray]:
+        return self.cows[max(self.cows)]["private"] if self.cows else {}
 
     def _sp_win_last_op(self) -> object:
         return self.ffi.new("char[]", self.last[0].encode())
@@ -486,7 +514,9 @@ class FakeWindowsLib:
         return 0
 
     def _sp_win_private_usage(self, out: object) -> int:
-        out[0] = 5 << 20  # type: ignore[index]
+        views = sum(v["view_size"] for v in self.views.values() if v["mode"] == 1)
+        private = sum(len(c["private"]) * 4096 for c in self.cows.values())
+        out[0] = self.BASE_COMMIT + views + private  # type: ignore[index]
         return 0
 
     def _sp_win_quiet_crashes(self) -> None:
@@ -494,80 +524,138 @@ class FakeWindowsLib:
 
     def _sp_view_open(self, path: str, mode: int, offset: int, size: int, out: object) -> int:
         assert isinstance(path, str) and mode in (1, 2) and offset == 4096, (path, mode, offset)
-        self.view_size = size
-        self.view_mode = mode
-        out[0] = self.ffi.cast("struct sp_view *", 0x10)  # type: ignore[index]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        key, handle = self._handle("struct sp_view *")
+        self.views[key] = {"buf": self.ffi.new("uint8_t[]", data), "mode": mode, "size": size,
+                           "view_size": size + 4096}
+        out[0] = handle  # type: ignore[index]
         return 0
 
     def _sp_view_get_info(self, view: object, info: object) -> None:
-        addr = int(self.ffi.cast("uintptr_t", self.memory))
-        info.addr, info.size, info.base, info.map_offset = addr, self.view_size, addr - 4096, 0  # type: ignore[attr-defined]
-        info.view_size, info.mode = self.view_size + 4096, 1  # type: ignore[attr-defined]
+        v = self.views[self._key(view)]
+        addr = int(self.ffi.cast("uintptr_t", v["buf"]))
+        info.addr, info.size, info.base, info.map_offset = addr, v["size"], addr - 4096, 0  # type: ignore[attr-defined]
+        info.view_size, info.mode = v["view_size"], v["mode"]  # type: ignore[attr-defined]
 
     def _sp_view_page_protection(self, view: object, offset: int, out: object) -> int:
-        out[0] = 0x08  # type: ignore[index]
+        out[0] = 0x08 if self.views[self._key(view)]["mode"] == 1 else 0x02  # type: ignore[index]
         return 0
 
     def _sp_view_close(self, view: object) -> None:
-        pass
+        del self.views[self._key(view)]
 
     def _sp_whp_vm_create(self, out: object) -> int:
-        out[0] = self.ffi.cast("struct sp_whp_vm *", 0x20)  # type: ignore[index]
+        key, handle = self._handle("struct sp_whp_vm *")
+        self.vms[key] = {"maps": [], "cow": None}
+        out[0] = handle  # type: ignore[index]
         return 0
 
     def _sp_whp_vm_destroy(self, vm: object) -> None:
-        pass
+        key = self._key(vm)
+        if self.vms[key]["cow"] is not None:
+            self.cows[self.vms[key]["cow"]]["vm"] = None
+        del self.vms[key]
+        if self.vid_owner == key:
+            self.vid_owner = None
+
+    def _claim_vid(self, vm: object) -> int:
+        key = self._key(vm)
+        if self.vid_owner not in (None, key):
+            return self._fail("WHvMapGpaRange", whp.VID_PARTITION_ALREADY_EXISTS, True)
+        self.vid_owner = key
+        return 0
 
     def _sp_whp_vm_map(self, vm: object, hva: int, gpa: int, size: int, flags: int) -> int:
         if self.map_hresult:
             return self._fail("WHvMapGpaRange", self.map_hresult, True)
-        assert hva == int(self.ffi.cast("uintptr_t", self.memory)) and gpa == 0 and flags == 7, (hva, gpa, flags)
+        view = next((v for v in self.views.values() if int(self.ffi.cast("uintptr_t", v["buf"])) == hva), None)
+        assert view is not None and gpa == 0 and flags == 7 and size == view["size"], (hva, gpa, flags, size)
+        if self._claim_vid(vm):
+            return -1
+        self.vms[self._key(vm)]["maps"].append(view)
         return 0
 
     def _sp_cow_open(self, view: object, out: object) -> int:
-        if self.view_mode != 2:
+        if self.views[self._key(view)]["mode"] != 2:
             return self._fail("sp_cow_open: the snapshot must be a SP_VIEW_READONLY view", 87, False)
-        out[0] = self.ffi.cast("struct sp_cow *", 0x30)  # type: ignore[index]
+        key, handle = self._handle("struct sp_cow *")
+        self.cows[key] = {"view": self._key(view), "private": {}, "faults": 0, "vm": None}
+        out[0] = handle  # type: ignore[index]
         return 0
 
     def _sp_cow_close(self, cow: object) -> None:
-        pass
+        assert self.cows[self._key(cow)]["vm"] is None, "copy-on-write memory closed under its partition"
+        del self.cows[self._key(cow)]
 
     def _sp_cow_get_info(self, cow: object, info: object) -> None:
-        info.size, info.private_pages, info.faults = self.view_size, len(self.private), len(self.private)  # type: ignore[attr-defined]
-        info.fault_ns, info.attached = 1000 * len(self.private), int(self.cow_attached)  # type: ignore[attr-defined]
+        c = self.cows[self._key(cow)]
+        info.size, info.private_pages = self.views[c["view"]]["size"], len(c["private"])  # type: ignore[attr-defined]
+        info.faults, info.fault_ns, info.attached = c["faults"], 1000 * c["faults"], int(c["vm"] is not None)  # type: ignore[attr-defined]
+
+    def _cow_bytes(self, c: dict) -> bytearray:
+        view = self.views[c["view"]]
+        whole = bytearray(self.ffi.buffer(view["buf"], view["size"]))
+        for page, data in c["private"].items():
+            whole[page * 4096:(page + 1) * 4096] = data
+        return whole
 
     def _sp_cow_read(self, cow: object, offset: int, buf: object, n: int) -> int:
-        whole = bytearray(self.ffi.buffer(self.memory, self.view_size))
-        for page, data in self.private.items():
-            whole[page * 4096:(page + 1) * 4096] = data
-        buf[0:n] = bytes(whole[offset:offset + n])  # type: ignore[index]
+        buf[0:n] = bytes(self._cow_bytes(self.cows[self._key(cow)])[offset:offset + n])  # type: ignore[index]
         return 0
 
     def _sp_cow_page_is_private(self, cow: object, offset: int) -> int:
-        return int(offset // 4096 in self.private)
+        return int(offset // 4096 in self.cows[self._key(cow)]["private"])
 
     def _sp_whp_vm_map_cow(self, vm: object, cow: object, gpa: int) -> int:
         assert gpa == 0 and self.features & 1, (gpa, self.features)
-        self.cow_attached = True
+        if self._claim_vid(vm):
+            return -1
+        self.vms[self._key(vm)]["cow"] = self._key(cow)
+        self.cows[self._key(cow)]["vm"] = self._key(vm)
         return 0
 
     def _sp_whp_vcpu_set_real_mode(self, vm: object, cs: int, ip: int, sp: int) -> int:
         assert (cs, ip) == (0, 0x100), (cs, ip)
         return 0
 
+    def _play(self, vm: dict, out: object, debug: object) -> None:
+        """marker16 or cow16, by the bytes at GPA 0x100; writes as the memory's kind lets them land."""
+        import guests
+
+        cow = self.cows[vm["cow"]] if vm["cow"] is not None else None
+        view = self.views[cow["view"]] if cow else vm["maps"][0]
+        memory = self._cow_bytes(cow) if cow else bytearray(self.ffi.buffer(view["buf"], view["size"]))
+        code = bytes(memory[0x100:0x120])
+        writes = ({0x1000: 0x42} if code.startswith(guests.load("marker16")) else
+                  {0x1000: 0x42, 0x1001: 0x43, 0x2000: 0x44} if code.startswith(guests.load("cow16")) else None)
+        if writes is None or (not cow and view["mode"] == 2):  # unknown guest, or a store to a read-only view
+            out.reason, out.whv_exit_reason, out.mem_gpa = 6, 1, 0x1000  # type: ignore[attr-defined]
+            out.mem_access_type, out.rip = 1, 0x102  # type: ignore[attr-defined]
+            if writes is None:
+                out.debug_len = 2  # type: ignore[attr-defined]
+                debug[0:2] = b"ok"  # type: ignore[index]
+            return
+        for gpa, value in writes.items():
+            if cow:
+                page = gpa // 4096
+                if page not in cow["private"]:
+                    cow["private"][page] = memory[page * 4096:(page + 1) * 4096]
+                    cow["faults"] += 1
+                    out.cow_faults += 1  # type: ignore[attr-defined]
+                cow["private"][page][gpa % 4096] = value
+            else:
+                view["buf"][gpa] = value
+        if len(writes) > 1:
+            out.debug_len = 2  # type: ignore[attr-defined]
+            debug[0:2] = bytes([writes[0x1000], writes[0x1001]])  # type: ignore[index]
+        out.reason, out.whv_exit_reason = 1, 8  # type: ignore[attr-defined]
+
     def _sp_whp_vcpu_run(self, vm: object, timeout_ns: int, flags: int, out: object, debug: object,
                          cap: int) -> int:
-        assert timeout_ns == 1_500_000_000 and cap > 2, (timeout_ns, cap)
-        if self.cow_attached:  # the guest's store to GPA 0x1000 is served from a private copy, then it halts
-            page = bytearray(self.ffi.buffer(self.memory, self.view_size)[0x1000:0x2000])
-            page[0] = 0x42
-            self.private[1] = page
-            out.reason, out.whv_exit_reason, out.cow_faults, out.cow_ns = 1, 8, 1, 1000  # type: ignore[attr-defined]
-            return 0
-        out.reason, out.whv_exit_reason, out.mem_gpa = 6, 1, 0x1000  # type: ignore[attr-defined]
-        out.mem_access_type, out.debug_len, out.rip = 1, 2, 0x102  # type: ignore[attr-defined]
-        debug[0:2] = b"ok"  # type: ignore[index]
+        assert timeout_ns > 0 and cap > 2, (timeout_ns, cap)
+        self._play(self.vms[self._key(vm)], out, debug)
         return 0
 
     def _sp_whp_vcpu_get_regs(self, vm: object, out: object) -> int:
@@ -578,18 +666,20 @@ class FakeWindowsLib:
 
 @pytest.fixture
 def fake_windows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """native.whp as on a Windows host, over FakeWindowsLib; yields (fake lib, snapshot-like file)."""
+    """native.whp as on a Windows host, over FakeWindowsLib; yields (install, snapshot-like file)."""
     image = bytearray(64 * 1024)
     image[0x1000] = 0xBE
     path = tmp_path / "snap.bin"
     path.write_bytes(bytes(4096) + image)
 
     def install(**kw: object) -> FakeWindowsLib:
-        fake = FakeWindowsLib(bytes(image), **kw)  # type: ignore[arg-type]
+        fake = FakeWindowsLib(**kw)  # type: ignore[arg-type]
         monkeypatch.setattr(whp, "_native", (fake.ffi, fake))
-        monkeypatch.setattr(whp, "sys", type(sys)("sys_as_on_windows"))
-        whp.sys.platform = "win32"  # type: ignore[misc]
-        whp.sys.executable = sys.executable  # type: ignore[misc]
+        as_on_windows = type(sys)("sys_as_on_windows")
+        as_on_windows.platform = "win32"  # type: ignore[attr-defined]
+        as_on_windows.executable = sys.executable  # type: ignore[attr-defined]
+        as_on_windows.maxsize = sys.maxsize  # type: ignore[attr-defined]
+        monkeypatch.setattr(whp, "sys", as_on_windows)
         return fake
 
     return install, path
@@ -608,7 +698,7 @@ def test_python_layer_maps_runs_and_reports_through_the_declared_api(fake_window
         assert ex.reason is whp.ExitReason.MEMORY_ACCESS and ex.access is whp.MemoryAccessType.WRITE, ex
         assert ex.describe() == "memory access: write at GPA 0x1000 (RIP 0x102)", ex.describe()
         assert ex.debug == b"ok"
-        assert vm.regs()["eip"] == 16 and whp.private_usage() == 5 << 20
+        assert vm.regs()["eip"] == 16 and whp.private_usage() == FakeWindowsLib.BASE_COMMIT + view.view_size
         assert view.protection(0x1000) == 0x08
     assert fake.calls.index("sp_whp_vm_destroy") < fake.calls.index("sp_view_close"), fake.calls
 
@@ -643,8 +733,13 @@ def test_python_layer_skips_with_the_c_reason_and_refuses_readonly_writes(fake_w
 def test_python_layer_runs_copy_on_write_memory_and_reads_the_private_pages(fake_windows) -> None:
     """CowMemory: a read-only view, sp_cow_open, mapped copy-on-write; the run's faults and the guest's private pages
     are reported, the snapshot's bytes where it did not write; the partition closes before the memory."""
+    import guests
+
     install, path = fake_windows
     fake = install()
+    image = bytearray(path.read_bytes())
+    image[4096 + 0x100:4096 + 0x106] = guests.load("marker16")
+    path.write_bytes(bytes(image))
     with whp.CowMemory.open(path) as mem, whp.WhpVm(mem) as vm:
         assert fake.view_mode == whp.ViewMode.READONLY, "the snapshot must be mapped PAGE_READONLY"
         assert mem.read(0x1000, 1) == b"\xbe" and not mem.is_private(0x1000)
@@ -706,7 +801,7 @@ def test_host_row_names_a_wrong_interpreter(monkeypatch: pytest.MonkeyPatch) -> 
     assert [(r.name, r.status.value) for r in rows] == [("whp", "FAIL")], rows
     assert "64-bit ARM64 interpreter" in rows[0].detail and "x64 only" in rows[0].detail, rows[0].detail
     monkeypatch.setattr(whp.platform, "machine", lambda: "AMD64")
-    monkeypatch.setattr(whp.sys, "maxsize", 2**31 - 1)
+    monkeypatch.setattr(whp, "sys", SimpleNamespace(platform="win32", maxsize=2**31 - 1, executable="python.exe"))
     rows = _whp_rows()
     assert "32-bit AMD64 interpreter" in rows[0].detail and rows[0].status.value == "FAIL", rows[0]
 
@@ -755,3 +850,43 @@ def test_host_rows_when_whp_is_absent_present_and_without_partial_unmap(fake_win
     reason = rep.missing("whp.partial_unmap")
     assert reason is not None and "PartialUnmap = 0" in reason, reason
     assert rep.missing("whp") is None and rep.facts["whp_features"] == "0x0", rep.facts
+
+
+# -- phase 4's WHP tests, run against the model -------------------------------------------------------------------
+
+
+def _phase4_whp_tests() -> list[str]:
+    from phases import test_phase4_cow_load as phase4
+
+    return sorted(name for name in vars(phase4) if name.startswith("test_whp_"))
+
+
+@pytest.mark.parametrize("name", _phase4_whp_tests())
+def test_phase4_whp_test_runs_against_the_python_model(name: str, fake_windows, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each phase-4 WHP test body passes on the API whp.py declares, over FakeWindowsLib (a model, not WHP): it calls
+    what exists, keeps one partition mapping memory at a time, closes everything it opened, and its checks hold
+    where the model behaves as the documentation says WHP does. Real WHP runs them on a Windows host."""
+    import inspect
+
+    from native.inject import FaultInjection
+    from phases import test_phase4_cow_load as phase4
+    from results.record import CaseReport
+
+    install, _ = fake_windows
+    fake = install()
+    # The read-only control runs in a child process, which would be Linux here: give it a child's answer.
+    monkeypatch.setattr(whp, "readonly_load_in_child", lambda *a, **k: whp.ReadonlyLoadOutcome(
+        returncode=whp.ReadonlyOutcome.MEMORY_ACCESS_EXIT.value,
+        exit={"gpa": 0x1000, "access": "WRITE", "describe": "memory access: write at GPA 0x1000"}, output=""))
+    monkeypatch.setattr(phase4, "DENSITY_IMAGE", 4 << 20)  # the model copies every view: keep it small
+    test = getattr(phase4, name)
+    report = CaseReport(name, name)
+    args: dict[str, object] = {"report": report, "tmp_path": tmp_path / "phase4"}
+    (tmp_path / "phase4").mkdir()
+    if "inject" in inspect.signature(test).parameters:
+        args["inject"] = FaultInjection(0)
+    test(**args)
+    assert report.stages and all(st.ok for st in report.stages), [st.to_dict() for st in report.stages]
+    assert not (fake.vms or fake.cows or fake.views), (
+        f"left open: {len(fake.vms)} partitions, {len(fake.cows)} copy-on-write memories, {len(fake.views)} views")
