@@ -1,10 +1,18 @@
 /*
  * WHP: a partition with one vCPU in real mode, guest memory from a file
- * view, and the run loop (HLT, port I/O, memory access, cancel).
+ * view, and the run loop (HLT, port I/O, memory access, cancel; write exits
+ * on copy-on-write memory go to cow.c and the guest runs on).
  *
  * WinHvPlatform.dll is loaded at run time (LoadLibraryExW + GetProcAddress),
  * never linked: a host without the "Windows Hypervisor Platform" feature must
  * reach the "WHP absent" skip, not a loader error before Python even runs.
+ * The probe goes on past HypervisorPresent to a throwaway partition (create,
+ * set up, delete): where that fails, the skip names the call, the HRESULT and
+ * the fix.
+ *
+ * One partition with mapped memory per process: real WHP refuses the second
+ * one's WHvMapGpaRange (ERROR_VID_PARTITION_ALREADY_EXISTS) while the first
+ * exists. Nothing here enforces it; callers delete one before mapping the next.
  *
  * Types and constants come from the documented WHP headers
  * (winhvplatformdefs.h, in the Windows SDK and in mingw-w64); the asserts
