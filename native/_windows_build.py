@@ -15,7 +15,7 @@ from cffi import FFI
 
 WINDOWS_DIR = Path(__file__).resolve().parent / "windows"
 # selftest.c (its own main) and fake_whp.c (a stand-in DLL) belong to the wine CI, not the extension.
-SOURCES = [WINDOWS_DIR / name for name in ("common.c", "file_view.c", "whp_vm.c")]
+SOURCES = [WINDOWS_DIR / name for name in ("common.c", "file_view.c", "whp_vm.c", "cow.c")]
 HEADER = WINDOWS_DIR / "snapproof_win.h"
 
 

@@ -293,21 +293,54 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+WHP_WHAT = "for the Windows Hypervisor Platform"
+WHP_BUILD_HINT = ("a 64-bit x64 Python with the MSVC C build tools (Visual Studio Build Tools, \"Desktop development "
+                  "with C++\"), then `py -m native.build`")
+
+
 def _whp_rows(rep: HostReport) -> None:
-    try:
-        from native.whp import whp_absent_reason
-    except ImportError as e:
-        rep.capabilities.append(Capability("whp", "WHP", "for the Windows Hypervisor Platform", Status.FAIL,
-                                           f"absent: native.whp unavailable ({e})"))
+    """WHP: usable (a throwaway partition made, set up, deleted), and the features phase 4 leans on.
+
+    Everything that can go wrong before the probe answers (no compiler, a
+    32-bit or ARM64 interpreter, a build or import failure) becomes a FAIL row
+    naming it: every test's setup asks this probe, so a traceback here would
+    be every test's error instead of one row.
+    """
+    from native import whp
+
+    problem = whp.unsupported_interpreter()
+    if problem is not None:
+        rep.capabilities.append(Capability("whp", "WHP", WHP_WHAT, Status.FAIL, f"wrong interpreter: {problem}",
+                                           WHP_BUILD_HINT))
         return
-    reason = whp_absent_reason()
-    if reason is None:
-        rep.capabilities.append(Capability("whp", "WHP", "for the Windows Hypervisor Platform", Status.PASS,
-                                           "WHvCapabilityCodeHypervisorPresent = TRUE"))
+    try:
+        reason = whp.whp_absent_reason()
+        probe = whp.whp_probe()
+    except Exception as e:  # BuildError, setuptools' compiler errors, ImportError of the DLL: all one row
+        rep.capabilities.append(Capability("whp", "WHP", WHP_WHAT, Status.FAIL,
+                                           f"the WHP layer did not build or load: {type(e).__name__}: {e}",
+                                           WHP_BUILD_HINT))
+        return
+    rep.facts["whp_probe"] = probe.name if probe is not None else None
+    if reason is not None:
+        hresult = whp.whp_probe_hresult()
+        if hresult:
+            rep.facts["whp_probe_hresult"] = f"{hresult:#010x}"
+        # The reason names what was probed and the fix; no hint to add.
+        rep.capabilities.append(Capability("whp", "WHP", WHP_WHAT, Status.FAIL, f"absent: {reason}"))
+        return
+    rep.capabilities.append(Capability("whp", "WHP", WHP_WHAT, Status.PASS,
+                                       "HypervisorPresent, and a partition was created, set up and deleted"))
+    features = whp.whp_features()
+    rep.facts["whp_features"] = f"{int(features):#x}"
+    missing = whp.partial_unmap_missing()
+    if missing is None:
+        rep.capabilities.append(Capability("whp.partial_unmap", "WHP", "for WHP partial unmap (PartialUnmap)",
+                                           Status.PASS, "WHvCapabilityCodeFeatures.PartialUnmap = 1"))
     else:
-        rep.capabilities.append(Capability("whp", "WHP", "for the Windows Hypervisor Platform", Status.FAIL,
-                                           f"absent: {reason}",
-                                           "enable the optional feature 'Windows Hypervisor Platform'"))
+        rep.capabilities.append(Capability("whp.partial_unmap", "WHP", "for WHP partial unmap (PartialUnmap)",
+                                           Status.WARN, f"absent: {missing}",
+                                           "the hypervisor-level copy-on-write load (phase 4) skips"))
 
 
 _cached: HostReport | None = None

@@ -287,16 +287,36 @@ def test_benchmark_cow_load_run(report, benchmark, tmp_path, cow_vm, make_memory
         report.fact("ratio_to_plain_memfd_run", round(ratio, 3))
 
 
-# -- Windows: WHP with PAGE_WRITECOPY + FILE_MAP_COPY (runs on a Windows host; deselected elsewhere) ------------
+# -- Windows: WHP, copy-on-write two ways (runs on a Windows host; deselected elsewhere) ------------------------
+# OS level: PAGE_WRITECOPY + FILE_MAP_COPY, the seed's fix; Windows charges commit for the whole view per VM.
+# Hypervisor level: the snapshot a PAGE_READONLY view mapped Read|Execute, each first write to a page served by a
+# private copy mapped writable at that GPA (native.whp.CowMemory): what hyperlight moved to for that commit.
+# One partition with mapped memory per process (ERROR_VID_PARTITION_ALREADY_EXISTS): each test closes one WhpVm
+# before the next maps; the VMs' memory stays open, so "two VMs" are two memories, their partitions in turn.
 
 
 def write_marker16_image(path, size: int = 1 << 20) -> SnapshotImage:
     """The original proof's memory: marker16 at 0:0x100, the BEFORE marker 0xBE at GPA 0x1000."""
+    return write_real_mode_image(path, "marker16", size)
+
+
+def write_cow16_image(path, size: int = 1 << 20) -> SnapshotImage:
+    """cow16 at 0:0x100 (stores to GPAs 0x1000, 0x1001 and 0x2000, reads the first two back), 0xBE at 0x1000."""
+    return write_real_mode_image(path, "cow16", size)
+
+
+def write_real_mode_image(path, guest: str, size: int) -> SnapshotImage:
     with SnapshotImage.create(path, size, hypervisor="whp") as w:
-        code = guests.load("marker16")
+        code = guests.load(guest)
         w.memory[guests.REAL_MODE_LOAD_GPA:guests.REAL_MODE_LOAD_GPA + len(code)] = code
         w.memory[guests.MARKER_GPA] = guests.MARKER_BEFORE
         return w.finalize()
+
+
+# cow16's writes and what it reads back out of the debug port (guests/cow16.S).
+COW16_WRITES = {0x1000: 0x42, 0x1001: 0x43, 0x2000: 0x44}
+COW16_DEBUG = bytes([0x42, 0x43])
+COW16_PAGES_WRITTEN = 2
 
 
 def expect_whp_halt(st, ex, what: str) -> None:
@@ -305,6 +325,18 @@ def expect_whp_halt(st, ex, what: str) -> None:
     if ex.reason is whp.ExitReason.MEMORY_ACCESS and ex.access is whp.MemoryAccessType.WRITE:
         st.check(False, "", f"{what}: guest write at GPA {ex.gpa:#x} stopped on a memory-access exit: {ORIGINAL_BUG}")
     st.check(ex.reason is whp.ExitReason.HLT, f"{what} halted", f"{what} did not halt: {ex.describe()}")
+
+
+def view_commit(st, delta: int, view_size: int, what: str) -> float:
+    """Report a view's commit charge beside the view's size; return it as a ratio to that size.
+
+    The view starts at the 64 KiB allocation granularity below the image, so it covers the header page too: the
+    size is the view's (``FileView.view_size``), not the guest memory's.
+    """
+    ratio = delta / view_size
+    st.note(f"commit charge (PrivateUsage) around the {what} alone: {'+' if delta >= 0 else '-'}"
+            f"{fmt_bytes(abs(delta))} for a {fmt_bytes(view_size)} view = {ratio:.3f} x the view's size")
+    return ratio
 
 
 @windows_only
@@ -325,23 +357,17 @@ def test_whp_guest_sees_its_write_and_the_file_never_changes(report, tmp_path, i
 
     with report.stage("PAGE_WRITECOPY + FILE_MAP_COPY view, WHvMapGpaRange RWX") as st:
         commit_before = whp.private_usage()
-        view = whp.FileView.copy(image.path, image.memory_offset, image.memory_size)
-        vm = whp.WhpVm(view)
-        try:
-            commit_mapped = whp.private_usage()
-            ex = vm.run(timeout=RUN_TIMEOUT_S)
-            expect_whp_halt(st, ex, "marker16")
-            st.timing("guest run", ex.run_ns, "includes the copy-on-write fault of its write")
-            st.equal(vm.read(guests.MARKER_GPA, 1)[0], guests.MARKER_AFTER, "the guest's mem[0x1000]")
-            commit_run = whp.private_usage()
-        finally:
-            vm.close()
-            view.close()
-        delta = commit_mapped - commit_before
-        st.note(f"commit charge (PrivateUsage): +{fmt_bytes(max(delta, 0))} for mapping a "
-                f"{fmt_bytes(image.memory_size)} FILE_MAP_COPY view, +{fmt_bytes(max(commit_run - commit_mapped, 0))} "
-                "after the guest's write: PAGE_WRITECOPY charges commit for the whole view, per VM")
-        report.fact("commit_charge_per_view_bytes", delta)
+        with whp.FileView.copy(image.path, image.memory_offset, image.memory_size) as view:
+            commit_delta = whp.private_usage() - commit_before  # the view alone, before any partition exists
+            with whp.WhpVm(view) as vm:
+                ex = vm.run(timeout=RUN_TIMEOUT_S)
+                expect_whp_halt(st, ex, "marker16")
+                st.timing("guest run", ex.run_ns, "includes the copy-on-write fault of its write")
+                st.equal(vm.read(guests.MARKER_GPA, 1)[0], guests.MARKER_AFTER, "the guest's mem[0x1000]")
+        ratio = view_commit(st, commit_delta, view.view_size, "FILE_MAP_COPY view")
+        st.note("PAGE_WRITECOPY charges commit for the whole view at map time, per VM, touched or not")
+        report.fact("commit_per_writecopy_view_bytes", commit_delta)
+        report.fact("commit_per_writecopy_view_ratio", round(ratio, 4))
 
     with report.stage("the file never changed") as st:
         st.equal(file_sha256(image.path), before, "file sha256", lambda v: str(v)[:16] + "…")
@@ -352,34 +378,164 @@ def test_whp_guest_sees_its_write_and_the_file_never_changes(report, tmp_path, i
 @windows_only
 @pytest.mark.needs("whp")
 def test_whp_two_partitions_from_one_file_are_isolated(report, tmp_path):
-    """Two partitions mapped from one file each see only their own writes."""
+    """Two copy views of one file, each run in its own partition (one after the other), see only their own writes."""
     from native import whp
 
-    with report.stage("two partitions, two copy views of one file") as st:
+    with report.stage("two copy views of one file; partition A, then partition B") as st:
         image = write_marker16_image(tmp_path / "shared.snap")
         before = file_sha256(image.path)
         with whp.FileView.copy(image.path, image.memory_offset, image.memory_size) as a_view, \
-                whp.FileView.copy(image.path, image.memory_offset, image.memory_size) as b_view, \
-                whp.WhpVm(a_view) as a, whp.WhpVm(b_view) as b:
-            b.write(0x2000, b"\x77")  # only B's copy changes at 0x2000
-            expect_whp_halt(st, a.run(timeout=RUN_TIMEOUT_S), "partition A")
-            st.equal(a.read(guests.MARKER_GPA, 1)[0], guests.MARKER_AFTER, "A's mem[0x1000] (A's write)")
-            st.equal(b.read(guests.MARKER_GPA, 1)[0], guests.MARKER_BEFORE, "B's mem[0x1000] (A's write unseen)")
-            st.equal(a.read(0x2000, 1)[0], 0, "A's mem[0x2000] (B's write unseen)")
-            st.equal(b.read(0x2000, 1)[0], 0x77, "B's mem[0x2000]")
+                whp.FileView.copy(image.path, image.memory_offset, image.memory_size) as b_view:
+            with whp.WhpVm(a_view) as a:
+                expect_whp_halt(st, a.run(timeout=RUN_TIMEOUT_S), "partition A")
+            # A's partition is deleted before B's maps memory (one per process); A's view, its memory, stays.
+            st.equal(b_view.read(guests.MARKER_GPA, 1)[0], guests.MARKER_BEFORE,
+                     "B's mem[0x1000] before B runs (A's write unseen)")
+            b_view.write(0x2000, b"\x77")  # only B's copy changes at 0x2000
+            with whp.WhpVm(b_view) as b:
+                expect_whp_halt(st, b.run(timeout=RUN_TIMEOUT_S), "partition B")
+            st.equal(a_view.read(guests.MARKER_GPA, 1)[0], guests.MARKER_AFTER, "A's mem[0x1000] (A's write)")
+            st.equal(a_view.read(0x2000, 1)[0], 0, "A's mem[0x2000] (B's write unseen)")
+            st.equal(b_view.read(0x2000, 1)[0], 0x77, "B's mem[0x2000]")
+            st.equal(b_view.read(guests.MARKER_GPA, 1)[0], guests.MARKER_AFTER, "B's mem[0x1000] (B's own write)")
         st.equal(file_sha256(image.path), before, "file sha256", lambda v: str(v)[:16] + "…")
 
 
 @windows_only
 @pytest.mark.needs("whp")
 def test_whp_read_only_view_fails_the_way_the_original_bug_did(report, tmp_path):
-    """The negative control: PAGE_READONLY + FILE_MAP_READ, in a child: an access violation or a write exit."""
+    """The negative control: PAGE_READONLY + FILE_MAP_READ mapped RWX, in a child: the guest's store fails, by an
+    access violation, a write memory-access exit or a failed run call; the report names which."""
     from native import whp
 
     with report.stage("read-only view, run in a child process") as st:
         image = write_marker16_image(tmp_path / "ro.snap")
         before = file_sha256(image.path)
         outcome = whp.readonly_load_in_child(image.path, image.memory_offset, image.memory_size)
-        st.check(outcome.failed_like_original_bug, f"{outcome.describe()} — the original bug",
+        st.check(outcome.failed_like_original_bug,
+                 f"{outcome.outcome.name}: {outcome.outcome.meaning}: the guest's store failed, the original bug",
                  f"the read-only load did not fail like the original bug: {outcome.describe()}")
+        if outcome.memory_access_write:
+            st.equal(outcome.exit["gpa"] if outcome.exit else None, guests.MARKER_GPA, "GPA of the refused store")
+        report.fact("readonly_load_outcome", outcome.outcome.name)
+        st.equal(file_sha256(image.path), before, "file sha256", lambda v: str(v)[:16] + "…")
+
+
+@windows_only
+@pytest.mark.needs("whp", "whp.partial_unmap")
+def test_whp_hypervisor_copy_on_write_guest_sees_its_writes_and_the_file_never_changes(report, tmp_path):
+    """cow16 runs from the snapshot mapped read-only (Read|Execute); each first write to a page exits and is served
+    by a private copy mapped writable at that GPA: the guest reads back its writes, two VMs from one file see only
+    their own, and the file never changes."""
+    from native import whp
+
+    with report.stage("snapshot file") as st:
+        image = write_cow16_image(tmp_path / "cow16.snap")
+        before = file_sha256(image.path)
+        st.note(f"{fmt_bytes(image.memory_size)} image with cow16 at 0:0x100, sha256 {before[:16]}…")
+
+    with whp.CowMemory.open(image.path, image.memory_offset, image.memory_size) as a_mem, \
+            whp.CowMemory.open(image.path, image.memory_offset, image.memory_size) as b_mem:
+        with report.stage("VM A: PAGE_READONLY view mapped Read|Execute, write exits served") as st:
+            with whp.WhpVm(a_mem) as a:
+                ex = a.run(timeout=RUN_TIMEOUT_S)
+            expect_whp_halt(st, ex, "cow16 in VM A")
+            st.equal(ex.debug, COW16_DEBUG, "what the guest read back of its writes (debug port)", lambda v: v.hex())
+            st.equal(ex.cow_faults, COW16_PAGES_WRITTEN,
+                     "write exits served (GPA 0x1000 and 0x2000; the second store to page 0x1000 did not exit)")
+            for gpa, value in COW16_WRITES.items():
+                st.equal(a_mem.read(gpa, 1)[0], value, f"A's mem[{gpa:#x}]")
+            stats = a_mem.stats()
+            st.equal(stats.private_pages, COW16_PAGES_WRITTEN, "A's private pages")
+            st.check(not a_mem.is_private(guests.REAL_MODE_LOAD_GPA), "the code page is still the snapshot's",
+                     "the page cow16 only executed from became private")
+            st.timing("guest run", ex.run_ns, f"includes {ex.cow_faults} copy-on-write faults")
+            st.timing("copy-on-write faults, in all", ex.cow_ns, "commit a page, copy it, unmap, map RWX, per fault")
+
+        with report.stage("VM B from the same file, once A's partition is deleted") as st:
+            st.equal(b_mem.read(guests.MARKER_GPA, 1)[0], guests.MARKER_BEFORE,
+                     "B's mem[0x1000] before B runs (A's write unseen)")
+            with whp.WhpVm(b_mem) as b:
+                expect_whp_halt(st, b.run(timeout=RUN_TIMEOUT_S), "cow16 in VM B")
+            for gpa, value in COW16_WRITES.items():
+                st.equal(b_mem.read(gpa, 1)[0], value, f"B's mem[{gpa:#x}]")
+            st.equal(a_mem.read(0x2000, 1)[0], COW16_WRITES[0x2000], "A's mem[0x2000], still A's own")
+            st.equal(a_mem.snapshot.read(guests.MARKER_GPA, 1)[0], guests.MARKER_BEFORE,
+                     "the read-only snapshot view's mem[0x1000]")
+
+    with report.stage("the file never changed") as st:
+        st.equal(file_sha256(image.path), before, "file sha256", lambda v: str(v)[:16] + "…")
+        on_disk = SnapshotImage.open(image.path, verify=True).read_memory(guests.MARKER_GPA, 1)[0]
+        st.equal(on_disk, guests.MARKER_BEFORE, "mem[0x1000] on disk")
+
+
+DENSITY_VMS = 8
+DENSITY_IMAGE = 64 << 20
+# A read-only view is backed by the file, not the pagefile: a VM loaded this way is charged only its private pages
+# (COW16_PAGES_WRITTEN of them) and whatever the run allocates. Allow 1% of the view: still 30x below WRITECOPY's
+# whole view, and far above the few pages expected, so heap noise cannot fail it.
+COW_COMMIT_CEILING_RATIO = 0.01
+
+
+@windows_only
+@pytest.mark.needs("whp", "whp.partial_unmap")
+def test_whp_density_hypervisor_copy_on_write_against_writecopy(report, tmp_path):
+    """Eight VMs from one 64 MiB snapshot, all their memory held at once: the hypervisor-level copy-on-write load
+    charges each VM about the pages it wrote; PAGE_WRITECOPY charges each the whole view."""
+    import contextlib
+
+    from native import whp
+
+    with report.stage(f"{fmt_bytes(DENSITY_IMAGE)} snapshot file") as st:
+        image = write_cow16_image(tmp_path / "density.snap", DENSITY_IMAGE)
+        before = file_sha256(image.path)
+        st.check(image.memory_size == DENSITY_IMAGE, f"{fmt_bytes(image.memory_size)} image with cow16")
+
+    rows: dict[str, list[tuple[int, int, int]]] = {"hypervisor copy-on-write": [], "PAGE_WRITECOPY": []}
+    with contextlib.ExitStack() as held:  # every VM's memory stays mapped to the end: N VMs' worth at once
+        with report.stage(f"{DENSITY_VMS} VMs, hypervisor-level copy-on-write (read-only view)") as st:
+            for i in range(DENSITY_VMS):
+                c0 = whp.private_usage()
+                mem = held.enter_context(whp.CowMemory.open(image.path, image.memory_offset, image.memory_size))
+                c_view = whp.private_usage() - c0
+                with whp.WhpVm(mem) as vm:  # one partition at a time; the memory outlives it
+                    c1 = whp.private_usage()
+                    ex = vm.run(timeout=RUN_TIMEOUT_S)
+                    c_run = whp.private_usage() - c1
+                expect_whp_halt(st, ex, f"VM {i}")
+                st.equal(mem.stats().private_pages, COW16_PAGES_WRITTEN, f"VM {i}: private pages")
+                rows["hypervisor copy-on-write"].append((c_view + c_run, mem.snapshot.view_size,
+                                                         mem.stats().private_bytes))
+        with report.stage(f"{DENSITY_VMS} VMs, PAGE_WRITECOPY + FILE_MAP_COPY views") as st:
+            for i in range(DENSITY_VMS):
+                c0 = whp.private_usage()
+                view = held.enter_context(whp.FileView.copy(image.path, image.memory_offset, image.memory_size))
+                c_view = whp.private_usage() - c0
+                with whp.WhpVm(view) as vm:
+                    c1 = whp.private_usage()
+                    ex = vm.run(timeout=RUN_TIMEOUT_S)
+                    c_run = whp.private_usage() - c1
+                expect_whp_halt(st, ex, f"VM {i}")
+                rows["PAGE_WRITECOPY"].append((c_view + c_run, view.view_size, COW16_PAGES_WRITTEN * 4096))
+
+        with report.stage("commit charge per VM, as a ratio to the view's size") as st:
+            ratios = {}
+            for load, per_vm in rows.items():
+                commit = sorted(c for c, _, _ in per_vm)[len(per_vm) // 2]
+                view_size = per_vm[0][1]
+                ratios[load] = commit / view_size
+                st.note(f"{load}: median commit per VM {fmt_bytes(max(commit, 0))} for a {fmt_bytes(view_size)} "
+                        f"view = {ratios[load]:.4f} x the view; guest wrote {fmt_bytes(per_vm[0][2])}")
+            cow = ratios["hypervisor copy-on-write"]
+            st.check(cow <= COW_COMMIT_CEILING_RATIO,
+                     f"hypervisor copy-on-write: {cow:.4f} x the view per VM (at most {COW_COMMIT_CEILING_RATIO})",
+                     f"hypervisor copy-on-write charged {cow:.4f} x the view per VM, above "
+                     f"{COW_COMMIT_CEILING_RATIO}: the read-only view is being charged")
+            st.note(f"{DENSITY_VMS} VMs held at once; PAGE_WRITECOPY / hypervisor copy-on-write commit per VM: "
+                    f"{ratios['PAGE_WRITECOPY'] / max(cow, 1e-9):.0f}x")
+            report.fact("density_cow_commit_per_vm_ratio", round(cow, 5))
+            report.fact("density_writecopy_commit_per_vm_ratio", round(ratios["PAGE_WRITECOPY"], 5))
+            report.fact("density_cow_private_bytes_per_vm", rows["hypervisor copy-on-write"][0][2])
+
+    with report.stage("the file never changed") as st:
         st.equal(file_sha256(image.path), before, "file sha256", lambda v: str(v)[:16] + "…")

@@ -60,9 +60,9 @@ echo "ci.sh: building $OUT/selftest.exe with $("$CC" --version | head -n 1)"
 # -static: no mingw runtime DLLs to find under wine or on a Windows box.
 "$CC" -std=c11 -O2 -Wall -Wextra -Werror -municode -static -I"$HERE" \
     -o "$OUT/selftest.exe" \
-    "$HERE/selftest.c" "$HERE/common.c" "$HERE/file_view.c" "$HERE/whp_vm.c" -lpsapi
+    "$HERE/selftest.c" "$HERE/common.c" "$HERE/file_view.c" "$HERE/whp_vm.c" "$HERE/cow.c" -lpsapi
 # Stand-in WinHvPlatform.dll files: wine has none, so these reach the probe's other branches.
-for mode in 1 2 3 4; do
+for mode in 1 2 3 4 5 6 7; do
     "$CC" -std=c11 -O2 -Wall -Wextra -Werror -shared -static -I"$HERE" -DSP_FAKE_MODE=$mode \
         -o "$OUT/fake_whp_$mode.dll" "$HERE/fake_whp.c"
 done
@@ -102,16 +102,19 @@ status=0
 # The full run: file views, the read-only control, and WHP absent because the DLL is missing.
 run_selftest || status=1
 
-# The probe's other branches (enum sp_whp_probe: 2 no export, 3 capability failed, 4 not present).
+# The probe's other branches, in enum sp_whp_probe's order: stand-in mode -> the probe result it must give
+# (2 no export, 3 capability failed, 4 not present, 5 create failed, 6 property failed, 7 setup failed).
 SYSTEM32=$WINEPREFIX/drive_c/windows/system32
-for mode in 1 2 3; do
+for pair in 1:2 2:3 3:4 5:5 6:6 7:7; do
+    mode=${pair%%:*}
     echo "ci.sh: stand-in WinHvPlatform.dll, mode $mode"
     cp "$OUT/fake_whp_$mode.dll" "$SYSTEM32/WinHvPlatform.dll"
-    run_selftest --probe $((mode + 1)) || status=1
+    run_selftest --probe "${pair##*:}" || status=1
     rm -f "$SYSTEM32/WinHvPlatform.dll"
 done
-# Mode 4 reports WHP present and interprets the guests: the WHP half of selftest.exe runs
-# (partitions, run loop, watchdog, cancel, the read-only control) against whp_vm.c for real.
+# Mode 4 reports WHP present and interprets the guests: the WHP half of selftest.exe runs against
+# whp_vm.c and cow.c for real (the rules, partitions in turn, run loop, watchdog, cancel, the write
+# exit, the copy-on-write load, the read-only control).
 echo "ci.sh: stand-in WinHvPlatform.dll, mode 4 (a toy partition, not a hypervisor)"
 cp "$OUT/fake_whp_4.dll" "$SYSTEM32/WinHvPlatform.dll"
 run_selftest || status=1

@@ -25,6 +25,25 @@
  * skip say the same thing. Each names the capability and how it was probed.
  */
 #define SP_WHP_DLL_NAME "WinHvPlatform.dll"
+/* The wide form of a narrow literal, by token pasting: MSVC's C compiler will not concatenate L"" with "...". */
+#define SP_WIDEN_(s) L##s
+#define SP_WIDEN(s) SP_WIDEN_(s)
+
+/* What to do about each way the probe can fail: the %s after the HRESULT's name. */
+#define SP_WHP_FIX_LAUNCH_HYPERVISOR                                                           \
+    "the hypervisor is not running: enable virtualization (VT-x/AMD-V) in firmware, run "     \
+    "`bcdedit /set hypervisorlaunchtype auto` as administrator, then reboot"
+#define SP_WHP_FIX_TOKEN                                                                       \
+    "this process may not create partitions (a restricted token, an AppContainer or a "       \
+    "sandbox): run the suite from an unrestricted token"
+#define SP_WHP_FIX_HYPERVISOR_CONFIG                                                           \
+    "the hypervisor cannot host a partition here (WHP needs a processor with unrestricted "    \
+    "guest and SLAT, EPT or NPT; inside a VM, nested virtualization must be exposed to it)"
+#define SP_WHP_FIX_PLATFORM                                                                    \
+    "enable the Windows optional feature \"Windows Hypervisor Platform\" (HypervisorPlatform), " \
+    "check that `bcdedit` shows hypervisorlaunchtype Auto and that virtualization is enabled " \
+    "in firmware, then reboot"
+
 #define SP_WHP_ABSENT_NO_DLL                                                                   \
     "WHP absent: LoadLibraryExW(\"WinHvPlatform.dll\", LOAD_LIBRARY_SEARCH_SYSTEM32) failed with " \
     "Win32 error %lu; enable the Windows optional feature \"Windows Hypervisor Platform\" "        \
@@ -34,11 +53,19 @@
     "%lu); this Windows build predates the WHP API snapproof uses"
 #define SP_WHP_ABSENT_CAPABILITY_FAILED                                                        \
     "WHP absent: WHvGetCapability(WHvCapabilityCodeHypervisorPresent) failed with HRESULT "    \
-    "0x%08lx"
+    "0x%08lx (%s); %s"
 #define SP_WHP_ABSENT_NOT_PRESENT                                                              \
-    "WHP absent: WHvGetCapability(WHvCapabilityCodeHypervisorPresent) = FALSE; the "           \
-    "hypervisor is not running (enable virtualization in firmware and the \"Windows "         \
-    "Hypervisor Platform\" feature, then reboot)"
+    "WHP absent: WHvGetCapability(WHvCapabilityCodeHypervisorPresent) = FALSE; %s"
+/* HypervisorPresent can be TRUE while no partition can be made: the probe makes one to know. */
+#define SP_WHP_ABSENT_CREATE_FAILED                                                            \
+    "WHP absent: the probe's throwaway partition: WHvCreatePartition failed with HRESULT "     \
+    "0x%08lx (%s); %s"
+#define SP_WHP_ABSENT_PROPERTY_FAILED                                                          \
+    "WHP absent: the probe's throwaway partition: WHvSetPartitionProperty("                   \
+    "WHvPartitionPropertyCodeProcessorCount = 1) failed with HRESULT 0x%08lx (%s); %s"
+#define SP_WHP_ABSENT_SETUP_FAILED                                                             \
+    "WHP absent: the probe's throwaway partition: WHvSetupPartition failed with HRESULT "      \
+    "0x%08lx (%s); %s"
 
 /* CDEF-BEGIN */
 const char *sp_win_last_op(void);
@@ -56,10 +83,20 @@ enum sp_whp_probe {
     SP_WHP_NO_DLL = 1,            /* LoadLibraryW(WinHvPlatform.dll) failed */
     SP_WHP_NO_EXPORT = 2,         /* a function snapproof calls is missing */
     SP_WHP_CAPABILITY_FAILED = 3, /* WHvGetCapability(HypervisorPresent) failed */
-    SP_WHP_NOT_PRESENT = 4        /* ... and said FALSE */
+    SP_WHP_NOT_PRESENT = 4,       /* ... and said FALSE */
+    SP_WHP_CREATE_FAILED = 5,     /* the probe's throwaway partition: WHvCreatePartition failed */
+    SP_WHP_PROPERTY_FAILED = 6,   /* ... WHvSetPartitionProperty(ProcessorCount = 1) failed */
+    SP_WHP_SETUP_FAILED = 7       /* ... WHvSetupPartition failed */
 };
 int sp_whp_probe(void);
 const char *sp_whp_absent_reason(void);
+uint32_t sp_whp_probe_hresult(void);   /* the failing probe call's HRESULT; 0 when none failed */
+
+/* WHV_CAPABILITY_FEATURES (WHvCapabilityCodeFeatures): the bits snapproof depends on. */
+enum sp_whp_feature {
+    SP_WHP_FEATURE_PARTIAL_UNMAP = 1   /* WHvUnmapGpaRange may unmap part of a mapped range */
+};
+int sp_whp_features(uint64_t *out);
 
 /* ---- views of a file (the snapshot's memory image) ------------------ */
 enum sp_view_mode {
@@ -125,6 +162,8 @@ struct sp_whp_exit {
     uint32_t debug_len;         /* bytes written to the debug buffer */
     uint64_t run_ns;            /* wall time of this call */
     uint64_t whv_runs;          /* WHvRunVirtualProcessor calls made by this call */
+    uint64_t cow_faults;        /* write exits served by copying a page (memory from sp_cow) */
+    uint64_t cow_ns;            /* wall time spent serving them */
 };
 
 struct sp_whp_vm;
@@ -138,12 +177,43 @@ int sp_whp_vcpu_run(struct sp_whp_vm *vm, int64_t timeout_ns, uint32_t flags, st
                     uint8_t *debug_buf, uint32_t debug_cap);
 int sp_whp_vcpu_cancel(struct sp_whp_vm *vm);
 int sp_whp_vcpu_get_regs(struct sp_whp_vm *vm, uint64_t *out18);
+
+/* ---- copy-on-write at the second-level page tables (hypervisor level) ----
+ * The snapshot stays a PAGE_READONLY view, mapped Read|Execute; the guest's
+ * first write to a page exits, and the run loop copies that page into private
+ * memory (committed one page at a time inside a reservation of the memory's
+ * size), unmaps the page and maps the private copy Read|Write|Execute at the
+ * same GPA, and resumes the guest at the store. Needs SP_WHP_FEATURE_PARTIAL_UNMAP. */
+struct sp_cow_info {
+    uint64_t size;            /* bytes of guest memory */
+    uint64_t gpa;             /* where it is mapped (valid while attached) */
+    uint64_t private_pages;   /* pages copied into private memory so far */
+    uint64_t faults;          /* write exits served */
+    uint64_t fault_ns;        /* wall time serving them */
+    uint64_t private_base;    /* host address of the private reservation */
+    uint32_t attached;        /* mapped into a partition now */
+    uint32_t pad;
+};
+
+struct sp_cow;
+
+int sp_cow_open(struct sp_view *snapshot, struct sp_cow **out);
+void sp_cow_close(struct sp_cow *cow);
+void sp_cow_get_info(struct sp_cow *cow, struct sp_cow_info *out);
+int sp_cow_read(struct sp_cow *cow, uint64_t offset, uint8_t *buf, uint64_t n);
+int sp_cow_page_is_private(struct sp_cow *cow, uint64_t offset);
+int sp_whp_vm_map_cow(struct sp_whp_vm *vm, struct sp_cow *cow, uint64_t gpa);
 /* CDEF-END */
 
 /* ---- private to the .c files ---------------------------------------- */
 int sp_win_fail(const char *op);                   /* records GetLastError(), returns -1 */
 int sp_win_fail_code(const char *op, uint32_t win32_error);
 int sp_win_fail_hr(const char *op, long hresult);  /* records an HRESULT, returns -1 */
+
+/* Between whp_vm.c's run loop and cow.c. */
+int sp_whp_vm_set_cow(struct sp_whp_vm *vm, struct sp_cow *cow);   /* NULL detaches */
+int sp_cow_serve_write(struct sp_cow *cow, struct sp_whp_vm *vm, uint64_t gpa); /* 1 served, 0 not its page, -1 failed */
+void sp_cow_detached(struct sp_cow *cow);                           /* its partition is being deleted */
 
 #if defined(__GNUC__) || (defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L)
 #define SP_STATIC_ASSERT(cond, msg) _Static_assert(cond, msg)

@@ -1,23 +1,29 @@
 /*
  * WHP: a partition with one vCPU in real mode, guest memory from a file
- * view, and the run loop (HLT, port I/O, memory access, cancel).
+ * view, and the run loop (HLT, port I/O, memory access, cancel; write exits
+ * on copy-on-write memory go to cow.c and the guest runs on).
  *
  * WinHvPlatform.dll is loaded at run time (LoadLibraryExW + GetProcAddress),
  * never linked: a host without the "Windows Hypervisor Platform" feature must
  * reach the "WHP absent" skip, not a loader error before Python even runs.
+ * The probe goes on past HypervisorPresent to a throwaway partition (create,
+ * set up, delete): where that fails, the skip names the call, the HRESULT and
+ * the fix.
+ *
+ * One partition with mapped memory per process: real WHP refuses the second
+ * one's WHvMapGpaRange (ERROR_VID_PARTITION_ALREADY_EXISTS) while the first
+ * exists. Nothing here enforces it; callers delete one before mapping the next.
  *
  * Types and constants come from the documented WHP headers
  * (winhvplatformdefs.h, in the Windows SDK and in mingw-w64); the asserts
  * below pin the sizes, offsets and values this file relies on, so a header
  * that disagrees with the documentation fails the build instead of the guest.
  */
-#include "internal.h"
+#include "whp_api.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include <winhvplatform.h>
 
 /* ---- the layouts and values the run loop depends on ------------------- */
 #define SP_ASSERT_SIZE(type, n) SP_STATIC_ASSERT(sizeof(type) == (n), "sizeof(" #type ") must be " #n)
@@ -61,6 +67,8 @@ SP_STATIC_ASSERT(__alignof__(WHV_REGISTER_VALUE) == 16, "WHV_REGISTER_VALUE must
 #endif
 
 SP_ASSERT_VALUE(WHvCapabilityCodeHypervisorPresent, 0);
+SP_ASSERT_VALUE(WHvCapabilityCodeFeatures, 1);
+SP_ASSERT_SIZE(WHV_CAPABILITY_FEATURES, 8);
 SP_ASSERT_VALUE(WHvPartitionPropertyCodeProcessorCount, 0x1fff);
 SP_ASSERT_VALUE(WHvRunVpExitReasonMemoryAccess, 1);
 SP_ASSERT_VALUE(WHvRunVpExitReasonX64IoPortAccess, 2);
@@ -84,44 +92,11 @@ SP_ASSERT_VALUE(SP_WHP_MAP_READ, WHvMapGpaRangeFlagRead);
 SP_ASSERT_VALUE(SP_WHP_MAP_WRITE, WHvMapGpaRangeFlagWrite);
 SP_ASSERT_VALUE(SP_WHP_MAP_EXECUTE, WHvMapGpaRangeFlagExecute);
 /* No hidden padding in what Python reads. */
-SP_ASSERT_SIZE(struct sp_whp_exit, 88);
+SP_ASSERT_SIZE(struct sp_whp_exit, 104);
 SP_ASSERT_SIZE(struct sp_view_info, 48);
+SP_ASSERT_SIZE(struct sp_cow_info, 56);
 
-/* ---- the WHP entry points, resolved at run time ------------------------ */
-typedef HRESULT(WINAPI *pfn_WHvGetCapability)(WHV_CAPABILITY_CODE, VOID *, UINT32, UINT32 *);
-typedef HRESULT(WINAPI *pfn_WHvCreatePartition)(WHV_PARTITION_HANDLE *);
-typedef HRESULT(WINAPI *pfn_WHvSetupPartition)(WHV_PARTITION_HANDLE);
-typedef HRESULT(WINAPI *pfn_WHvDeletePartition)(WHV_PARTITION_HANDLE);
-typedef HRESULT(WINAPI *pfn_WHvSetPartitionProperty)(WHV_PARTITION_HANDLE, WHV_PARTITION_PROPERTY_CODE,
-                                                     const VOID *, UINT32);
-typedef HRESULT(WINAPI *pfn_WHvMapGpaRange)(WHV_PARTITION_HANDLE, VOID *, WHV_GUEST_PHYSICAL_ADDRESS, UINT64,
-                                            WHV_MAP_GPA_RANGE_FLAGS);
-typedef HRESULT(WINAPI *pfn_WHvUnmapGpaRange)(WHV_PARTITION_HANDLE, WHV_GUEST_PHYSICAL_ADDRESS, UINT64);
-typedef HRESULT(WINAPI *pfn_WHvCreateVirtualProcessor)(WHV_PARTITION_HANDLE, UINT32, UINT32);
-typedef HRESULT(WINAPI *pfn_WHvDeleteVirtualProcessor)(WHV_PARTITION_HANDLE, UINT32);
-typedef HRESULT(WINAPI *pfn_WHvRunVirtualProcessor)(WHV_PARTITION_HANDLE, UINT32, VOID *, UINT32);
-typedef HRESULT(WINAPI *pfn_WHvCancelRunVirtualProcessor)(WHV_PARTITION_HANDLE, UINT32, UINT32);
-typedef HRESULT(WINAPI *pfn_WHvGetVirtualProcessorRegisters)(WHV_PARTITION_HANDLE, UINT32, const WHV_REGISTER_NAME *,
-                                                             UINT32, WHV_REGISTER_VALUE *);
-typedef HRESULT(WINAPI *pfn_WHvSetVirtualProcessorRegisters)(WHV_PARTITION_HANDLE, UINT32, const WHV_REGISTER_NAME *,
-                                                             UINT32, const WHV_REGISTER_VALUE *);
-
-/* Every export snapproof calls; the probe requires all of them, in this order. */
-#define SP_WHP_FUNCS(X)                  \
-    X(WHvGetCapability)                  \
-    X(WHvCreatePartition)                \
-    X(WHvSetupPartition)                 \
-    X(WHvDeletePartition)                \
-    X(WHvSetPartitionProperty)           \
-    X(WHvMapGpaRange)                    \
-    X(WHvUnmapGpaRange)                  \
-    X(WHvCreateVirtualProcessor)         \
-    X(WHvDeleteVirtualProcessor)         \
-    X(WHvRunVirtualProcessor)            \
-    X(WHvCancelRunVirtualProcessor)      \
-    X(WHvGetVirtualProcessorRegisters)   \
-    X(WHvSetVirtualProcessorRegisters)
-
+/* ---- the WHP entry points, resolved at run time (whp_api.h) ------------- */
 #if defined(__GNUC__)
 /* Where the compiler can say so, prove each typedef is exactly the header's prototype. */
 #define SP_CHECK_PROTOTYPE(name)                                                              \
@@ -130,16 +105,78 @@ typedef HRESULT(WINAPI *pfn_WHvSetVirtualProcessorRegisters)(WHV_PARTITION_HANDL
 SP_WHP_FUNCS(SP_CHECK_PROTOTYPE)
 #endif
 
-static struct {
-    HMODULE dll;
-#define SP_FIELD(name) pfn_##name name;
-    SP_WHP_FUNCS(SP_FIELD)
-#undef SP_FIELD
-} whp;
+static struct sp_whp_api whp;
 
 static INIT_ONCE probe_once = INIT_ONCE_STATIC_INIT;
 static int probe_result = -1;
-static char absent_reason[512];
+static HRESULT probe_hresult;
+static char absent_reason[768];
+
+const char *sp_whp_hresult_name(HRESULT hr)
+{
+    switch ((unsigned long)hr) {
+    case 0x00000000ul: return "S_OK";
+    case 0x80070005ul: return "E_ACCESSDENIED";
+    case 0x80070057ul: return "E_INVALIDARG";
+    case 0x8007000Eul: return "E_OUTOFMEMORY";
+    case 0x80004001ul: return "E_NOTIMPL";
+    case 0x80004005ul: return "E_FAIL";
+    case 0x8000FFFFul: return "E_UNEXPECTED";
+    case 0x80070032ul: return "HRESULT_FROM_WIN32(ERROR_NOT_SUPPORTED)";
+    case 0x80370300ul: return "WHV_E_UNKNOWN_CAPABILITY";
+    case 0x80370301ul: return "WHV_E_INSUFFICIENT_BUFFER";
+    case 0x80370302ul: return "WHV_E_UNKNOWN_PROPERTY";
+    case 0x80370303ul: return "WHV_E_UNSUPPORTED_HYPERVISOR_CONFIG";
+    case 0x80370304ul: return "WHV_E_INVALID_PARTITION_CONFIG";
+    case 0x80370305ul: return "WHV_E_GPA_RANGE_NOT_FOUND";
+    case 0x80370306ul: return "WHV_E_VP_ALREADY_EXISTS";
+    case 0x80370307ul: return "WHV_E_VP_DOES_NOT_EXIST";
+    case 0xC0351000ul: return "ERROR_HV_NOT_PRESENT";
+    case 0xC0370008ul: return "ERROR_VID_PARTITION_ALREADY_EXISTS";
+    default: return "unrecognised";
+    }
+}
+
+static const char *probe_fix(HRESULT hr)
+{
+    /* The HRESULTs with one known cause get that cause's fix; any other gets the whole checklist. */
+    if (hr == SP_HR_ERROR_HV_NOT_PRESENT)
+        return SP_WHP_FIX_LAUNCH_HYPERVISOR;
+    if (hr == E_ACCESSDENIED)
+        return SP_WHP_FIX_TOKEN;
+    if (hr == SP_HR_WHV_E_UNSUPPORTED_HYPERVISOR_CONFIG)
+        return SP_WHP_FIX_HYPERVISOR_CONFIG;
+    return SP_WHP_FIX_PLATFORM;
+}
+
+static BOOL probe_failed(int result, const char *fmt, HRESULT hr)
+{
+    snprintf(absent_reason, sizeof(absent_reason), fmt, (unsigned long)hr, sp_whp_hresult_name(hr), probe_fix(hr));
+    probe_hresult = hr;
+    probe_result = result;
+    return TRUE;
+}
+
+static int throwaway_partition(void)
+{
+    /* HypervisorPresent says nothing about whether this process may make a partition: make one, set
+       it up and delete it. It maps no memory, so it never holds the process's one mapped partition. */
+    WHV_PARTITION_HANDLE part = NULL;
+    HRESULT hr = whp.WHvCreatePartition(&part);
+    if (FAILED(hr))
+        return probe_failed(SP_WHP_CREATE_FAILED, SP_WHP_ABSENT_CREATE_FAILED, hr);
+    UINT32 count = 1;
+    hr = whp.WHvSetPartitionProperty(part, WHvPartitionPropertyCodeProcessorCount, &count, sizeof(count));
+    if (FAILED(hr)) {
+        whp.WHvDeletePartition(part);
+        return probe_failed(SP_WHP_PROPERTY_FAILED, SP_WHP_ABSENT_PROPERTY_FAILED, hr);
+    }
+    hr = whp.WHvSetupPartition(part);
+    whp.WHvDeletePartition(part);
+    if (FAILED(hr))
+        return probe_failed(SP_WHP_SETUP_FAILED, SP_WHP_ABSENT_SETUP_FAILED, hr);
+    return 0;
+}
 
 static BOOL CALLBACK probe_whp(PINIT_ONCE once, PVOID param, PVOID *context)
 {
@@ -147,7 +184,7 @@ static BOOL CALLBACK probe_whp(PINIT_ONCE once, PVOID param, PVOID *context)
     (void)param;
     (void)context;
     /* System32 only: a WinHvPlatform.dll planted beside python.exe must not be the one that runs. */
-    whp.dll = LoadLibraryExW(L"" SP_WHP_DLL_NAME, NULL, LOAD_LIBRARY_SEARCH_SYSTEM32);
+    whp.dll = LoadLibraryExW(SP_WIDEN(SP_WHP_DLL_NAME), NULL, LOAD_LIBRARY_SEARCH_SYSTEM32);
     if (!whp.dll) {
         snprintf(absent_reason, sizeof(absent_reason), SP_WHP_ABSENT_NO_DLL, (unsigned long)GetLastError());
         probe_result = SP_WHP_NO_DLL;
@@ -168,16 +205,15 @@ static BOOL CALLBACK probe_whp(PINIT_ONCE once, PVOID param, PVOID *context)
     UINT32 written = 0;
     ZeroMemory(&cap, sizeof(cap));
     HRESULT hr = whp.WHvGetCapability(WHvCapabilityCodeHypervisorPresent, &cap, sizeof(cap), &written);
-    if (FAILED(hr)) {
-        snprintf(absent_reason, sizeof(absent_reason), SP_WHP_ABSENT_CAPABILITY_FAILED, (unsigned long)hr);
-        probe_result = SP_WHP_CAPABILITY_FAILED;
-        return TRUE;
-    }
+    if (FAILED(hr))
+        return probe_failed(SP_WHP_CAPABILITY_FAILED, SP_WHP_ABSENT_CAPABILITY_FAILED, hr);
     if (!cap.HypervisorPresent) {
-        snprintf(absent_reason, sizeof(absent_reason), "%s", SP_WHP_ABSENT_NOT_PRESENT);
+        snprintf(absent_reason, sizeof(absent_reason), SP_WHP_ABSENT_NOT_PRESENT, SP_WHP_FIX_LAUNCH_HYPERVISOR);
         probe_result = SP_WHP_NOT_PRESENT;
         return TRUE;
     }
+    if (throwaway_partition())
+        return TRUE;
     probe_result = SP_WHP_PRESENT;
     return TRUE;
 }
@@ -194,6 +230,27 @@ const char *sp_whp_absent_reason(void)
     return sp_whp_probe() == SP_WHP_PRESENT ? NULL : absent_reason;
 }
 
+uint32_t sp_whp_probe_hresult(void)
+{
+    sp_whp_probe();
+    return (uint32_t)probe_hresult;
+}
+
+int sp_whp_features(uint64_t *out)
+{
+    *out = 0;
+    if (sp_whp_probe() != SP_WHP_PRESENT)
+        return sp_win_fail_code("sp_whp_features: WHP absent (see sp_whp_absent_reason)", ERROR_NOT_SUPPORTED);
+    WHV_CAPABILITY cap;
+    UINT32 written = 0;
+    ZeroMemory(&cap, sizeof(cap));
+    HRESULT hr = whp.WHvGetCapability(WHvCapabilityCodeFeatures, &cap, sizeof(cap), &written);
+    if (FAILED(hr))
+        return sp_win_fail_hr("WHvGetCapability(WHvCapabilityCodeFeatures)", hr);
+    *out = cap.Features.AsUINT64;
+    return 0;
+}
+
 /* ---- the partition ------------------------------------------------------ */
 struct sp_whp_vm {
     WHV_PARTITION_HANDLE part;
@@ -204,6 +261,7 @@ struct sp_whp_vm {
     volatile LONG timed_out;
     int64_t deadline_ns;
     int watchdog_stuck;      /* a watchdog thread outlived its join: never free what it uses */
+    struct sp_cow *cow;      /* memory whose write exits the run loop serves (sp_whp_vm_map_cow) */
 };
 
 #define SP_VP 0u
@@ -220,6 +278,8 @@ void sp_whp_vm_destroy(struct sp_whp_vm *vm)
         return;
     if (vm->watchdog_stuck)
         return; /* a watchdog thread may still use the partition and events: leak them all rather than race it */
+    if (vm->cow)
+        sp_cow_detached(vm->cow);
     if (vm->vp_created)
         whp.WHvDeleteVirtualProcessor(vm->part, SP_VP);
     if (vm->part)
@@ -294,6 +354,15 @@ int sp_whp_vm_unmap(struct sp_whp_vm *vm, uint64_t gpa, uint64_t size)
     HRESULT hr = whp.WHvUnmapGpaRange(vm->part, gpa, size);
     if (FAILED(hr))
         return sp_win_fail_hr("WHvUnmapGpaRange", hr);
+    return 0;
+}
+
+int sp_whp_vm_set_cow(struct sp_whp_vm *vm, struct sp_cow *cow)
+{
+    if (vm->cow && cow)
+        return sp_win_fail_code("sp_whp_vm_map_cow: this partition already has copy-on-write memory",
+                                ERROR_ALREADY_ASSIGNED);
+    vm->cow = cow;
     return 0;
 }
 
@@ -495,6 +564,23 @@ int sp_whp_vcpu_run(struct sp_whp_vm *vm, int64_t timeout_ns, uint32_t flags, st
             break;
         }
         case WHvRunVpExitReasonMemoryAccess:
+            if (vm->cow && ctx.MemoryAccess.AccessInfo.AccessType == WHvMemoryAccessWrite &&
+                !ctx.MemoryAccess.AccessInfo.GpaUnmapped) {
+                /* WHP stopped the store before it completed: once the page is a private writable
+                   copy, running again re-executes it (RIP is still on the store). */
+                int64_t c0 = sp_win_now_ns();
+                int served = sp_cow_serve_write(vm->cow, vm, ctx.MemoryAccess.Gpa);
+                out->cow_ns += (uint64_t)(sp_win_now_ns() - c0);
+                if (served > 0) {
+                    out->cow_faults++;
+                    continue;
+                }
+                if (served < 0) {
+                    out->hresult = sp_win_last_error(); /* the failed copy, unmap or map names itself */
+                    reason = SP_WHP_EXIT_ERROR;
+                    break;
+                }
+            }
             /* A GPA with no mapping, or an access the backing page refuses (the read-only view). */
             out->mem_gpa = ctx.MemoryAccess.Gpa;
             out->mem_gva = ctx.MemoryAccess.Gva;
