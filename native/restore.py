@@ -252,7 +252,7 @@ class RestoredVm:
     from_saved_state: bool
     open_ns: int    # the header read and checked (plus the content hash when verified)
     load_ns: int    # the loader
-    vm_ns: int      # KVM_CREATE_VM + memslot
+    vm_ns: int      # KVM_CREATE_VM + memslots
     state_ns: int   # vCPUs created and their states loaded (or reset)
 
     @property
@@ -309,7 +309,7 @@ def restore_vm(image: SnapshotImage | str | os.PathLike[str], loader: str, *, ve
     try:
         t2 = clock()
         vm = Vm.create()
-        vm.set_region(slot=0, gpa=0, memory=restored.memory)
+        vm.map_memory(restored.memory)
         t3 = clock()
         vcpus = []
         for state in img.vcpu_states:

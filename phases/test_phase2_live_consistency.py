@@ -24,6 +24,7 @@ from guests import storm
 from native.compare import differing_pages
 from native.inject import FaultInjection
 from native.kvm import ExitReason
+from native.layout import gpa_of
 from native.live import VcpuRunner, take_live_snapshot
 from native.memory import PAGE_SIZE
 from results.record import fmt_bytes
@@ -124,13 +125,13 @@ def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host
 
     with report.stage("instant oracle") as st:
         for i, p in enumerate(storm_vm.params):
-            # Read in place: a copy of the region would be one more guest-sized buffer (4 GiB with --sizes 4G).
-            with memoryview(snapshot.mm) as whole, whole[p.region_gpa:p.region_gpa + p.region_size] as region:
+            # Read in place: a copy of the region would be one more guest-sized buffer (3 GiB with --sizes 4G).
+            with storm_vm.region_view(snapshot.mm, i) as region:
                 verdict = storm.check_instant(p, region)
             st.check(bool(verdict), f"vCPU {i}: {verdict.message}", f"vCPU {i}: {verdict.message}")
     with report.stage("exact oracle") as st:
         diffs = differing_pages(snapshot.mm, reference.mm)
-        first = f"first at GPA {diffs[0] * PAGE_SIZE:#x}" if diffs else ""
+        first = f"first at GPA {gpa_of(diffs[0] * PAGE_SIZE):#x}" if diffs else ""
         st.check(not diffs, "snapshot equals the reference copied during the pause, byte for byte",
                  f"{len(diffs)} pages differ from memory at the arm instant; {first}")
 

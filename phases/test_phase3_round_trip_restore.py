@@ -316,7 +316,7 @@ def fresh_vm_floor() -> dict[str, float]:
             mem.write(MARKER, bytes([BEFORE]))
             t0 = clock()
             with Vm.create() as vm:
-                vm.set_region(slot=0, gpa=0, memory=mem)
+                vm.map_memory(mem)
                 vcpu = vm.add_vcpu()
                 vcpu.set_real_mode(ip=guests.REAL_MODE_LOAD_GPA)
                 ex = vcpu.run(timeout=RUN_TIMEOUT_S)

@@ -93,6 +93,13 @@ int sp_vm_set_tss(int vm_fd, uint64_t addr)
     return ioctl(vm_fd, KVM_SET_TSS_ADDR, (unsigned long)addr) < 0 ? sp_fail("KVM_SET_TSS_ADDR") : 0;
 }
 
+int sp_vm_set_identity_map(int vm_fd, uint64_t addr)
+{
+    /* The argument is a pointer to the address, unlike KVM_SET_TSS_ADDR's. Only before any vCPU exists. */
+    __u64 ident = addr;
+    return ioctl(vm_fd, KVM_SET_IDENTITY_MAP_ADDR, &ident) < 0 ? sp_fail("KVM_SET_IDENTITY_MAP_ADDR") : 0;
+}
+
 int sp_vm_set_region(int vm_fd, uint32_t slot, uint32_t flags, uint64_t gpa, uint64_t size, uint64_t hva)
 {
     struct kvm_userspace_memory_region r = {

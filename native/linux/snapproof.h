@@ -68,6 +68,7 @@ int sp_kvm_api_version(int kvm_fd);
 int sp_kvm_check_extension(int kvm_fd, int cap);
 int sp_vm_create(int kvm_fd);
 int sp_vm_set_tss(int vm_fd, uint64_t addr);
+int sp_vm_set_identity_map(int vm_fd, uint64_t addr);
 int sp_vm_set_region(int vm_fd, uint32_t slot, uint32_t flags, uint64_t gpa, uint64_t size, uint64_t hva);
 int sp_vm_get_dirty_log(int vm_fd, uint32_t slot, uint64_t *bitmap);
 
