@@ -158,6 +158,13 @@ class Vcpu:
         finally:
             self._running.release()
 
+    def kvm_write_wall_clock(self, gpa: int) -> None:
+        """Have KVM itself write its pvclock wall clock (u32 version, sec, nsec) into guest memory at ``gpa``
+        (MSR_KVM_WALL_CLOCK_NEW). KVM finds the page through the VM's memslots, as for a guest write, and marks
+        it in a dirty log: a write at a GPA no 32-bit flat guest can name, above 4 GiB."""
+        check(lib.sp_vcpu_kvm_write_wall_clock(self.handle, gpa), "KVM_SET_MSRS(MSR_KVM_WALL_CLOCK_NEW)",
+              vcpu=self.index, gpa=gpa)
+
     def close(self, timeout: float = 5.0) -> None:
         """Destroy the vCPU; a run still going on another thread is kicked out of KVM_RUN first."""
         if self._h is None:

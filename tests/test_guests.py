@@ -43,7 +43,7 @@ def test_marker16_is_the_six_bytes_of_the_original_proof() -> None:
     assert code == bytes.fromhex("B0 42 A2 00 10 F4"), f"marker16.bin: expected b0 42 a2 00 10 f4, saw {code.hex(' ')}"
 
 
-@pytest.mark.parametrize("name", ["storm32", "counter32"])
+@pytest.mark.parametrize("name", ["storm32", "counter32", "store32"])
 def test_flat32_guest_fits_below_the_stacks_and_halts_in_a_loop(name: str) -> None:
     """A 32-bit guest's code ends below the lowest vCPU stack (8 vCPUs) and ends with hlt; jmp .-1."""
     code = guests.load(name)
