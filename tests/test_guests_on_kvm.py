@@ -211,6 +211,30 @@ def test_counter32_stopped_at_a_sync_resumes_in_a_fresh_vm_to_the_same_result(ma
     assert resumed == straight, f"resumed vs uninterrupted: {describe_difference(straight, resumed, 0)}"
 
 
+def test_counter32_stops_at_its_sync_at_exactly_where_the_model_is(make_memory, make_vm) -> None:
+    """Run with stop_on_sync, counter32 stops right after iteration sync_at: region, block and registers are the
+    model's there, however fast the guest ran; it then runs on to HLT and the final model."""
+    p = CounterParams(npages=16, iterations=3000, sync_every=0, sync_at=1234)
+    mem, _, (vcpu,) = boot(make_memory, make_vm, counter.GUEST, [p.pack()], p.region_size)
+
+    ex = vcpu.run(timeout=RUN_TIMEOUT, stop_on_sync=True)   # the working-set sync (iteration 16) comes first
+    expect_exit(ex, "SYNC", "counter32 working set")
+    ex = vcpu.run(timeout=RUN_TIMEOUT, stop_on_sync=True)
+
+    expect_exit(ex, "SYNC", "counter32 sync_at")
+    assert ex.last_sync == p.sync_at, f"sync value: expected {p.sync_at:#x}, saw {ex.last_sync:#x}"
+    mid = counter.expected_after(p, p.sync_at)
+    region = mem.read(p.region_gpa, p.region_size)
+    assert region == mid.region, f"at sync_at: {describe_difference(mid.region, region, p.region_gpa)}"
+    assert mem.read(block_gpa(0), counter.BLOCK_SIZE) == mid.block, "at sync_at: parameter block differs from model"
+    regs = vcpu.regs()
+    got = {k: regs[k] & 0xFFFFFFFF for k in mid.regs}
+    assert got == mid.regs, f"at sync_at: registers {({k: hex(v) for k, v in got.items()})}, " \
+                            f"expected {({k: hex(v) for k, v in mid.regs.items()})}"
+    expect_exit(vcpu.run(timeout=RUN_TIMEOUT), "HLT", "counter32 after sync_at")
+    check_counter_final(mem, vcpu, p, block_gpa(0), "counter32 after sync_at")
+
+
 def test_counter32_kicked_mid_run_resumes_in_a_fresh_vm_to_the_same_result(make_memory, make_vm) -> None:
     """A counter32 kicked at an arbitrary instruction, restored into a new VM, finishes exactly as the model."""
     p = CounterParams(npages=32, iterations=100_000, sync_every=0)
