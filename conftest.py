@@ -521,6 +521,11 @@ class StormVm:
                                    f"(progress {[self.progress(i) for i in range(len(self.params))]})")
             time.sleep(0.002)
 
+    def run_to_marks(self, timeout: float) -> list[Any]:
+        """Run each vCPU in this thread, one after the other, until its mark (the sync ``mark_pages`` pages into
+        its first sweep); returns each run's exit. Each then stays exactly there until it runs again."""
+        return [vcpu.run(timeout=timeout, stop_on_sync=True) for vcpu in self.vm.vcpus]
+
     def region(self, image: Any, i: int) -> bytes:
         """vCPU i's storm region, copied out of an image of guest memory."""
         with self.region_view(image, i) as view:
@@ -538,18 +543,19 @@ class StormVm:
 
 @pytest.fixture
 def make_storm_vm(make_memory: Callable[..., Any], make_vm: Callable[..., Any]) -> Callable[..., StormVm]:
-    """Factory: ``make_storm_vm(backing, size, vcpus, seed, slot_flags=0)``: storm32 loaded, each vCPU set up,
-    not yet running.
+    """Factory: ``make_storm_vm(backing, size, vcpus, seed, slot_flags=0, mark=None)``: storm32 loaded, each vCPU
+    set up, not yet running.
 
     The data region (GPA 0x10000 up to the end of RAM below the 32-bit hole) is split into equal disjoint
     slices, one per vCPU; each vCPU sweeps its slice forever (generations = 0) in the order its seed gives.
+    ``mark(npages)`` -> pages of its first sweep after which each vCPU signals its mark (``StormVm.run_to_marks``).
     """
     import guests
     from guests import storm
     from native.layout import LOW_RAM_END
 
     def _make(backing: str, size: int, vcpus: int, seed: int = 0x5EED, slot_flags: int = 0,
-              **mem_kw: Any) -> StormVm:
+              mark: Callable[[int], int] | None = None, **mem_kw: Any) -> StormVm:
         mem = make_memory(backing, size, **mem_kw)
         mem.write(guests.FLAT32_LOAD_GPA, guests.load("storm32"))
         # A flat 32-bit guest names only GPAs below 4 GiB, and RAM there ends at the 32-bit hole
@@ -562,7 +568,7 @@ def make_storm_vm(make_memory: Callable[..., Any], make_vm: Callable[..., Any]) 
         params = []
         for i in range(vcpus):
             p = storm.StormParams.from_seed(seed + i, region_gpa=guests.DATA_REGION_GPA + i * pages * 4096,
-                                            npages=pages, generations=0)
+                                            npages=pages, generations=0, mark_pages=mark(pages) if mark else 0)
             mem.write(StormVm.block_gpa(i), p.pack())
             vcpu = vm.add_vcpu()
             vcpu.set_flat32(eip=guests.FLAT32_LOAD_GPA, esp=0x7000 - 0x400 * i, esi=StormVm.block_gpa(i))

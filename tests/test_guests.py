@@ -63,7 +63,8 @@ def _set_constants(name: str) -> dict[str, int]:
 @pytest.mark.parametrize(("name", "module", "pairs"), [
     ("storm32", storm, {"P_REGION": "OFF_REGION", "P_NPAGES": "OFF_NPAGES", "P_STRIDE": "OFF_STRIDE",
                         "P_START0": "OFF_START0", "P_STEP": "OFF_STEP", "P_GENS": "OFF_GENERATIONS",
-                        "P_CUR_GEN": "OFF_CUR_GEN", "P_DONE_GEN": "OFF_DONE_GEN"}),
+                        "P_CUR_GEN": "OFF_CUR_GEN", "P_DONE_GEN": "OFF_DONE_GEN", "P_MARK_PAGES": "OFF_MARK_PAGES",
+                        "MARK_SYNC": "MARK_SYNC"}),
     ("counter32", counter, {"P_REGION": "OFF_REGION", "P_NPAGES": "OFF_NPAGES", "P_ITERS": "OFF_ITERATIONS",
                             "P_SYNC_EVERY": "OFF_SYNC_EVERY", "P_ITER": "OFF_ITER", "P_CHECKSUM": "OFF_CHECKSUM",
                             "P_FINAL": "OFF_FINAL", "P_DONE": "OFF_DONE", "P_SYNC_AT": "OFF_SYNC_AT",
@@ -82,12 +83,13 @@ def test_param_block_offsets_agree_between_source_and_model(name: str, module, p
 
 def test_storm_param_block_layout_is_pinned() -> None:
     """StormParams.pack puts each field at its pinned offset, progress words zero, 0x40 bytes."""
-    p = StormParams(region_gpa=0x10000, npages=10, stride=3, start0=4, step=7, generations=5, seed=0x1_DEADBEEF)
+    p = StormParams(region_gpa=0x10000, npages=10, stride=3, start0=4, step=7, generations=5, seed=0x1_DEADBEEF,
+                    mark_pages=6)
     block = p.pack()
     assert len(block) == 0x40, f"storm block: expected 0x40 bytes, saw {len(block):#x}"
-    assert struct.unpack_from("<9I", block) == (0x10000, 10, 3, 4, 7, 5, 0, 0, 0xDEADBEEF)
-    assert block[0x24:] == bytes(0x1C), "storm block: spare words must be zero"
-    assert StormParams.unpack(block) == StormParams(0x10000, 10, 3, 4, 7, 5, 0xDEADBEEF)
+    assert struct.unpack_from("<10I", block) == (0x10000, 10, 3, 4, 7, 5, 0, 0, 0xDEADBEEF, 6)
+    assert block[0x28:] == bytes(0x18), "storm block: spare words must be zero"
+    assert StormParams.unpack(block) == StormParams(0x10000, 10, 3, 4, 7, 5, 0xDEADBEEF, 6)
 
 
 def test_counter_param_block_layout_is_pinned() -> None:
@@ -128,6 +130,7 @@ def test_storm_from_seed_gives_valid_params_for_any_size(npages: int) -> None:
     ("start0", 12, "start0 12: must be in [0, 12)"),
     ("step", 13, "step 13"),
     ("region_gpa", 0x10001, "region_gpa 0x10001"),
+    ("mark_pages", 13, "mark_pages 13: must be in [0, npages 12]"),
 ])
 def test_storm_params_reject_a_bad_field_naming_it(field: str, value: int, words: str) -> None:
     """A parameter the guest cannot run with is refused, and the error names it."""

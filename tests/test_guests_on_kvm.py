@@ -125,6 +125,27 @@ def test_storm32_at_each_sync_is_the_sweep_boundary(make_memory, make_vm) -> Non
     expect_exit(vcpu.run(timeout=RUN_TIMEOUT), "HLT", "storm32 after its last sync")
 
 
+def test_storm32_stops_at_its_mark_exactly_at_the_mark_instant(make_memory, make_vm) -> None:
+    """Run with stop_on_sync, storm32 stops at its mark inside sweep 1: the region is exactly instant 2*mark_pages,
+    however fast the guest ran; the generation syncs follow unchanged and it halts at the simulated end."""
+    p = StormParams.from_seed(24, npages=64, generations=2, mark_pages=40)
+    mem, _, (vcpu,) = boot(make_memory, make_vm, storm.GUEST, [p.pack()], p.region_size)
+
+    ex = vcpu.run(timeout=RUN_TIMEOUT, stop_on_sync=True)
+
+    expect_exit(ex, "SYNC", "storm32 mark")
+    assert ex.last_sync == p.mark_sync, f"mark sync: expected {p.mark_sync:#x}, saw {ex.last_sync:#x}"
+    region = mem.read(p.region_gpa, p.region_size)
+    want = storm.simulate(p, p.mark_position)
+    assert region == want, f"at the mark: {describe_difference(want, region, p.region_gpa)}"
+    v = storm.check_instant(p, region)
+    assert v.ok and v.lo == v.hi == p.mark_position, f"at the mark: {v}"
+    after = run_collecting_syncs(vcpu, "storm32 after its mark")
+    assert after == [1, 2], f"syncs after the mark: expected [1, 2] (the sweeps; the mark only once), saw {after}"
+    region = mem.read(p.region_gpa, p.region_size)
+    assert region == storm.simulate(p, p.total_writes), "storm32 after its mark: the region is not the simulated end"
+
+
 def test_storm32_kicked_mid_sweep_is_one_instant(make_memory, make_vm) -> None:
     """A never-ending storm kicked at arbitrary moments is, each time, exactly one instant of its stream."""
     p = StormParams.from_seed(23, npages=64, generations=0)
