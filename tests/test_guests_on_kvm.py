@@ -8,6 +8,8 @@ why, where /dev/kvm is missing). Guest memory: code at 0x1000, stacks below
 
 from __future__ import annotations
 
+import dataclasses
+import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +26,8 @@ from native.compare import describe_difference
 STACK_TOP = 0x7000
 STACK_STRIDE = 0x400
 RUN_TIMEOUT = 30.0   # this host may emulate every instruction (kvm_pvm); HLT comes far sooner
+POLL_S = 0.0005      # between reads of a running guest's memory: leaves the shared cores to the vCPU thread
+REST_AFTER_KICK = 50_000  # iterations a kicked counter32 still runs after its restore
 
 
 def block_gpa(i: int) -> int:
@@ -53,6 +57,14 @@ def restore(make_memory: Callable[..., Any], make_vm: Callable[..., Any], image:
     vcpu = vm.add_vcpu()
     vcpu.load_state(state)
     return mem, vcpu
+
+
+def wait_for(predicate: Callable[[], bool], what: str) -> None:
+    """Poll a running guest's memory until ``predicate()``; fail naming ``what`` after RUN_TIMEOUT."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {RUN_TIMEOUT} s"
+        time.sleep(POLL_S)
 
 
 def expect_exit(ex: Any, reason: str, what: str) -> None:
@@ -152,10 +164,19 @@ def test_storm32_kicked_mid_sweep_is_one_instant(make_memory, make_vm) -> None:
     mem, _, (vcpu,) = boot(make_memory, make_vm, storm.GUEST, [p.pack()], p.region_size)
     seen: list[int] = []
 
+    def done_gen() -> int:
+        return storm.read_progress(mem.read(block_gpa(0), storm.BLOCK_SIZE)).done_gen
+
     with ThreadPoolExecutor(max_workers=1) as pool:
         for round_ in range(12):
+            # Two more completed sweeps than at the last kick put the guest's stream past that kick's instant,
+            # whatever its speed, so each kick's instant is a later one; then an uneven pause, so the kicks land
+            # at unrelated points (any point is a right one).
+            at_last_kick = done_gen()
             fut = pool.submit(vcpu.run, RUN_TIMEOUT)
-            time.sleep(0.003 + 0.0023 * round_)   # uneven pauses, so the kicks land at unrelated points
+            wait_for(lambda d=at_last_kick, f=fut: done_gen() >= d + 2 or f.done(),
+                     f"storm32 two more sweeps before kick {round_}")
+            time.sleep(0.003 + 0.0023 * round_)
             vcpu.kick()
             ex = fut.result()
             expect_exit(ex, "KICKED", f"storm32 kick {round_}")
@@ -258,22 +279,28 @@ def test_counter32_stops_at_its_sync_at_exactly_where_the_model_is(make_memory, 
 
 def test_counter32_kicked_mid_run_resumes_in_a_fresh_vm_to_the_same_result(make_memory, make_vm) -> None:
     """A counter32 kicked at an arbitrary instruction, restored into a new VM, finishes exactly as the model."""
-    p = CounterParams(npages=32, iterations=100_000, sync_every=0)
+    # As many iterations as the guest allows while it runs: no guest, however fast, ends before the kick.
+    p = CounterParams(npages=32, iterations=counter.MAX_ITERATIONS, sync_every=0)
     mem, _, (vcpu,) = boot(make_memory, make_vm, counter.GUEST, [p.pack()], p.region_size)
+
+    def iteration() -> int:
+        return counter.read_progress(mem.read(block_gpa(0), counter.BLOCK_SIZE)).iteration
 
     # 1. Run in a thread; kick once the guest's trace word shows it under way.
     with ThreadPoolExecutor(max_workers=1) as pool:
         fut = pool.submit(vcpu.run, RUN_TIMEOUT)
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while counter.read_progress(mem.read(block_gpa(0), counter.BLOCK_SIZE)).iteration < 1000:
-            assert time.monotonic() < deadline and not fut.done(), "counter32 never reached iteration 1000"
+        wait_for(lambda: iteration() >= 1000 or fut.done(), "counter32 at iteration 1000")
         vcpu.kick()
         ex = fut.result()
-    expect_exit(ex, "KICKED", "counter32 (finished before the kick: raise iterations)")
+    expect_exit(ex, "KICKED", "counter32 kicked mid-run")
 
-    # 2. Snapshot; the region is the model at the traced iteration, or one later (kicked inside an iteration).
+    # 2. The end moves to REST iterations past the kick: the guest compares against its block's word at every
+    #    iteration, and the run so far is the same as one with that count from the start. Then snapshot; the
+    #    region is the model at the traced iteration, or one later (kicked inside an iteration).
+    it = iteration()
+    p = dataclasses.replace(p, iterations=it + REST_AFTER_KICK)
+    mem.write(block_gpa(0) + counter.OFF_ITERATIONS, struct.pack("<I", p.iterations))
     state, image = vcpu.save_state(), mem.snapshot_bytes()
-    it = counter.read_progress(mem.read(block_gpa(0), counter.BLOCK_SIZE)).iteration
     assert 0 < it < p.iterations, f"kicked at iteration {it} of {p.iterations}: not mid-run"
     region = mem.read(p.region_gpa, p.region_size)
     candidates = [counter.expected_after(p, j).region for j in (it, min(it + 1, p.iterations))]
