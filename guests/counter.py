@@ -77,8 +77,9 @@ class CounterParams:
 
     @classmethod
     def unpack(cls, block: bytes) -> CounterParams:
+        region_gpa, npages, iterations, sync_every = struct.unpack_from("<4I", block, OFF_REGION)
         (sync_at,) = struct.unpack_from("<I", block, OFF_SYNC_AT)
-        return cls(*struct.unpack_from("<4I", block, OFF_REGION), sync_at=sync_at)
+        return cls(region_gpa, npages, iterations, sync_every, sync_at)
 
     @property
     def region_size(self) -> int:
