@@ -237,7 +237,8 @@ class Vm:
             if version != KVM_API_VERSION:
                 raise CapabilityMissing(f"/dev/kvm API version {version}, snapproof needs {KVM_API_VERSION}")
             vm_fd = check(lib.sp_vm_create(kvm_fd), "KVM_CREATE_VM")
-            # Both before the first vCPU: KVM refuses to move the identity map once one exists.
+            # Both before the first vCPU: KVM refuses to move the identity map once one exists. A KVM without
+            # the capability keeps its default page, which lies in the hole too.
             identity = layout.KVM_DEFAULT_IDENTITY_MAP_GPA
             if check(lib.sp_kvm_check_extension(kvm_fd, KVM_CAP_SET_IDENTITY_MAP_ADDR),
                      "KVM_CHECK_EXTENSION", cap=KVM_CAP_SET_IDENTITY_MAP_ADDR):

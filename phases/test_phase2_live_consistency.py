@@ -77,7 +77,7 @@ def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host
             runner = VcpuRunner(storm_vm.vm.vcpus, timeout=GUEST_TIMEOUT_S).start()
             started = "every vCPU completed its first sweep"
             storm_vm.wait(lambda: every_vcpu_swept_once(storm_vm), started, timeout=GUEST_TIMEOUT_S)
-        st.check(not runner.finished, f"{nvcpus} vCPU(s) writing over {fmt_bytes(size)} {mem.backing}: {started}",
+        st.check(not runner.finished, f"{nvcpus} storm vCPU(s) over {fmt_bytes(size)} {mem.backing}: {started}",
                  f"a vCPU stopped early: {runner.exits}")
 
     with report.stage("live snapshot") as st:
