@@ -265,7 +265,8 @@ def make_memory(require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
 @pytest.fixture
 def make_vm(request: pytest.FixtureRequest, make_memory: Any,
             require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
-    """Factory: ``make_vm(memory)`` -> a VM with ``memory`` at GPA 0 in slot 0; all closed at teardown."""
+    """Factory: ``make_vm(memory, flags=0)`` -> a VM with ``memory`` as its RAM (``Vm.map_memory``: slot 0 from
+    GPA 0, slot 1 from 4 GiB past the 32-bit hole); all closed at teardown."""
     require("kvm")
     from native.kvm import Vm
 
@@ -275,7 +276,7 @@ def make_vm(request: pytest.FixtureRequest, make_memory: Any,
         vm = Vm.create()
         made.append(vm)
         _live(request.node).append(vm)
-        vm.set_region(slot=0, gpa=0, memory=memory, flags=flags)
+        vm.map_memory(memory, flags=flags)
         return vm
 
     yield _make
@@ -506,9 +507,10 @@ class StormVm:
     def progress(self, i: int, image: Any = None) -> Any:
         """vCPU i's progress words, from live memory or from an image of it (a snapshot, a reference)."""
         from guests import storm
+        from native.layout import offset_of
 
-        gpa = self.block_gpa(i)
-        block = self.memory.read(gpa, storm.BLOCK_SIZE) if image is None else bytes(image[gpa:gpa + storm.BLOCK_SIZE])
+        at = offset_of(self.block_gpa(i))
+        block = self.memory.read(at, storm.BLOCK_SIZE) if image is None else bytes(image[at:at + storm.BLOCK_SIZE])
         return storm.read_progress(block)
 
     def wait(self, predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -521,39 +523,54 @@ class StormVm:
                                    f"(progress {[self.progress(i) for i in range(len(self.params))]})")
             time.sleep(0.002)
 
+    def run_to_marks(self, timeout: float) -> list[Any]:
+        """Run each vCPU in this thread, one after the other, until its mark (the sync ``mark_pages`` pages into
+        its first sweep); returns each run's exit. Each then stays exactly there until it runs again."""
+        return [vcpu.run(timeout=timeout, stop_on_sync=True) for vcpu in self.vm.vcpus]
+
     def region(self, image: Any, i: int) -> bytes:
+        """vCPU i's storm region, copied out of an image of guest memory."""
+        with self.region_view(image, i) as view:
+            return bytes(view)
+
+    def region_view(self, image: Any, i: int) -> memoryview:
+        """vCPU i's storm region in place in an image of guest memory (no copy: 4 GiB guests have 3 GiB regions).
+        Use it as a context manager, so the view is released before the image is closed."""
+        from native.layout import offset_of
+
         p = self.params[i]
-        return bytes(image[p.region_gpa:p.region_gpa + p.region_size])
-
-
-STORM_TOP_GPA = 0xFEC00000
+        at = offset_of(p.region_gpa)  # the region lies below the 32-bit hole: one contiguous range of memory
+        return memoryview(image)[at:at + p.region_size]
 
 
 @pytest.fixture
 def make_storm_vm(make_memory: Callable[..., Any], make_vm: Callable[..., Any]) -> Callable[..., StormVm]:
-    """Factory: ``make_storm_vm(backing, size, vcpus, seed, slot_flags=0)``: storm32 loaded, each vCPU set up,
-    not yet running.
+    """Factory: ``make_storm_vm(backing, size, vcpus, seed, slot_flags=0, mark=None)``: storm32 loaded, each vCPU
+    set up, not yet running.
 
-    The data region (GPA 0x10000 to the end) is split into equal disjoint slices, one per vCPU; each
-    vCPU sweeps its slice forever (generations = 0) in the order its seed gives.
+    The data region (GPA 0x10000 up to the end of RAM below the 32-bit hole) is split into equal disjoint
+    slices, one per vCPU; each vCPU sweeps its slice forever (generations = 0) in the order its seed gives.
+    ``mark(npages)`` -> pages of its first sweep after which each vCPU signals its mark (``StormVm.run_to_marks``).
     """
     import guests
     from guests import storm
+    from native.layout import LOW_RAM_END
 
     def _make(backing: str, size: int, vcpus: int, seed: int = 0x5EED, slot_flags: int = 0,
-              **mem_kw: Any) -> StormVm:
+              mark: Callable[[int], int] | None = None, **mem_kw: Any) -> StormVm:
         mem = make_memory(backing, size, **mem_kw)
         mem.write(guests.FLAT32_LOAD_GPA, guests.load("storm32"))
-        # A 32-bit guest's writes stay below the x86 MMIO window under 4 GiB (IOAPIC 0xFEC00000, LAPIC
-        # 0xFEE00000: KVM exits there as MMIO), so with --sizes 4G the top 20 MiB are memory the storm never writes.
-        pages = (min(size, STORM_TOP_GPA) - guests.DATA_REGION_GPA) // 4096 // vcpus
+        # A flat 32-bit guest names only GPAs below 4 GiB, and RAM there ends at the 32-bit hole
+        # (native.layout): past 3 GiB (--sizes 4G) memory sits at GPA 4 GiB, out of the storm's reach. The
+        # snapshot and the exact oracle still cover it all; only the instant oracle stops at the region.
+        pages = (min(size, LOW_RAM_END) - guests.DATA_REGION_GPA) // 4096 // vcpus
         if pages < 2:
             raise ValueError(f"guest memory {size:#x} leaves fewer than 2 storm pages per vCPU")
         vm = make_vm(mem, flags=slot_flags)  # slot_flags: e.g. KVM_MEM_LOG_DIRTY_PAGES for the KVM dirty log
         params = []
         for i in range(vcpus):
             p = storm.StormParams.from_seed(seed + i, region_gpa=guests.DATA_REGION_GPA + i * pages * 4096,
-                                            npages=pages, generations=0)
+                                            npages=pages, generations=0, mark_pages=mark(pages) if mark else 0)
             mem.write(StormVm.block_gpa(i), p.pack())
             vcpu = vm.add_vcpu()
             vcpu.set_flat32(eip=guests.FLAT32_LOAD_GPA, esp=0x7000 - 0x400 * i, esi=StormVm.block_gpa(i))
@@ -646,7 +663,7 @@ def counter32_uninterrupted() -> Callable[..., CounterRun]:
         if key not in runs:
             with GuestMemory.memfd(mem_size) as mem, Vm.create() as vm:
                 load_counter32(mem, params)
-                vm.set_region(slot=0, gpa=0, memory=mem)
+                vm.map_memory(mem)
                 vcpu = vm.add_vcpu()
                 enter_guest_at_entry("counter32", vcpu)
                 syncs: list[int] = []
@@ -721,7 +738,7 @@ def cpustate32_uninterrupted() -> Callable[..., CpuStateRun]:
         key = (tuple(params), mem_size)
         if key not in runs:
             with GuestMemory.memfd(mem_size) as mem, Vm.create() as vm:
-                vm.set_region(slot=0, gpa=0, memory=mem)
+                vm.map_memory(mem)
                 cpustate.load_into(mem, params)
                 cpuid = vm.supported_cpuid()
                 for i, p in enumerate(params):

@@ -6,7 +6,9 @@ folds i into a checksum, ``rol(c, 5) ^ i``. ``expected_final`` computes what an
 uninterrupted run leaves behind (region, checksum, registers, parameter block,
 sync values), so a run resumed from a mid-run snapshot can be compared to the
 model as well as to an uninterrupted run. ``expected_after`` gives the same at
-any iteration, e.g. the one a sync exit reports.
+any iteration, e.g. the one a sync exit reports. ``sync_at`` makes the guest
+signal one chosen iteration: a host that runs it with stop_on_sync stops there
+by the guest's own count, whatever the guest's speed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ OFF_ITER = 0x10        # guest writes: last iteration completed
 OFF_CHECKSUM = 0x14    # guest writes: checksum after OFF_ITER
 OFF_FINAL = 0x18       # guest writes at the end: final checksum
 OFF_DONE = 0x1C        # guest writes DONE_MAGIC last, just before hlt
+OFF_SYNC_AT = 0x20     # the one iteration after which the guest syncs its number; 0 = none
 BLOCK_SIZE = 0x40      # the rest is spare, zero
 
 DONE_MAGIC = 0x454E4F44          # b"DONE" as a little-endian u32
@@ -50,6 +53,7 @@ class CounterParams:
     npages: int = 16
     iterations: int = 10_000
     sync_every: int = 1000
+    sync_at: int = 0
 
     def __post_init__(self) -> None:
         if self.region_gpa % PAGE_SIZE or not 0 <= self.region_gpa <= _U32:
@@ -60,17 +64,22 @@ class CounterParams:
             raise ValueError(f"iterations {self.iterations}: must be in [0, {MAX_ITERATIONS:#x}]")
         if not 0 <= self.sync_every <= _U32:
             raise ValueError(f"sync_every {self.sync_every}: must fit a u32 (0 = no periodic sync)")
+        if not 0 <= self.sync_at <= self.iterations:
+            raise ValueError(f"sync_at {self.sync_at}: must be in [0, iterations {self.iterations}] (0 = none)")
 
     def pack(self) -> bytes:
         """The parameter block the host writes at the vCPU's block GPA (output words zero)."""
         block = bytearray(BLOCK_SIZE)
         struct.pack_into("<4I", block, OFF_REGION, self.region_gpa, self.npages, self.iterations,
                          self.sync_every)
+        struct.pack_into("<I", block, OFF_SYNC_AT, self.sync_at)
         return bytes(block)
 
     @classmethod
     def unpack(cls, block: bytes) -> CounterParams:
-        return cls(*struct.unpack_from("<4I", block, OFF_REGION))
+        region_gpa, npages, iterations, sync_every = struct.unpack_from("<4I", block, OFF_REGION)
+        (sync_at,) = struct.unpack_from("<I", block, OFF_SYNC_AT)
+        return cls(region_gpa, npages, iterations, sync_every, sync_at)
 
     @property
     def region_size(self) -> int:
@@ -103,15 +112,16 @@ def checksum_step(checksum: int, i: int) -> int:
 def sync_values(params: CounterParams, upto: int | None = None) -> list[int]:
     """Sync-port values the guest writes during iterations 1..upto (default: all), in order."""
     last = params.iterations if upto is None else upto
+    n, every, at = params.npages, params.sync_every, params.sync_at
+    # (iteration, order within it, value): after one iteration the guest writes working set, periodic, sync_at.
     out = []
-    n, every = params.npages, params.sync_every
     if n <= last:
-        out.append((WS_TOUCHED | n, n))
+        out.append((n, 0, WS_TOUCHED | n))
     if every:
-        out.extend((i, i) for i in range(every, last + 1, every))
-    # Same iteration: the working-set value comes first.
-    out.sort(key=lambda v: (v[1], v[0] < WS_TOUCHED))
-    return [v for v, _ in out]
+        out.extend((i, 1, i) for i in range(every, last + 1, every))
+    if 0 < at <= last:
+        out.append((at, 2, at))
+    return [v for _, _, v in sorted(out)]
 
 
 def sync_iteration(value: int) -> int:

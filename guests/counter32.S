@@ -10,10 +10,13 @@
 # exactly once, in order: a resumed run that skipped or repeated one differs.
 #
 # Sync port 0x500: after iteration i = npages (every page touched once) it
-# writes 0x80000000 | npages; after every sync_every-th iteration it writes i
-# (sync_every = 0: never). Both can follow the same iteration, the
-# working-set one first. At the end it stores the checksum into the block,
-# then DONE_MAGIC, leaves EAX = EDI = checksum and halts.
+# writes 0x80000000 | npages; after every sync_every-th iteration it writes
+# i (sync_every = 0: never); after iteration i = sync_at it writes i once
+# (sync_at = 0: never), last, with every loop register at iteration i's
+# value: a point the host can stop at by the guest's own count, at any
+# guest speed. Several can follow the same iteration, in that order. At the
+# end it stores the checksum into the block, then DONE_MAGIC, leaves
+# EAX = EDI = checksum and halts.
 #
 # The loop state lives only in registers and the region: EBX = i, ECX = p,
 # EDI = checksum, EBP = iterations left until the next periodic sync. The
@@ -27,6 +30,7 @@
         .set    P_CHECKSUM,   0x14  # u32 guest writes: checksum after P_ITER
         .set    P_FINAL,      0x18  # u32 guest writes at the end: final checksum
         .set    P_DONE,       0x1C  # u32 guest writes DONE_MAGIC last, before hlt
+        .set    P_SYNC_AT,    0x20  # u32 the one iteration after which it syncs i; 0 = none
 
         .set    DONE_MAGIC,   0x454e4f44    # "DONE" little-endian
         .set    WS_TOUCHED,   0x80000000
@@ -69,11 +73,17 @@ iter:
         outl    %eax, (%dx)             # working set touched
 2:
         decl    %ebp                    # from 0 (no periodic sync) it wraps: 2^32 is out of reach
-        jnz     iter
+        jnz     3f
         movl    P_SYNC_EVERY(%esi), %ebp
         movl    %ebx, %eax
         movw    $SYNC_PORT, %dx
         outl    %eax, (%dx)             # i iterations done
+3:
+        cmpl    P_SYNC_AT(%esi), %ebx   # last, so EBX, ECX, EDI and EBP are all iteration i's when it stops here
+        jne     iter                    # (i >= 1, so sync_at = 0 never matches)
+        movl    %ebx, %eax
+        movw    $SYNC_PORT, %dx
+        outl    %eax, (%dx)             # sync_at iterations done
         jmp     iter
 
 done:

@@ -47,7 +47,10 @@ OFF_GENERATIONS = 0x14  # 0 = run forever
 OFF_CUR_GEN = 0x18     # guest writes: generation being swept
 OFF_DONE_GEN = 0x1C    # guest writes: last generation completed (= its last sync value)
 OFF_SEED = 0x20        # host only, for the record: low 32 bits of the seed; the guest ignores it
+OFF_MARK_PAGES = 0x24  # pages of generation 1 after which the guest syncs MARK_SYNC | mark_pages; 0 = none
 BLOCK_SIZE = 0x40      # the rest is spare, zero
+
+MARK_SYNC = 0x80000000  # | mark_pages: the mark's sync value, never a generation number
 
 # Stamp layout inside a page: (gen word, idx word) per slot, as u32 word indexes.
 SLOT_WORDS = ((0, 1), (WORDS_PER_PAGE - 2, WORDS_PER_PAGE - 1))
@@ -77,6 +80,7 @@ class StormParams:
     step: int
     generations: int
     seed: int = 0
+    mark_pages: int = 0
 
     def __post_init__(self) -> None:
         if self.region_gpa % PAGE_SIZE or not 0 <= self.region_gpa <= _U32:
@@ -96,10 +100,12 @@ class StormParams:
                 raise ValueError(f"{name} {value}: must be in [0, {self.npages})")
         if not 0 <= self.generations <= _U32:
             raise ValueError(f"generations {self.generations}: must fit a u32 (0 = forever)")
+        if not 0 <= self.mark_pages <= self.npages:
+            raise ValueError(f"mark_pages {self.mark_pages}: must be in [0, npages {self.npages}] (0 = no mark)")
 
     @classmethod
     def from_seed(cls, seed: int, region_gpa: int = DATA_REGION_GPA, npages: int = 64,
-                  generations: int = 3) -> StormParams:
+                  generations: int = 3, mark_pages: int = 0) -> StormParams:
         """Stride, start0 and step drawn from ``seed`` by splitmix64 (stable across Python versions)."""
         state = seed & _MASK64
         state, x = _splitmix64(state)
@@ -112,7 +118,7 @@ class StormParams:
             while stride % 2 == 0 or math.gcd(stride, npages) != 1:
                 stride = stride + 1 if stride + 1 < npages else 1
         return cls(region_gpa=region_gpa, npages=npages, stride=stride, start0=y % npages,
-                   step=z % npages, generations=generations, seed=seed)
+                   step=z % npages, generations=generations, seed=seed, mark_pages=mark_pages)
 
     def pack(self) -> bytes:
         """The parameter block the host writes at the vCPU's block GPA (progress words zero)."""
@@ -120,13 +126,15 @@ class StormParams:
         struct.pack_into("<6I", block, OFF_REGION, self.region_gpa, self.npages, self.stride,
                          self.start0, self.step, self.generations)
         struct.pack_into("<I", block, OFF_SEED, self.seed & _U32)
+        struct.pack_into("<I", block, OFF_MARK_PAGES, self.mark_pages)
         return bytes(block)
 
     @classmethod
     def unpack(cls, block: bytes) -> StormParams:
         region, npages, stride, start0, step, gens = struct.unpack_from("<6I", block, OFF_REGION)
         (seed,) = struct.unpack_from("<I", block, OFF_SEED)
-        return cls(region, npages, stride, start0, step, gens, seed)
+        (mark_pages,) = struct.unpack_from("<I", block, OFF_MARK_PAGES)
+        return cls(region, npages, stride, start0, step, gens, seed, mark_pages)
 
     @property
     def region_size(self) -> int:
@@ -147,6 +155,16 @@ class StormParams:
     def sync_position(self, g: int) -> int:
         """The instant at which the guest signals the end of sweep g (sync value g)."""
         return 2 * g * self.npages
+
+    @property
+    def mark_sync(self) -> int:
+        """The mark's sync value (only written when mark_pages is set)."""
+        return MARK_SYNC | self.mark_pages
+
+    @property
+    def mark_position(self) -> int:
+        """The instant at which the guest signals the mark: both stamps of mark_pages pages of sweep 1 written."""
+        return 2 * self.mark_pages
 
 
 @dataclass(frozen=True)

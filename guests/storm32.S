@@ -15,7 +15,11 @@
 # early (the oracle allows that for the one slot in flight).
 #
 # After each sweep: out %eax -> port 0x500 with eax = g. After `generations`
-# sweeps (never if 0): hlt. Plain 32-bit integer code, no stack, no div.
+# sweeps (never if 0): hlt. Once, right after the mark_pages-th page of
+# generation 1 (never if 0): out 0x80000000 | mark_pages, the mark: a point
+# inside the first sweep a host running with stop_on_sync stops at by the
+# guest's own count, at any guest speed. Plain 32-bit integer code, no
+# stack, no div.
 
         .set    P_REGION,   0x00    # u32 GPA of page 0 of the region (4 KiB aligned)
         .set    P_NPAGES,   0x04    # u32 pages in the region, >= 1
@@ -25,8 +29,10 @@
         .set    P_GENS,     0x14    # u32 generations to run; 0 = forever
         .set    P_CUR_GEN,  0x18    # u32 guest writes: generation being swept
         .set    P_DONE_GEN, 0x1C    # u32 guest writes: last generation completed
+        .set    P_MARK_PAGES, 0x24  # u32 pages of generation 1 after which it syncs the mark; 0 = none
 
         .set    SYNC_PORT,  0x500
+        .set    MARK_SYNC,  0x80000000  # | mark_pages: never a generation number
 
         .code32
         .text
@@ -52,7 +58,20 @@ page:
         cmpl    P_NPAGES(%esi), %ebx    # so one conditional subtract suffices
         jb      1f
         subl    P_NPAGES(%esi), %ebx
-1:      decl    %ecx
+1:      cmpl    $1, %ebp                # the mark lies in generation 1 only
+        jne     4f
+        movl    P_NPAGES(%esi), %edx
+        subl    %ecx, %edx
+        incl    %edx                    # edx = pages of this sweep stamped, this one included
+        cmpl    P_MARK_PAGES(%esi), %edx  # >= 1, so mark_pages = 0 never matches
+        jne     4f
+        movl    %eax, %edi              # keep start_g while eax carries the sync value
+        movl    %edx, %eax
+        orl     $MARK_SYNC, %eax
+        movw    $SYNC_PORT, %dx
+        outl    %eax, (%dx)             # the mark: both stamps of mark_pages pages are in memory
+        movl    %edi, %eax
+4:      decl    %ecx
         jnz     page
 
         movl    %ebp, P_DONE_GEN(%esi)

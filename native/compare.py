@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from native.layout import gpa_of, offset_of
+
 PAGE_SIZE = 4096
 _CHUNK = 1 << 20
 
@@ -28,8 +30,9 @@ def differing_pages(a: Any, b: Any, page: int = PAGE_SIZE) -> list[int]:
 
 
 def describe_difference(want: Any, got: Any, base: int = 0) -> str:
-    """"" when the images are equal; otherwise how many pages differ and the first differing u32 (its GPA
-    is ``base`` + offset, in hex), expected vs seen."""
+    """"" when the images are equal; otherwise how many pages differ and the first differing u32 (in hex, at
+    its GPA: ``base`` is the GPA of the image's first byte; an image of all of guest memory continues at
+    4 GiB past the 32-bit hole, native.layout), expected vs seen."""
     vw, vg = memoryview(want).cast("B"), memoryview(got).cast("B")
     if len(vw) != len(vg):
         return f"images differ in size: expected {len(vw):#x} bytes, saw {len(vg):#x}"
@@ -39,4 +42,5 @@ def describe_difference(want: Any, got: Any, base: int = 0) -> str:
     start = pages[0] * PAGE_SIZE
     off = next(i for i in range(start, start + PAGE_SIZE) if vw[i] != vg[i]) & ~3
     w, g = (int.from_bytes(bytes(v[off:off + 4]), "little") for v in (vw, vg))
-    return f"{len(pages)} pages differ, first at GPA {base + off:#x}: expected u32 {w:#010x}, saw {g:#010x}"
+    gpa = gpa_of(offset_of(base) + off)
+    return f"{len(pages)} pages differ, first at GPA {gpa:#x}: expected u32 {w:#010x}, saw {g:#010x}"

@@ -1,7 +1,9 @@
 """KVM: a VM with memslots over GuestMemory, vCPUs in real or flat 32-bit mode, and the C run loop.
 
 Checked and raw twins, after the KVM selftests: ``set_region`` raises naming
-the ioctl and arguments, ``try_set_region`` returns the errno.
+the ioctl and arguments, ``try_set_region`` returns the errno. ``map_memory``
+lays a GuestMemory out as guest RAM (native.layout): one memslot below the
+32-bit hole, a second from 4 GiB for the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import errno
 import threading
 from dataclasses import dataclass
 
+from native import layout
 from native._lib import check, ffi, lib
 from native.errors import CapabilityMissing, GuestTimeout, NativeError
 from native.image import (
@@ -31,8 +34,7 @@ from native.image import (
 from native.memory import GuestMemory
 
 KVM_API_VERSION = 12
-# The usual spot, just below 4 GiB: three pages KVM needs for real-mode emulation on Intel.
-TSS_ADDR = 0xFFFBD000
+KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_MEM_LOG_DIRTY_PAGES = 1
 KVM_MEM_READONLY = 2
 REG_NAMES = ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp",
@@ -314,6 +316,13 @@ class Vcpu:
         finally:
             self._running.release()
 
+    def kvm_write_wall_clock(self, gpa: int) -> None:
+        """Have KVM itself write its pvclock wall clock (u32 version, sec, nsec) into guest memory at ``gpa``
+        (MSR_KVM_WALL_CLOCK_NEW). KVM finds the page through the VM's memslots, as for a guest write, and marks
+        it in a dirty log: a write at a GPA no 32-bit flat guest can name, above 4 GiB."""
+        check(lib.sp_vcpu_kvm_write_wall_clock(self.handle, gpa), "KVM_SET_MSRS(MSR_KVM_WALL_CLOCK_NEW)",
+              vcpu=self.index, gpa=gpa)
+
     def close(self, timeout: float = 5.0) -> None:
         """Destroy the vCPU; a run still going on another thread is kicked out of KVM_RUN first."""
         if self._h is None:
@@ -336,14 +345,40 @@ class Vcpu:
             self._running.release()
 
 
-class Vm:
-    """A KVM VM. ``Vm.create()`` opens /dev/kvm; close() tears down vCPUs, then the VM, then /dev/kvm."""
+@dataclass(frozen=True)
+class Memslot:
+    """One KVM memslot: ``size`` bytes of ``memory`` from memory offset ``offset``, at ``gpa``."""
 
-    def __init__(self, kvm_fd: int, vm_fd: int) -> None:
+    slot: int
+    gpa: int
+    memory: GuestMemory
+    offset: int
+    size: int
+    flags: int
+
+    @property
+    def hva(self) -> int:
+        return self.memory.addr + self.offset
+
+    @property
+    def npages(self) -> int:
+        return self.size // layout.PAGE_SIZE
+
+
+class Vm:
+    """A KVM VM. ``Vm.create()`` opens /dev/kvm; close() tears down vCPUs, then the VM, then /dev/kvm.
+
+    KVM's private pages are placed in the 32-bit hole before any vCPU exists (native.layout):
+    the identity map at ``identity_map_gpa``, the real-mode TSS at ``tss_gpa``.
+    """
+
+    def __init__(self, kvm_fd: int, vm_fd: int, identity_map_gpa: int, tss_gpa: int) -> None:
         self.kvm_fd = kvm_fd
         self.vm_fd = vm_fd
+        self.identity_map_gpa = identity_map_gpa
+        self.tss_gpa = tss_gpa
         self.vcpus: list[Vcpu] = []
-        self.regions: dict[int, tuple[int, GuestMemory]] = {}
+        self.memslots: dict[int, Memslot] = {}
 
     @classmethod
     def create(cls) -> Vm:
@@ -356,7 +391,14 @@ class Vm:
             if version != KVM_API_VERSION:
                 raise CapabilityMissing(f"/dev/kvm API version {version}, snapproof needs {KVM_API_VERSION}")
             vm_fd = check(lib.sp_vm_create(kvm_fd), "KVM_CREATE_VM")
-            check(lib.sp_vm_set_tss(vm_fd, TSS_ADDR), "KVM_SET_TSS_ADDR", addr=TSS_ADDR)
+            # Both before the first vCPU: KVM refuses to move the identity map once one exists. A KVM without
+            # the capability keeps its default page, which lies in the hole too.
+            identity = layout.KVM_DEFAULT_IDENTITY_MAP_GPA
+            if check(lib.sp_kvm_check_extension(kvm_fd, KVM_CAP_SET_IDENTITY_MAP_ADDR),
+                     "KVM_CHECK_EXTENSION", cap=KVM_CAP_SET_IDENTITY_MAP_ADDR):
+                identity = layout.IDENTITY_MAP_GPA
+                check(lib.sp_vm_set_identity_map(vm_fd, identity), "KVM_SET_IDENTITY_MAP_ADDR", addr=identity)
+            check(lib.sp_vm_set_tss(vm_fd, layout.TSS_GPA), "KVM_SET_TSS_ADDR", addr=layout.TSS_GPA)
         except BaseException:
             import os
 
@@ -364,25 +406,43 @@ class Vm:
                 os.close(vm_fd)
             os.close(kvm_fd)
             raise
-        return cls(kvm_fd, vm_fd)
+        return cls(kvm_fd, vm_fd, identity_map_gpa=identity, tss_gpa=layout.TSS_GPA)
 
-    def try_set_region(self, slot: int, gpa: int, memory: GuestMemory, flags: int = 0) -> int:
-        """KVM_SET_USER_MEMORY_REGION; returns 0 or the errno."""
-        rc = lib.sp_vm_set_region(self.vm_fd, slot, flags, gpa, memory.size, memory.addr)
+    def try_set_region(self, slot: int, gpa: int, memory: GuestMemory, flags: int = 0, offset: int = 0,
+                       size: int | None = None) -> int:
+        """KVM_SET_USER_MEMORY_REGION for ``size`` bytes (default: the rest) of ``memory`` from memory offset
+        ``offset``; returns 0 or the errno."""
+        size = memory.size - offset if size is None else size
+        if offset < 0 or size <= 0 or offset + size > memory.size:
+            raise ValueError(f"memslot {slot}: [{offset:#x}, {offset + size:#x}) is not a range of guest memory "
+                             f"of size {memory.size:#x}")
+        rc = lib.sp_vm_set_region(self.vm_fd, slot, flags, gpa, size, memory.addr + offset)
         if rc == 0:
-            self.regions[slot] = (gpa, memory)
+            self.memslots[slot] = Memslot(slot, gpa, memory, offset, size, flags)
         return -rc if rc < 0 else 0
 
-    def set_region(self, slot: int, gpa: int, memory: GuestMemory, flags: int = 0) -> None:
-        err = self.try_set_region(slot, gpa, memory, flags)
+    def set_region(self, slot: int, gpa: int, memory: GuestMemory, flags: int = 0, offset: int = 0,
+                   size: int | None = None) -> None:
+        size = memory.size - offset if size is None else size
+        err = self.try_set_region(slot, gpa, memory, flags, offset, size)
         if err:
-            raise NativeError("KVM_SET_USER_MEMORY_REGION", err, slot=slot, gpa=gpa, size=memory.size,
-                              hva=memory.addr, flags=flags)
+            raise NativeError("KVM_SET_USER_MEMORY_REGION", err, slot=slot, gpa=gpa, size=size,
+                              hva=memory.addr + offset, flags=flags)
+
+    def map_memory(self, memory: GuestMemory, flags: int = 0) -> tuple[Memslot, ...]:
+        """``memory`` as the guest's RAM, laid out by native.layout: slot 0 from GPA 0 up to the 32-bit hole,
+        slot 1 from 4 GiB for the rest (only when there is a rest). ``flags`` go to every slot."""
+        for r in layout.ram_ranges(memory.size):
+            self.set_region(r.slot, r.gpa, memory, flags, offset=r.offset, size=r.size)
+        return self.slots_of(memory)
+
+    def slots_of(self, memory: GuestMemory) -> tuple[Memslot, ...]:
+        """The memslots over ``memory``, in memory-offset order."""
+        return tuple(sorted((m for m in self.memslots.values() if m.memory is memory), key=lambda m: m.offset))
 
     def dirty_log(self, slot: int) -> bytes:
-        """KVM_GET_DIRTY_LOG for a slot registered with KVM_MEM_LOG_DIRTY_PAGES: one bit a page."""
-        _, memory = self.regions[slot]
-        words = (memory.size // 4096 + 63) // 64
+        """KVM_GET_DIRTY_LOG for a slot registered with KVM_MEM_LOG_DIRTY_PAGES: one bit a page of the slot."""
+        words = (self.memslots[slot].npages + 63) // 64
         bitmap = ffi.new("uint64_t[]", words)
         check(lib.sp_vm_get_dirty_log(self.vm_fd, slot, bitmap), "KVM_GET_DIRTY_LOG", slot=slot)
         return bytes(ffi.buffer(bitmap, words * 8))
@@ -433,7 +493,7 @@ class Vm:
         if self.kvm_fd >= 0:
             os.close(self.kvm_fd)
             self.kvm_fd = -1
-        self.regions.clear()
+        self.memslots.clear()
         if stuck:
             raise stuck[0]
 

@@ -254,7 +254,7 @@ class RestoredVm:
     applied_parts: list[tuple[VcpuPart, ...]]  # per vCPU: the state parts written, in the order written
     open_ns: int    # the header read and checked (plus the content hash when verified)
     load_ns: int    # the loader
-    vm_ns: int      # KVM_CREATE_VM + memslot
+    vm_ns: int      # KVM_CREATE_VM + memslots
     state_ns: int   # vCPUs created and their states loaded (or reset)
 
     @property
@@ -314,7 +314,7 @@ def restore_vm(image: SnapshotImage | str | os.PathLike[str], loader: str, *, ve
     try:
         t2 = clock()
         vm = Vm.create()
-        vm.set_region(slot=0, gpa=0, memory=restored.memory)
+        vm.map_memory(restored.memory)
         t3 = clock()
         vcpus, applied = [], []
         states = list(img.vcpu_states)

@@ -20,8 +20,9 @@ The strategies:
   rounds get-and-clear the written pages with PAGEMAP_SCAN
   (PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC) and copy them; the pause
   copies what is still dirty.
-- ``precopy-kvm-dirty-log``: the same rounds with KVM_GET_DIRTY_LOG on a
-  memslot registered with KVM_MEM_LOG_DIRTY_PAGES.
+- ``precopy-kvm-dirty-log``: the same rounds with KVM_GET_DIRTY_LOG on every
+  memslot over guest memory (one below the 32-bit hole, one past it for a
+  guest larger than the space below it), registered with KVM_MEM_LOG_DIRTY_PAGES.
 
 Pre-copy stops iterating when a round finds at most ``stop_pages`` dirty pages
 (default: 1/256 of memory), when a round no longer shrinks the dirty set below
@@ -43,7 +44,7 @@ from typing import Any
 from native import uffd
 from native._lib import check, ffi, lib
 from native.inject import FaultInjection
-from native.kvm import Vm
+from native.kvm import KVM_MEM_LOG_DIRTY_PAGES, Vm
 from native.live import VcpuRunner
 from native.memory import PAGE_SIZE, GuestMemory, buffer_address, copy_timed
 from native.wp import WpSnapshot, WpStats, require_features
@@ -282,29 +283,43 @@ class PreCopyWpAsync(_PreCopy):
 
 
 class PreCopyKvmDirtyLog(_PreCopy):
+    """KVM's dirty log has one bitmap per memslot: each round reads every slot over guest memory and copies
+    its dirty pages at the slot's own memory offset (slot 1 starts at native.layout.LOW_RAM_END)."""
+
     name = PRECOPY_KVM_DIRTY_LOG
 
-    def __init__(self, memory: GuestMemory, destination: object, runner: VcpuRunner, vm: Vm, slot: int = 0,
+    def __init__(self, memory: GuestMemory, destination: object, runner: VcpuRunner, vm: Vm,
                  **kw: int | None) -> None:
         super().__init__(memory, destination, runner, **kw)  # type: ignore[arg-type]
         self.vm = vm
-        self.slot = slot
+        self.slots = vm.slots_of(memory)
+        covered = sum(s.size for s in self.slots)
+        unlogged = [s.slot for s in self.slots if not s.flags & KVM_MEM_LOG_DIRTY_PAGES]
+        if covered != memory.size or unlogged:
+            ffi.release(self._dst_handle)
+            raise ValueError(f"pre-copy by KVM's dirty log needs every byte of guest memory ({memory.size:#x}) in "
+                             f"memslots with KVM_MEM_LOG_DIRTY_PAGES: slots cover {covered:#x} bytes, "
+                             f"slots {unlogged} do not log")
 
     def _start_tracking(self) -> None:
-        self.vm.dirty_log(self.slot)  # get-and-clear: what was dirtied before now is in the full copy
+        for s in self.slots:
+            self.vm.dirty_log(s.slot)  # get-and-clear: what was dirtied before now is in the full copy
 
     def _round(self) -> Round:
         t0 = lib.sp_now_ns()
-        bitmap = self.vm.dirty_log(self.slot)
+        bitmaps = [self.vm.dirty_log(s.slot) for s in self.slots]
         t1 = lib.sp_now_ns()
-        pages = lib.sp_copy_pages_bitmap(self.dst_addr, self.memory.addr, ffi.from_buffer("uint64_t[]", bitmap),
-                                         self.npages)
+        pages = 0
+        for s, bitmap in zip(self.slots, bitmaps, strict=True):
+            pages += lib.sp_copy_pages_bitmap(self.dst_addr + s.offset, self.memory.addr + s.offset,
+                                              ffi.from_buffer("uint64_t[]", bitmap), s.npages)
         return Round(int(pages), int(t1 - t0), int(lib.sp_now_ns() - t1))
 
 
 def make_snapshotter(strategy: str, memory: GuestMemory, destination: object, runner: VcpuRunner, vm: Vm,
                      inject: FaultInjection = FaultInjection.NONE) -> Snapshotter:
-    """The strategy by name (STRATEGIES); the VM's slot 0 must log dirty pages for the KVM dirty log."""
+    """The strategy by name (STRATEGIES); for the KVM dirty log, the VM's memslots over ``memory`` must log
+    dirty pages (``Vm.map_memory(memory, flags=KVM_MEM_LOG_DIRTY_PAGES)``)."""
     if strategy == STOP_AND_COPY:
         return StopAndCopy(memory, destination, runner)
     if strategy == WP_COPY_BEFORE_WRITE:

@@ -14,7 +14,6 @@ first. Two oracles judge the snapshot:
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +23,7 @@ from guests import storm
 from native.compare import differing_pages
 from native.inject import FaultInjection
 from native.kvm import ExitReason
+from native.layout import gpa_of
 from native.live import VcpuRunner, take_live_snapshot
 from native.memory import PAGE_SIZE
 from results.record import fmt_bytes
@@ -35,7 +35,6 @@ GUEST_TIMEOUT_S = 60.0
 # With the single-flag bug, the copier flags a batch, then copies it page by page at this pace
 # (a copier writing each page to a file with pwrite has such a window): the race has room to happen.
 RACE_WINDOW_NS = 2_000
-HEAD_START_SLICE_S = 0.002
 
 
 def _gbps(nbytes: int, ns: float) -> float:
@@ -46,14 +45,14 @@ def every_vcpu_swept_once(storm_vm) -> bool:
     return all(storm_vm.progress(i).done_gen >= 1 for i in range(len(storm_vm.params)))
 
 
-def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host_limits,
-                            started=every_vcpu_swept_once, started_what: str = "every vCPU completed its first sweep",
-                            head_start: bool = False):
+def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host_limits, at_marks: bool = False):
     """The phase's procedure, shared by every backing and size: run, snapshot live, stop, judge.
 
-    With ``head_start`` the guest first runs in this thread, in short slices, until ``started``; the
-    runner then holds it parked, so the snapshot pins that point however slow the host is. Otherwise
-    the runner runs it freely until ``started`` and the live protocol's kick picks the instant.
+    With ``at_marks`` each vCPU first runs in this thread to its mark (a sync the guest writes a chosen
+    number of pages into its first sweep, make_storm_vm's ``mark``); the runner then holds it parked, so
+    the snapshot pins exactly that point at any guest speed. Otherwise the runner runs the guest freely
+    until every vCPU completed its first sweep, and the live protocol's kick lands wherever the guest is
+    then: any instant will do, the oracles pin whichever it was.
     """
     mem = storm_vm.memory
     size = mem.size
@@ -66,18 +65,20 @@ def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host
         reference.populate()
         race_window = RACE_WINDOW_NS if inject & FaultInjection.SINGLE_FLAG_RACE else 0
         snap = make_wp(mem, snapshot.mm, race_window_ns=race_window)
-        runner = VcpuRunner(storm_vm.vm.vcpus, timeout=GUEST_TIMEOUT_S)
-        if head_start:
-            deadline = time.monotonic() + GUEST_TIMEOUT_S
-            while not started(storm_vm) and time.monotonic() < deadline:
-                for vcpu in storm_vm.vm.vcpus:
-                    vcpu.run(timeout=HEAD_START_SLICE_S)
-            runner.start(paused=True)
+        if at_marks:
+            for i, (p, ex) in enumerate(zip(storm_vm.params, storm_vm.run_to_marks(GUEST_TIMEOUT_S), strict=True)):
+                st.check(ex.reason is ExitReason.SYNC and ex.last_sync == p.mark_sync,
+                         f"vCPU {i} stopped at its mark, {p.mark_pages} of {p.npages} pages into its first sweep",
+                         f"vCPU {i}: expected its mark sync {p.mark_sync:#x}, saw {ex.describe()} "
+                         f"(sync {ex.last_sync:#x})")
+            runner = VcpuRunner(storm_vm.vm.vcpus, timeout=GUEST_TIMEOUT_S).start(paused=True)
+            started = "every vCPU parked at its mark, to be resumed by the live protocol after the arm"
         else:
-            runner.start()
-        storm_vm.wait(lambda: started(storm_vm), started_what)
-        st.check(not runner.finished, f"{nvcpus} vCPU(s) writing over {fmt_bytes(size)} {mem.backing}: "
-                 f"{started_what}", f"a vCPU stopped early: {runner.exits}")
+            runner = VcpuRunner(storm_vm.vm.vcpus, timeout=GUEST_TIMEOUT_S).start()
+            started = "every vCPU completed its first sweep"
+            storm_vm.wait(lambda: every_vcpu_swept_once(storm_vm), started, timeout=GUEST_TIMEOUT_S)
+        st.check(not runner.finished, f"{nvcpus} storm vCPU(s) over {fmt_bytes(size)} {mem.backing}: {started}",
+                 f"a vCPU stopped early: {runner.exits}")
 
     with report.stage("live snapshot") as st:
         try:
@@ -124,13 +125,13 @@ def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host
 
     with report.stage("instant oracle") as st:
         for i, p in enumerate(storm_vm.params):
-            # Read in place: a copy of the region would be one more guest-sized buffer (4 GiB with --sizes 4G).
-            with memoryview(snapshot.mm) as whole, whole[p.region_gpa:p.region_gpa + p.region_size] as region:
+            # Read in place: a copy of the region would be one more guest-sized buffer (3 GiB with --sizes 4G).
+            with storm_vm.region_view(snapshot.mm, i) as region:
                 verdict = storm.check_instant(p, region)
             st.check(bool(verdict), f"vCPU {i}: {verdict.message}", f"vCPU {i}: {verdict.message}")
     with report.stage("exact oracle") as st:
         diffs = differing_pages(snapshot.mm, reference.mm)
-        first = f"first at GPA {diffs[0] * PAGE_SIZE:#x}" if diffs else ""
+        first = f"first at GPA {gpa_of(diffs[0] * PAGE_SIZE):#x}" if diffs else ""
         st.check(not diffs, "snapshot equals the reference copied during the pause, byte for byte",
                  f"{len(diffs)} pages differ from memory at the arm instant; {first}")
 
@@ -162,26 +163,24 @@ def test_live_snapshot_of_other_backings_is_memory_at_the_arm_instant(report, ma
 def test_live_snapshot_during_first_touch_is_memory_at_the_arm_instant(report, make_storm_vm, make_memory, make_wp,
                                                                         inject, host_limits, backing):
     """Taken while the guest still writes never-populated pages, the snapshot holds them as they were: empty."""
-    storm_vm = make_storm_vm(backing, 64 << 20, 1)
+    # The mark an eighth into the first sweep: pages behind the guest populated, pages ahead still holes.
+    storm_vm = make_storm_vm(backing, 64 << 20, 1, mark=lambda npages: npages // 8)
     if backing == "anonymous":
         # With THP the first touch populates 2 MiB at once and there are no 4 KiB holes left to test.
         storm_vm.memory.no_thp()
     p = storm_vm.params[0]
-    # An eighth into the first sweep: pages behind the guest populated, pages ahead still holes.
-    eighth = storm.write_order(p, 1)[p.npages // 8]
-
-    def early(s) -> bool:
-        return s.memory.read(p.page_gpa(eighth), 4) != bytes(4)
 
     _, _, reference = live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host_limits,
-                                              started=early, started_what="an eighth of the first sweep written",
-                                              head_start=True)
+                                              at_marks=True)
     with report.stage("holes at the arm instant") as st:
         st.equal(storm_vm.progress(0, image=reference.mm).done_gen, 0, "sweeps completed at the arm", str)
         region = storm_vm.region(reference.mm, 0)
+        at_arm = storm.check_instant(p, region)
+        st.check(at_arm.ok and at_arm.lo == at_arm.hi == p.mark_position,
+                 f"memory at the arm is the mark's instant: {at_arm.message}",
+                 f"memory at the arm: expected {storm.describe_instant(p, p.mark_position)}, saw {at_arm.message}")
         holes = sum(1 for k in range(p.npages) if region[k * PAGE_SIZE:k * PAGE_SIZE + 4] == bytes(4))
-        st.check(holes > 0, f"{holes} of {p.npages} storm pages were never written at the arm instant",
-                 "every storm page was written before the arm: no never-populated page was tested")
+        st.equal(holes, p.npages - p.mark_pages, f"storm pages never written at the arm instant (of {p.npages})", str)
 
 
 # -- host writers racing the copier (hypothesis) --------------------------------------------------

@@ -2,7 +2,7 @@
 
 An engineer choosing a snapshot design sees the trade-offs measured on their
 own host. One storm32 vCPU writes at full speed throughout (the second core is
-the copier's); its memslot logs dirty pages (KVM_MEM_LOG_DIRTY_PAGES, which
+the copier's); its memslots log dirty pages (KVM_MEM_LOG_DIRTY_PAGES, which
 KVM's dirty log needs from slot creation on). The same guest is snapshotted
 four times in turn (native/strategies.py):
 
@@ -10,7 +10,7 @@ four times in turn (native/strategies.py):
 - wp-copy-before-write: this suite's engine: pause, arm WP, resume, copy while it runs;
 - precopy-wp-async: copy while it runs, then rounds of the pages written since
   (UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN get-and-clear), the last dirty pages in the pause;
-- precopy-kvm-dirty-log: the same rounds with KVM_GET_DIRTY_LOG.
+- precopy-kvm-dirty-log: the same rounds with KVM_GET_DIRTY_LOG, one bitmap per memslot.
 
 Each snapshot is judged by the two oracles of phase 2: exact (it equals a
 reference copied while the vCPUs were stopped at the strategy's pause) and
@@ -24,6 +24,7 @@ import pytest
 
 from guests import storm
 from native.kvm import KVM_MEM_LOG_DIRTY_PAGES, ExitReason
+from native.layout import gpa_of
 from native.live import VcpuRunner
 from native.memory import PAGE_SIZE
 from native.strategies import (
@@ -66,8 +67,9 @@ def snapshotters():
 
 
 def start_storm(st, make_storm_vm, make_memory, size: int, with_reference: bool = True, before_start=None):
-    """storm32 on one vCPU over all of ``size`` (memfd, dirty-logged slot), running; a warm snapshot buffer and,
-    ``with_reference``, a warm reference buffer. ``before_start(memory)`` runs on the populated memory first."""
+    """storm32 on one vCPU over ``size`` of memfd (its RAM below the 32-bit hole; dirty-logged memslots), running;
+    a warm snapshot buffer and, ``with_reference``, a warm reference buffer. ``before_start(memory)`` runs on the
+    populated memory first."""
     storm_vm = make_storm_vm("memfd", size, VCPUS, slot_flags=KVM_MEM_LOG_DIRTY_PAGES)
     storm_vm.memory.populate()  # a running guest's memory is populated: first touch stays out of every figure
     if before_start is not None:
@@ -97,15 +99,15 @@ def judge(storm_vm, snapshot, reference):
         page = off // PAGE_SIZE
         differing = sum(1 for q in range(page * PAGE_SIZE, snapshot.size, PAGE_SIZE)
                         if snapshot.mm[q:q + PAGE_SIZE] != reference.mm[q:q + PAGE_SIZE])
-        detail = (f"exact oracle: {differing} pages differ from memory at the pause, first at GPA {off:#x}: expected "
-                  f"{reference.mm[off]:#04x}, saw {snapshot.mm[off]:#04x}")
-    return exact_ok, detail, [instant(p, snapshot) for p in storm_vm.params]
+        detail = (f"exact oracle: {differing} pages differ from memory at the pause, first at GPA {gpa_of(off):#x}: "
+                  f"expected {reference.mm[off]:#04x}, saw {snapshot.mm[off]:#04x}")
+    return exact_ok, detail, [instant(storm_vm, i, snapshot) for i in range(len(storm_vm.params))]
 
 
-def instant(p, snapshot):
-    """guests/storm.check_instant on the vCPU's region of the snapshot, read in place (no copy of it)."""
-    with memoryview(snapshot.mm) as whole, whole[p.region_gpa:p.region_gpa + p.region_size] as region:
-        return storm.check_instant(p, region)
+def instant(storm_vm, i, snapshot):
+    """guests/storm.check_instant on vCPU i's region of the snapshot, read in place (no copy of it)."""
+    with storm_vm.region_view(snapshot.mm, i) as region:
+        return storm.check_instant(storm_vm.params[i], region)
 
 
 def memcpy_ns(size: int, host_limits) -> float:
@@ -225,8 +227,8 @@ def test_benchmark_pause_window(report, require, benchmark, make_storm_vm, make_
             pending.clear()
             snap = snapper.complete()
             done.append(snap)
-            for i, p in enumerate(storm_vm.params):
-                verdict = instant(p, snapshot)
+            for i in range(len(storm_vm.params)):
+                verdict = instant(storm_vm, i, snapshot)
                 st.check(bool(verdict), f"round {len(done)}, vCPU {i}: one instant",
                          f"round {len(done)}, vCPU {i}: {verdict.message}")
 

@@ -50,7 +50,7 @@ def interrupted_capture(path: str) -> int:
         mem.write(guests.FLAT32_LOAD_GPA, guests.load("storm32"))
         npages = (STORM_SIZE - guests.DATA_REGION_GPA) // 4096 // 2
         with Vm.create() as vm:
-            vm.set_region(slot=0, gpa=0, memory=mem)
+            vm.map_memory(mem)
             for i in range(2):
                 p = storm.StormParams.from_seed(0x5EED + i, region_gpa=guests.DATA_REGION_GPA + i * npages * 4096,
                                                 npages=npages, generations=0)

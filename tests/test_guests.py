@@ -44,7 +44,7 @@ def test_marker16_is_the_six_bytes_of_the_original_proof() -> None:
     assert code == bytes.fromhex("B0 42 A2 00 10 F4"), f"marker16.bin: expected b0 42 a2 00 10 f4, saw {code.hex(' ')}"
 
 
-@pytest.mark.parametrize("name", ["storm32", "counter32", "cpustate32"])
+@pytest.mark.parametrize("name", ["storm32", "counter32", "cpustate32", "store32"])
 def test_flat32_guest_fits_below_the_stacks_and_halts_in_a_loop(name: str) -> None:
     """A 32-bit guest's code ends below the lowest vCPU stack (8 vCPUs) and ends with hlt; jmp .-1."""
     code = guests.load(name)
@@ -64,10 +64,12 @@ def _set_constants(name: str) -> dict[str, int]:
 @pytest.mark.parametrize(("name", "module", "pairs"), [
     ("storm32", storm, {"P_REGION": "OFF_REGION", "P_NPAGES": "OFF_NPAGES", "P_STRIDE": "OFF_STRIDE",
                         "P_START0": "OFF_START0", "P_STEP": "OFF_STEP", "P_GENS": "OFF_GENERATIONS",
-                        "P_CUR_GEN": "OFF_CUR_GEN", "P_DONE_GEN": "OFF_DONE_GEN"}),
+                        "P_CUR_GEN": "OFF_CUR_GEN", "P_DONE_GEN": "OFF_DONE_GEN", "P_MARK_PAGES": "OFF_MARK_PAGES",
+                        "MARK_SYNC": "MARK_SYNC"}),
     ("counter32", counter, {"P_REGION": "OFF_REGION", "P_NPAGES": "OFF_NPAGES", "P_ITERS": "OFF_ITERATIONS",
                             "P_SYNC_EVERY": "OFF_SYNC_EVERY", "P_ITER": "OFF_ITER", "P_CHECKSUM": "OFF_CHECKSUM",
-                            "P_FINAL": "OFF_FINAL", "P_DONE": "OFF_DONE", "DONE_MAGIC": "DONE_MAGIC",
+                            "P_FINAL": "OFF_FINAL", "P_DONE": "OFF_DONE", "P_SYNC_AT": "OFF_SYNC_AT",
+                            "DONE_MAGIC": "DONE_MAGIC",
                             "WS_TOUCHED": "WS_TOUCHED"}),
     ("cpustate32", cpustate, {"P_ITERS": "OFF_ITERATIONS", "P_SYNC_AT": "OFF_SYNC_AT", "P_XCR0": "OFF_XCR0",
                               "P_MSR_INIT": "OFF_MSR_INIT", "P_XMM_INIT": "OFF_XMM_INIT", "P_MM_INIT": "OFF_MM_INIT",
@@ -89,21 +91,24 @@ def test_param_block_offsets_agree_between_source_and_model(name: str, module, p
 
 def test_storm_param_block_layout_is_pinned() -> None:
     """StormParams.pack puts each field at its pinned offset, progress words zero, 0x40 bytes."""
-    p = StormParams(region_gpa=0x10000, npages=10, stride=3, start0=4, step=7, generations=5, seed=0x1_DEADBEEF)
+    p = StormParams(region_gpa=0x10000, npages=10, stride=3, start0=4, step=7, generations=5, seed=0x1_DEADBEEF,
+                    mark_pages=6)
     block = p.pack()
     assert len(block) == 0x40, f"storm block: expected 0x40 bytes, saw {len(block):#x}"
-    assert struct.unpack_from("<9I", block) == (0x10000, 10, 3, 4, 7, 5, 0, 0, 0xDEADBEEF)
-    assert block[0x24:] == bytes(0x1C), "storm block: spare words must be zero"
-    assert StormParams.unpack(block) == StormParams(0x10000, 10, 3, 4, 7, 5, 0xDEADBEEF)
+    assert struct.unpack_from("<10I", block) == (0x10000, 10, 3, 4, 7, 5, 0, 0, 0xDEADBEEF, 6)
+    assert block[0x28:] == bytes(0x18), "storm block: spare words must be zero"
+    assert StormParams.unpack(block) == StormParams(0x10000, 10, 3, 4, 7, 5, 0xDEADBEEF, 6)
 
 
 def test_counter_param_block_layout_is_pinned() -> None:
     """CounterParams.pack puts each field at its pinned offset, outputs zero, 0x40 bytes."""
-    p = CounterParams(region_gpa=0x20000, npages=3, iterations=77, sync_every=5)
+    p = CounterParams(region_gpa=0x20000, npages=3, iterations=77, sync_every=5, sync_at=11)
     block = p.pack()
     assert len(block) == 0x40, f"counter block: expected 0x40 bytes, saw {len(block):#x}"
     assert struct.unpack_from("<4I", block) == (0x20000, 3, 77, 5)
-    assert block[0x10:] == bytes(0x30), "counter block: output and spare words must be zero"
+    assert block[0x10:0x20] == bytes(0x10), "counter block: output words must be zero"
+    assert struct.unpack_from("<I", block, 0x20) == (11,), "counter block: sync_at at 0x20"
+    assert block[0x24:] == bytes(0x1C), "counter block: spare words must be zero"
     assert CounterParams.unpack(block) == p
 
 
@@ -133,6 +138,7 @@ def test_storm_from_seed_gives_valid_params_for_any_size(npages: int) -> None:
     ("start0", 12, "start0 12: must be in [0, 12)"),
     ("step", 13, "step 13"),
     ("region_gpa", 0x10001, "region_gpa 0x10001"),
+    ("mark_pages", 13, "mark_pages 13: must be in [0, npages 12]"),
 ])
 def test_storm_params_reject_a_bad_field_naming_it(field: str, value: int, words: str) -> None:
     """A parameter the guest cannot run with is refused, and the error names it."""
@@ -361,6 +367,15 @@ def test_counter_sync_values_put_the_working_set_first() -> None:
     assert [counter.sync_iteration(v) for v in counter.sync_values(p)] == [2, 4, 4, 6]
 
 
+def test_counter_sync_at_comes_once_after_the_working_set_and_the_periodic_sync() -> None:
+    """sync_at adds its iteration once; after the same iteration the working-set value comes first, sync_at last."""
+    assert counter.sync_values(CounterParams(npages=8, iterations=20, sync_every=0, sync_at=5)) == [5, 0x80000008]
+    p = CounterParams(npages=4, iterations=6, sync_every=2, sync_at=4)
+    assert counter.sync_values(p) == [2, 0x80000004, 4, 4, 6]
+    assert counter.sync_values(p, upto=3) == [2], "sync_at after the cut-off is not written yet"
+    assert counter.expected_after(p, 4).syncs == [2, 0x80000004, 4, 4]
+
+
 def test_counter_state_after_a_sync_is_a_prefix_of_the_final_run() -> None:
     """expected_after(i) then iterations i+1.. gives expected_final: the model composes like a resume."""
     p = CounterParams(npages=5, iterations=3000, sync_every=250)
@@ -378,6 +393,7 @@ def test_counter_state_after_a_sync_is_a_prefix_of_the_final_run() -> None:
     ("npages", 0, "npages 0"),
     ("iterations", 0x80000000, "iterations 2147483648"),
     ("region_gpa", 0x10800, "region_gpa 0x10800"),
+    ("sync_at", 10_001, "sync_at 10001: must be in [0, iterations 10000]"),
 ])
 def test_counter_params_reject_a_bad_field_naming_it(field: str, value: int, words: str) -> None:
     """A parameter the guest cannot run with is refused, and the error names it."""

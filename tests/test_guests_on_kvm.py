@@ -8,6 +8,7 @@ why, where /dev/kvm is missing). Guest memory: code at 0x1000, stacks below
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import time
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from native.compare import describe_difference
 STACK_TOP = 0x7000
 STACK_STRIDE = 0x400
 RUN_TIMEOUT = 30.0   # this host may emulate every instruction (kvm_pvm); HLT comes far sooner
+POLL_S = 0.0005      # between reads of a running guest's memory: leaves the shared cores to the vCPU thread
+REST_AFTER_KICK = 50_000  # iterations a kicked counter32 still runs after its restore
 
 
 def block_gpa(i: int) -> int:
@@ -54,6 +57,14 @@ def restore(make_memory: Callable[..., Any], make_vm: Callable[..., Any], image:
     vcpu = vm.add_vcpu()
     vcpu.load_state(state)
     return mem, vcpu
+
+
+def wait_for(predicate: Callable[[], bool], what: str) -> None:
+    """Poll a running guest's memory until ``predicate()``; fail naming ``what`` after RUN_TIMEOUT."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {RUN_TIMEOUT} s"
+        time.sleep(POLL_S)
 
 
 def expect_exit(ex: Any, reason: str, what: str) -> None:
@@ -126,16 +137,46 @@ def test_storm32_at_each_sync_is_the_sweep_boundary(make_memory, make_vm) -> Non
     expect_exit(vcpu.run(timeout=RUN_TIMEOUT), "HLT", "storm32 after its last sync")
 
 
+def test_storm32_stops_at_its_mark_exactly_at_the_mark_instant(make_memory, make_vm) -> None:
+    """Run with stop_on_sync, storm32 stops at its mark inside sweep 1: the region is exactly instant 2*mark_pages,
+    however fast the guest ran; the generation syncs follow unchanged and it halts at the simulated end."""
+    p = StormParams.from_seed(24, npages=64, generations=2, mark_pages=40)
+    mem, _, (vcpu,) = boot(make_memory, make_vm, storm.GUEST, [p.pack()], p.region_size)
+
+    ex = vcpu.run(timeout=RUN_TIMEOUT, stop_on_sync=True)
+
+    expect_exit(ex, "SYNC", "storm32 mark")
+    assert ex.last_sync == p.mark_sync, f"mark sync: expected {p.mark_sync:#x}, saw {ex.last_sync:#x}"
+    region = mem.read(p.region_gpa, p.region_size)
+    want = storm.simulate(p, p.mark_position)
+    assert region == want, f"at the mark: {describe_difference(want, region, p.region_gpa)}"
+    v = storm.check_instant(p, region)
+    assert v.ok and v.lo == v.hi == p.mark_position, f"at the mark: {v}"
+    after = run_collecting_syncs(vcpu, "storm32 after its mark")
+    assert after == [1, 2], f"syncs after the mark: expected [1, 2] (the sweeps; the mark only once), saw {after}"
+    region = mem.read(p.region_gpa, p.region_size)
+    assert region == storm.simulate(p, p.total_writes), "storm32 after its mark: the region is not the simulated end"
+
+
 def test_storm32_kicked_mid_sweep_is_one_instant(make_memory, make_vm) -> None:
     """A never-ending storm kicked at arbitrary moments is, each time, exactly one instant of its stream."""
     p = StormParams.from_seed(23, npages=64, generations=0)
     mem, _, (vcpu,) = boot(make_memory, make_vm, storm.GUEST, [p.pack()], p.region_size)
     seen: list[int] = []
 
+    def done_gen() -> int:
+        return storm.read_progress(mem.read(block_gpa(0), storm.BLOCK_SIZE)).done_gen
+
     with ThreadPoolExecutor(max_workers=1) as pool:
         for round_ in range(12):
+            # Two more completed sweeps than at the last kick put the guest's stream past that kick's instant,
+            # whatever its speed, so each kick's instant is a later one; then an uneven pause, so the kicks land
+            # at unrelated points (any point is a right one).
+            at_last_kick = done_gen()
             fut = pool.submit(vcpu.run, RUN_TIMEOUT)
-            time.sleep(0.003 + 0.0023 * round_)   # uneven pauses, so the kicks land at unrelated points
+            wait_for(lambda d=at_last_kick, f=fut: done_gen() >= d + 2 or f.done(),
+                     f"storm32 two more sweeps before kick {round_}")
+            time.sleep(0.003 + 0.0023 * round_)
             vcpu.kick()
             ex = fut.result()
             expect_exit(ex, "KICKED", f"storm32 kick {round_}")
@@ -212,24 +253,54 @@ def test_counter32_stopped_at_a_sync_resumes_in_a_fresh_vm_to_the_same_result(ma
     assert resumed == straight, f"resumed vs uninterrupted: {describe_difference(straight, resumed, 0)}"
 
 
+def test_counter32_stops_at_its_sync_at_exactly_where_the_model_is(make_memory, make_vm) -> None:
+    """Run with stop_on_sync, counter32 stops right after iteration sync_at: region, block and registers are the
+    model's there, however fast the guest ran; it then runs on to HLT and the final model."""
+    p = CounterParams(npages=16, iterations=3000, sync_every=0, sync_at=1234)
+    mem, _, (vcpu,) = boot(make_memory, make_vm, counter.GUEST, [p.pack()], p.region_size)
+
+    ex = vcpu.run(timeout=RUN_TIMEOUT, stop_on_sync=True)   # the working-set sync (iteration 16) comes first
+    expect_exit(ex, "SYNC", "counter32 working set")
+    ex = vcpu.run(timeout=RUN_TIMEOUT, stop_on_sync=True)
+
+    expect_exit(ex, "SYNC", "counter32 sync_at")
+    assert ex.last_sync == p.sync_at, f"sync value: expected {p.sync_at:#x}, saw {ex.last_sync:#x}"
+    mid = counter.expected_after(p, p.sync_at)
+    region = mem.read(p.region_gpa, p.region_size)
+    assert region == mid.region, f"at sync_at: {describe_difference(mid.region, region, p.region_gpa)}"
+    assert mem.read(block_gpa(0), counter.BLOCK_SIZE) == mid.block, "at sync_at: parameter block differs from model"
+    regs = vcpu.regs()
+    got = {k: regs[k] & 0xFFFFFFFF for k in mid.regs}
+    assert got == mid.regs, f"at sync_at: registers {({k: hex(v) for k, v in got.items()})}, " \
+                            f"expected {({k: hex(v) for k, v in mid.regs.items()})}"
+    expect_exit(vcpu.run(timeout=RUN_TIMEOUT), "HLT", "counter32 after sync_at")
+    check_counter_final(mem, vcpu, p, block_gpa(0), "counter32 after sync_at")
+
+
 def test_counter32_kicked_mid_run_resumes_in_a_fresh_vm_to_the_same_result(make_memory, make_vm) -> None:
     """A counter32 kicked at an arbitrary instruction, restored into a new VM, finishes exactly as the model."""
-    p = CounterParams(npages=32, iterations=100_000, sync_every=0)
+    # As many iterations as the guest allows while it runs: no guest, however fast, ends before the kick.
+    p = CounterParams(npages=32, iterations=counter.MAX_ITERATIONS, sync_every=0)
     mem, _, (vcpu,) = boot(make_memory, make_vm, counter.GUEST, [p.pack()], p.region_size)
+
+    def iteration() -> int:
+        return counter.read_progress(mem.read(block_gpa(0), counter.BLOCK_SIZE)).iteration
 
     # 1. Run in a thread; kick once the guest's trace word shows it under way.
     with ThreadPoolExecutor(max_workers=1) as pool:
         fut = pool.submit(vcpu.run, RUN_TIMEOUT)
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while counter.read_progress(mem.read(block_gpa(0), counter.BLOCK_SIZE)).iteration < 1000:
-            assert time.monotonic() < deadline and not fut.done(), "counter32 never reached iteration 1000"
+        wait_for(lambda: iteration() >= 1000 or fut.done(), "counter32 at iteration 1000")
         vcpu.kick()
         ex = fut.result()
-    expect_exit(ex, "KICKED", "counter32 (finished before the kick: raise iterations)")
+    expect_exit(ex, "KICKED", "counter32 kicked mid-run")
 
-    # 2. Snapshot; the region is the model at the traced iteration, or one later (kicked inside an iteration).
+    # 2. The end moves to REST iterations past the kick: the guest compares against its block's word at every
+    #    iteration, and the run so far is the same as one with that count from the start. Then snapshot; the
+    #    region is the model at the traced iteration, or one later (kicked inside an iteration).
+    it = iteration()
+    p = dataclasses.replace(p, iterations=it + REST_AFTER_KICK)
+    mem.write(block_gpa(0) + counter.OFF_ITERATIONS, struct.pack("<I", p.iterations))
     state, image = vcpu.save_state(), mem.snapshot_bytes()
-    it = counter.read_progress(mem.read(block_gpa(0), counter.BLOCK_SIZE)).iteration
     assert 0 < it < p.iterations, f"kicked at iteration {it} of {p.iterations}: not mid-run"
     region = mem.read(p.region_gpa, p.region_size)
     candidates = [counter.expected_after(p, j).region for j in (it, min(it + 1, p.iterations))]

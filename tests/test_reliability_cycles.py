@@ -37,7 +37,7 @@ def snapshot_cycle(workdir: Path) -> None:
         with GuestMemory.memfd(MEM_SIZE) as mem, Vm.create() as vm:
             mem.write(guests.REAL_MODE_LOAD_GPA, code)
             mem.write(guests.MARKER_GPA, bytes([guests.MARKER_BEFORE]))
-            vm.set_region(slot=0, gpa=0, memory=mem)
+            vm.map_memory(mem)
             vcpu = vm.add_vcpu()
             vcpu.set_real_mode(ip=guests.REAL_MODE_LOAD_GPA)
             with SnapshotImage.create(path, MEM_SIZE) as writer:
@@ -54,7 +54,7 @@ def snapshot_cycle(workdir: Path) -> None:
             seen = restored.byte(guests.MARKER_GPA)
             assert seen == guests.MARKER_BEFORE, (
                 f"snapshot[0x1000]: expected {guests.MARKER_BEFORE:#04x}, saw {seen:#04x}")
-            vm.set_region(slot=0, gpa=0, memory=restored)
+            vm.map_memory(restored)
             vcpu = vm.add_vcpu()
             vcpu.set_real_mode(ip=guests.REAL_MODE_LOAD_GPA)
             ex = vcpu.run(timeout=RUN_TIMEOUT_S)

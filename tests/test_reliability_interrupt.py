@@ -136,7 +136,7 @@ def test_closing_a_vm_under_a_running_runner_kicks_it_out_first(make_memory, mak
     mem = make_memory("memfd", 1 << 20)
     mem.write(guests.FLAT32_LOAD_GPA, guests.load("spin16"))
     vm = Vm.create()
-    vm.set_region(slot=0, gpa=0, memory=mem)
+    vm.map_memory(mem)
     vcpu = vm.add_vcpu()
     vcpu.set_flat32(eip=guests.FLAT32_LOAD_GPA, esp=0x7000)
     runner = VcpuRunner([vcpu], timeout=60.0).start()

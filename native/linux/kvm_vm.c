@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/kvm.h>
+#include <linux/kvm_para.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -112,6 +113,13 @@ int sp_vm_set_tss(int vm_fd, uint64_t addr)
     return ioctl(vm_fd, KVM_SET_TSS_ADDR, (unsigned long)addr) < 0 ? sp_fail("KVM_SET_TSS_ADDR") : 0;
 }
 
+int sp_vm_set_identity_map(int vm_fd, uint64_t addr)
+{
+    /* The argument is a pointer to the address, unlike KVM_SET_TSS_ADDR's. Only before any vCPU exists. */
+    __u64 ident = addr;
+    return ioctl(vm_fd, KVM_SET_IDENTITY_MAP_ADDR, &ident) < 0 ? sp_fail("KVM_SET_IDENTITY_MAP_ADDR") : 0;
+}
+
 int sp_vm_set_region(int vm_fd, uint32_t slot, uint32_t flags, uint64_t gpa, uint64_t size, uint64_t hva)
 {
     struct kvm_userspace_memory_region r = {
@@ -127,6 +135,28 @@ int sp_vm_get_dirty_log(int vm_fd, uint32_t slot, uint64_t *bitmap)
     log.slot = slot;
     log.dirty_bitmap = bitmap;
     return ioctl(vm_fd, KVM_GET_DIRTY_LOG, &log) < 0 ? sp_fail("KVM_GET_DIRTY_LOG") : 0;
+}
+
+int sp_vcpu_kvm_write_wall_clock(struct sp_vcpu *v, uint64_t gpa)
+{
+    /* MSR_KVM_WALL_CLOCK_NEW: KVM writes the 12-byte pvclock wall clock at gpa itself, through the VM's
+     * memslots (marking the page in a dirty log like a guest write): KVM's own translation of a GPA. */
+    struct {
+        struct kvm_msrs head;
+        struct kvm_msr_entry entry;
+    } msrs;
+    memset(&msrs, 0, sizeof(msrs));
+    msrs.head.nmsrs = 1;
+    msrs.entry.index = MSR_KVM_WALL_CLOCK_NEW;
+    msrs.entry.data = gpa;
+    int r = ioctl(v->fd, KVM_SET_MSRS, &msrs);
+    if (r < 0)
+        return sp_fail("KVM_SET_MSRS(MSR_KVM_WALL_CLOCK_NEW)");
+    if (r != 1) {
+        errno = EINVAL; /* KVM refused the MSR: it returns how many it set */
+        return sp_fail("KVM_SET_MSRS(MSR_KVM_WALL_CLOCK_NEW)");
+    }
+    return 0;
 }
 
 int sp_vcpu_create(int kvm_fd, int vm_fd, int id, struct sp_vcpu **out)

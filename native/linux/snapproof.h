@@ -81,10 +81,13 @@ int sp_kvm_api_version(int kvm_fd);
 int sp_kvm_check_extension(int kvm_fd, int cap);
 int sp_vm_create(int kvm_fd);
 int sp_vm_set_tss(int vm_fd, uint64_t addr);
+int sp_vm_set_identity_map(int vm_fd, uint64_t addr);
 int sp_vm_set_region(int vm_fd, uint32_t slot, uint32_t flags, uint64_t gpa, uint64_t size, uint64_t hva);
 int sp_vm_get_dirty_log(int vm_fd, uint32_t slot, uint64_t *bitmap);
 
 int sp_vcpu_create(int kvm_fd, int vm_fd, int id, struct sp_vcpu **out);
+/* KVM writes its pvclock wall clock (u32 version, sec, nsec) into guest memory at gpa (MSR_KVM_WALL_CLOCK_NEW). */
+int sp_vcpu_kvm_write_wall_clock(struct sp_vcpu *v, uint64_t gpa);
 void sp_vcpu_destroy(struct sp_vcpu *v);
 int sp_vcpu_set_real_mode(struct sp_vcpu *v, uint16_t cs, uint16_t ip, uint16_t sp);
 int sp_vcpu_set_flat32(struct sp_vcpu *v, uint32_t eip, uint32_t esp, uint32_t esi);
