@@ -709,7 +709,7 @@ def make_cpustate32_vm(make_vm: Callable[..., Any]) -> Callable[..., Any]:
                   zip(seeds, sync_at, strict=True)]
         cpustate.load_into(memory, params)
         for i, vcpu in enumerate(vm.vcpus):
-            cpustate.entry(vcpu, i)
+            cpustate.entry(vcpu, i, params[i])
         return vm, params
 
     return _make
@@ -744,7 +744,7 @@ def cpustate32_uninterrupted() -> Callable[..., CpuStateRun]:
                 for i, p in enumerate(params):
                     vcpu = vm.add_vcpu()
                     vcpu.set_cpuid(cpuid)
-                    cpustate.entry(vcpu, i)
+                    cpustate.entry(vcpu, i, params[i])
                     if p.sync_at:
                         ex = vcpu.run(timeout=timeout, stop_on_sync=True)
                         if ex.reason is not ExitReason.SYNC or ex.last_sync != p.sync_at:

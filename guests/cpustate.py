@@ -222,9 +222,27 @@ def load_into(memory: Any, params: list[CpuStateParams]) -> None:
         memory.write(block_gpa(i), p.pack())
 
 
-def entry(vcpu: Any, index: int) -> None:
-    """vCPU ``index`` at the entry (docs/CONTRACTS.md): flat 32-bit at 0x1000, its block in ESI, its stack."""
+def entry(vcpu: Any, index: int, params: CpuStateParams) -> None:
+    """vCPU ``index`` at the entry (docs/CONTRACTS.md): flat 32-bit at 0x1000, its block in ESI, its stack.
+
+    With ``params.xcr0`` the VMM sets XCR0 too, as the guest will: under QEMU TCG's emulated SVM the
+    guest's own XSETBV never reaches KVM (seen on kvm_amd nested there: the vCPU's XCR0 stayed 0x1 after
+    the guest set 0x3), and what the proof needs is an XCR0 other than the reset value in the vCPU's
+    state, whoever set it. On hardware the guest's XSETBV then writes the same value again.
+    """
+    from native.image import VcpuPart
+
     vcpu.set_flat32(eip=FLAT32_LOAD_GPA, esp=STACK_TOP - STACK_STRIDE * index, esi=block_gpa(index))
+    if params.xcr0:
+        vcpu.set_part(VcpuPart.XCRS, kvm_xcrs(params.xcr0))
+
+
+def kvm_xcrs(xcr0: int) -> bytes:
+    """struct kvm_xcrs holding XCR0 alone: nr_xcrs 1, flags 0, {xcr 0, value}, the rest zero (392 bytes)."""
+    blob = bytearray(392)
+    struct.pack_into("<II", blob, 0, 1, 0)
+    struct.pack_into("<IIQ", blob, 8, 0, 0, xcr0)
+    return bytes(blob)
 
 
 def cpuid_offers_xsave(cpuid: bytes) -> bool:
