@@ -70,12 +70,17 @@ class Exit:
     fault_gpa: int = 0       # MEMORY_FAULT: the fault covers [fault_gpa, fault_gpa + fault_size)
     fault_size: int = 0
     fault_flags: int = 0
+    # MMIO write: the bytes the guest stored (kvm_run->mmio.data[:mmio_len]). KVM has completed the
+    # instruction as an MMIO write, so whoever backs that GPA with memory afterwards must apply them.
+    mmio_data: bytes = b""
 
     def describe(self) -> str:
         r = self.reason
         if r is ExitReason.MMIO:
-            kind = "write" if self.mmio_is_write else "read"
-            return f"KVM_EXIT_MMIO {kind} at GPA {self.mmio_gpa:#x} ({self.mmio_len} bytes)"
+            if self.mmio_is_write:
+                return (f"KVM_EXIT_MMIO write at GPA {self.mmio_gpa:#x} ({self.mmio_len} bytes"
+                        + (f": {self.mmio_data.hex(' ')})" if self.mmio_data else ")"))
+            return f"KVM_EXIT_MMIO read at GPA {self.mmio_gpa:#x} ({self.mmio_len} bytes)"
         if r is ExitReason.MEMORY_FAULT:
             private = " (private)" if self.fault_flags & KVM_MEMORY_EXIT_FLAG_PRIVATE else ""
             return (f"KVM_RUN failed with {_errno_name(self.err)} and KVM_EXIT_MEMORY_FAULT: KVM could not back "
@@ -148,6 +153,7 @@ class Vcpu:
                 last_sync=e.last_sync, debug=bytes(ffi.buffer(self._debug, e.debug_len)), run_ns=e.run_ns,
                 kvm_runs=e.kvm_runs, rip=e.rip if e.rip_valid else None, fault_gpa=e.fault_gpa,
                 fault_size=e.fault_size, fault_flags=e.fault_flags,
+                mmio_data=ffi.buffer(e.mmio_data)[0:min(e.mmio_len, 8)] if e.mmio_is_write else b"",
             )
 
     def kick(self) -> None:
