@@ -19,6 +19,9 @@ class FaultInjection(enum.Flag):
     ARM_WHILE_RUNNING = 1 << 9      # the live protocol arms without pausing the vCPUs
     DROP_VCPU_STATE = 1 << 10       # the snapshot file is written without its vCPU state
     READ_ONLY_MAPPING = 1 << 11     # a COW load maps the snapshot file read-only (hyperlight's Windows bug)
+    # The hypervisor-level COW load (native/hv_cow.py, Python side):
+    HV_COW_NO_COPY = 1 << 12        # a written page is mapped writable without the file's bytes copied in: zeros
+    HV_COW_DROPS_STORE = 1 << 13    # the MMIO write that made a page private is not applied: that store is lost
 
 
 # The switches implemented inside the C engine (SP_INJECT_*).
