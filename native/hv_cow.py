@@ -30,8 +30,8 @@ alternating segments, read-only gaps over the file view and writable runs over t
 to a run joins it, so a working set of k separate runs needs 2k + 1 slots whatever its size, and a
 first write costs at most 4 ioctls (delete the gap holding the page and the run it extends, add the
 grown run and what is left of the gap). A slot per written page (3 ioctls, no merging) was the
-alternative: it spends 2 slots per page written, so KVM_CAP_NR_MEMSLOTS (32764 on this 6.x x86 host,
-509 on older x86 kernels) would cap a VM at a few thousand written pages; merging keeps a contiguous
+alternative: it spends 2 slots per page written, so KVM_CAP_NR_MEMSLOTS (32764 on 6.1 and 6.18 x86, 509
+on x86 kernels until 2021) caps a VM at 16k written pages or far fewer; merging keeps a contiguous
 working set at a handful of slots. When slots run out all the same, the load refuses with
 ``MemslotsExhausted``, naming KVM_CAP_NR_MEMSLOTS, before it touches a slot.
 
@@ -219,7 +219,8 @@ class HvCowStats:
     slots: int = 1                   # memslots in use now
     slots_peak: int = 1
     capacity: int | None = None      # memslots KVM offers this load (KVM_CAP_NR_MEMSLOTS less first_slot)
-    service_ns: list[int] = field(default_factory=list)  # per served exit: exit read -> data applied
+    service_ns: list[int] = field(default_factory=list)      # per served exit: exit read -> data applied
+    slot_change_ns: list[int] = field(default_factory=list)  # per page made private after attach: its ioctls
 
     @property
     def exits_per_written_page(self) -> float:
@@ -230,8 +231,9 @@ class HvCowStats:
         return self.slot_ioctls / self.pages_after_attach if self.pages_after_attach else 0.0
 
     def describe(self) -> str:
-        svc = sorted(self.service_ns)
-        median = f", service median {svc[len(svc) // 2] / 1e3:.1f} µs, max {svc[-1] / 1e3:.1f} µs" if svc else ""
+        svc, slots = sorted(self.service_ns), sorted(self.slot_change_ns)
+        median = (f"; exit service median {svc[len(svc) // 2] / 1e3:.1f} µs, max {svc[-1] / 1e3:.1f} µs, of which "
+                  f"the slot change median {slots[len(slots) // 2] / 1e3:.1f} µs") if svc and slots else ""
         return (f"{self.write_exits} write exits for {self.guest_pages} pages the guest made private "
                 f"({self.exits_per_written_page:.2f} per page, {self.exits_on_private_pages} on a page already "
                 f"private), {self.host_pages} made private by the host; {self.slot_ioctls} slot ioctls "
@@ -331,6 +333,7 @@ class HypervisorCowMemory:
             if n != PAGE_SIZE:
                 raise OSError(f"pwrite of page {page:#x} into the private overlay wrote {n} of {PAGE_SIZE} bytes")
         if self.vm is not None:
+            t0 = time.perf_counter_ns()
             try:
                 for seg in change.deleted:
                     self._set_slot(self.vm, seg, delete=True)
@@ -339,6 +342,7 @@ class HypervisorCowMemory:
             except BaseException as e:
                 self.broken = f"a slot change for page {page:#x} failed half done ({e})"
                 raise
+            self.stats.slot_change_ns.append(time.perf_counter_ns() - t0)
             self.stats.slot_ioctls += change.ioctls
             self.stats.pages_after_attach += 1
         self.layout.apply(change)
