@@ -239,7 +239,12 @@ def inject(pytestconfig: pytest.Config) -> Any:
 
 @pytest.fixture
 def make_memory(require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
-    """Factory: ``make_memory("memfd", size)``; every mapping is closed at teardown, newest first."""
+    """Factory: ``make_memory("memfd", size)``; every mapping is closed at teardown, newest first.
+
+    ``"hypervisor-cow"`` (``path=``, ``offset=``, ``inject=``) is a HypervisorCowMemory: a PROT_READ view of
+    the file and a private overlay, put in a VM's slots by ``make_vm``.
+    """
+    from native.hv_cow import HypervisorCowMemory
     from native.memory import GuestMemory
 
     made: list[Any] = []
@@ -249,7 +254,8 @@ def make_memory(require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
             require("hugepages")
         ctors: dict[str, Callable[..., Any]] = {
             "memfd": GuestMemory.memfd, "anonymous": GuestMemory.anonymous, "hugetlb": GuestMemory.hugetlb,
-            "file-private": GuestMemory.file_private, "file-readonly": GuestMemory.file_readonly}
+            "file-private": GuestMemory.file_private, "file-readonly": GuestMemory.file_readonly,
+            "hypervisor-cow": HypervisorCowMemory}
         ctor = ctors.get(backing)
         if ctor is None:
             raise ValueError(f"unknown guest memory backing {backing!r}")
@@ -266,8 +272,14 @@ def make_memory(require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
 def make_vm(request: pytest.FixtureRequest, make_memory: Any,
             require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
     """Factory: ``make_vm(memory, flags=0)`` -> a VM with ``memory`` as its RAM (``Vm.map_memory``: slot 0 from
-    GPA 0, slot 1 from 4 GiB past the 32-bit hole); all closed at teardown."""
+    GPA 0, slot 1 from 4 GiB past the 32-bit hole); all closed at teardown.
+
+    HypervisorCowMemory lays out its own slots (read-only over the file, writable over its private pages)
+    and serves the VM's write exits from then on. The VMs close before the memory they map (make_memory's
+    teardown runs after this one's).
+    """
     require("kvm")
+    from native.hv_cow import HypervisorCowMemory
     from native.kvm import Vm
 
     made: list[Any] = []
@@ -276,7 +288,12 @@ def make_vm(request: pytest.FixtureRequest, make_memory: Any,
         vm = Vm.create()
         made.append(vm)
         _live(request.node).append(vm)
-        vm.map_memory(memory, flags=flags)
+        if isinstance(memory, HypervisorCowMemory):
+            if flags:
+                raise ValueError(f"slot flags {flags:#x}: hypervisor-level COW memory sets its slots' flags itself")
+            memory.attach(vm)
+        else:
+            vm.map_memory(memory, flags=flags)
         return vm
 
     yield _make

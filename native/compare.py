@@ -29,6 +29,19 @@ def differing_pages(a: Any, b: Any, page: int = PAGE_SIZE) -> list[int]:
     return pages
 
 
+def _first_difference(vw: memoryview, vg: memoryview) -> tuple[int, int]:
+    """(pages that differ, offset of the first differing u32); (0, -1) when equal."""
+    pages = differing_pages(vw, vg)
+    if not pages:
+        return 0, -1
+    start = pages[0] * PAGE_SIZE
+    return len(pages), next(i for i in range(start, start + PAGE_SIZE) if vw[i] != vg[i]) & ~3
+
+
+def _u32(v: memoryview, off: int) -> int:
+    return int.from_bytes(bytes(v[off:off + 4]), "little")
+
+
 def describe_difference(want: Any, got: Any, base: int = 0) -> str:
     """"" when the images are equal; otherwise how many pages differ and the first differing u32 (in hex, at
     its GPA: ``base`` is the GPA of the image's first byte; an image of all of guest memory continues at
@@ -36,11 +49,30 @@ def describe_difference(want: Any, got: Any, base: int = 0) -> str:
     vw, vg = memoryview(want).cast("B"), memoryview(got).cast("B")
     if len(vw) != len(vg):
         return f"images differ in size: expected {len(vw):#x} bytes, saw {len(vg):#x}"
-    pages = differing_pages(vw, vg)
-    if not pages:
+    npages, off = _first_difference(vw, vg)
+    if not npages:
         return ""
-    start = pages[0] * PAGE_SIZE
-    off = next(i for i in range(start, start + PAGE_SIZE) if vw[i] != vg[i]) & ~3
-    w, g = (int.from_bytes(bytes(v[off:off + 4]), "little") for v in (vw, vg))
     gpa = gpa_of(offset_of(base) + off)
-    return f"{len(pages)} pages differ, first at GPA {gpa:#x}: expected u32 {w:#010x}, saw {g:#010x}"
+    return (f"{npages} pages differ, first at GPA {gpa:#x}: expected u32 {_u32(vw, off):#010x}, "
+            f"saw {_u32(vg, off):#010x}")
+
+
+def describe_cow_difference(original: Any, want: Any, got: Any, base: int = 0) -> str:
+    """describe_difference for a copy-on-write load, whose expected image ``want`` is ``original`` (the
+    snapshot file's memory) plus the guest's writes. Of the first differing u32 it also says the file's
+    value, and which of the two ways a copy-on-write goes wrong it looks like: zero where the file holds
+    data (the private copy did not start from the file's page), or the file's value where the guest
+    stored another (the guest's write is missing)."""
+    diff = describe_difference(want, got, base)
+    if not diff or diff.startswith("images differ in size"):
+        return diff
+    vo, vw, vg = (memoryview(x).cast("B") for x in (original, want, got))
+    _, off = _first_difference(vw, vg)
+    o, w, g = _u32(vo, off), _u32(vw, off), _u32(vg, off)
+    if g == 0 and o != 0 and w == o:
+        return (f"{diff}: zero where the file holds {o:#010x}, a value the guest never changed: the private "
+                "copy of the page did not start from the file's page")
+    if g == o and w != o:
+        return (f"{diff}: the file's value {o:#010x}, where the guest's writes leave {w:#010x}: the guest's write "
+                "is missing")
+    return f"{diff} (the file holds {o:#010x})"

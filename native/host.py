@@ -94,17 +94,28 @@ def _kvm_rows(rep: HostReport) -> None:
                                            "join the node's group or run as root"))
         return
     from native.errors import CapabilityMissing, NativeError
-    from native.kvm import KVM_API_VERSION, Vm
+    from native.kvm import KVM_API_VERSION, KVM_CAP_NR_MEMSLOTS, KVM_CAP_READONLY_MEM, Vm
 
     try:
-        with Vm.create():
-            pass
+        with Vm.create() as vm:
+            readonly_mem = vm.check_extension(KVM_CAP_READONLY_MEM)
+            nr_memslots = vm.check_extension(KVM_CAP_NR_MEMSLOTS)
     except (CapabilityMissing, NativeError) as e:
         rep.capabilities.append(Capability("kvm", "KVM", "for a working /dev/kvm", Status.FAIL, f"absent: {e}"))
         return
     rep.capabilities.append(Capability("kvm", "KVM", "for /dev/kvm (KVM_CREATE_VM)", Status.PASS, "accessible"))
     rep.capabilities.append(Capability("kvm.api", "KVM", "for KVM API version", Status.PASS,
                                        f"KVM_GET_API_VERSION = {KVM_API_VERSION}"))
+    rep.facts["kvm_nr_memslots"] = nr_memslots
+    probed = (f"KVM_CHECK_EXTENSION(KVM_CAP_READONLY_MEM) = {readonly_mem} on /dev/kvm; "
+              f"KVM_CAP_NR_MEMSLOTS = {nr_memslots}")
+    if readonly_mem:
+        rep.capabilities.append(Capability("kvm.readonly_mem", "KVM", "for read-only memslots (KVM_MEM_READONLY)",
+                                           Status.PASS, probed))
+    else:
+        rep.capabilities.append(Capability("kvm.readonly_mem", "KVM", "for read-only memslots (KVM_MEM_READONLY)",
+                                           Status.WARN, f"absent: {probed}",
+                                           "the hypervisor-level copy-on-write load (phase 4) is skipped"))
     module = kvm_module()
     rep.facts["kvm_module"] = module
     if module in ("kvm_intel", "kvm_amd"):

@@ -29,6 +29,9 @@ class FaultInjection(enum.Flag):
     DROP_MP_STATE = 1 << 16         # no KVM_SET_MP_STATE: a halted or waiting vCPU restored runnable
     DROP_DEBUGREGS = 1 << 17        # DR0-DR3, DR6, DR7 left at their reset values
     SAME_VCPU_STATE = 1 << 18       # every vCPU restored with vCPU 0's state
+    # The hypervisor-level COW load (native/hv_cow.py, Python side):
+    HV_COW_NO_COPY = 1 << 19        # a written page is mapped writable without the file's bytes copied in: zeros
+    HV_COW_DROPS_STORE = 1 << 20    # the MMIO write that made a page private is not applied: that store is lost
 
 
 # The switches implemented inside the C engine (SP_INJECT_*).

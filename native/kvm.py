@@ -16,7 +16,9 @@ if sys.platform == "win32":
 import enum
 import errno
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 from native import layout
 from native._lib import check, ffi, lib
@@ -37,6 +39,9 @@ KVM_API_VERSION = 12
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_MEM_LOG_DIRTY_PAGES = 1
 KVM_MEM_READONLY = 2
+# KVM_CHECK_EXTENSION capabilities (include/uapi/linux/kvm.h).
+KVM_CAP_NR_MEMSLOTS = 10     # the number of memslots a VM may have (slot ids 0 .. n-1)
+KVM_CAP_READONLY_MEM = 81    # KVM_MEM_READONLY slots: guest writes to them exit as KVM_EXIT_MMIO
 REG_NAMES = ("eax", "ebx", "ecx", "edx", "esi", "edi", "esp", "ebp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "eip", "eflags")
 DEBUG_CAP = 4096
@@ -102,12 +107,19 @@ class Exit:
     fault_gpa: int = 0       # MEMORY_FAULT: the fault covers [fault_gpa, fault_gpa + fault_size)
     fault_size: int = 0
     fault_flags: int = 0
+    # MMIO write: the bytes the guest stored (kvm_run->mmio.data[:mmio_len]). KVM has completed the
+    # instruction as an MMIO write, so whoever backs that GPA with memory afterwards must apply them.
+    mmio_data: bytes = b""
+    # MMIO writes the VM's memory served during this run (Vm.mmio_write_handler) before it ended with this exit.
+    mmio_served: int = 0
 
     def describe(self) -> str:
         r = self.reason
         if r is ExitReason.MMIO:
-            kind = "write" if self.mmio_is_write else "read"
-            return f"KVM_EXIT_MMIO {kind} at GPA {self.mmio_gpa:#x} ({self.mmio_len} bytes)"
+            if self.mmio_is_write:
+                return (f"KVM_EXIT_MMIO write at GPA {self.mmio_gpa:#x} ({self.mmio_len} bytes"
+                        + (f": {self.mmio_data.hex(' ')})" if self.mmio_data else ")"))
+            return f"KVM_EXIT_MMIO read at GPA {self.mmio_gpa:#x} ({self.mmio_len} bytes)"
         if r is ExitReason.MEMORY_FAULT:
             private = " (private)" if self.fault_flags & KVM_MEMORY_EXIT_FLAG_PRIVATE else ""
             return (f"KVM_RUN failed with {_errno_name(self.err)} and KVM_EXIT_MEMORY_FAULT: KVM could not back "
@@ -167,22 +179,51 @@ class Vcpu:
         check(lib.sp_vcpu_set_flat32(self.handle, eip, esp, esi), "set flat 32-bit mode", eip=eip, esp=esp)
 
     def run(self, timeout: float, stop_on_sync: bool = False) -> Exit:
-        """Run until HLT, a kick, the time-out or an exit the loop does not own."""
+        """Run until HLT, a kick, the time-out or an exit the loop does not own.
+
+        An MMIO write that the VM's ``mmio_write_handler`` serves (the hypervisor-level copy-on-write
+        load backs the GPA with a private page) does not end the run: the handler runs on this thread,
+        with the vCPU out of KVM_RUN, and the run goes on until another exit or the same deadline. Such
+        a run's ``run_ns`` is its wall time, handler included; ``mmio_served`` counts the exits served.
+        """
         if timeout <= 0:
             raise ValueError(f"run timeout must be positive, got {timeout!r}")
         flags = lib.SP_RUN_STOP_ON_SYNC if stop_on_sync else 0
-        e = self._exit
         with self._running:
-            check(lib.sp_vcpu_run(self.handle, int(timeout * 1e9), flags, e, self._debug, DEBUG_CAP),
-                  "KVM run loop", vcpu=self.index)
-            return Exit(
+            t0 = time.perf_counter_ns()
+            deadline_ns = t0 + int(timeout * 1e9)
+            ex = self._run_once(int(timeout * 1e9), flags)
+            served = kvm_runs = sync_count = last_sync = 0
+            debug = b""
+            while (ex.reason is ExitReason.MMIO and ex.mmio_is_write
+                   and (handler := self.vm.mmio_write_handler) is not None and handler(ex)):
+                served += 1
+                kvm_runs += ex.kvm_runs
+                sync_count += ex.sync_count
+                last_sync = ex.last_sync if ex.sync_count else last_sync
+                debug += ex.debug
+                # A deadline already past still enters the C loop, which returns TIMEOUT before KVM_RUN.
+                ex = self._run_once(max(deadline_ns - time.perf_counter_ns(), 1), flags)
+            if not served:
+                return ex
+            return replace(ex, run_ns=time.perf_counter_ns() - t0, kvm_runs=kvm_runs + ex.kvm_runs,
+                           sync_count=sync_count + ex.sync_count, debug=debug + ex.debug, mmio_served=served,
+                           last_sync=ex.last_sync if ex.sync_count else last_sync)
+
+    def _run_once(self, timeout_ns: int, flags: int) -> Exit:
+        """One call of the C run loop (the caller holds ``_running``)."""
+        e = self._exit
+        check(lib.sp_vcpu_run(self.handle, timeout_ns, flags, e, self._debug, DEBUG_CAP), "KVM run loop",
+              vcpu=self.index)
+        return Exit(
                 reason=ExitReason(e.reason), kvm_exit_reason=e.kvm_exit_reason, err=e.err, cpu=e.cpu,
                 io_port=e.io_port, io_value=e.io_value, mmio_gpa=e.mmio_gpa, mmio_len=e.mmio_len,
                 mmio_is_write=bool(e.mmio_is_write), hw_reason=e.hw_reason, sync_count=e.sync_count,
                 last_sync=e.last_sync, debug=bytes(ffi.buffer(self._debug, e.debug_len)), run_ns=e.run_ns,
                 kvm_runs=e.kvm_runs, rip=e.rip if e.rip_valid else None, fault_gpa=e.fault_gpa,
                 fault_size=e.fault_size, fault_flags=e.fault_flags,
-            )
+            mmio_data=ffi.buffer(e.mmio_data)[0:min(e.mmio_len, 8)] if e.mmio_is_write else b"",
+        )
 
     def kick(self) -> None:
         """Make the running (or next) run return KICKED: signal + immediate_exit."""
@@ -379,6 +420,9 @@ class Vm:
         self.tss_gpa = tss_gpa
         self.vcpus: list[Vcpu] = []
         self.memslots: dict[int, Memslot] = {}
+        # Called on the vCPU's thread for each KVM_EXIT_MMIO write; True when it backed the write with
+        # memory and applied the data (the run then goes on), False to end the run with that exit.
+        self.mmio_write_handler: Callable[[Exit], bool] | None = None
 
     @classmethod
     def create(cls) -> Vm:
@@ -420,6 +464,21 @@ class Vm:
         if rc == 0:
             self.memslots[slot] = Memslot(slot, gpa, memory, offset, size, flags)
         return -rc if rc < 0 else 0
+
+    def check_extension(self, cap: int) -> int:
+        """KVM_CHECK_EXTENSION on /dev/kvm: 0 when ``cap`` is absent, else its value (e.g. a count)."""
+        return check(lib.sp_kvm_check_extension(self.kvm_fd, cap), "KVM_CHECK_EXTENSION", cap=cap)
+
+    def try_set_memslot(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> int:
+        """KVM_SET_USER_MEMORY_REGION over any host range (``size`` 0 deletes the slot); returns 0 or the errno.
+        Not recorded in ``memslots``, which holds slots over GuestMemory mappings only."""
+        rc = lib.sp_vm_set_region(self.vm_fd, slot, flags, gpa, size, hva)
+        return -rc if rc < 0 else 0
+
+    def set_memslot(self, slot: int, gpa: int, size: int, hva: int, flags: int = 0) -> None:
+        err = self.try_set_memslot(slot, gpa, size, hva, flags)
+        if err:
+            raise NativeError("KVM_SET_USER_MEMORY_REGION", err, slot=slot, gpa=gpa, size=size, hva=hva, flags=flags)
 
     def set_region(self, slot: int, gpa: int, memory: GuestMemory, flags: int = 0, offset: int = 0,
                    size: int | None = None) -> None:
@@ -487,6 +546,7 @@ class Vm:
             except GuestTimeout as e:  # the rest is closed all the same; the kernel keeps what a run holds
                 stuck.append(e)
         self.vcpus.clear()
+        self.mmio_write_handler = None
         if self.vm_fd >= 0:
             os.close(self.vm_fd)
             self.vm_fd = -1

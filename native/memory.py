@@ -148,6 +148,25 @@ class GuestMemory:
     def rss_bytes(self) -> int:
         return _smaps_field_sum(self.addr, ("Rss",))
 
+    def private_dirty_bytes(self) -> int:
+        """smaps ``Private_Dirty``: pages mapped only here and written (for a memfd nobody else maps, every
+        page put in it: shmem pages are dirty from their first write)."""
+        return _smaps_field_sum(self.addr, ("Private_Dirty",))
+
+    def allocated_bytes(self) -> int:
+        """Bytes the memfd behind this mapping holds (st_blocks): its pages, mapped here or not; 0 for a
+        mapping without a memfd."""
+        return os.fstat(self.fd).st_blocks * 512 if self.backing == "memfd" and self.fd is not None else 0
+
+    def commit_bytes(self) -> int:
+        """What this mapping charges to Committed_AS (/proc/meminfo), read from its own state rather than
+        the system-wide counter other processes move: the whole mapping when the kernel accounted it at
+        mmap (smaps VmFlags ``ac``: private and writable, as MAP_PRIVATE of a file or anonymous memory is),
+        plus the pages allocated in a memfd (memfd_create's shmem is VM_NORESERVE, charged a page at a
+        time as pages are allocated). A PROT_READ or MAP_SHARED file mapping charges nothing."""
+        accounted = self.size if "ac" in _smaps_vmflags(self.addr) else 0
+        return accounted + self.allocated_bytes()
+
     def no_thp(self) -> None:
         """Keep transparent huge pages off this mapping: a first touch then populates 4 KiB, not 2 MiB."""
         self.mm.madvise(MADV_NOHUGEPAGE)
@@ -202,9 +221,9 @@ def warm_memcpy_bandwidth(size: int, rounds: int = 5) -> float:
     return size / (ns / 1e9)
 
 
-def _smaps_field_sum(addr: int, fields: tuple[str, ...]) -> int:
-    """Sum of the named kB fields of the /proc/self/smaps entry that starts at ``addr``, in bytes."""
-    total = 0
+def _smaps_entry(addr: int) -> list[tuple[str, str]]:
+    """The (field, value) lines of the /proc/self/smaps entry that starts at ``addr``."""
+    lines: list[tuple[str, str]] = []
     inside = False
     with open("/proc/self/smaps") as f:
         for line in f:
@@ -215,6 +234,15 @@ def _smaps_field_sum(addr: int, fields: tuple[str, ...]) -> int:
                 inside = int(head.split("-", 1)[0], 16) == addr
             elif inside:
                 name, _, rest = line.partition(":")
-                if name in fields:
-                    total += int(rest.split()[0]) * 1024
-    return total
+                lines.append((name, rest.strip()))
+    return lines
+
+
+def _smaps_field_sum(addr: int, fields: tuple[str, ...]) -> int:
+    """Sum of the named kB fields of the /proc/self/smaps entry that starts at ``addr``, in bytes."""
+    return sum(int(value.split()[0]) * 1024 for name, value in _smaps_entry(addr) if name in fields)
+
+
+def _smaps_vmflags(addr: int) -> set[str]:
+    """The two-letter VmFlags of the smaps entry at ``addr`` (``ac``: accounted, ``sh``: shared, ...)."""
+    return {flag for name, value in _smaps_entry(addr) if name == "VmFlags" for flag in value.split()}

@@ -32,7 +32,7 @@ KVM_SELF_TESTS = ["tests/test_phase1_fails_under_injected_bugs.py", "tests/test_
                   "tests/test_phase3_fails_under_injected_bugs.py", "tests/test_phase4_fails_under_injected_bugs.py",
                   "tests/test_guests_on_kvm.py", "tests/test_live_runner.py", "tests/test_restore_loaders.py",
                   "tests/test_reliability_dead_handler.py", "tests/test_reliability_guest_exits.py",
-                  "tests/test_reliability_uffd_close.py", "tests/test_reliability_cycles.py"]
+                  "tests/test_reliability_uffd_close.py", "tests/test_reliability_cycles.py", "tests/test_hv_cow.py"]
 SELECTION = {1: PHASES + KVM_SELF_TESTS, 0: PHASES}
 NESTED_TIMEOUT_S = {1: 1500.0, 0: 600.0}
 # Every instruction of the nested host and of its guests is emulated: a test's hang ceiling there is five

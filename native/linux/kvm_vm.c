@@ -405,6 +405,9 @@ int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp
             out->mmio_gpa = run->mmio.phys_addr;
             out->mmio_len = run->mmio.len;
             out->mmio_is_write = run->mmio.is_write;
+            if (run->mmio.is_write) /* the stored bytes: see struct sp_exit.mmio_data */
+                memcpy(out->mmio_data, run->mmio.data,
+                       run->mmio.len < sizeof(out->mmio_data) ? run->mmio.len : sizeof(out->mmio_data));
             reason = SP_EXIT_MMIO;
             break;
         case KVM_EXIT_SHUTDOWN:

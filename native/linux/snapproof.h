@@ -72,6 +72,12 @@ struct sp_exit {
     uint64_t fault_flags;     /* ... .flags (KVM_MEMORY_EXIT_FLAG_*) */
     uint32_t rip_valid;       /* 1 when rip was read */
     uint32_t pad2;
+    /* SP_EXIT_MMIO write: kvm_run->mmio.data, the mmio_len (<= 8) bytes the guest stored. KVM has
+     * already completed the instruction as an MMIO write (RIP is past the store; only a read waits
+     * for its data on the next KVM_RUN), so these bytes exist nowhere else: a loader that backs the
+     * GPA with memory afterwards (the hypervisor-level copy-on-write load, a KVM_MEM_READONLY slot)
+     * must apply them itself, or the write is lost. */
+    uint8_t mmio_data[8];
 };
 
 struct sp_vcpu;
