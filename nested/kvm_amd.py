@@ -182,7 +182,8 @@ def run(argv: list[str], out: Path, npt: bool = True, timeout: float = 1800.0, c
     t0 = time.monotonic()
     lines: list[str] = []
     with open(out / "console.log", "w") as log, subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as qemu:
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent) as qemu:
         import selectors
 
         assert qemu.stdout is not None
@@ -221,6 +222,16 @@ def run(argv: list[str], out: Path, npt: bool = True, timeout: float = 1800.0, c
         raise NestedError(f"the nested host stopped (QEMU exit {qemu.returncode}) without the job's exit status; "
                           "last console lines:\n" + "\n".join(lines[-20:]))
     return NestedRun(int(rc_file.read_text().strip() or 99), out, "\n".join(lines), seconds)
+
+
+def _die_with_parent() -> None:
+    """In the QEMU child before exec: SIGKILL it when this process dies, however it dies (a CI job
+    cancelled with SIGKILL, pytest-timeout's os._exit): an orphaned TCG guest would hold a CPU for hours."""
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
 def main(args: list[str] | None = None) -> int:
