@@ -127,6 +127,26 @@ def test_sigint_during_phase2_tears_everything_down(tmp_path, record_property):
         f"Python threads: expected {start['python_threads']}, saw {last['python_threads']}")
 
 
+def test_a_finalized_engine_holds_no_view_of_the_snapshot_file(tmp_path, make_memory):
+    """finalize() drops the engine's view of writer.memory, so the file seals while the engine object is open."""
+    from native.wp import WpSnapshot
+
+    mem = make_memory("memfd", 1 << 20)
+    mem.write(0x3000, b"\xab")
+    path = tmp_path / "sealed.snap"
+    # The order a caller writes without thinking of views: engine finalized, file sealed, engine closed last.
+    with SnapshotImage.create(path, mem.size) as writer, WpSnapshot(mem, writer.memory) as snap:
+        snap.arm()
+        snap.bulk_copy()
+        snap.finalize()
+        image = writer.finalize()  # before the fix: BufferError, the engine's view of the mapping was alive
+        with pytest.raises(ValueError, match="finalized or released and no longer holds its destination"):
+            snap.bulk_copy()
+    assert image.complete, f"expected a COMPLETE file, saw flags {image.flags:#x}"
+    loaded = SnapshotImage.open(path)
+    assert loaded.read_memory(0x3000, 1) == b"\xab", "the sealed file lost the page written before the arm"
+
+
 def test_closing_a_vm_under_a_running_runner_kicks_it_out_first(make_memory, make_vm):
     """Closing a VM under a runner never stopped kicks the run out first; its thread ends, nothing crashes."""
     import guests
