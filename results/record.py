@@ -2,7 +2,7 @@
 
 A test records numbered stages; each stage states its checks (a failed check
 raises AssertionError naming expected vs seen) and its timings. The plugin in
-conftest.py turns the reports into the run record (``schema: snapproof-run/1``,
+results/plugin.py turns the reports into the run record (``schema: snapproof-run/1``,
 documented in results/README.md) and prints them with ``render_phase``, the
 same function ``python -m results show`` uses on a saved record.
 """
