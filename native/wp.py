@@ -25,6 +25,7 @@ import contextlib
 import enum
 import errno
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -174,8 +175,11 @@ class WpSnapshot:
         if rc < 0:
             ffi.release(self._dst)
             check(rc, "WP engine create", mem=memory.addr, size=memory.size, features=need)
-        self.features_supported = int(sup[0])
         self._w = out[0]
+        # Destroyed when the last reference goes should close() never run (an interrupt landing just as
+        # the cleanup that calls it starts): no handler thread, uffd or WP may outlive this object.
+        self._finalizer = weakref.finalize(self, _destroy_engine, self._w, self._dst)
+        self.features_supported = int(sup[0])
         check(lib.sp_wp_set_destination(self._w, int(ffi.cast("uintptr_t", self._dst))), "set destination")
         self.armed = False
         self.finalized = False
@@ -295,21 +299,25 @@ class WpSnapshot:
     def close(self) -> None:
         """Un-protect, join the handler, close the uffd, drop the destination view; idempotent.
 
-        The handle is claimed before it is destroyed: a KeyboardInterrupt raised as the destroy returns
-        must not leave it for a second close() to free again.
+        The finalizer runs the destroy at most once, whoever calls it first (this, or the garbage
+        collector after an interrupted close), so no handle is ever freed twice.
         """
-        w, self._w = self._w, None
-        try:
-            if w is not None:
-                lib.sp_wp_destroy(w)
-        finally:
-            self._drop_destination()
+        self._w = None
+        self._dst = None
+        self._finalizer()
 
     def __enter__(self) -> WpSnapshot:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _destroy_engine(w: object, dst: object) -> None:
+    """Un-protect the region, join the handler, close the uffd, free the engine; then drop the view of
+    the destination it copied into (a no-op when finalize() dropped it already)."""
+    lib.sp_wp_destroy(w)
+    ffi.release(dst)
 
 
 def read_pagemap(addr: int, npages: int) -> tuple[bytes, bytes]:
