@@ -4,6 +4,11 @@ The root conftest.py loads it (``pytest_plugins``). A test of a phase (``@pytest
 gets its case report from the ``report`` fixture; each outcome pytest reports lands in it; at the end
 the reports are printed (``--reports``) and written as one run record (``--results-dir``, schema in
 results/README.md), and ``--plots`` draws it.
+
+Every selected case is in the record from the start, ``not run`` until it finishes, and the record's
+``run.status`` says whether the run was complete, incomplete (stopped early: ``-x``, an internal
+error) or interrupted (results/interrupts.py: which signal, during what): a record is never mistaken
+for a whole run when it is not one.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+from results.interrupts import interruption
 from results.record import SCHEMA, CaseReport, PhaseReport, render_phase
 
 RESULTS = Path(__file__).resolve().parent
@@ -48,6 +54,11 @@ def recorder(config: pytest.Config) -> RunRecorder:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[RECORDER] = RunRecorder(config)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    recorder(session.config).select(session.items)
+
 
 
 @pytest.fixture
@@ -84,7 +95,16 @@ class RunRecorder:
         self.t0 = time.perf_counter_ns()
         self.phases: dict[int, PhaseReport] = {}
         self.cases: dict[str, CaseReport] = {}
+        self.selected: list[str] = []   # every test the run set out to run, in order
+        self.finished: set[str] = set()  # those whose outcome is known
         self.record_path: Path | None = None
+        self._written_status = ""
+
+    def select(self, items: list[pytest.Item]) -> None:
+        """The tests this run will run: each phase case is in the record, ``not run``, until it finishes."""
+        self.selected = [i.nodeid for i in items]
+        for item in items:
+            self.case_for(item)
 
     def case_for(self, item: pytest.Item) -> CaseReport | None:
         ph = _phase_of(item)
@@ -100,6 +120,8 @@ class RunRecorder:
         return case
 
     def record_outcome(self, item: pytest.Item, rep: pytest.TestReport) -> None:
+        if rep.when == "call" or (rep.when == "setup" and not rep.passed):
+            self.finished.add(item.nodeid)  # its outcome is known: the call's, or a setup that failed or skipped
         case = self.case_for(item)
         if case is None:
             return
@@ -133,12 +155,25 @@ class RunRecorder:
                 "strict_host": bool(self.config.getoption("strict_host")),
                 "inject": self.config.getoption("inject"),
                 "git_commit": _git_commit(),
+                **self.completeness(),
             },
             "host": host_facts,
             "capabilities": caps,
             "phases": [self.phases[n].to_dict() for n in sorted(self.phases)],
             "benchmarks": _benchmark_results(self.config),
         }
+
+    def completeness(self) -> dict[str, Any]:
+        """``status`` (complete / incomplete / interrupted), the test counts, and the interruption if any."""
+        finished = sum(1 for n in self.selected if n in self.finished)
+        out: dict[str, Any] = {"status": "complete", "tests": {"selected": len(self.selected), "finished": finished}}
+        got = interruption(self.config)
+        if got is not None:
+            out["status"] = "interrupted"
+            out["interrupted"] = {"signal": got.signal, "during": got.during}
+        elif finished < len(self.selected):
+            out["status"] = "incomplete"  # stopped early (-x, --maxfail, an internal error): not a whole run
+        return out
 
     def write(self, record: dict[str, Any]) -> Path | None:
         out = self.config.getoption("results_dir")
@@ -147,11 +182,18 @@ class RunRecorder:
         d = Path(out)
         d.mkdir(parents=True, exist_ok=True)
         stamp = self.started.strftime("%Y%m%dT%H%M%SZ")
-        path = d / f"{stamp}-{socket.gethostname()}.yaml"
+        path = self.record_path or d / f"{stamp}-{socket.gethostname()}.yaml"
         with open(path, "w") as f:
             yaml.safe_dump(record, f, sort_keys=False, allow_unicode=True, width=120)
         self.record_path = path
+        self._written_status = record["run"]["status"]
         return path
+
+    def rewrite_if_interrupted_since(self) -> Path | None:
+        """A signal that came after the record was written (the end of the session): write it again, marked."""
+        if self.record_path is None or self._written_status == "interrupted" or interruption(self.config) is None:
+            return None
+        return self.write(self.record())
 
 
 def _benchmark_results(config: pytest.Config) -> list[dict[str, Any]]:
@@ -204,6 +246,12 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             terminalreporter.write_line(render_phase(phase, verbose=(mode == "full")))
             terminalreporter.write_line("")
     path = run.write(record)  # the record just printed, not a second gathering of it
+    status = record["run"]
+    if status["status"] != "complete":
+        why = f": {status['interrupted']['signal']} during {status['interrupted']['during']}" \
+            if "interrupted" in status else ""
+        terminalreporter.write_line(f"run {status['status']}{why}; {status['tests']['finished']} of "
+                                    f"{status['tests']['selected']} tests finished", red=True, bold=True)
     if path is not None:
         terminalreporter.write_line(f"run record: {os.path.relpath(path)}")
     if config.getoption("plots"):
@@ -211,3 +259,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
         for name, got in write_plots(record, config.getoption("plots_dir")):
             terminalreporter.write_line(f"plot {name}: {got if isinstance(got, str) else os.path.relpath(got)}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    run = config.stash.get(RECORDER, None)
+    if run is not None:
+        run.rewrite_if_interrupted_since()
