@@ -99,6 +99,11 @@ class Vcpu:
             raise ValueError(f"vCPU {self.index} is closed")
         return self._h
 
+    @property
+    def in_run(self) -> bool:
+        """True while a run of this vCPU is going on, on any thread."""
+        return self._running.locked()
+
     def set_real_mode(self, ip: int = 0x100, cs: int = 0, sp: int = 0xFFF0) -> None:
         check(lib.sp_vcpu_set_real_mode(self.handle, cs, ip, sp), "set real mode", cs=cs, ip=ip)
 
