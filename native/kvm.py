@@ -13,6 +13,7 @@ if sys.platform == "win32":
 
 import enum
 import threading
+import weakref
 from dataclasses import dataclass
 
 from native._lib import check, ffi, lib
@@ -88,6 +89,9 @@ class Vcpu:
         self.vm = vm
         self.index = index
         self._h = handle
+        # Destroyed with its last reference should close() never run (an interrupt as a cleanup starts):
+        # nothing runs it then, every thread in a run holds a reference.
+        self._finalizer = weakref.finalize(self, lib.sp_vcpu_destroy, handle)
         self._exit = ffi.new("struct sp_exit *")
         self._debug = ffi.new("uint8_t[]", DEBUG_CAP)
         self._running = threading.Lock()
@@ -174,11 +178,12 @@ class Vcpu:
             lib.sp_vcpu_kick(self._h)
             if not self._running.acquire(timeout=timeout):
                 self._h = None
+                self._finalizer.detach()  # never freed under the loop, not even by the garbage collector
                 raise GuestTimeout(f"vCPU {self.index} still in its run loop {timeout} s after a kick: "
                                    "left allocated rather than destroyed under it")
         try:
-            lib.sp_vcpu_destroy(self._h)
             self._h = None
+            self._finalizer()  # the destroy, at most once
         finally:
             self._running.release()
 
@@ -193,6 +198,8 @@ class Vm:
     def __init__(self, kvm_fd: int, vm_fd: int) -> None:
         self.kvm_fd = kvm_fd
         self.vm_fd = vm_fd
+        # Closed with the last reference should close() never run (an interrupt as a cleanup starts).
+        self._fds_finalizer = weakref.finalize(self, _close_fds, vm_fd, kvm_fd)
         self.vcpus: list[Vcpu] = []
         self.regions: dict[int, tuple[int, GuestMemory]] = {}
 
@@ -247,8 +254,6 @@ class Vm:
         return vcpu
 
     def close(self) -> None:
-        import os
-
         stuck: list[GuestTimeout] = []
         for v in reversed(self.vcpus):
             try:
@@ -256,12 +261,8 @@ class Vm:
             except GuestTimeout as e:  # the rest is closed all the same; the kernel keeps what a run holds
                 stuck.append(e)
         self.vcpus.clear()
-        if self.vm_fd >= 0:
-            os.close(self.vm_fd)
-            self.vm_fd = -1
-        if self.kvm_fd >= 0:
-            os.close(self.kvm_fd)
-            self.kvm_fd = -1
+        self.vm_fd = self.kvm_fd = -1
+        self._fds_finalizer()  # closes both, at most once
         self.regions.clear()
         if stuck:
             raise stuck[0]
@@ -271,6 +272,13 @@ class Vm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_fds(*fds: int) -> None:
+    import os
+
+    for fd in fds:
+        os.close(fd)
 
 
 def _kvm_open_error(err: int) -> Exception:

@@ -23,8 +23,10 @@ next test boundary, and a run that saw a signal never exits 0 whatever happened 
 from __future__ import annotations
 
 import contextlib
+import gc
 import signal
 import threading
+import traceback
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +57,7 @@ class InterruptGuard:
         self._acknowledged = False  # pytest caught a KeyboardInterrupt: the session is already stopping
         self._previous: dict[int, Any] = {}
         self._session: pytest.Session | None = None
+        self._interrupt: BaseException | None = None  # the KeyboardInterrupt pytest caught
 
     # -- the handler ------------------------------------------------------------------------------
 
@@ -132,6 +135,7 @@ class InterruptGuard:
 
     def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
         self._acknowledged = True
+        self._interrupt = excinfo.value
         if self.interruption is None:  # raised without a signal we saw: the run is interrupted all the same
             self.interruption = Interruption("KeyboardInterrupt", self.where)
 
@@ -144,12 +148,32 @@ class InterruptGuard:
         try:
             return (yield)
         finally:
+            self._release_what_the_interrupt_cut_through()
             self._mark_exit_status()
 
     @pytest.hookimpl(trylast=True)
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         self._mark_exit_status()
         self.restore()
+
+    def _release_what_the_interrupt_cut_through(self) -> None:
+        """An interrupt that landed as a cleanup began (a close() in a test body, the host probe's VM)
+        left that object to its finalizer, but pytest keeps the interrupt's traceback to the end of the
+        run, and with it every frame it cut through and their locals. Clear those frames (the report
+        is already drawn from them) and collect (a vCPU and its VM refer to each other): the finalizers
+        release what the cleanups could not, now, not at exit."""
+        exc, self._interrupt = self._interrupt, None
+        seen: set[int] = set()
+        while exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            traceback.clear_frames(exc.__traceback__)  # every frame but those still running
+            for frame, _ in traceback.walk_tb(exc.__traceback__):
+                # Python 3.11/3.12: pytest's traceback walk read f_locals, a dict the clear leaves full;
+                # reading it again syncs the cleared locals into it, dropping them there too.
+                _ = frame.f_locals
+            exc = exc.__context__
+        if seen:
+            gc.collect()
 
     def _mark_exit_status(self) -> None:
         # pytest returns session.exitstatus after pytest_unconfigure: a run that saw a signal never exits 0.
