@@ -13,6 +13,7 @@ if sys.platform == "win32":
 
 import enum
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -115,14 +116,27 @@ class Vcpu:
         check(lib.sp_vcpu_set_flat32(self.handle, eip, esp, esi), "set flat 32-bit mode", eip=eip, esp=esp)
 
     def run(self, timeout: float, stop_on_sync: bool = False) -> Exit:
-        """Run until HLT, a kick, the time-out or an exit the loop does not own."""
+        """Run until HLT, a kick, the time-out or an exit the loop does not own.
+
+        A signal handled in Python (SIGINT, SIGTERM, SIGHUP: KeyboardInterrupt) that lands in KVM_RUN
+        ends the C loop's call, so its handler runs at once; a handler that does not raise lets the run
+        go on where it was, to the same deadline.
+        """
         if timeout <= 0:
             raise ValueError(f"run timeout must be positive, got {timeout!r}")
         flags = lib.SP_RUN_STOP_ON_SYNC if stop_on_sync else 0
         e = self._exit
+        deadline = time.monotonic() + timeout
+        left_ns = int(timeout * 1e9)
         with self._running:
-            check(lib.sp_vcpu_run(self.handle, int(timeout * 1e9), flags, e, self._debug, DEBUG_CAP),
-                  "KVM run loop", vcpu=self.index)
+            while True:
+                check(lib.sp_vcpu_run(self.handle, left_ns, flags, e, self._debug, DEBUG_CAP),
+                      "KVM run loop", vcpu=self.index)
+                # Python ran its signal handlers as that call returned: a KeyboardInterrupt has left by now.
+                if e.reason != lib.SP_EXIT_SIGNAL:
+                    break
+                flags |= lib.SP_RUN_CONTINUE
+                left_ns = max(1, int((deadline - time.monotonic()) * 1e9))  # past it: the loop says TIMEOUT
             return Exit(
                 reason=ExitReason(e.reason), kvm_exit_reason=e.kvm_exit_reason, err=e.err, cpu=e.cpu,
                 io_port=e.io_port, io_value=e.io_value, mmio_gpa=e.mmio_gpa, mmio_len=e.mmio_len,

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.needs("kvm", "uffd", "uffd.WP_HUGETLBFS_SHMEM")
 
 SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 CHILD_TIMEOUT_S = 60.0  # a child's whole run: start, a 1 MiB phase-2 case or a 4 MiB capture, teardown
+MAIN_THREAD_RUN_S = 20.0  # a never-halting guest's run on the main thread: only a signal's handler ends it early
 
 # Phase 2's live snapshot in a child pytest: (point, where the record must say the run was interrupted,
 # in the default sweep). The first selected case takes every point inside a test.
@@ -49,8 +50,8 @@ PHASE2_POINTS = [
     ("stage exact oracle", "(call)", False),
     ("teardown", "(teardown)", False),                  # before any fixture is torn down
     ("enter WpSnapshot.close", "(teardown)", True),     # inside make_wp's teardown, the VM and memory after it
-    ("enter Vm.close", "(teardown)", False),
-    ("enter GuestMemory.close", "(teardown)", False),
+    ("enter Vm.close", "(setup)", False),              # the host probe's VM: a close in setup, not deferred
+    ("enter GuestMemory.close", "(setup)", False),     # the host probe's PAGEMAP_SCAN page
     ("between tests", "between tests", True),
     ("session finish", "session finish", True),         # before the last teardown, the reports and the record
     ("after the record", "session finish", True),       # the record was written complete: it is written again
@@ -147,6 +148,19 @@ def test_a_signal_at_any_point_of_phase2_ends_the_run_interrupted(tmp_path, poin
         f"a phase with unfinished cases {unfinished} says PASS: {[(p['phase'], p['outcome']) for p in phases]}")
 
 
+def test_an_interrupt_swallowed_by_test_code_still_stops_the_run():
+    """A test that catches the KeyboardInterrupt of a SIGTERM: the run stops after its teardown, exit 2."""
+    run = run_child(["-m", "pytest", "tests/reliability_child_cases.py", "-q", "-s", "-p", "no:randomly", "-p",
+                     "tests.reliability_child", "-k", "swallows_the_interrupt or after_the_swallowed_interrupt",
+                     "--results-dir", ""], CHILD_TIMEOUT_S, sigint_ignored=True)
+    assert run.returncode == pytest.ExitCode.INTERRUPTED, (
+        f"exit status: expected {int(pytest.ExitCode.INTERRUPTED)} (interrupted), saw {run.returncode}; "
+        f"stdout:\n{run.stdout}")
+    calls = [ln.split("::", 1)[1] for ln in run.stdout.splitlines() if ln.startswith("CALL ")]
+    assert calls == ["test_swallows_the_interrupt_it_gets"], f"tests called: expected only the swallowing one, " \
+                                                             f"saw {calls}"
+
+
 def test_a_signal_at_any_point_of_a_capture_leaves_nothing_held(tmp_path, point, signal_name, whole):
     """A signal at this point of a live capture: exit 128+signal, WP released, threads joined, fds closed,
     and the file marked incomplete, or sealed and whole when the signal came after the capture sealed it."""
@@ -205,6 +219,49 @@ def test_a_finalized_engine_holds_no_view_of_the_snapshot_file(tmp_path, make_me
     assert image.complete, f"expected a COMPLETE file, saw flags {image.flags:#x}"
     loaded = SnapshotImage.open(path)
     assert loaded.read_memory(0x3000, 1) == b"\xab", "the sealed file lost the page written before the arm"
+
+
+def test_a_signal_while_the_main_thread_runs_a_guest_is_handled_at_once(make_storm_vm):
+    """A signal landing in KVM_RUN on the main thread runs its Python handler then, not at the run's
+    deadline; a handler that returns lets the run go on (this one kicks it, so the run ends KICKED)."""
+    import threading
+    import time
+
+    from native.kvm import ExitReason
+
+    storm_vm = make_storm_vm("memfd", 1 << 20, 1)
+    vcpu = storm_vm.vm.vcpus[0]
+    handled: list[bool] = []
+
+    def handler(signum, frame) -> None:
+        handled.append(vcpu.in_run)
+        vcpu.kick()
+
+    def signal_the_main_thread_until_handled() -> None:
+        # The storm guest writing: the main thread is in its run loop, nearly always inside KVM_RUN. A
+        # signal that lands in the loop's own code between two KVM_RUNs (a sync-port exit) cannot end the
+        # call: the next one does. So: again and again until the handler ran, bounded.
+        wait_for(lambda: storm_vm.progress(0).cur_gen >= 1, "the storm guest writing", MAIN_THREAD_RUN_S)
+        main = threading.main_thread().ident
+        assert main is not None
+        end = time.monotonic() + MAIN_THREAD_RUN_S
+        while not handled and time.monotonic() < end:
+            signal.pthread_kill(main, signal.SIGUSR2)
+            time.sleep(0.01)
+
+    previous = signal.signal(signal.SIGUSR2, handler)
+    sender = threading.Thread(target=signal_the_main_thread_until_handled, daemon=True)
+    try:
+        sender.start()
+        ex = vcpu.run(timeout=MAIN_THREAD_RUN_S)
+    finally:
+        sender.join(MAIN_THREAD_RUN_S)
+        signal.signal(signal.SIGUSR2, previous)
+    assert handled and handled[0], f"the handler never ran inside the run (ran {len(handled)} times, in the run: " \
+                                   f"{handled})"
+    assert ex.reason is ExitReason.KICKED, (
+        f"expected KICKED (the handler ran while the guest ran, and its kick ended the run), saw {ex.describe()}: "
+        "the handler ran only once the run had ended on its own")
 
 
 def test_closing_a_vm_under_a_running_runner_kicks_it_out_first(make_memory, make_vm):

@@ -33,11 +33,14 @@ enum sp_exit_reason {
     SP_EXIT_FAIL_ENTRY = 8,
     SP_EXIT_INTERNAL = 9,
     SP_EXIT_OTHER = 10,    /* any other KVM exit reason (see kvm_exit_reason) */
-    SP_EXIT_ERROR = 11     /* KVM_RUN failed (see err) */
+    SP_EXIT_ERROR = 11,    /* KVM_RUN failed (see err) */
+    SP_EXIT_SIGNAL = 12    /* a signal not the loop's own (SIGINT, SIGTERM...) ended KVM_RUN: the caller lets its
+                              handlers run, then calls again with SP_RUN_CONTINUE to go on */
 };
 
 enum sp_run_flags {
-    SP_RUN_STOP_ON_SYNC = 1
+    SP_RUN_STOP_ON_SYNC = 1,
+    SP_RUN_CONTINUE = 2    /* resume the run an SP_EXIT_SIGNAL ended: counters, debug bytes and run_ns go on */
 };
 
 struct sp_exit {
@@ -54,11 +57,11 @@ struct sp_exit {
     uint8_t mmio_is_write;
     uint8_t pad[3];
     uint64_t hw_reason;       /* fail_entry hardware reason / internal suberror */
-    uint64_t sync_count;      /* sync-port writes seen during this call */
+    uint64_t sync_count;      /* sync-port writes seen during this run */
     uint32_t last_sync;       /* value of the last one */
     uint32_t debug_len;       /* bytes written to the debug buffer */
-    uint64_t run_ns;          /* wall time of this call */
-    uint64_t kvm_runs;        /* KVM_RUN ioctls issued by this call */
+    uint64_t run_ns;          /* wall time of this run */
+    uint64_t kvm_runs;        /* KVM_RUN ioctls issued by this run */
 };
 
 struct sp_vcpu;
