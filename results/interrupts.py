@@ -36,6 +36,7 @@ import pytest
 # SIGHUP does not exist on Windows: only the signals this platform has are handled.
 HANDLED_SIGNALS = tuple(s for name in ("SIGINT", "SIGTERM", "SIGHUP") if (s := getattr(signal, name, None)))
 
+
 @dataclass(frozen=True)
 class Interruption:
     signal: str   # "SIGTERM"; "KeyboardInterrupt" when one reached pytest without a signal this guard saw
@@ -95,7 +96,8 @@ class InterruptGuard:
     def raise_if_interrupted(self) -> None:
         """KeyboardInterrupt if a signal came that pytest has not acted on: deferred until now, or raised
         earlier and swallowed by the code it landed in."""
-        if self.interruption is None or self._deferring or not (self._pending or not self._acknowledged):
+        owed = self._pending or not self._acknowledged  # deferred until now, or raised and swallowed
+        if self.interruption is None or self._deferring or not owed:
             return
         self._pending = False
         raise KeyboardInterrupt(f"{self.interruption.describe()}; raised at {self.where}")

@@ -60,7 +60,6 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     recorder(session.config).select(session.items)
 
 
-
 @pytest.fixture
 def report(request: pytest.FixtureRequest) -> CaseReport:
     """The running test's case report: ``with report.stage("arm WP") as st: st.check(...)``."""
