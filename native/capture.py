@@ -89,7 +89,9 @@ def capture_to_file(path: str | os.PathLike[str], memory: GuestMemory, *, vcpus:
                 bulk_ns, finalize_ns = t_fin - t_bulk, clock() - t_fin
             stats = snap.stats()
         finally:
-            snap.close()  # releases the engine's pointer into the mapping: finalize unmaps it
+            # A finalized engine has dropped its view of writer.memory already; on any other way out
+            # (an error, an interrupt) close() drops it, so the writer's abort can unmap the file.
+            snap.close()
         t2 = clock()
         written = [] if inject & FaultInjection.DROP_VCPU_STATE else states
         image = writer.finalize(written)

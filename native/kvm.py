@@ -17,6 +17,7 @@ import enum
 import errno
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -159,6 +160,9 @@ class Vcpu:
         self.vm = vm
         self.index = index
         self._h = handle
+        # Destroyed with its last reference should close() never run (an interrupt as a cleanup starts):
+        # nothing runs it then, every thread in a run holds a reference.
+        self._finalizer = weakref.finalize(self, lib.sp_vcpu_destroy, handle)
         self._exit = ffi.new("struct sp_exit *")
         self._debug = ffi.new("uint8_t[]", DEBUG_CAP)
         self._running = threading.Lock()
@@ -171,6 +175,11 @@ class Vcpu:
         if self._h is None:
             raise ValueError(f"vCPU {self.index} is closed")
         return self._h
+
+    @property
+    def in_run(self) -> bool:
+        """True while a run of this vCPU is going on, on any thread."""
+        return self._running.locked()
 
     def set_real_mode(self, ip: int = 0x100, cs: int = 0, sp: int = 0xFFF0) -> None:
         check(lib.sp_vcpu_set_real_mode(self.handle, cs, ip, sp), "set real mode", cs=cs, ip=ip)
@@ -185,6 +194,10 @@ class Vcpu:
         load backs the GPA with a private page) does not end the run: the handler runs on this thread,
         with the vCPU out of KVM_RUN, and the run goes on until another exit or the same deadline. Such
         a run's ``run_ns`` is its wall time, handler included; ``mmio_served`` counts the exits served.
+
+        A signal handled in Python (SIGINT, SIGTERM, SIGHUP: KeyboardInterrupt) that lands in KVM_RUN
+        ends the C loop's call, so its handler runs at once; a handler that does not raise lets the run
+        go on where it was, to the same deadline.
         """
         if timeout <= 0:
             raise ValueError(f"run timeout must be positive, got {timeout!r}")
@@ -192,7 +205,7 @@ class Vcpu:
         with self._running:
             t0 = time.perf_counter_ns()
             deadline_ns = t0 + int(timeout * 1e9)
-            ex = self._run_once(int(timeout * 1e9), flags)
+            ex = self._run_once(deadline_ns, flags)
             served = kvm_runs = sync_count = last_sync = 0
             debug = b""
             while (ex.reason is ExitReason.MMIO and ex.mmio_is_write
@@ -203,18 +216,24 @@ class Vcpu:
                 last_sync = ex.last_sync if ex.sync_count else last_sync
                 debug += ex.debug
                 # A deadline already past still enters the C loop, which returns TIMEOUT before KVM_RUN.
-                ex = self._run_once(max(deadline_ns - time.perf_counter_ns(), 1), flags)
+                ex = self._run_once(deadline_ns, flags)
             if not served:
                 return ex
             return replace(ex, run_ns=time.perf_counter_ns() - t0, kvm_runs=kvm_runs + ex.kvm_runs,
                            sync_count=sync_count + ex.sync_count, debug=debug + ex.debug, mmio_served=served,
                            last_sync=ex.last_sync if ex.sync_count else last_sync)
 
-    def _run_once(self, timeout_ns: int, flags: int) -> Exit:
-        """One call of the C run loop (the caller holds ``_running``)."""
+    def _run_once(self, deadline_ns: int, flags: int) -> Exit:
+        """One run of the C loop to ``deadline_ns`` (perf_counter_ns; the caller holds ``_running``)."""
         e = self._exit
-        check(lib.sp_vcpu_run(self.handle, timeout_ns, flags, e, self._debug, DEBUG_CAP), "KVM run loop",
-              vcpu=self.index)
+        while True:
+            left_ns = max(deadline_ns - time.perf_counter_ns(), 1)  # past it: the loop says TIMEOUT
+            check(lib.sp_vcpu_run(self.handle, left_ns, flags, e, self._debug, DEBUG_CAP), "KVM run loop",
+                  vcpu=self.index)
+            # Python ran its signal handlers as that call returned: a KeyboardInterrupt has left by now.
+            if e.reason != lib.SP_EXIT_SIGNAL:
+                break
+            flags |= lib.SP_RUN_CONTINUE
         return Exit(
                 reason=ExitReason(e.reason), kvm_exit_reason=e.kvm_exit_reason, err=e.err, cpu=e.cpu,
                 io_port=e.io_port, io_value=e.io_value, mmio_gpa=e.mmio_gpa, mmio_len=e.mmio_len,
@@ -377,11 +396,12 @@ class Vcpu:
             lib.sp_vcpu_kick(self._h)
             if not self._running.acquire(timeout=timeout):
                 self._h = None
+                self._finalizer.detach()  # never freed under the loop, not even by the garbage collector
                 raise GuestTimeout(f"vCPU {self.index} still in its run loop {timeout} s after a kick: "
                                    "left allocated rather than destroyed under it")
         try:
-            lib.sp_vcpu_destroy(self._h)
             self._h = None
+            self._finalizer()  # the destroy, at most once
         finally:
             self._running.release()
 
@@ -418,6 +438,8 @@ class Vm:
         self.vm_fd = vm_fd
         self.identity_map_gpa = identity_map_gpa
         self.tss_gpa = tss_gpa
+        # Closed with the last reference should close() never run (an interrupt as a cleanup starts).
+        self._fds_finalizer = weakref.finalize(self, _close_fds, vm_fd, kvm_fd)
         self.vcpus: list[Vcpu] = []
         self.memslots: dict[int, Memslot] = {}
         # Called on the vCPU's thread for each KVM_EXIT_MMIO write; True when it backed the write with
@@ -537,8 +559,6 @@ class Vm:
         return bytes(ffi.buffer(buf, n))
 
     def close(self) -> None:
-        import os
-
         stuck: list[GuestTimeout] = []
         for v in reversed(self.vcpus):
             try:
@@ -547,12 +567,8 @@ class Vm:
                 stuck.append(e)
         self.vcpus.clear()
         self.mmio_write_handler = None
-        if self.vm_fd >= 0:
-            os.close(self.vm_fd)
-            self.vm_fd = -1
-        if self.kvm_fd >= 0:
-            os.close(self.kvm_fd)
-            self.kvm_fd = -1
+        self.vm_fd = self.kvm_fd = -1
+        self._fds_finalizer()  # closes both, at most once
         self.memslots.clear()
         if stuck:
             raise stuck[0]
@@ -562,6 +578,13 @@ class Vm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_fds(*fds: int) -> None:
+    import os
+
+    for fd in fds:
+        os.close(fd)
 
 
 def _kvm_open_error(err: int) -> Exception:

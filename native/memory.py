@@ -14,6 +14,7 @@ if sys.platform == "win32":
 
 import mmap
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ class GuestMemory:
         self.size = size
         self.backing = backing
         self.fd = fd
+        # The fd is closed with the last reference should close() never run (the mapping closes itself then).
+        self._fd_finalizer = None if fd is None else weakref.finalize(self, os.close, fd)
         self.path = path
         self.writable = writable
         self._ptr = ffi.from_buffer("char[]", mm, require_writable=False)
@@ -177,9 +180,9 @@ class GuestMemory:
         ffi.release(self._ptr)
         self._mm.close()
         self._mm = None
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        self.fd = None
+        if self._fd_finalizer is not None:
+            self._fd_finalizer()  # at most once: an interrupted close() never closes a reused fd number
 
     def __enter__(self) -> GuestMemory:
         return self

@@ -5,6 +5,13 @@ buffer: ``arm()`` write-protects the region, the handler thread copies a page
 before un-protecting it when anything writes it, ``bulk_copy()`` captures the
 rest, ``finalize()`` checks every page is captured, un-protects the region
 and joins the handler. ``close()`` always un-protects before dropping the uffd.
+
+The engine holds a cffi view of the destination (``ffi.from_buffer``) while
+anything may still copy into it, and drops it itself as soon as nothing can:
+when ``finalize()`` or ``release()`` has joined the handler, or at ``close()``.
+A destination with a release rule of its own (a snapshot file's
+``writer.memory``, which ``writer.finalize()`` unmaps) is then free the moment
+the engine is finalized, whatever the caller does with the engine object.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import contextlib
 import enum
 import errno
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -167,8 +175,11 @@ class WpSnapshot:
         if rc < 0:
             ffi.release(self._dst)
             check(rc, "WP engine create", mem=memory.addr, size=memory.size, features=need)
-        self.features_supported = int(sup[0])
         self._w = out[0]
+        # Destroyed when the last reference goes should close() never run (an interrupt landing just as
+        # the cleanup that calls it starts): no handler thread, uffd or WP may outlive this object.
+        self._finalizer = weakref.finalize(self, _destroy_engine, self._w, self._dst)
+        self.features_supported = int(sup[0])
         check(lib.sp_wp_set_destination(self._w, int(ffi.cast("uintptr_t", self._dst))), "set destination")
         self.armed = False
         self.finalized = False
@@ -205,12 +216,14 @@ class WpSnapshot:
 
     def arm(self) -> int:
         """Write-protect the whole region; returns the arm time in ns."""
+        self._require_destination("arm WP")
         self._check(lib.sp_wp_arm(self.handle), "arm WP", mem=self.memory.addr, size=self.memory.size)
         self.armed = True
         return self.stats().arm_ns
 
     def rearm(self, first_page: int, npages: int = 1) -> None:
         """Protect a page range again, its pages CLEAN (the round-trip benchmark re-arms one page)."""
+        self._require_destination("re-arm WP")
         self._check(lib.sp_wp_rearm_range(self.handle, first_page, npages), "re-arm WP", first=first_page,
                     npages=npages)
         self.armed = True
@@ -223,8 +236,24 @@ class WpSnapshot:
     def bulk_copy(self, first_page: int = 0, npages: int | None = None, batch: int = 512) -> int:
         """Capture every page still CLEAN in the range; returns how many this call copied."""
         n = self.npages - first_page if npages is None else npages
+        self._require_destination("bulk copy")
         return self._check(lib.sp_wp_bulk_copy(self.handle, first_page, n, batch), "bulk copy",
                            first=first_page, npages=n)
+
+    def _require_destination(self, what: str) -> None:
+        _ = self.handle  # a closed engine says so first
+        if self._dst is None:
+            raise ValueError(f"{what}: this WP snapshot is finalized or released and no longer holds its "
+                             "destination; a new snapshot needs a new WpSnapshot")
+
+    def _drop_destination(self) -> None:
+        """Release our view of the destination: called once the handler is joined, so nothing copies into it."""
+        dst, self._dst = self._dst, None  # claimed first: a second call (an interrupt in between) does nothing
+        if dst is None:
+            return
+        if self._w is not None:
+            lib.sp_wp_set_destination(self._w, 0)  # the C engine refuses to arm without one
+        ffi.release(dst)
 
     def pages_in_state(self, state: PageState) -> int:
         return int(lib.sp_wp_pages_in_state(self.handle, int(state)))
@@ -239,12 +268,14 @@ class WpSnapshot:
             check(rc, "finalize WP snapshot", pages_not_captured=missing)
         self.finalized = True
         self.armed = False
+        self._drop_destination()
         return self.stats()
 
     def release(self, timeout: float = 5.0) -> None:
         """Un-protect everything and stop the handler, whatever state the snapshot is in."""
         check(lib.sp_wp_release(self.handle, int(timeout * 1e9)), "release WP")
         self.armed = False
+        self._drop_destination()
 
     def protection(self) -> tuple[bytes, bytes]:
         """(present, uffd_wp) per page, read from /proc/self/pagemap (PM_UFFD_WP is bit 57)."""
@@ -266,17 +297,27 @@ class WpSnapshot:
         )
 
     def close(self) -> None:
-        if self._w is None:
-            return
-        lib.sp_wp_destroy(self._w)
+        """Un-protect, join the handler, close the uffd, drop the destination view; idempotent.
+
+        The finalizer runs the destroy at most once, whoever calls it first (this, or the garbage
+        collector after an interrupted close), so no handle is ever freed twice.
+        """
         self._w = None
-        ffi.release(self._dst)
+        self._dst = None
+        self._finalizer()
 
     def __enter__(self) -> WpSnapshot:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _destroy_engine(w: object, dst: object) -> None:
+    """Un-protect the region, join the handler, close the uffd, free the engine; then drop the view of
+    the destination it copied into (a no-op when finalize() dropped it already)."""
+    lib.sp_wp_destroy(w)
+    ffi.release(dst)
 
 
 def read_pagemap(addr: int, npages: int) -> tuple[bytes, bytes]:

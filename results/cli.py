@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from results.load import RecordError, fact_values, host_label, load_record
+from results.load import RecordError, fact_values, host_label, incompleteness, load_record
 from results.record import fmt_ns, render_phase
 
 
@@ -55,6 +55,7 @@ def show(rec: dict[str, Any], verbose: bool = True, only: int | None = None) -> 
              f"host {host_label(rec)}: {host.get('cpu_model', '?')}, {host.get('cpus', '?')} CPUs, "
              f"{int(host.get('memory_bytes', 0)) / (1 << 30):.1f} GiB memory, "
              f"uffd features {host.get('uffd_features', '?')}",
+             *([f"NOT A WHOLE RUN: {why}"] if (why := incompleteness(rec)) else []),
              ""]
     for p in rec["phases"]:
         if only is None or p["phase"] == only:

@@ -1,9 +1,10 @@
 """The release gate: a run record judged against a baseline record under a YAML policy.
 
 ``python -m results gate RUN.yaml --baseline BASE.yaml --policy results/gate.yaml`` exits 1 and
-says why when a required phase did not PASS, a required capability is missing, a tracked figure
-regressed past its margin, or a tracked benchmark regressed by pytest-benchmark's own check
-(``--benchmark-compare-fail`` expressions such as ``median:25%``). The policy schema is in
+says why when the run (or the baseline) was interrupted or stopped before its end, a required phase
+did not PASS, a required capability is missing, a tracked figure regressed past its margin, or a
+tracked benchmark regressed by pytest-benchmark's own check (``--benchmark-compare-fail``
+expressions such as ``median:25%``). The policy schema is in
 results/README.md; results/gate.yaml is the example this repository gates itself with.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from results.load import RecordError, benchmarks, dig, fact_values, host_label, phase
+from results.load import RecordError, benchmarks, dig, fact_values, host_label, incompleteness, phase
 from results.record import fmt_ns
 
 POLICY_SCHEMA = "snapproof-gate/1"
@@ -29,7 +30,7 @@ class PolicyError(Exception):
 @dataclass(frozen=True)
 class Finding:
     ok: bool
-    kind: str   # phase / capability / figure / benchmark / baseline
+    kind: str   # record / phase / capability / figure / benchmark / baseline
     text: str
 
     def line(self) -> str:
@@ -177,6 +178,11 @@ def evaluate(run: dict[str, Any], base: dict[str, Any], policy: dict[str, Any], 
     """(the host class applied, every finding). The run and the baseline must belong to the same class."""
     klass = select_class(policy, run.get("host", {}), host_class)
     findings = []
+    # A record of a run that did not finish proves nothing whole, whatever its phases say.
+    for role, rec in (("run", run), ("baseline", base)):
+        if (why := incompleteness(rec)) is not None:
+            findings.append(Finding(False, "record", f"the {role} record is not of a whole run: {why}; "
+                                    "run it again to the end"))
     if host_class is None and not matches(klass, base.get("host", {})):
         findings.append(Finding(False, "baseline", f"the baseline's host {host_label(base)} is not of class "
                                 f"{klass['name']!r}: figures from another class of host prove nothing"))

@@ -38,6 +38,22 @@ def load_record(path: str | Path) -> dict[str, Any]:
     return rec
 
 
+def incompleteness(rec: dict[str, Any]) -> str | None:
+    """Why the record is not of a whole run (interrupted, or stopped before every test finished), or None.
+
+    Records written before ``run.status`` existed carry none and are taken as complete."""
+    run = rec.get("run", {})
+    status = run.get("status", "complete")
+    if status == "complete":
+        return None
+    tests = run.get("tests", {})
+    finished = f"{tests.get('finished', '?')} of {tests.get('selected', '?')} tests finished"
+    got = run.get("interrupted") or {}
+    if status == "interrupted":
+        return f"interrupted by {got.get('signal', '?')} during {got.get('during', '?')}; {finished}"
+    return f"{status}; {finished}"
+
+
 def host_label(rec: dict[str, Any]) -> str:
     h = rec.get("host", {})
     return f"{h.get('hostname', '?')} ({h.get('kvm_module') or h.get('platform', '?')}, {h.get('kernel', '?')})"

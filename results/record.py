@@ -2,7 +2,7 @@
 
 A test records numbered stages; each stage states its checks (a failed check
 raises AssertionError naming expected vs seen) and its timings. The plugin in
-conftest.py turns the reports into the run record (``schema: snapproof-run/1``,
+results/plugin.py turns the reports into the run record (``schema: snapproof-run/1``,
 documented in results/README.md) and prints them with ``render_phase``, the
 same function ``python -m results show`` uses on a saved record.
 """
@@ -100,7 +100,7 @@ class CaseReport:
     nodeid: str
     name: str
     doc: str = ""
-    outcome: str = "not run"  # passed / failed / skipped / error
+    outcome: str = "not run"  # passed / failed / skipped / error; not run: never finished
     duration_ns: int = 0
     stages: list[Stage] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
@@ -160,15 +160,16 @@ class PhaseReport:
 
 
 def phase_outcome(cases: list[dict[str, Any]]) -> str:
-    """PASS only when every case passed: a skip is never counted as a pass."""
+    """PASS only when every case passed: a skip is never counted as a pass, nor a case that never
+    finished (``not run``: the run was interrupted or stopped before it)."""
     outcomes = [c["outcome"] for c in cases]
-    if not outcomes:
+    if not outcomes or all(o == "not run" for o in outcomes):
         return "NOT RUN"
     if any(o in ("failed", "error") for o in outcomes):
         return "FAIL"
     if all(o == "passed" for o in outcomes):
         return "PASS"
-    if any(o == "passed" for o in outcomes):
+    if any(o in ("passed", "not run") for o in outcomes):
         return "INCOMPLETE"
     return "SKIP"
 
@@ -188,7 +189,8 @@ def render_phase(phase: dict[str, Any], verbose: bool = True) -> str:
     head = _dots(f"[phase {phase['phase']}] {phase['title']}", f"{phase['outcome']}  {fmt_ns(phase['duration_ns'])}")
     lines = [head, f"  ({summary})"]
     for c in cases:
-        mark = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}.get(c["outcome"], "----")
+        mark = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP",
+                "not run": "NOT RUN"}.get(c["outcome"], "----")
         lines.append("  " + _dots(c["test"], f"{mark}  {fmt_ns(c['duration_ns'])}", 76))
         if c.get("skip_reason"):
             lines.append(f"      skipped: {c['skip_reason']}")

@@ -6,8 +6,10 @@ this file to the child explicitly and select a case with -k.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,13 @@ def test_report_host_settings(pytestconfig):
     out = os.environ[SETTINGS_OUT]
     Path(out).write_text(json.dumps({"settings": host_settings(),
                                      "reserve_hugepages": pytestconfig.getoption("reserve_hugepages")}))
+
+
+def test_swallows_the_interrupt_it_gets():
+    """Sends itself SIGTERM and swallows the KeyboardInterrupt, as code catching BaseException would."""
+    with contextlib.suppress(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs as this call returns
+
+
+def test_after_the_swallowed_interrupt():
+    """Selected after the swallowing case: an interrupted run must not get here."""

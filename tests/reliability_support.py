@@ -83,6 +83,15 @@ def threads_settled(want: int, timeout: float = 2.0) -> int:
     return n
 
 
+def wait_for(predicate: Any, what: str, timeout: float) -> None:
+    """Poll ``predicate()`` until it is true; AssertionError naming ``what`` at ``timeout`` (never a hang)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"{what}: not reached within {timeout} s")
+        time.sleep(0.001)
+
+
 def thread_cpu_seconds(tid: int) -> tuple[float, str]:
     """(user + system CPU seconds, scheduler state letter) of one thread of this process."""
     with open(f"/proc/self/task/{tid}/stat") as f:
@@ -269,14 +278,22 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_child(args: list[str], timeout: float, **popen: Any) -> ChildRun:
-    """Run ``python ARGS`` in the repository; a child still running at ``timeout`` is killed, and the
-    test fails naming the time-out (never a hang of the parent)."""
+# A shell's background job without job control (``cmd &`` in a CI script, ``nohup``) starts with SIGINT
+# ignored, and Python then never installs its KeyboardInterrupt handler: the start the reporter's lost
+# SIGINT had. ``trap "" INT`` sets that disposition and exec keeps it.
+SIGINT_IGNORED = ["sh", "-c", 'trap "" INT; exec "$@"', "sh"]
+
+
+def run_child(args: list[str], timeout: float, sigint_ignored: bool = False, **popen: Any) -> ChildRun:
+    """Run ``python ARGS`` in the repository (with ``sigint_ignored``, started as a background job of a
+    shell without job control is); a child still running at ``timeout`` is killed, and the test fails
+    naming the time-out (never a hang of the parent)."""
     popen.setdefault("env", child_env())
+    prefix = SIGINT_IGNORED if sigint_ignored else []
     t0 = time.monotonic()
     try:
-        proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                              **popen)
+        proc = subprocess.run([*prefix, sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout, **popen)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         raise AssertionError(f"child {args} still running after {timeout} s (killed); stdout so far:\n{out}") from None

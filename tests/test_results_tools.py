@@ -17,7 +17,7 @@ import yaml
 from results.cli import main, matrix, show
 from results.gate import PolicyError, evaluate, load_policy
 from results.load import RecordError, load_record
-from results.record import SCHEMA
+from results.record import SCHEMA, phase_outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "results" / "gate.yaml"
@@ -125,6 +125,43 @@ def test_a_benchmark_regression_fails_the_gate_by_pytest_benchmarks_own_check(po
     run["benchmarks"] = []
     assert _failures(run, _record(), policy) == ["benchmark test_benchmark_pause_window[1GiB-stop-and-copy]: "
                                                  "in the baseline, not in the run"]
+
+
+def test_an_interrupted_or_incomplete_record_fails_the_gate(policy):
+    """A run record marked interrupted or incomplete fails the gate naming the signal and what finished,
+    even with every phase it holds passing; so does such a baseline."""
+    run = _record()
+    run["run"].update(status="interrupted", tests={"selected": 355, "finished": 12},
+                      interrupted={"signal": "SIGTERM", "during": "phases/test_x.py::test_y[1GiB] (call)"})
+    assert _failures(run, _record(), policy) == [
+        "record the run record is not of a whole run: interrupted by SIGTERM during phases/test_x.py::test_y[1GiB] "
+        "(call); 12 of 355 tests finished; run it again to the end"]
+    run["run"].update(status="incomplete", tests={"selected": 355, "finished": 300})
+    del run["run"]["interrupted"]
+    assert _failures(_record(), run, policy) == [
+        "record the baseline record is not of a whole run: incomplete; 300 of 355 tests finished; run it again to "
+        "the end"]
+    assert "NOT A WHOLE RUN: incomplete; 300 of 355 tests finished" in show(run)
+
+
+def test_a_phase_with_a_case_that_never_finished_is_not_a_pass():
+    """A case left ``not run`` (the run interrupted or stopped first) makes its phase INCOMPLETE, or NOT RUN."""
+    cases = [{"outcome": "passed"}, {"outcome": "not run"}]
+    assert phase_outcome(cases) == "INCOMPLETE", phase_outcome(cases)
+    assert phase_outcome(cases[1:]) == "NOT RUN", phase_outcome(cases[1:])
+    assert phase_outcome([{"outcome": "failed"}, {"outcome": "not run"}]) == "FAIL"
+
+
+def test_gate_command_exits_1_on_an_interrupted_run(tmp_path):
+    """``python -m results gate`` on an interrupted run's record: exit 1, and the reason is the interruption."""
+    (tmp_path / "gate.yaml").write_text(POLICY_TEXT)
+    run = _record()
+    run["run"].update(status="interrupted", tests={"selected": 2, "finished": 1},
+                      interrupted={"signal": "SIGINT", "during": "between tests"})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(_record()))
+    assert main(["gate", str(tmp_path / "run.yaml"), "--baseline", str(tmp_path / "base.yaml"), "--policy",
+                 str(tmp_path / "gate.yaml")]) == 1
 
 
 def test_a_baseline_from_another_host_class_fails_the_gate(policy):

@@ -52,6 +52,9 @@ _Static_assert(sizeof(((struct kvm_run *)0)->memory_fault) == sizeof(struct sp_k
  * through __tls_get_addr(), which may allocate: sp_vcpu_run() writes it before any signal can target
  * the thread (deadline timer armed after, tid published after), so the handler's read never allocates. */
 static __thread struct kvm_run *tls_run;
+/* Set by the kick handler: an EINTR after it is the loop's own (a kick or the deadline), any other
+ * EINTR is a signal someone else handles (Python's SIGINT/SIGTERM handler only sets a flag there). */
+static __thread volatile sig_atomic_t tls_own_signal;
 
 struct sp_vcpu {
     int fd;
@@ -68,6 +71,7 @@ static void kick_handler(int sig)
     /* Only async-signal-safe work: KVM_RUN checks this on (re)entry. */
     if (tls_run)
         tls_run->immediate_exit = 1;
+    tls_own_signal = 1;
 }
 
 static pthread_once_t kick_once = PTHREAD_ONCE_INIT;
@@ -288,7 +292,7 @@ static void finish(struct sp_vcpu *v, struct sp_exit *out, uint32_t reason, int6
     out->reason = reason;
     out->kvm_exit_reason = v->run->exit_reason;
     out->cpu = sched_getcpu();
-    out->run_ns = (uint64_t)(sp_now_ns() - t0);
+    out->run_ns += (uint64_t)(sp_now_ns() - t0);
 }
 
 /* KVM_RUN returned -1 with `err` (not EINTR/EAGAIN): which failure it is, what KVM said about it,
@@ -322,7 +326,8 @@ static uint32_t failed_run(struct sp_vcpu *v, struct sp_exit *out, int err)
 int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp_exit *out,
                 uint8_t *debug_buf, uint32_t debug_cap)
 {
-    memset(out, 0, sizeof(*out));
+    if (!(flags & SP_RUN_CONTINUE))
+        memset(out, 0, sizeof(*out));
     if (timeout_ns <= 0) {
         errno = EINVAL;
         return sp_fail("sp_vcpu_run(timeout_ns <= 0)");
@@ -331,6 +336,7 @@ int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp
     int64_t deadline = t0 + timeout_ns;
     struct kvm_run *run = v->run;
     tls_run = run; /* first: this thread's TLS slot exists before its first signal */
+    tls_own_signal = 0;
     timer_t timer;
     int r = arm_deadline(&timer, timeout_ns);
     if (r < 0) {
@@ -360,6 +366,17 @@ int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp
         if (rc < 0) {
             if (errno == EINTR || errno == EAGAIN) {
                 run->immediate_exit = 0;
+                /* Someone else's signal: return, so the interpreter that called us runs its handler now
+                 * (a KeyboardInterrupt for SIGINT/SIGTERM) instead of at this run's deadline, which
+                 * can be a minute away. The caller resumes the run with SP_RUN_CONTINUE otherwise.
+                 * One landing while this loop handles an exit in user space leaves no trace here: the
+                 * interpreter sees it when the call returns for another reason (at worst its deadline). */
+                if (errno == EINTR && !tls_own_signal && !__atomic_load_n(&v->kick, __ATOMIC_ACQUIRE) &&
+                    sp_now_ns() < deadline) {
+                    reason = SP_EXIT_SIGNAL;
+                    break;
+                }
+                tls_own_signal = 0;
                 continue; /* the top of the loop says why */
             }
             reason = failed_run(v, out, errno);

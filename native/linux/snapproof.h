@@ -40,11 +40,14 @@ enum sp_exit_reason {
     SP_EXIT_EFAULT = 12,
     /* The same with KVM_EXIT_MEMORY_FAULT (6.8+): KVM_RUN -1 (EFAULT or EHWPOISON) and the fault's
      * fault_gpa, fault_size, fault_flags from kvm_run->memory_fault; rip as for SP_EXIT_EFAULT. */
-    SP_EXIT_MEMORY_FAULT = 13
+    SP_EXIT_MEMORY_FAULT = 13,
+    SP_EXIT_SIGNAL = 14    /* a signal not the loop's own (SIGINT, SIGTERM...) ended KVM_RUN: the caller lets its
+                              handlers run, then calls again with SP_RUN_CONTINUE to go on */
 };
 
 enum sp_run_flags {
-    SP_RUN_STOP_ON_SYNC = 1
+    SP_RUN_STOP_ON_SYNC = 1,
+    SP_RUN_CONTINUE = 2    /* resume the run an SP_EXIT_SIGNAL ended: counters, debug bytes and run_ns go on */
 };
 
 struct sp_exit {
@@ -61,11 +64,11 @@ struct sp_exit {
     uint8_t mmio_is_write;
     uint8_t pad[3];
     uint64_t hw_reason;       /* fail_entry hardware reason / internal suberror */
-    uint64_t sync_count;      /* sync-port writes seen during this call */
+    uint64_t sync_count;      /* sync-port writes seen during this run */
     uint32_t last_sync;       /* value of the last one */
     uint32_t debug_len;       /* bytes written to the debug buffer */
-    uint64_t run_ns;          /* wall time of this call */
-    uint64_t kvm_runs;        /* KVM_RUN ioctls issued by this call */
+    uint64_t run_ns;          /* wall time of this run (an SP_RUN_CONTINUE call goes on counting) */
+    uint64_t kvm_runs;        /* KVM_RUN ioctls issued by this run */
     uint64_t rip;             /* after a failed KVM_RUN: the guest's RIP (KVM_GET_REGS), if rip_valid */
     uint64_t fault_gpa;       /* SP_EXIT_MEMORY_FAULT: kvm_run->memory_fault.gpa (page aligned) */
     uint64_t fault_size;      /* ... .size: the fault covers [fault_gpa, fault_gpa + fault_size) */

@@ -448,6 +448,10 @@ int sp_wp_rearm_range(struct sp_wp *w, uint64_t first_page, uint64_t npages)
         errno = EINVAL;
         return sp_fail("sp_wp_rearm_range(range)");
     }
+    if (!w->dst) {
+        errno = EINVAL;
+        return sp_fail("sp_wp_rearm_range(no destination)");
+    }
     if (refuse_if_dead(w, "sp_wp_rearm_range(fault handler died)") < 0)
         return -EOWNERDEAD;
     memset(w->state + first_page, SP_PAGE_CLEAN, npages);
@@ -471,6 +475,10 @@ int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, u
     if (first_page > w->npages || npages > w->npages - first_page || batch == 0) {
         errno = EINVAL;
         return sp_fail("sp_wp_bulk_copy(range)");
+    }
+    if (!w->dst) {
+        errno = EINVAL; /* finalized or released: the destination is no longer ours to write */
+        return sp_fail("sp_wp_bulk_copy(no destination)");
     }
     int64_t copied = 0;
     uint64_t end = first_page + npages;
