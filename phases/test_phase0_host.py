@@ -45,11 +45,34 @@ def test_capability_needed_by_the_phases_is_present(report, host, require, capab
 
 
 @pytest.mark.platform("linux")
-def test_run_record_names_the_kvm_module_and_uffd_mask(report, host, require):
-    """Host facts carry kernel, CPU, KVM module and uffd feature mask: figures are read against them."""
+def test_run_record_says_which_kvm_and_what_runs_below_it(report, host, require):
+    """Host facts carry kernel, CPU, the KVM module and its version and paging, bare metal or nested (under what),
+    the host class and the uffd mask: figures are read against them."""
+    from native.host import HARDWARE_KVM_MODULES, HOST_CLASSES, TDP_PARAMETER, describe_host
+
     require("kvm", "uffd")
+    facts = host.facts
     with report.stage("host facts") as st:
-        for key in ("kernel", "cpu_model", "cpus", "kvm_module", "uffd_features"):
-            st.check(bool(host.facts.get(key)), f"{key}: {host.facts.get(key)}", f"host fact {key!r} missing")
-        if host.facts["kvm_module"] not in ("kvm_intel", "kvm_amd"):
-            st.note(f"KVM module {host.facts['kvm_module']}: timings in this run are not bare-metal figures")
+        for key in ("kernel", "cpu_model", "cpus", "kvm_module", "kvm_module_version", "kvm_paging", "virtualization",
+                    "hypervisor", "host_class", "uffd_features"):
+            st.check(bool(facts.get(key)), f"{key}: {facts.get(key)}", f"host fact {key!r} missing")
+        if facts["kvm_module"] in HARDWARE_KVM_MODULES:
+            tdp = TDP_PARAMETER[str(facts["kvm_module"])][0]
+            params = facts.get("kvm_params", {})
+            st.check(tdp in params, f"{facts['kvm_module']} parameters: {params}",
+                     f"{facts['kvm_module']}: expected its {tdp} parameter among the facts, saw {params}")
+        else:
+            st.note(f"KVM module {facts['kvm_module']}: timings in this run are not hardware figures")
+
+    with report.stage("bare metal or nested") as st:
+        # Two probes of the same bit: CPUID as this process executes it, and the flag the kernel read at boot.
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+        st.equal(facts["cpu_hypervisor_bit"], "hypervisor" in flags,
+                 f"CPUID hypervisor bit ({facts['hypervisor_probe']}) agrees with /proc/cpuinfo", str)
+        if facts["cpu_hypervisor_bit"]:
+            st.check(facts["hypervisor"] != "none", f"nested under {facts['hypervisor']} "
+                     f"(signature {facts['hypervisor_signature']!r})", "hypervisor bit set but no hypervisor named")
+        st.check(facts["host_class"] in HOST_CLASSES, describe_host(facts),
+                 f"host class {facts['host_class']!r}: expected one of {', '.join(HOST_CLASSES)} "
+                 f"({describe_host(facts)})")
