@@ -84,8 +84,8 @@ _FEATURE_ROLE = {
     "THREAD_ID": ("required", "the WP engine asks for it: fault records name the faulting thread"),
     "WP_UNPOPULATED": ("used", "the WP engine populates holes before the arm (MADV_POPULATE_WRITE): writes into "
                                "them are still caught, the arm costs more"),
-    "MISSING_SHMEM": ("used", "the lazy-uffd loader into memfd memory is left out (phase 3 cases deselected)"),
-    "WP_ASYNC": ("used", "the precopy-wp-async strategy is left out (deselected); pre-copy is proven by "
+    "MISSING_SHMEM": ("used", "the lazy-uffd loader into memfd memory is left out (phase 3)"),
+    "WP_ASYNC": ("used", "the precopy-wp-async strategy is left out; pre-copy is proven by "
                          "KVM's dirty log"),
     "MISSING_HUGETLBFS": ("used", "no lazy restore into hugetlb memory"),
 }
@@ -426,7 +426,7 @@ def _hugepage_rows(rep: HostReport) -> None:
             "hugepages", "MEM", "for reserved hugepages", Status.WARN,
             f"absent: HugePages_Free = {free} (total {total})",
             "reserve with --reserve-hugepages N or vm.nr_hugepages",
-            fallback="hugetlb-backed cases are left out (deselected)"))
+            fallback="hugetlb-backed cases are left out"))
 
 
 def _common_facts(rep: HostReport) -> None:

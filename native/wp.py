@@ -113,8 +113,10 @@ def require_features(need: int, what: str) -> int:
     supported = supported_features()
     missing = need & ~supported
     if missing:
-        names = ", ".join(f"UFFD_FEATURE_{n} (kernel {uffd.SINCE.get(n, '?')})" for n in uffd.feature_names(missing))
-        raise CapabilityMissing(f"{what} needs {names}: not in the kernel's mask {supported:#x}")
+        lacking = uffd.feature_names(missing)
+        names = ", ".join(f"UFFD_FEATURE_{n} (kernel {uffd.SINCE.get(n, '?')})" for n in lacking)
+        raise CapabilityMissing(f"{what} needs {names}: not in the kernel's mask {supported:#x}",
+                                tuple(f"uffd.{n}" for n in lacking))
     return supported
 
 
