@@ -44,6 +44,35 @@ def test_capability_needed_by_the_phases_is_present(report, host, require, capab
         st.check(row is not None and row.available, f"{row.what}: {row.detail}")
 
 
+def test_host_has_what_its_class_requires_and_names_what_it_lacks(report, host, host_policy, require):
+    """The gate policy's class for this host: every capability it requires is present (skip naming it otherwise;
+    FAIL under --strict-host), and each one this host lacks that the class does not require is reported as
+    unavailable with the suite's fallback, never as present."""
+    from native.host import describe_host
+
+    with report.stage("host class") as st:
+        st.check(host_policy.host_class is not None, f"{describe_host(host.facts)}; policy {host_policy.source}",
+                 f"no class of the gate policy applies to this host: {host_policy.label()}")
+        report.fact("host_class", host_policy.host_class)
+
+    with report.stage("required by the class") as st:
+        for name in sorted(host_policy.required):
+            require(name)
+            row = host.get(name)
+            st.check(row is not None and row.available, f"{name}: {row.detail if row else '?'}",
+                     f"{name}: required by {host_policy.label()}, not available on this host")
+
+    with report.stage("unavailable, not required") as st:
+        lacking = [c for c in host.capabilities if not c.available and not host_policy.requires(c.name)]
+        for c in lacking:
+            st.check(c.status.value != "PASS", f"{c.name}: {c.status.value}, {c.detail}; "
+                     + (f"fallback: {c.fallback}" if c.fallback else c.hint or "no fallback"),
+                     f"{c.name} is unavailable but its row says PASS: {c.detail}")
+        if not lacking:
+            st.note("this host lacks nothing the phases use")
+        report.fact("unavailable", {c.name: c.fallback or c.hint for c in lacking})
+
+
 @pytest.mark.platform("linux")
 def test_run_record_says_which_kvm_and_what_runs_below_it(report, host, require):
     """Host facts carry kernel, CPU, the KVM module and its version and paging, bare metal or nested (under what),
