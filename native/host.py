@@ -183,9 +183,11 @@ def kvm_module_version(module: str) -> str:
     src = _read(f"/sys/module/{module}/srcversion")
     if own:
         return f"{own} (kernel {release})"
-    if src:
-        return f"kernel {release}, srcversion {src}"
-    return f"kernel {release}, built in" if os.path.isdir(f"/sys/module/{module}") else f"kernel {release}"
+    if not os.path.isdir(f"/sys/module/{module}"):
+        return f"kernel {release}"
+    # Only a loaded .ko has an initstate; a module without MODULE_VERSION has no srcversion either.
+    kind = "loaded module" if os.path.exists(f"/sys/module/{module}/initstate") else "built in"
+    return f"kernel {release}, {kind}" + (f", srcversion {src}" if src else "")
 
 
 def kvm_module_parameters(module: str) -> dict[str, str]:
