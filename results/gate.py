@@ -228,6 +228,10 @@ def evaluate(run: dict[str, Any], base: dict[str, Any] | None, policy: dict[str,
             why = bad[0].get("failure") or bad[0].get("skip_reason") or bad[0]["outcome"] if bad else ""
             if bad:
                 detail = f" ({len(bad)} of {len(p['cases'])} cases not passed; first: {bad[0]['test']}: {why})"
+        if left_out := p.get("deselected", []):
+            # Cases the host's class excused are named, never counted: the PASS covers what ran.
+            detail += (f" ({len(left_out)} deselected for this host, not required by its class; first: "
+                       f"{left_out[0]['test']}: {left_out[0]['reason'].split(', not required', 1)[0]})")
         findings.append(Finding(p["outcome"] == "PASS", "phase",
                                 f"phase {number} {p['title']}: {p['outcome']}{detail}"))
     caps = {c["name"]: c for c in run.get("capabilities", [])}

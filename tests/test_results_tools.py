@@ -167,6 +167,18 @@ def test_uncalibrated_class_gates_capabilities_not_figures_and_needs_no_baseline
     assert not any("WP_ASYNC" in f.text for f in findings), "WP_ASYNC is not required of kvm-nested"
 
 
+def test_a_phase_with_deselected_cases_names_them_in_the_gate():
+    """A phase that passed with cases deselected for the host says so: what ran passed, what did not is named."""
+    rec = _hardware_record(nested=True)
+    rec["phases"][5]["deselected"] = [{"test": "test_benchmark_pause_window[64MiB-precopy-wp-async]", "nodeid": "n",
+                                       "reason": "uffd.WP_ASYNC unavailable, not required by host class 'kvm-nested'"
+                                                 " of results/gate.yaml: absent"}]
+    _, findings = evaluate(rec, None, load_policy(POLICY))
+    phase5 = next(f for f in findings if f.text.startswith("phase 5"))
+    assert phase5.ok and "1 deselected for this host" in phase5.text and "uffd.WP_ASYNC unavailable" in phase5.text, \
+        phase5.text
+
+
 def test_committed_baseline_is_refused_for_another_class():
     """The kvm_pvm baseline never gates a hardware or nested run: refused naming both classes."""
     policy = load_policy(POLICY)
