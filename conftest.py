@@ -105,6 +105,7 @@ def on_platform(name: str) -> bool:
     return sys.platform.startswith(name)
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m: only what would run is probed for, and deselected for the host
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Tests for another OS's backend, and long runs nobody asked for (--long), are deselected, not
     # skipped: a skip means a missing host capability, and a phase with one is not a PASS.
@@ -553,7 +554,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.section(f"deselected for this host: {session.host_policy().label()}")
         for nodeid, reason in session.deselected.items():
             terminalreporter.write_line(f"{nodeid}\n    {reason}")
-    if not session.phases:
+    if not session.phases or config.option.collectonly:  # --collect-only ran nothing: no record of it
         return
     mode = config.getoption("reports")
     record = session.record()
