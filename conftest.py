@@ -1,10 +1,13 @@
 """snapproof's fixtures: options, host capabilities, guest memory, VMs, WP engines and running guests.
 
 Fixtures are layered by lifecycle, after Firecracker: ``make_memory`` and
-``make_vm`` are factories that own cleanup. A missing host capability skips
-with the exact reason from ``native.host`` (``--strict-host`` turns it into a
-failure). The case reports and the run record (``report``, ``--results-dir``)
-are the plugin results/plugin.py.
+``make_vm`` are factories that own cleanup; ``report`` is the running test's
+case report. A missing host capability skips with the exact reason from
+``native.host`` (``--strict-host`` turns it into a failure) when the gate
+policy's class for this host requires it; one it does not require deselects
+the cases that need it, naming it (results/hostpolicy.py). The case reports
+and the run record (``report``, ``--results-dir``) are the plugin
+results/plugin.py.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from results.plugin import RunRecorder, recorder
 
 ROOT = Path(__file__).resolve().parent
 pytest_plugins = ("results.interrupts", "results.plugin")
@@ -38,7 +43,10 @@ def parse_size(text: str) -> int:
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("snapproof")
     g.addoption("--strict-host", action="store_true",
-                help="fail, instead of skip, every test whose host capability is missing (release gates)")
+                help="fail, instead of skip, every test missing a host capability its host class requires (release "
+                     "gates); what the class does not require is deselected, naming it")
+    g.addoption("--policy", default=str(ROOT / "results" / "gate.yaml"), metavar="PATH",
+                help="the gate policy whose host class says which capabilities are required ('' for none: all are)")
     g.addoption("--sizes", default="", metavar="LIST",
                 help="extra guest memory sizes for the sized phases, e.g. 1G,4G (default: the phase's own)")
     g.addoption("--inject", default="none", metavar="SWITCH[,SWITCH]",
@@ -88,6 +96,7 @@ def on_platform(name: str) -> bool:
     return sys.platform.startswith(name)
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m: only what would run is probed for, and deselected for the host
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Tests for another OS's backend, and long or nested runs nobody asked for (--long, --nested), are deselected, not
     # skipped: a skip means a missing host capability, and a phase with one is not a PASS.
@@ -97,6 +106,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if unwanted:
         config.hook.pytest_deselected(items=unwanted)
         items[:] = [i for i in items if i not in unwanted]
+    deselect_unavailable(config, items)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -119,9 +129,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def skip_or_fail(config: pytest.Config, reason: str) -> None:
+    """A capability the host's class requires is missing: skip naming it, or fail under --strict-host."""
     if config.getoption("strict_host"):
-        pytest.fail(f"--strict-host: host capability missing: {reason}", pytrace=False)
+        policy = _session(config).host_policy()
+        pytest.fail(f"--strict-host: host capability missing: {reason} (required by {policy.label()})", pytrace=False)
     pytest.skip(reason)
+
+
+def _session(config: pytest.Config) -> RunRecorder:
+    return recorder(config)
 
 
 @pytest.fixture(scope="session")
@@ -131,30 +147,106 @@ def host() -> Any:
     return probe()
 
 
+@pytest.fixture(scope="session")
+def host_policy(pytestconfig: pytest.Config) -> Any:
+    """The gate policy's view of this host (results.hostpolicy.HostPolicy): its class and what that requires."""
+    return _session(pytestconfig).host_policy()
+
+
+def _enforce(config: pytest.Config, names: Any) -> str | None:
+    """Skip (fail under --strict-host) for a missing capability the class requires; otherwise the reason naming
+    each missing one it does not require (None when the host has them all)."""
+    from native.host import probe
+
+    required, unavailable = _session(config).host_policy().sort(probe(), names)
+    if required:
+        skip_or_fail(config, required[0])
+    return "; ".join(unavailable) or None
+
+
 @pytest.fixture
 def require(request: pytest.FixtureRequest, host: Any) -> Callable[..., None]:
-    """``require("uffd.WP_UNPOPULATED")``: skip (or fail under --strict-host) naming what is missing."""
+    """``require("uffd.WP_UNPOPULATED")``: skip (or fail under --strict-host) naming what is missing, when the
+    host's class requires it; a capability the class does not require skips naming it as unavailable (never
+    failed, never passed). Needs known before the run belong in ``needs`` markers: those deselect instead."""
 
     def _require(*names: str) -> None:
-        for name in names:
-            reason = host.missing(name)
-            if reason:
-                skip_or_fail(request.config, reason)
+        if reason := _enforce(request.config, names):
+            pytest.skip(reason)
 
     return _require
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    marker = item.get_closest_marker("needs")
-    if marker is None:
+@pytest.fixture
+def unavailable(request: pytest.FixtureRequest, host: Any) -> Callable[..., str | None]:
+    """``unavailable(*names)``: None when the host has them all; the reason naming each missing one the class
+    does not require (the caller leaves that part of its proof out and reports it); a missing one the class
+    requires skips (fails under --strict-host) like ``require``."""
+
+    def _unavailable(*names: str) -> str | None:
+        return _enforce(request.config, names)
+
+    return _unavailable
+
+
+def parameter_needs(params: dict[str, Any]) -> list[str]:
+    """What a case needs of the host because of its parameters, from the needs tables beside what the parameters
+    name: ``strategy`` (native/strategies.py), ``loader`` (native/restore.py), ``backing`` (native/memory.py)."""
+    if sys.platform == "win32":  # the tables describe the Linux backend: no case collected here uses them
+        return []
+    out: list[str] = []
+    if "strategy" in params:
+        from native.strategies import STRATEGY_NEEDS
+
+        out += STRATEGY_NEEDS[params["strategy"]]
+    if "loader" in params:
+        from native.restore import LOADER_NEEDS
+
+        out += LOADER_NEEDS[params["loader"]]
+    if "backing" in params:
+        from native.memory import BACKING_NEEDS
+
+        out += BACKING_NEEDS.get(params["backing"], ())
+    return out
+
+
+def item_needs(item: pytest.Item) -> list[str]:
+    """Every capability a case needs: its ``needs`` markers (module, class and function) and its parameters'."""
+    names = [str(n) for m in item.iter_markers("needs") for n in m.args]
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None:
+        names += parameter_needs(callspec.params)
+    return list(dict.fromkeys(names))
+
+
+def deselect_unavailable(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect each case that needs a capability the host lacks and its class does not require, recording why.
+
+    A case that also lacks a capability the class requires stays: it skips (fails under --strict-host) naming
+    that one, the bigger gap. Nothing is probed when no case needs anything.
+    """
+    needing = [(item, needs) for item in items if (needs := item_needs(item))]
+    if not needing:
         return
     from native.host import probe
 
-    rep = probe()
-    for name in marker.args:
-        reason = rep.missing(name)
-        if reason:
-            skip_or_fail(item.config, reason)
+    host, policy, session = probe(), _session(config).host_policy(), _session(config)
+    dropped = []
+    for item, needs in needing:
+        required, unavailable = policy.sort(host, needs)
+        if unavailable and not required:
+            session.record_deselected(item, "; ".join(unavailable))
+            dropped.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        gone = set(dropped)
+        items[:] = [i for i in items if i not in gone]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # What the class requires skips or fails here; what it does not require was deselected at collection.
+    if (needs := item_needs(item)) and (reason := _enforce(item.config, needs)):
+        pytest.skip(reason)
 
 
 # What a test built through the factories, so a failure can put its state in the run record.
@@ -192,11 +284,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep: pytest.TestReport = outcome.get_result()
     from native.errors import CapabilityMissing
 
-    # A capability found missing deep inside a fixture or the native layer is a skip too.
+    # A capability found missing deep inside a fixture or the native layer is a skip too; --strict-host fails
+    # it unless every capability it names is one the host's class does not require.
     if call.excinfo is not None and call.excinfo.errisinstance(CapabilityMissing):
         reason = str(call.excinfo.value)
-        if item.config.getoption("strict_host"):
-            rep.longrepr = f"--strict-host: host capability missing: {reason}"
+        policy = _session(item.config).host_policy()
+        names = getattr(call.excinfo.value, "capabilities", ())
+        if item.config.getoption("strict_host") and (not names or any(policy.requires(n) for n in names)):
+            rep.longrepr = f"--strict-host: host capability missing: {reason} (required by {policy.label()})"
         else:
             rep.outcome = "skipped"
             rep.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {reason}")
@@ -237,8 +332,9 @@ def make_memory(require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
     made: list[Any] = []
 
     def _make(backing: str, size: int, **kw: Any) -> Any:
-        if backing == "hugetlb":
-            require("hugepages")
+        from native.memory import BACKING_NEEDS
+
+        require(*BACKING_NEEDS.get(backing, ()))
         ctors: dict[str, Callable[..., Any]] = {
             "memfd": GuestMemory.memfd, "anonymous": GuestMemory.anonymous, "hugetlb": GuestMemory.hugetlb,
             "file-private": GuestMemory.file_private, "file-readonly": GuestMemory.file_readonly,
@@ -659,10 +755,9 @@ def make_restored_vm(require: Callable[..., None], inject: Any) -> Iterator[Call
     made: list[Any] = []
 
     def _make(image: Any, loader: str, **kw: Any) -> Any:
-        if loader == "lazy-uffd":
-            require("uffd")
-            if kw.get("lazy_backing", "memfd") == "memfd":
-                require("uffd.MISSING_SHMEM")
+        from native.restore import LOADER_NEEDS
+
+        require(*LOADER_NEEDS[loader])
         kw.setdefault("inject", inject)
         restored = restore_vm(image, loader, **kw)
         made.append(restored)

@@ -16,7 +16,15 @@ class NativeError(OSError):
 
 
 class CapabilityMissing(Exception):
-    """The host lacks something a test needs; the message is the skip reason, naming it exactly."""
+    """The host lacks something a test needs; the message is the skip reason, naming it exactly.
+
+    ``capabilities`` names the missing ones as native.host does (``uffd.WP_ASYNC``) when the raiser knows
+    them: the plugin then fails it under --strict-host only if the host's class requires one of them.
+    """
+
+    def __init__(self, reason: str, capabilities: tuple[str, ...] = ()) -> None:
+        super().__init__(reason)
+        self.capabilities = capabilities
 
 
 class GuestTimeout(TimeoutError):

@@ -29,10 +29,18 @@ class Capability:
     status: Status
     detail: str     # what was seen
     hint: str = ""  # one line: what to do when it is not PASS
+    fallback: str = ""  # when absent: what the suite does instead (or leaves out), so "unavailable" is never a pass
 
     @property
     def available(self) -> bool:
         return self.status is not Status.FAIL and not self.detail.startswith("absent")
+
+    @property
+    def advice(self) -> str:
+        """``; fallback: ...; hint`` for a row that is not PASS (empty otherwise)."""
+        if self.status is Status.PASS:
+            return ""
+        return (f"; fallback: {self.fallback}" if self.fallback else "") + (f"; {self.hint}" if self.hint else "")
 
 
 @dataclass
@@ -53,8 +61,7 @@ class HostReport:
             return f"capability {name!r} was not probed on this platform ({sys.platform})"
         if c.available:
             return None
-        hint = f"; {c.hint}" if c.hint else ""
-        return f"{c.what}: {c.detail}{hint}"
+        return f"{c.what}: {c.detail}{c.advice}"
 
     @property
     def failed(self) -> bool:
@@ -65,18 +72,21 @@ class HostReport:
         for c in self.capabilities:
             lines.append(f"{c.area:>5}: Checking {c.what:<52}: {c.status.value}")
             if c.status is not Status.PASS:
-                lines.append(f"{'':>7}({c.detail}{'; ' + c.hint if c.hint else ''})")
+                lines.append(f"{'':>7}({c.detail}{c.advice})")
         return "\n".join(lines)
 
 
-# Which uffd features the phases use, and what their absence costs.
+# Which uffd features the phases use: "required" ones the WP engine cannot work without (the row FAILs);
+# without a "used" one the suite falls back to the second text, or leaves out (deselects) what needs it.
 _FEATURE_ROLE = {
     "PAGEFAULT_FLAG_WP": ("required", "WP faults cannot be told from missing faults"),
-    "WP_HUGETLBFS_SHMEM": ("required", "no WP on memfd/shmem guest memory (phases 1-3)"),
-    "THREAD_ID": ("used", "fault records lose the faulting thread"),
-    "WP_UNPOPULATED": ("used", "holes must be pre-populated before arm (slower arm)"),
-    "MISSING_SHMEM": ("used", "no lazy restore into memfd (phase 3)"),
-    "WP_ASYNC": ("used", "no PAGEMAP_SCAN pre-copy strategy"),
+    "WP_HUGETLBFS_SHMEM": ("required", "no WP on memfd/shmem guest memory (phases 1-3, 5)"),
+    "THREAD_ID": ("required", "the WP engine asks for it: fault records name the faulting thread"),
+    "WP_UNPOPULATED": ("used", "the WP engine populates holes before the arm (MADV_POPULATE_WRITE): writes into "
+                               "them are still caught, the arm costs more"),
+    "MISSING_SHMEM": ("used", "the lazy-uffd loader into memfd memory is left out (phase 3)"),
+    "WP_ASYNC": ("used", "the precopy-wp-async strategy is left out; pre-copy is proven by "
+                         "KVM's dirty log"),
     "MISSING_HUGETLBFS": ("used", "no lazy restore into hugetlb memory"),
 }
 
@@ -114,24 +124,175 @@ def _kvm_rows(rep: HostReport) -> None:
                                            Status.PASS, probed))
     else:
         rep.capabilities.append(Capability("kvm.readonly_mem", "KVM", "for read-only memslots (KVM_MEM_READONLY)",
-                                           Status.WARN, f"absent: {probed}",
-                                           "the hypervisor-level copy-on-write load (phase 4) is skipped"))
-    module = kvm_module()
-    rep.facts["kvm_module"] = module
-    if module in ("kvm_intel", "kvm_amd"):
-        rep.capabilities.append(Capability("kvm.module", "KVM", "for the KVM module", Status.PASS, module))
+                                           Status.WARN, f"absent: {probed}", "",
+                                           "the hypervisor-level copy-on-write load (phase 4) is left out"))
+    facts = rep.facts
+    module = str(facts.get("kvm_module"))
+    described = f"{module} {facts.get('kvm_module_version')}"
+    if module in HARDWARE_KVM_MODULES:
+        rep.capabilities.append(Capability("kvm.module", "KVM", "for a hardware KVM module (VMX/SVM)", Status.PASS,
+                                           described))
     else:
         rep.capabilities.append(Capability(
-            "kvm.module", "KVM", "for the KVM module", Status.WARN, f"{module} (not VMX/SVM)",
-            "figures from a software/nested KVM are not bare-metal figures"))
+            "kvm.module", "KVM", "for a hardware KVM module (VMX/SVM)", Status.WARN, f"{described} (not VMX/SVM)",
+            "figures from a software KVM are not hardware figures"))
+    paging = str(facts.get("kvm_paging"))
+    rep.capabilities.append(Capability(
+        "kvm.paging", "KVM", "for two-dimensional paging (NPT/EPT)",
+        Status.PASS if paging.startswith(("NPT", "EPT")) else Status.WARN, paging,
+        "" if paging.startswith(("NPT", "EPT")) else
+        "KVM shadows the guest's page tables: WP faults still reach uffd, figures are not NPT/EPT figures"))
+    if facts.get("virtualization") == "bare metal":
+        rep.capabilities.append(Capability(
+            "kvm.bare_metal", "KVM", "for bare metal (no hypervisor below)", Status.PASS,
+            f"CPUID hypervisor bit clear ({facts.get('hypervisor_probe')})"))
+    else:
+        rep.capabilities.append(Capability(
+            "kvm.bare_metal", "KVM", "for bare metal (no hypervisor below)", Status.WARN,
+            f"nested under {facts.get('hypervisor')}: CPUID hypervisor bit set, signature "
+            f"{facts.get('hypervisor_signature')!r} ({facts.get('hypervisor_probe')})",
+            "figures from a nested host are not bare-metal figures"))
+
+
+# -- what this host is: bare metal or a guest, and which KVM --------------------------------------
+
+HARDWARE_KVM_MODULES = ("kvm_intel", "kvm_amd")
+SOFTWARE_KVM_MODULES = ("kvm_pvm",)  # KVM without VMX/SVM: it emulates what the hardware would do
+# The parameters that say how a hardware module maps guest memory (two-dimensional paging or shadow
+# page tables), whether it runs real mode natively, and whether it offers nesting itself.
+KVM_MODULE_PARAMETERS = {"kvm_amd": ("npt", "nested", "avic"),
+                         "kvm_intel": ("ept", "unrestricted_guest", "nested")}
+TDP_PARAMETER = {"kvm_amd": ("npt", "NPT"), "kvm_intel": ("ept", "EPT")}
+# CPUID leaf 0x40000000: EBX, ECX, EDX spell the hypervisor's signature.
+HYPERVISOR_LEAF = 0x40000000
+HYPERVISORS = {"KVMKVMKVM": "KVM", "TCGTCGTCGTCG": "TCG", "Microsoft Hv": "Hyper-V", "VMwareVMware": "VMware",
+               "XenVMMXenVMM": "Xen", "VBoxVBoxVBox": "VirtualBox", " lrpepyh  vr": "Parallels",
+               "ACRNACRNACRN": "ACRN", "bhyve bhyve ": "bhyve", "QNXQVMBSQG": "QNX"}
+HOST_CLASSES = ("kvm-hardware", "kvm-nested", "kvm-software", "whp")
 
 
 def kvm_module() -> str:
-    for m in ("kvm_intel", "kvm_amd", "kvm_pvm"):
+    for m in (*HARDWARE_KVM_MODULES, *SOFTWARE_KVM_MODULES):
         if os.path.isdir(f"/sys/module/{m}"):
             return m
     mods = sorted(m for m in os.listdir("/sys/module") if m.startswith("kvm")) if os.path.isdir("/sys/module") else []
     return ",".join(mods) or "unknown"
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def kvm_module_version(module: str) -> str:
+    """The kernel release it belongs to, and the module's own version or srcversion when it is a loaded .ko."""
+    release = platform.release()
+    own = _read(f"/sys/module/{module}/version")
+    src = _read(f"/sys/module/{module}/srcversion")
+    if own:
+        return f"{own} (kernel {release})"
+    if not os.path.isdir(f"/sys/module/{module}"):
+        return f"kernel {release}"
+    # Only a loaded .ko has an initstate; a module without MODULE_VERSION has no srcversion either.
+    kind = "loaded module" if os.path.exists(f"/sys/module/{module}/initstate") else "built in"
+    return f"kernel {release}, {kind}" + (f", srcversion {src}" if src else "")
+
+
+def kvm_module_parameters(module: str) -> dict[str, str]:
+    """The module parameters of KVM_MODULE_PARAMETERS as /sys/module/<module>/parameters shows them (Y/N, 0/1)."""
+    out = {}
+    for name in KVM_MODULE_PARAMETERS.get(module, ()):
+        value = _read(f"/sys/module/{module}/parameters/{name}")
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _enabled(value: str | None) -> bool:
+    return value is not None and value.upper() in ("Y", "1")
+
+
+def kvm_paging(module: str, params: dict[str, str]) -> str:
+    """How KVM maps guest memory: "NPT (npt=Y)", "shadow paging (ept=N)", or the software module's own."""
+    if module in TDP_PARAMETER:
+        name, tdp = TDP_PARAMETER[module]
+        value = params.get(name)
+        if value is None:
+            return f"unknown ({module} has no {name} parameter)"
+        return f"{tdp} ({name}={value})" if _enabled(value) else f"shadow paging ({name}={value})"
+    if module in SOFTWARE_KVM_MODULES:
+        return f"shadow paging by {module} (software KVM)"
+    return f"unknown (KVM module {module})"
+
+
+def cpu_hypervisor() -> tuple[bool, str, str]:
+    """(CPUID hypervisor bit, leaf 0x40000000 signature, how it was probed).
+
+    CPUID itself (native sp_cpuid) where it can run; otherwise the ``hypervisor`` flag of /proc/cpuinfo,
+    which is the same bit as the kernel read it, and no signature.
+    """
+    if platform.machine() in ("x86_64", "i386", "i686", "AMD64"):
+        try:
+            from native._lib import ffi, lib  # builds the native module first when it is stale
+
+            regs = ffi.new("uint32_t[4]")
+            if lib.sp_cpuid(1, 0, regs) == 0:
+                bit = bool(regs[2] >> 31 & 1)
+                signature = ""
+                if bit and lib.sp_cpuid(HYPERVISOR_LEAF, 0, regs) == 0:
+                    raw = b"".join(int(r).to_bytes(4, "little") for r in (regs[1], regs[2], regs[3]))
+                    signature = raw.rstrip(b"\0").decode("ascii", "replace")
+                return bit, signature, "CPUID leaf 1 ECX bit 31, leaf 0x40000000"
+        except (ImportError, RuntimeError):  # no native module (BuildError is a RuntimeError): the kernel's reading
+            pass
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return "hypervisor" in flags.split(), "", "/proc/cpuinfo flags"
+
+
+def host_class(facts: dict[str, object]) -> str | None:
+    """The gate's class of a host, from its facts: kvm-software when the KVM module emulates (kvm_pvm),
+    kvm-nested when the CPUID hypervisor bit is set under a hardware module, kvm-hardware otherwise;
+    whp on Windows. None when the facts cannot tell (an unknown module, or a record from before the
+    hypervisor bit was a fact: hardware and nested cannot be told apart then)."""
+    if facts.get("platform") == "win32":
+        return "whp"
+    module = facts.get("kvm_module")
+    if module in SOFTWARE_KVM_MODULES:
+        return "kvm-software"
+    if module in HARDWARE_KVM_MODULES:
+        bit = facts.get("cpu_hypervisor_bit")
+        if not isinstance(bit, bool):
+            return None
+        return "kvm-nested" if bit else "kvm-hardware"
+    return None
+
+
+def _virtualization_facts(rep: HostReport) -> None:
+    """Bare metal or a guest (and of what), the KVM module, its version and parameters, and the class."""
+    facts = rep.facts
+    bit, signature, how = cpu_hypervisor()
+    facts["virtualization"] = "nested" if bit else "bare metal"
+    facts["cpu_hypervisor_bit"] = bit
+    facts["hypervisor"] = (HYPERVISORS.get(signature, f"unknown ({signature!r})") if signature else "unknown") \
+        if bit else "none"
+    facts["hypervisor_signature"] = signature
+    facts["hypervisor_probe"] = how
+    module = kvm_module()
+    facts["kvm_module"] = module
+    facts["kvm_module_version"] = kvm_module_version(module)
+    params = kvm_module_parameters(module)
+    if params:
+        facts["kvm_params"] = params
+    facts["kvm_paging"] = kvm_paging(module, params)
+    facts["host_class"] = host_class(facts) or "unknown"
 
 
 def _uffd_rows(rep: HostReport) -> None:
@@ -156,10 +317,12 @@ def _uffd_rows(rep: HostReport) -> None:
         if mask & bit:
             rep.capabilities.append(Capability(f"uffd.{name}", "UFFD", what, Status.PASS, f"bit {bit:#x} offered"))
         else:
-            status = Status.FAIL if role == "required" else Status.WARN
+            required = role == "required"
             rep.capabilities.append(Capability(
-                f"uffd.{name}", "UFFD", what, status, f"absent: bit {bit:#x} not in the kernel's mask {mask:#x}",
-                f"{cost}" + (f"; needs kernel {since}+" if since else "")))
+                f"uffd.{name}", "UFFD", what, Status.FAIL if required else Status.WARN,
+                f"absent: bit {bit:#x} not in the kernel's mask {mask:#x}",
+                "; ".join(filter(None, [cost if role != "used" else "", f"needs kernel {since}+" if since else ""])),
+                fallback=cost if role == "used" else ""))
     _pagemap_scan_row(rep)
 
 
@@ -247,7 +410,7 @@ def _pagemap_scan_row(rep: HostReport) -> None:
     except NativeError as e:
         detail = "absent: ENOTTY (kernel before 6.7)" if e.errno == errno.ENOTTY else f"absent: {e}"
         rep.capabilities.append(Capability("pagemap_scan", "MEM", "for the PAGEMAP_SCAN ioctl", Status.WARN, detail,
-                                           "the WP_ASYNC pre-copy strategy is skipped"))
+                                           "needs kernel 6.7+", fallback=_FEATURE_ROLE["WP_ASYNC"][1]))
 
 
 def meminfo() -> dict[str, int]:
@@ -275,7 +438,8 @@ def _hugepage_rows(rep: HostReport) -> None:
         rep.capabilities.append(Capability(
             "hugepages", "MEM", "for reserved hugepages", Status.WARN,
             f"absent: HugePages_Free = {free} (total {total})",
-            "hugetlb cases skip; reserve with --reserve-hugepages N or vm.nr_hugepages"))
+            "reserve with --reserve-hugepages N or vm.nr_hugepages",
+            fallback="hugetlb-backed cases are left out"))
 
 
 def _common_facts(rep: HostReport) -> None:
@@ -365,13 +529,24 @@ def probe(refresh: bool = False) -> HostReport:
     rep = HostReport()
     _common_facts(rep)
     if sys.platform.startswith("linux"):
+        _virtualization_facts(rep)
         _kvm_rows(rep)
         _uffd_rows(rep)
         _hugepage_rows(rep)
     elif sys.platform == "win32":
+        rep.facts["host_class"] = host_class(rep.facts) or "unknown"
         _whp_rows(rep)
     _cached = rep
     return rep
+
+
+def describe_host(facts: dict[str, object]) -> str:
+    """One line: the class and why, e.g. ``host class kvm-nested: kvm_amd (...), nested under TCG, NPT (npt=Y)``."""
+    if facts.get("platform") == "win32":
+        return f"host class {facts.get('host_class')}: Windows"
+    under = f" under {facts.get('hypervisor')}" if facts.get("virtualization") == "nested" else ""
+    return (f"host class {facts.get('host_class')}: {facts.get('kvm_module')} ({facts.get('kvm_module_version')}), "
+            f"{facts.get('virtualization')}{under}, {facts.get('kvm_paging')}")
 
 
 def main() -> int:
@@ -379,6 +554,7 @@ def main() -> int:
     facts = rep.facts
     print(f"snapproof host check: {facts.get('hostname')} {facts.get('platform')} {facts.get('kernel')} "
           f"({facts.get('cpu_model')}, {facts.get('cpus')} CPUs)")
+    print(describe_host(facts))
     print(rep.table())
     return 1 if rep.failed else 0
 

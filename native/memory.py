@@ -25,6 +25,9 @@ HUGE_PAGE_SIZE = 2 << 20
 MFD_HUGETLB = 0x0004
 MADV_POPULATE_WRITE = 23
 MADV_NOHUGEPAGE = 15
+# What a backing needs of the host beyond the WP engine's own needs (native.host capability names); the
+# plugin reads it at collection, for a ``backing`` parameter: an unmet need deselects the case naming it.
+BACKING_NEEDS: dict[str, tuple[str, ...]] = {"hugetlb": ("hugepages",)}
 
 
 def check_size(size: int, unit: int = PAGE_SIZE, what: str = "guest memory size") -> int:

@@ -24,6 +24,15 @@ import sys
 
 # Before the platform guard: the names are plain data that a phase's parameters use on every host.
 LOADERS: tuple[str, ...] = ("read-copy", "map-private", "lazy-uffd")
+# What each loader needs of the host (native.host capability names): the plugin reads it at collection, for
+# a ``loader`` parameter, and deselects a case whose loader needs what the host lacks, naming it (--strict-host
+# fails it instead when the gate policy requires the capability). lazy-uffd serves MISSING faults into a memfd
+# (its default backing): shmem needs MISSING_SHMEM; into anonymous memory it would need no feature bit.
+LOADER_NEEDS: dict[str, tuple[str, ...]] = {
+    "read-copy": ("kvm",),
+    "map-private": ("kvm",),
+    "lazy-uffd": ("kvm", "uffd", "uffd.MISSING_SHMEM"),
+}
 
 if sys.platform == "win32":
     raise ImportError("native.restore (KVM, userfaultfd) is Linux-only")

@@ -54,6 +54,19 @@ WP_COPY_BEFORE_WRITE: str = "wp-copy-before-write"
 PRECOPY_WP_ASYNC: str = "precopy-wp-async"
 PRECOPY_KVM_DIRTY_LOG: str = "precopy-kvm-dirty-log"
 STRATEGIES: tuple[str, ...] = (STOP_AND_COPY, WP_COPY_BEFORE_WRITE, PRECOPY_WP_ASYNC, PRECOPY_KVM_DIRTY_LOG)
+# What each strategy needs of the host (native.host capability names) on memfd guest memory, the one table of
+# it: the plugin reads it at collection, for a ``strategy`` parameter, and deselects a case whose strategy
+# needs what the host lacks, naming it (--strict-host fails it instead when the gate policy requires it);
+# phase 5's comparison leaves such a strategy out of its table and says why. The WP engine works without
+# WP_UNPOPULATED (it populates holes before the arm) and never needs WP_ASYNC.
+_WP_ENGINE_NEEDS = ("uffd", "uffd.PAGEFAULT_FLAG_WP", "uffd.THREAD_ID", "uffd.WP_HUGETLBFS_SHMEM")
+STRATEGY_NEEDS: dict[str, tuple[str, ...]] = {
+    STOP_AND_COPY: ("kvm",),
+    WP_COPY_BEFORE_WRITE: ("kvm", *_WP_ENGINE_NEEDS),
+    PRECOPY_WP_ASYNC: ("kvm", "uffd", "uffd.PAGEFAULT_FLAG_WP", "uffd.WP_HUGETLBFS_SHMEM", "uffd.WP_ASYNC",
+                       "pagemap_scan"),
+    PRECOPY_KVM_DIRTY_LOG: ("kvm",),
+}
 
 
 @dataclass(frozen=True)

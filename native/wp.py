@@ -36,6 +36,18 @@ from native.inject import C_SWITCHES, FaultInjection
 from native.memory import HUGE_PAGE_SIZE, PAGE_SIZE, GuestMemory
 
 
+class HoleProtection(enum.Enum):
+    """How the engine makes sure a write into a never-populated page (a hole) is caught after the arm.
+
+    A plain UFFDIO_WRITEPROTECT skips anonymous holes (no page table entry to mark): a write there lands
+    uncaught. The value is what the report and the run record show.
+    """
+
+    WP_UNPOPULATED = "UFFD_FEATURE_WP_UNPOPULATED"          # kernel 6.4+: the arm leaves a pte marker in each hole
+    POPULATE_BEFORE_ARM = "pre-populated (MADV_POPULATE_WRITE)"  # the fallback: every page faulted in first
+    NONE = "none (fault injection)"                          # SKIP_UNPOPULATED: forkd's bug, holes go unprotected
+
+
 class PageState(enum.IntEnum):
     CLEAN = lib.SP_PAGE_CLEAN
     COPYING = lib.SP_PAGE_COPYING
@@ -109,8 +121,10 @@ def require_features(need: int, what: str) -> int:
     supported = supported_features()
     missing = need & ~supported
     if missing:
-        names = ", ".join(f"UFFD_FEATURE_{n} (kernel {uffd.SINCE.get(n, '?')})" for n in uffd.feature_names(missing))
-        raise CapabilityMissing(f"{what} needs {names}: not in the kernel's mask {supported:#x}")
+        lacking = uffd.feature_names(missing)
+        names = ", ".join(f"UFFD_FEATURE_{n} (kernel {uffd.SINCE.get(n, '?')})" for n in lacking)
+        raise CapabilityMissing(f"{what} needs {names}: not in the kernel's mask {supported:#x}",
+                                tuple(f"uffd.{n}" for n in lacking))
     return supported
 
 
@@ -154,15 +168,17 @@ class WpSnapshot:
             need |= uffd.FEATURES["WP_HUGETLBFS_SHMEM"]
         supported = require_features(need, f"uffd WP on {memory.backing} memory")
         # Never-populated pages are skipped by a plain arm; WP_UNPOPULATED (6.4) marks them,
-        # otherwise every page is faulted in first. The injection does neither (forkd's bug).
+        # otherwise every page is faulted in here, before the arm, so no hole is left to miss (the
+        # write-fault contents are zeros, what the hole reads as). The injection does neither (forkd's bug).
         if inject & FaultInjection.SKIP_UNPOPULATED:
-            self.unpopulated_policy = "none (fault injection)"
+            self.hole_protection = HoleProtection.NONE
         elif supported & uffd.FEATURES["WP_UNPOPULATED"]:
             need |= uffd.FEATURES["WP_UNPOPULATED"]
-            self.unpopulated_policy = "UFFD_FEATURE_WP_UNPOPULATED"
+            self.hole_protection = HoleProtection.WP_UNPOPULATED
         else:
             memory.populate()
-            self.unpopulated_policy = "pre-populated (MADV_POPULATE_WRITE)"
+            self.hole_protection = HoleProtection.POPULATE_BEFORE_ARM
+        self.unpopulated_policy = self.hole_protection.value
         self.features_requested = need
         self._dst = ffi.from_buffer("char[]", destination, require_writable=True)
         if len(self._dst) < memory.size:
@@ -318,6 +334,23 @@ def _destroy_engine(w: object, dst: object) -> None:
     the destination it copied into (a no-op when finalize() dropped it already)."""
     lib.sp_wp_destroy(w)
     ffi.release(dst)
+
+
+# /proc/self/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst). A uffd-wp pte marker in a hole
+# reads as PM_SWAP | PM_UFFD_WP: swapped-or-marked, not PM_PRESENT.
+PM_PRESENT = 1 << 63
+PM_SWAP = 1 << 62
+PM_UFFD_WP = 1 << 57
+
+
+def pagemap_entry(addr: int) -> int:
+    """The raw /proc/self/pagemap entry of the page at ``addr``: tells a populated page (PM_PRESENT) from a
+    hole that carries only a marker, which ``read_pagemap``'s "present" (present or swapped) does not."""
+    with open("/proc/self/pagemap", "rb", buffering=0) as f:
+        raw = os.pread(f.fileno(), 8, addr // PAGE_SIZE * 8)
+    if len(raw) != 8:
+        raise NativeError("pread(/proc/self/pagemap) (short read)", errno.EIO, addr=addr)
+    return int.from_bytes(raw, "little")
 
 
 def read_pagemap(addr: int, npages: int) -> tuple[bytes, bytes]:

@@ -2,7 +2,7 @@
 
     python -m results show RUN.yaml [--short] [--phase N]      the PASS reports again, from the record
     python -m results matrix RUN.yaml...                      host x phase: outcome, duration, key figures
-    python -m results gate RUN.yaml --baseline BASE.yaml --policy results/gate.yaml
+    python -m results gate RUN.yaml [--baseline BASE.yaml] --policy results/gate.yaml
                        [--host-class NAME] [--benchmarks RUN.json --baseline-benchmarks BASE.json]
     python -m results plots RUN.yaml [--out results/plots]    the PNG plots of one record
 
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("records", nargs="+")
     g = sub.add_parser("gate", help="judge a run against a baseline under a policy; exit 1 when it fails")
     g.add_argument("record")
-    g.add_argument("--baseline", required=True, help="the baseline run record (YAML)")
+    g.add_argument("--baseline", help="the baseline run record (YAML), of the run's host class; "
+                                      "not needed for an uncalibrated class (no figures of its own)")
     g.add_argument("--policy", required=True, help="the gate policy (YAML, schema snapproof-gate/1)")
     g.add_argument("--host-class", help="apply this class of the policy instead of matching on host facts")
     g.add_argument("--benchmarks", help="pytest-benchmark JSON of the run (default: the record's benchmarks)")

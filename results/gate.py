@@ -65,6 +65,32 @@ def load_policy(path: str | Path) -> dict[str, Any]:
     return policy
 
 
+def host_facts(rec: dict[str, Any]) -> dict[str, Any]:
+    """A record's host facts, with its host class derived by native.host's rule when the record predates
+    the ``host_class`` fact (a kvm_pvm record is kvm-software; a kvm_intel/kvm_amd record without the CPUID
+    hypervisor bit stays unclassified: bare metal and nested cannot be told apart from it)."""
+    from native.host import host_class
+
+    host = dict(rec.get("host", {}))
+    if not host.get("host_class") or host["host_class"] == "unknown":
+        host["host_class"] = host_class(host) or "unknown"
+    return host
+
+
+def required_capabilities(klass: dict[str, Any]) -> dict[str, list[str]]:
+    """The class's required capabilities: name -> the statuses that satisfy it (PASS unless ``allow`` says)."""
+    out = {}
+    for entry in klass.get("required_capabilities", []):
+        name, allow = (entry, ["PASS"]) if isinstance(entry, str) else (entry["name"], entry.get("allow", ["PASS"]))
+        out[str(name)] = [str(a) for a in allow]
+    return out
+
+
+def uncalibrated(klass: dict[str, Any]) -> bool:
+    """A class with no limits of its own: its figures are reported in the record, not gated."""
+    return not klass.get("figures") and not klass.get("benchmarks")
+
+
 def matches(klass: dict[str, Any], host: dict[str, Any]) -> bool:
     """Every ``match`` key equals the host fact (a list in the policy: any of its values)."""
     for key, want in klass.get("match", {}).items():
@@ -85,7 +111,8 @@ def select_class(policy: dict[str, Any], host: dict[str, Any], name: str | None 
     for c in classes:
         if matches(c, host):
             return c
-    facts = ", ".join(f"{k}={host.get(k)!r}" for k in sorted({k for c in classes for k in c.get("match", {})}))
+    keys = sorted({k for c in classes for k in c.get("match", {})} | {"kvm_module", "virtualization"})
+    facts = ", ".join(f"{k}={host.get(k)!r}" for k in keys)
     raise PolicyError(f"no host class in the policy matches this host ({facts})")
 
 
@@ -172,20 +199,32 @@ def check_benchmarks(klass: dict[str, Any], run_benches: dict[str, dict[str, Any
     return out
 
 
-def evaluate(run: dict[str, Any], base: dict[str, Any], policy: dict[str, Any], host_class: str | None = None,
+def evaluate(run: dict[str, Any], base: dict[str, Any] | None, policy: dict[str, Any], host_class: str | None = None,
              run_benches: dict[str, dict[str, Any]] | None = None,
              base_benches: dict[str, dict[str, Any]] | None = None) -> tuple[dict[str, Any], list[Finding]]:
-    """(the host class applied, every finding). The run and the baseline must belong to the same class."""
-    klass = select_class(policy, run.get("host", {}), host_class)
+    """(the host class applied, every finding). The baseline must be of the class applied to the run: one of
+    another class is refused (PolicyError naming both), as is none for a class that has limits to compare."""
+    klass = select_class(policy, host_facts(run), host_class)
     findings = []
     # A record of a run that did not finish proves nothing whole, whatever its phases say.
     for role, rec in (("run", run), ("baseline", base)):
+        if rec is None:
+            continue
         if (why := incompleteness(rec)) is not None:
             findings.append(Finding(False, "record", f"the {role} record is not of a whole run: {why}; "
                                     "run it again to the end"))
-    if host_class is None and not matches(klass, base.get("host", {})):
-        findings.append(Finding(False, "baseline", f"the baseline's host {host_label(base)} is not of class "
-                                f"{klass['name']!r}: figures from another class of host prove nothing"))
+    if base is not None:
+        base_host = host_facts(base)
+        base_class = next((c["name"] for c in policy["classes"] if matches(c, base_host)), None)
+        if base_class != klass["name"]:
+            raise PolicyError(f"the baseline's host {host_label(base)} is of host class "
+                              f"{base_class or base_host.get('host_class')!r}, the run is judged as class "
+                              f"{klass['name']!r}: a class never uses another class's baseline (figures from "
+                              "another class of host prove nothing)")
+    elif not uncalibrated(klass):
+        raise PolicyError(f"host class {klass['name']!r} tracks figures: a baseline record of that class is needed "
+                          "(--baseline)")
+    base = base if base is not None else {"phases": [], "benchmarks": []}
     for number in klass.get("required_phases", []):
         p = phase(run, int(number))
         if p is None:
@@ -197,29 +236,36 @@ def evaluate(run: dict[str, Any], base: dict[str, Any], policy: dict[str, Any], 
             why = bad[0].get("failure") or bad[0].get("skip_reason") or bad[0]["outcome"] if bad else ""
             if bad:
                 detail = f" ({len(bad)} of {len(p['cases'])} cases not passed; first: {bad[0]['test']}: {why})"
+        if left_out := p.get("deselected", []):
+            # Cases the host's class excused are named, never counted: the PASS covers what ran.
+            detail += (f" ({len(left_out)} deselected for this host, not required by its class; first: "
+                       f"{left_out[0]['test']}: {left_out[0]['reason'].split(', not required', 1)[0]})")
         findings.append(Finding(p["outcome"] == "PASS", "phase",
                                 f"phase {number} {p['title']}: {p['outcome']}{detail}"))
     caps = {c["name"]: c for c in run.get("capabilities", [])}
-    for entry in klass.get("required_capabilities", []):
-        name, allow = (entry, ["PASS"]) if isinstance(entry, str) else (entry["name"], entry.get("allow", ["PASS"]))
+    for name, allow in required_capabilities(klass).items():
         c = caps.get(name)
         if c is None:
             findings.append(Finding(False, "capability", f"{name}: not probed in the run"))
         else:
             findings.append(Finding(c["status"] in allow, "capability", f"{name}: {c['status']} ({c.get('detail', '')})"
                                     + ("" if c["status"] in allow else f"; required: {' or '.join(allow)}")))
+    if uncalibrated(klass):
+        findings.append(Finding(True, "figures", f"host class {klass['name']!r} is uncalibrated: figures reported "
+                                "in the record, not gated"))
     findings += check_figures(klass, run, base)
     findings += check_benchmarks(klass, benchmarks(run) if run_benches is None else run_benches,
                                  benchmarks(base) if base_benches is None else base_benches)
     return klass, findings
 
 
-def gate(run_path: str, baseline_path: str, policy_path: str, host_class: str | None = None,
+def gate(run_path: str, baseline_path: str | None, policy_path: str, host_class: str | None = None,
          run_json: str | None = None, baseline_json: str | None = None) -> tuple[str, int]:
     """The gate's report and exit status: 0 pass, 1 fail."""
     from results.load import benchmarks_from_json, load_record
 
-    run, base = load_record(run_path), load_record(baseline_path)
+    run = load_record(run_path)
+    base = load_record(baseline_path) if baseline_path is not None else None
     policy = load_policy(policy_path)
 
     def by_name(path: str | None) -> dict[str, dict[str, Any]] | None:
@@ -227,8 +273,9 @@ def gate(run_path: str, baseline_path: str, policy_path: str, host_class: str | 
 
     klass, findings = evaluate(run, base, policy, host_class, by_name(run_json), by_name(baseline_json))
     failed = [f for f in findings if not f.ok]
+    against = f"baseline {baseline_path} on {host_label(base)}" if base is not None else "no baseline"
     lines = [f"snapproof gate: {run_path} on {host_label(run)}",
-             f"  baseline {baseline_path} on {host_label(base)}; policy {policy_path}, host class {klass['name']!r}"]
+             f"  {against}; policy {policy_path}, host class {klass['name']!r}"]
     lines += [f.line() for f in findings]
     verdict = "FAIL" if failed else "PASS"
     lines.append(f"gate: {verdict} ({len(findings) - len(failed)} of {len(findings)} checks passed)")
@@ -238,4 +285,5 @@ def gate(run_path: str, baseline_path: str, policy_path: str, host_class: str | 
     return "\n".join(lines), 1 if failed else 0
 
 
-__all__ = ["Finding", "PolicyError", "RecordError", "evaluate", "gate", "load_policy", "select_class", "dig"]
+__all__ = ["Finding", "PolicyError", "RecordError", "evaluate", "gate", "host_facts", "load_policy",
+           "required_capabilities", "select_class", "uncalibrated", "dig"]

@@ -56,7 +56,9 @@ def incompleteness(rec: dict[str, Any]) -> str | None:
 
 def host_label(rec: dict[str, Any]) -> str:
     h = rec.get("host", {})
-    return f"{h.get('hostname', '?')} ({h.get('kvm_module') or h.get('platform', '?')}, {h.get('kernel', '?')})"
+    under = f" under {h['hypervisor']}" if h.get("virtualization") == "nested" and h.get("hypervisor") else ""
+    kind = f", {h['host_class']}{under}" if h.get("host_class") and h["host_class"] != "unknown" else ""
+    return f"{h.get('hostname', '?')} ({h.get('kvm_module') or h.get('platform', '?')}, {h.get('kernel', '?')}{kind})"
 
 
 def phase(rec: dict[str, Any], number: int) -> dict[str, Any] | None:

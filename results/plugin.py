@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+from results.hostpolicy import HostPolicy
 from results.interrupts import interruption
 from results.record import SCHEMA, CaseReport, PhaseReport, render_phase
 
@@ -98,6 +99,24 @@ class RunRecorder:
         self.finished: set[str] = set()  # those whose outcome is known
         self.record_path: Path | None = None
         self._written_status = ""
+        self.deselected: dict[str, str] = {}  # node id -> why: a capability the host lacks, its class does not require
+        self._host_policy: HostPolicy | None = None
+
+    def host_policy(self) -> HostPolicy:
+        """The gate policy's class for this host and what it requires (probes the host the first time)."""
+        if self._host_policy is None:
+            from native.host import probe
+
+            path = self.config.getoption("policy")
+            self._host_policy = HostPolicy.for_host(path, probe().facts, shown=_shown_path(path))
+        return self._host_policy
+
+    def record_deselected(self, item: pytest.Item, reason: str) -> None:
+        self.deselected[item.nodeid] = reason
+        ph = _phase_of(item)
+        if ph is not None:
+            phase = self.phases.setdefault(ph[0], PhaseReport(ph[0], ph[1]))
+            phase.deselected.append({"test": item.name, "nodeid": item.nodeid, "reason": reason})
 
     def select(self, items: list[pytest.Item]) -> None:
         """The tests this run will run: each phase case is in the record, ``not run``, until it finishes."""
@@ -139,10 +158,18 @@ class RunRecorder:
     def record(self) -> dict[str, Any]:
         from native.host import probe
 
+        policy: dict[str, Any] = {}
         try:
             hostrep = probe()
             host_facts = dict(hostrep.facts)
-            caps = [{"name": c.name, "status": c.status.value, "detail": c.detail} for c in hostrep.capabilities]
+            hp = self.host_policy()
+            policy = {"file": hp.source, "host_class": hp.host_class,
+                      "required_capabilities": sorted(hp.required)}
+            if hp.host_class is None:
+                policy["note"] = hp.label()
+            caps = [{"name": c.name, "status": c.status.value, "detail": c.detail, "required": hp.requires(c.name),
+                     **({"fallback": c.fallback} if c.fallback and not c.available else {})}
+                    for c in hostrep.capabilities]
         except Exception as e:  # a broken probe must not lose the record
             host_facts, caps = {"probe_error": str(e)}, []
         return {
@@ -154,6 +181,7 @@ class RunRecorder:
                 "strict_host": bool(self.config.getoption("strict_host")),
                 "inject": self.config.getoption("inject"),
                 "git_commit": _git_commit(),
+                "policy": policy,
                 **self.completeness(),
             },
             "host": host_facts,
@@ -193,6 +221,14 @@ class RunRecorder:
         if self.record_path is None or self._written_status == "interrupted" or interruption(self.config) is None:
             return None
         return self.write(self.record())
+
+
+def _shown_path(path: str) -> str:
+    """A path relative to the checkout when it is inside it (messages and the record stay host-neutral)."""
+    if not path:
+        return ""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
 def _benchmark_results(config: pytest.Config) -> list[dict[str, Any]]:
@@ -235,7 +271,12 @@ def _git_commit() -> str:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     run = recorder(config)
-    if not run.phases:
+    if run.deselected:
+        # Printed whatever --reports says: a case left out for the host is part of the verdict, never a pass.
+        terminalreporter.section(f"deselected for this host: {run.host_policy().label()}")
+        for nodeid, reason in run.deselected.items():
+            terminalreporter.write_line(f"{nodeid}\n    {reason}")
+    if not run.phases or config.option.collectonly:  # --collect-only ran nothing: no record of it
         return
     mode = config.getoption("reports")
     record = run.record()

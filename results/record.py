@@ -147,16 +147,22 @@ class PhaseReport:
     number: int
     title: str
     cases: list[CaseReport] = field(default_factory=list)
+    # Cases left out at collection for a capability the host lacks and its class does not require:
+    # {test, nodeid, reason}. Not cases of the verdict: a phase of only these is NOT RUN, never PASS.
+    deselected: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         cases = [c.to_dict() for c in self.cases]
-        return {
+        d: dict[str, Any] = {
             "phase": self.number,
             "title": self.title,
             "outcome": phase_outcome(cases),
             "duration_ns": sum(c.duration_ns for c in self.cases),
             "cases": cases,
         }
+        if self.deselected:
+            d["deselected"] = list(self.deselected)
+        return d
 
 
 def phase_outcome(cases: list[dict[str, Any]]) -> str:
@@ -185,6 +191,8 @@ def render_phase(phase: dict[str, Any], verbose: bool = True) -> str:
     counts: dict[str, int] = {}
     for c in cases:
         counts[c["outcome"]] = counts.get(c["outcome"], 0) + 1
+    if phase.get("deselected"):
+        counts["deselected"] = len(phase["deselected"])
     summary = ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
     head = _dots(f"[phase {phase['phase']}] {phase['title']}", f"{phase['outcome']}  {fmt_ns(phase['duration_ns'])}")
     lines = [head, f"  ({summary})"]
@@ -212,4 +220,7 @@ def render_phase(phase: dict[str, Any], verbose: bool = True) -> str:
                 lines.append(f"{'':<34} note: {n}")
         if c.get("failure"):
             lines.append(f"      failure: {c['failure']}")
+    for d in phase.get("deselected", []):
+        lines.append("  " + _dots(d["test"], "DESELECTED", 76))
+        lines.append(f"      {d['reason']}")
     return "\n".join(lines)

@@ -23,8 +23,18 @@ class PhaseRun:
     def cases(self) -> dict[str, dict[str, Any]]:
         return {c["test"]: c for p in self.record.get("phases", []) for c in p["cases"]}
 
+    def deselected(self) -> dict[str, str]:
+        """Cases the child left out for a capability its host lacks and its class does not require: test -> why."""
+        return {d["test"]: d["reason"] for p in self.record.get("phases", []) for d in p.get("deselected", [])}
+
     def outcome(self, test: str) -> str:
-        return self.cases()[test]["outcome"]
+        """passed / failed / error / skipped, or ``deselected: <why>`` (never equal to "passed")."""
+        if (case := self.cases().get(test)) is not None:
+            return str(case["outcome"])
+        if (why := self.deselected().get(test)) is not None:
+            return f"deselected: {why}"
+        raise AssertionError(f"{test}: not in the child's run record (it ran {sorted(self.cases())}):\n"
+                             f"{self.output[-3000:]}")
 
     def failure(self, test: str) -> str:
         return self.cases()[test].get("failure", "")

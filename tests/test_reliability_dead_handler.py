@@ -194,7 +194,6 @@ def test_dead_handler_frees_a_host_thread_blocked_on_its_write(make_memory, make
     assert mem.byte(5 * 4096) == 0x42, f"GPA 0x5000: expected 0x42, saw {mem.byte(5 * 4096):#04x}"
 
 
-@pytest.mark.needs("uffd.WP_UNPOPULATED")
 def test_phase2_fails_naming_the_dead_handler_and_the_child_runs_the_next_test(tmp_path, record_property):
     """Phase 2 under handler-dies fails fast naming the dead handler; the same child then passes the next test."""
     junit = tmp_path / "child.xml"

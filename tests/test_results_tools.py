@@ -164,14 +164,90 @@ def test_gate_command_exits_1_on_an_interrupted_run(tmp_path):
                  str(tmp_path / "gate.yaml")]) == 1
 
 
-def test_a_baseline_from_another_host_class_fails_the_gate(policy):
-    """Comparing a kvm_pvm run with a kvm_intel baseline proves nothing: the gate says so."""
-    assert any(f.startswith("baseline") for f in _failures(_record(), _record("kvm_intel"), policy))
+def test_a_baseline_from_another_host_class_is_refused(policy):
+    """Comparing a kvm_pvm run with a kvm_intel baseline proves nothing: the gate refuses, naming both classes."""
+    with pytest.raises(PolicyError, match="host class 'unknown', the run is judged as class 'software-kvm'"):
+        evaluate(_record(), _record("kvm_intel"), policy)
+
+
+def _hardware_record(nested: bool) -> dict:
+    rec = _record("kvm_amd")
+    rec["host"].update(cpu_hypervisor_bit=nested, virtualization="nested" if nested else "bare metal",
+                       hypervisor="TCG" if nested else "none")
+    rec["capabilities"] = [{"name": n, "status": "PASS", "detail": "d"} for n in
+                           ("kvm", "kvm.module", "uffd", "uffd.PAGEFAULT_FLAG_WP", "uffd.THREAD_ID",
+                            "uffd.WP_HUGETLBFS_SHMEM", "uffd.MISSING_SHMEM")]
+    rec["capabilities"].append({"name": "uffd.WP_ASYNC", "status": "WARN", "detail": "absent: bit 0x8000 not in "
+                                "the kernel's mask 0x1fff", "fallback": "pre-copy by KVM's dirty log"})
+    rec["phases"] = [{"phase": n, "title": f"phase {n}", "outcome": "PASS", "duration_ns": 1, "cases": []}
+                     for n in range(6)]
+    return rec
+
+
+def test_committed_policy_classes_bare_metal_nested_and_software_kvm_apart():
+    """kvm_amd with the CPUID hypervisor bit is kvm-nested, without it kvm-hardware; kvm_pvm is kvm-software."""
+    policy = load_policy(POLICY)
+    for rec, want in ((_hardware_record(nested=True), "kvm-nested"), (_hardware_record(nested=False), "kvm-hardware"),
+                      (_record("kvm_pvm"), "kvm-software")):
+        klass, _ = evaluate(rec, None if want != "kvm-software" else rec, policy)
+        assert klass["name"] == want, f"{rec['host']}: expected class {want}, saw {klass['name']}"
+
+
+def test_uncalibrated_class_gates_capabilities_not_figures_and_needs_no_baseline():
+    """A nested run is judged on phases and the capabilities its class requires; WP_ASYNC is not one of them,
+    and its figures are stated as uncalibrated, not compared with another class's."""
+    policy = load_policy(POLICY)
+    _, findings = evaluate(_hardware_record(nested=True), None, policy)
+    assert [f.text for f in findings if not f.ok] == []
+    assert any(f.kind == "figures" and "uncalibrated: figures reported in the record, not gated" in f.text
+               for f in findings), [f.text for f in findings]
+    assert not any("WP_ASYNC" in f.text for f in findings), "WP_ASYNC is not required of kvm-nested"
+
+
+def test_a_phase_with_deselected_cases_names_them_in_the_gate():
+    """A phase that passed with cases deselected for the host says so: what ran passed, what did not is named."""
+    rec = _hardware_record(nested=True)
+    rec["phases"][5]["deselected"] = [{"test": "test_benchmark_pause_window[64MiB-precopy-wp-async]", "nodeid": "n",
+                                       "reason": "uffd.WP_ASYNC unavailable, not required by host class 'kvm-nested'"
+                                                 " of results/gate.yaml: absent"}]
+    _, findings = evaluate(rec, None, load_policy(POLICY))
+    phase5 = next(f for f in findings if f.text.startswith("phase 5"))
+    assert phase5.ok and "1 deselected for this host" in phase5.text and "uffd.WP_ASYNC unavailable" in phase5.text, \
+        phase5.text
+
+
+def test_committed_baseline_is_refused_for_another_class():
+    """The kvm_pvm baseline never gates a hardware or nested run: refused naming both classes."""
+    policy = load_policy(POLICY)
+    base = load_record(ROOT / "results" / "baselines" / "kvm_pvm.yaml")
+    for nested, name in ((True, "kvm-nested"), (False, "kvm-hardware")):
+        with pytest.raises(PolicyError, match=f"host class 'kvm-software', the run is judged as class '{name}'"):
+            evaluate(_hardware_record(nested), base, policy)
+    with pytest.raises(PolicyError, match="host class 'kvm-nested', the run is judged as class 'kvm-hardware'"):
+        evaluate(_hardware_record(nested=False), _hardware_record(nested=True), policy)
+
+
+def test_a_hardware_record_without_the_hypervisor_bit_is_not_classified():
+    """A kvm_amd record from before the CPUID fact cannot be told bare metal or nested: no class is guessed."""
+    rec = _hardware_record(nested=False)
+    del rec["host"]["cpu_hypervisor_bit"]
+    with pytest.raises(PolicyError, match="no host class in the policy matches this host"):
+        evaluate(rec, None, load_policy(POLICY))
 
 
 def test_no_matching_host_class_is_a_usage_error(policy):
     with pytest.raises(PolicyError, match="no host class in the policy matches this host"):
         evaluate(_record("kvm_amd"), _record("kvm_amd"), policy)
+
+
+def test_gate_command_exits_2_refusing_another_class_baseline(tmp_path):
+    """``python -m results gate`` refuses (exit 2) a baseline of another class, naming both classes."""
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(_hardware_record(nested=True)))
+    proc = subprocess.run([sys.executable, "-m", "results", "gate", str(tmp_path / "run.yaml"), "--baseline",
+                           str(ROOT / "results" / "baselines" / "kvm_pvm.yaml"), "--policy", str(POLICY)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "'kvm-software'" in proc.stderr and "'kvm-nested'" in proc.stderr, proc.stderr
 
 
 def test_gate_command_exits_1_and_says_why(tmp_path):

@@ -306,7 +306,7 @@ def test_windows_builder_parses_and_compiles_only_the_extension_sources(tmp_path
 LINUX_ONLY = ["fcntl", "resource", "termios", "native._linux", "native._lib", "native.kvm", "native.wp",
               "native.memory", "native.live"]
 SHARED_MODULES = ["native", "native.errors", "native.build", "native.image", "native.whp", "native._windows_build",
-                  "native.host", "guests", "guests.storm", "guests.counter"]
+                  "native.host", "guests", "guests.storm", "guests.counter", "results.hostpolicy"]
 
 _IMPORT_GUARD = r"""
 import builtins, importlib, os, sys

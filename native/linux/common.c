@@ -5,6 +5,9 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include "internal.h"
 
@@ -38,4 +41,25 @@ int sp_pin_current_thread(int cpu)
     if (sched_setaffinity(0, sizeof(set), &set) < 0)
         return sp_fail("sched_setaffinity");
     return 0;
+}
+
+/* CPUID for the host probe: leaf 1's hypervisor bit and leaf 0x40000000's hypervisor signature tell
+ * bare metal from a guest without dmesg. Other architectures have no CPUID: -ENOSYS. */
+int sp_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t *out4)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned int a, b, c, d;
+    __cpuid_count(leaf, subleaf, a, b, c, d);
+    out4[0] = a;
+    out4[1] = b;
+    out4[2] = c;
+    out4[3] = d;
+    return 0;
+#else
+    (void)leaf;
+    (void)subleaf;
+    (void)out4;
+    sp_set_last_op("cpuid");
+    return -ENOSYS;
+#endif
 }

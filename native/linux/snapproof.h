@@ -20,6 +20,8 @@ int64_t sp_now_ns(void);
 int sp_current_cpu(void);
 int sp_gettid(void);
 int sp_pin_current_thread(int cpu);
+/* CPUID leaf/subleaf into out4[] = eax, ebx, ecx, edx (x86 only; -ENOSYS elsewhere). */
+int sp_cpuid(uint32_t leaf, uint32_t subleaf, uint32_t *out4);
 
 /* ---- KVM ---------------------------------------------------------- */
 enum sp_exit_reason {
