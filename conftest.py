@@ -21,8 +21,6 @@ from typing import Any
 
 import pytest
 
-from results.plugin import RunRecorder, recorder
-
 ROOT = Path(__file__).resolve().parent
 pytest_plugins = ("results.interrupts", "results.plugin")
 _SIZE_RE = re.compile(r"^(\d+)([KMG]?)(i?B)?$", re.IGNORECASE)
@@ -136,7 +134,10 @@ def skip_or_fail(config: pytest.Config, reason: str) -> None:
     pytest.skip(reason)
 
 
-def _session(config: pytest.Config) -> RunRecorder:
+def _session(config: pytest.Config) -> Any:
+    """This run's results.plugin.RunRecorder (imported here: pytest loads that plugin itself, after this module)."""
+    from results.plugin import recorder
+
     return recorder(config)
 
 
@@ -297,7 +298,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             rep.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {reason}")
     from results.plugin import recorder
 
-    if rep.failed and rep.when == "call" and (case := recorder(item.config).case_for(item)) is not None:
+    if rep.failed and rep.when == "call" and (case := _session(item.config).case_for(item)) is not None:
         for key, value in _failure_facts(item).items():
             case.fact(key, value)
 
