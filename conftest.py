@@ -296,7 +296,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         else:
             rep.outcome = "skipped"
             rep.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {reason}")
-    from results.plugin import recorder
 
     if rep.failed and rep.when == "call" and (case := _session(item.config).case_for(item)) is not None:
         for key, value in _failure_facts(item).items():
