@@ -119,8 +119,10 @@ def test_engine_close_mid_snapshot_unprotects_joins_and_drops_the_uffd(make_memo
 
     left = sum(read_pagemap(mem.addr, mem.size // 4096)[1])
     assert left == 0, f"expected no PM_UFFD_WP after close, {left} pages keep it"
-    assert uffd_fds() == before.uffds, f"userfaultfds: expected {before.uffds}, saw {uffd_fds()}"
+    # At most as many as before: a thread an earlier test's VM left (KVM's per-VM worker leaves a little
+    # after the VM closes) may go away meanwhile; a leak is one more, never one fewer.
+    assert uffd_fds() <= before.uffds, f"userfaultfds: expected at most {before.uffds}, saw {uffd_fds()}"
     threads = threads_settled(before.threads)
-    assert threads == before.threads, f"threads: expected {before.threads} after close, saw {threads}"
+    assert threads <= before.threads, f"threads: expected at most {before.threads} after close, saw {threads}"
     writer = HostWriter(mem, mem.size - 4096, 0x42).start()
     assert writer.join(FREED_WITHIN_S), "a write to the last page blocked after the engine was closed"
