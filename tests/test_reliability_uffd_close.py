@@ -22,6 +22,8 @@ from tests.reliability_support import Gauges, HostWriter, UnservedWp, VcpuThread
 pytestmark = pytest.mark.needs("kvm", "uffd", "uffd.WP_HUGETLBFS_SHMEM")
 
 FREED_WITHIN_S = 3.0
+# How long the first WP fault may take to arrive: a hang ceiling, not a speed (TCG runs the guest emulated).
+FAULT_ARRIVES_WITHIN_S = 30.0
 HOST_TARGET = 5 * 4096
 SETTLE_S = 0.05  # the waiter is asleep in handle_userfault by then, not merely on its way
 
@@ -39,7 +41,8 @@ def test_closing_the_uffd_wakes_a_vcpu_waiting_on_a_wp_fault(make_memory, make_m
     with UnservedWp(mem) as wp:
         runner = VcpuThread(vcpu, 5.0).start()
         try:
-            assert wp.fault_pending(timeout=2.0), "marker16's write raised no WP fault within 2 s"
+            assert wp.fault_pending(timeout=FAULT_ARRIVES_WITHIN_S), \
+                f"marker16's write raised no WP fault within {FAULT_ARRIVES_WITHIN_S} s"
             time.sleep(SETTLE_S)
             assert not runner.join(0), f"the vCPU left KVM_RUN with its fault unserved: {runner.exit}"
             t0 = time.monotonic()
@@ -66,7 +69,8 @@ def test_closing_the_uffd_wakes_a_host_thread_waiting_on_a_wp_fault(make_memory,
     with UnservedWp(mem) as wp:
         writer = HostWriter(mem, HOST_TARGET, 0x42).start()
         try:
-            assert wp.fault_pending(timeout=2.0), "the host write raised no WP fault within 2 s"
+            assert wp.fault_pending(timeout=FAULT_ARRIVES_WITHIN_S), \
+                f"the host write raised no WP fault within {FAULT_ARRIVES_WITHIN_S} s"
             time.sleep(SETTLE_S)
             assert not writer.join(0), "the host write completed with its fault unserved"
             t0 = time.monotonic()
@@ -88,7 +92,8 @@ def test_unprotect_alone_wakes_the_waiter_before_the_uffd_is_dropped(make_memory
     with UnservedWp(mem) as wp:
         runner = VcpuThread(vcpu, 5.0).start()
         try:
-            assert wp.fault_pending(timeout=2.0), "marker16's write raised no WP fault within 2 s"
+            assert wp.fault_pending(timeout=FAULT_ARRIVES_WITHIN_S), \
+                f"marker16's write raised no WP fault within {FAULT_ARRIVES_WITHIN_S} s"
             time.sleep(SETTLE_S)
             wp.unprotect()
             freed = runner.join(FREED_WITHIN_S)
