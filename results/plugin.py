@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+from results.hostload import describe as describe_load
 from results.hostpolicy import HostPolicy
 from results.interrupts import interruption
 from results.record import SCHEMA, CaseReport, PhaseReport, render_phase
@@ -182,6 +183,7 @@ class RunRecorder:
                 "inject": self.config.getoption("inject"),
                 "git_commit": _git_commit(),
                 "policy": policy,
+                "background_load": describe_load(self.config),
                 **self.completeness(),
             },
             "host": host_facts,
