@@ -250,6 +250,19 @@ def _pagemap_scan_row(rep: HostReport) -> None:
                                            "the WP_ASYNC pre-copy strategy is skipped"))
 
 
+def _soft_dirty_row(rep: HostReport) -> None:
+    from native.dirty import soft_dirty_absent
+
+    what = "for soft-dirty bits (pagemap bit 55)"
+    reason = soft_dirty_absent()
+    if reason is None:
+        rep.capabilities.append(Capability("soft_dirty", "MEM", what, Status.PASS,
+                                           "a page written after clear_refs shows bit 55, one left alone does not"))
+    else:
+        rep.capabilities.append(Capability("soft_dirty", "MEM", what, Status.WARN, f"absent: {reason}",
+                                           "the soft-dirty tracker of incremental snapshots (phase 6) is skipped"))
+
+
 def meminfo() -> dict[str, int]:
     out: dict[str, int] = {}
     try:
@@ -367,6 +380,7 @@ def probe(refresh: bool = False) -> HostReport:
     if sys.platform.startswith("linux"):
         _kvm_rows(rep)
         _uffd_rows(rep)
+        _soft_dirty_row(rep)
         _hugepage_rows(rep)
     elif sys.platform == "win32":
         _whp_rows(rep)
