@@ -184,10 +184,12 @@ def pagemap_bits(memory: GuestMemory, mask: int, bitmap: bytearray | None = None
     return out
 
 
-def populated(memory: GuestMemory) -> bytearray:
-    """The pages of ``memory`` present in this process's page tables now (pagemap bit 63): a never-populated
-    page, or one whose only entry is a uffd-wp marker, is not."""
-    return pagemap_bits(memory, PM_PRESENT)
+def unpopulated(memory: GuestMemory) -> bytearray:
+    """The pages of ``memory`` not present in this process's page tables now (pagemap bit 63 clear): never
+    populated, or held only by a uffd-wp marker."""
+    present = int.from_bytes(pagemap_bits(memory, PM_PRESENT), "little")
+    npages = memory.size // PAGE_SIZE
+    return bytearray((~present & ((1 << npages) - 1)).to_bytes(len(empty_bitmap(npages)), "little"))
 
 
 def make_tracker(name: str, memory: GuestMemory, vm: Vm) -> DirtyTracker:
