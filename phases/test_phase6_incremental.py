@@ -68,6 +68,7 @@ DEVICE_WRITES = 8
 INTERVAL_PAGES_MAX = 2048
 TRACKER_CASES = [pytest.param(t, marks=pytest.mark.needs(*TRACKER_NEEDS[t]), id=t) for t in TRACKERS]
 SEEN = ("guest", "guest, never populated", "host", "host, never populated")
+COLUMNS = (14, 18, 13, 18)  # the table's widths for SEEN's columns
 clock = time.perf_counter_ns
 
 
@@ -125,6 +126,17 @@ def stamped(mem, p, point) -> bool:
     return int.from_bytes(mem.read(p.page_gpa(point.page), 4), "little") >= point.generation
 
 
+def unchanged_text(p, unchanged, next_write) -> str:
+    """Why a diff holds pages that did not change: the page of the guest's next store at the pause, marked by its
+    write fault before the pause cut the store, which lands after the resume (in the next diff)."""
+    pages = list(pages_in(unchanged))
+    gpas = ", ".join(f"{gpa_of(q * PAGE_SIZE):#x}" for q in pages[:4])
+    if next_write is not None and pages == [(p.region_gpa + next_write.page * PAGE_SIZE) // PAGE_SIZE]:
+        return (f"GPA {gpas}, where the guest's next store at the pause goes ({next_write}): its write fault marked "
+                "the page, the pause came before the store ran, and it lands after the resume")
+    return f"GPA {gpas}: marked by the tracker, or written with the bytes they held"
+
+
 def seen_text(seen: int, total: int) -> str:
     return f"{seen}/{total}" if total else "-"
 
@@ -174,7 +186,8 @@ def test_chain_restores_to_the_full_snapshot_at_the_same_instant(report, make_st
 
     step = max(1, min(INTERVAL_PAGES_MAX, (p.npages - p.mark_pages) // (DIFFS + 1)))
     at = p.mark_position  # the storm's instant at the last pause: the base is taken at the mark
-    images, taken, holes = [], [None], []  # per pause: the full snapshot (mapped), the diff, the holes
+    # Per pause: the full snapshot (mapped), the diff, the never-populated pages, the storm's next write.
+    images, taken, holes, next_writes = [], [None], [], [storm.stream_point(p, at)]
     try:
         with report.stage("base: a full snapshot, tracking started at the same pause") as st:
             stop_ns = runner.pause()  # parked at the mark: the base is exactly that instant
@@ -209,6 +222,7 @@ def test_chain_restores_to_the_full_snapshot_at_the_same_instant(report, make_st
                 st.check(instant.ok, f"the full snapshot at this pause is one instant of the storm: {instant.message}",
                          f"the oracle itself is not one instant of the storm: {instant.message}")
                 at = instant.lo
+                next_writes.append(storm.stream_point(p, at))
                 st.note(f"diff {k}: {d.pages} pages ({count(d.tracked)} named by the tracker, {count(d.host)} by the "
                         f"VMM's own log), {d.image.file_length / 1024:.0f} KiB on disk; parent "
                         f"{d.image.parent_hash.hex()[:16]}, content {d.image.content_hash.hex()[:16]}")
@@ -238,13 +252,21 @@ def test_chain_restores_to_the_full_snapshot_at_the_same_instant(report, make_st
             for c, (a, b) in seen.items():
                 totals[c] = (totals[c][0] + a, totals[c][1] + b)
             missing = count(minus(written[k], d.image.bitmap))
+            unchanged = minus(d.image.bitmap, written[k])
+            if count(unchanged):
+                st.note(f"diff {k} holds {count(unchanged)} page(s) that did not change since its parent: "
+                        + unchanged_text(p, unchanged, next_writes[k]))
             ratio = f"{d.pages}/{count(written[k])} = {d.pages / max(count(written[k]), 1):.2f}"
-            st.note(f"diff {k}: " + "".join(f"{seen_text(*seen[c]):>{w}}" for c, w in zip(SEEN, (14, 18, 13, 18),
-                                                                                         strict=True))
+            st.note(f"diff {k}: " + "".join(f"{seen_text(*seen[c]):>{w}}" for c, w in zip(SEEN, COLUMNS, strict=True))
                     + f"{ratio:>23}" + (f"  {missing} written pages NOT in the diff" if missing else ""))
             rows.append({"diff": k, "pages": d.pages, "pages_written": count(written[k]), "missing": missing,
+                         "unchanged": count(unchanged),
                          "tracked": count(d.tracked), "host_log": count(d.host), "file_bytes": d.image.file_length,
                          **{c.replace(", ", "_").replace(" ", "_"): list(seen[c]) for c in SEEN}})
+        diff_pages, all_written = sum(r["pages"] for r in rows), sum(r["pages_written"] for r in rows)
+        total = f"{diff_pages}/{all_written} = {diff_pages / max(all_written, 1):.2f}"
+        st.note("total:  " + "".join(f"{seen_text(*totals[c]):>{w}}" for c, w in zip(SEEN, COLUMNS, strict=True))
+                + f"{total:>23}")
         verdict = {c: ("sees" if a == b else "misses some" if a else "misses") if b else "not exercised"
                    for c, (a, b) in totals.items()}
         st.note(f"{tracker}: " + "; ".join(f"{c} writes: {v} ({seen_text(*totals[c])})" for c, v in verdict.items()))
