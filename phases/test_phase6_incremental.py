@@ -28,6 +28,7 @@ Diff sizes and restore times per chain length are report figures, never asserted
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import pytest
@@ -86,6 +87,16 @@ def make_dirty_tracker(make_memory, make_vm):
     yield _make
     for t in reversed(made):
         t.close()
+
+
+@pytest.fixture
+def chain_folder(tmp_path):
+    """Where a case's bases, diffs and full snapshots go; deleted at teardown, so 1 GiB and 4 GiB chains do not pile
+    up in the temporary directories pytest keeps."""
+    folder = tmp_path / "chain"
+    folder.mkdir()
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def device_page(mem_size: int, i: int) -> int:
@@ -159,7 +170,7 @@ def why_missing(taken, written, holes, upto: int) -> str:
 @pytest.mark.sizes(1 << 20, 64 << 20, 256 << 20)
 @pytest.mark.parametrize("tracker", TRACKER_CASES)
 def test_chain_restores_to_the_full_snapshot_at_the_same_instant(report, make_storm_vm, make_memory, make_dirty_tracker,
-                                                                 make_restored_chain, inject, tmp_path, mem_size,
+                                                                 make_restored_chain, inject, chain_folder, mem_size,
                                                                  tracker):
     """A base and 1..3 diffs, written while the guest and the VMM's devices write, restore through every loader to
     exactly the full snapshot taken at the newest diff's pause."""
@@ -174,7 +185,7 @@ def test_chain_restores_to_the_full_snapshot_at_the_same_instant(report, make_st
         for i in range(DEVICE_PAGES // 2):
             host.write(device_page(mem_size, i), device_data(0, i))
         dirty = make_dirty_tracker(tracker, mem, storm_vm.vm)
-        snaps = IncrementalSnapshots(mem, dirty, host, tmp_path, inject)
+        snaps = IncrementalSnapshots(mem, dirty, host, chain_folder, inject)
         ex = storm_vm.run_to_marks(GUEST_TIMEOUT_S)[0]
         st.check(ex.reason is ExitReason.SYNC and ex.last_sync == p.mark_sync,
                  f"storm32 at its mark, {p.mark_pages} of {p.npages} pages into its first sweep",
@@ -211,7 +222,8 @@ def test_chain_restores_to_the_full_snapshot_at_the_same_instant(report, make_st
                 states = [v.save_state() for v in runner.vcpus]
                 d = snaps.diff(states)
                 pause_ns = clock() - kick
-                full = write_full_snapshot(tmp_path / f"full-{k}.snap", mem, states)  # the oracle: not the VMM's work
+                # The oracle, at the same pause: the test's, not the VMM's work (outside the pause window).
+                full = write_full_snapshot(chain_folder / f"full-{k}.snap", mem, states)
                 holes.append(unpopulated(mem))
                 runner.resume()
                 taken.append(d)
@@ -338,7 +350,7 @@ def test_chain_restores_to_the_full_snapshot_at_the_same_instant(report, make_st
 
 
 @pytest.fixture
-def three_chains(make_memory, make_vm, make_dirty_tracker, tmp_path):
+def three_chains(make_memory, make_vm, make_dirty_tracker, chain_folder):
     """Two chains over one 1 MiB memfd, written by the VMM alone: base A with diffs A1, A2, base B with diff B1.
     Returns their paths by name."""
     mem = make_memory("memfd", 1 << 20)
@@ -346,7 +358,7 @@ def three_chains(make_memory, make_vm, make_dirty_tracker, tmp_path):
     host = HostWrites(mem)
     paths = {}
     for name, diffs in (("A", 2), ("B", 1)):
-        folder = tmp_path / name
+        folder = chain_folder / name
         folder.mkdir()
         snaps = IncrementalSnapshots(mem, make_dirty_tracker(KVM_DIRTY_LOG, mem, vm), host, folder)
         host.write(0x20000, name.encode() * 64)
