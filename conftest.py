@@ -85,8 +85,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 # Modules that drive KVM or userfaultfd: a Windows host does not collect them (its gate is phases 0 and 4).
 LINUX_ONLY_MODULES = ["phases/test_phase1_*.py", "phases/test_phase2_*.py", "phases/test_phase3_*.py",
-                      "phases/test_phase5_*.py",
-                      "tests/test_phase[1235]_*.py", "tests/test_guests_on_kvm.py", "tests/test_reliability*.py"]
+                      "phases/test_phase5_*.py", "phases/test_phase6_*.py",
+                      "tests/test_phase[12356]_*.py", "tests/test_guests_on_kvm.py", "tests/test_reliability*.py"]
 collect_ignore_glob = LINUX_ONLY_MODULES if sys.platform == "win32" else []
 
 
@@ -490,8 +490,9 @@ def make_storm_vm(make_memory: Callable[..., Any], make_vm: Callable[..., Any]) 
     """Factory: ``make_storm_vm(backing, size, vcpus, seed, slot_flags=0, mark=None)``: storm32 loaded, each vCPU
     set up, not yet running.
 
-    The data region (GPA 0x10000 up to the end of RAM below the 32-bit hole) is split into equal disjoint
-    slices, one per vCPU; each vCPU sweeps its slice forever (generations = 0) in the order its seed gives.
+    The data region (GPA 0x10000 up to the end of RAM below the 32-bit hole, less ``reserve`` bytes at its top)
+    is split into equal disjoint slices, one per vCPU; each vCPU sweeps its slice forever (generations = 0) in the
+    order its seed gives.
     ``mark(npages)`` -> pages of its first sweep after which each vCPU signals its mark (``StormVm.run_to_marks``).
     """
     import guests
@@ -499,13 +500,14 @@ def make_storm_vm(make_memory: Callable[..., Any], make_vm: Callable[..., Any]) 
     from native.layout import LOW_RAM_END
 
     def _make(backing: str, size: int, vcpus: int, seed: int = 0x5EED, slot_flags: int = 0,
-              mark: Callable[[int], int] | None = None, **mem_kw: Any) -> StormVm:
+              mark: Callable[[int], int] | None = None, reserve: int = 0, **mem_kw: Any) -> StormVm:
         mem = make_memory(backing, size, **mem_kw)
         mem.write(guests.FLAT32_LOAD_GPA, guests.load("storm32"))
         # A flat 32-bit guest names only GPAs below 4 GiB, and RAM there ends at the 32-bit hole
         # (native.layout): past 3 GiB (--sizes 4G) memory sits at GPA 4 GiB, out of the storm's reach. The
         # snapshot and the exact oracle still cover it all; only the instant oracle stops at the region.
-        pages = (min(size, LOW_RAM_END) - guests.DATA_REGION_GPA) // 4096 // vcpus
+        # ``reserve`` bytes at the top of that RAM stay out of every region (a device area the VMM writes).
+        pages = (min(size, LOW_RAM_END) - reserve - guests.DATA_REGION_GPA) // 4096 // vcpus
         if pages < 2:
             raise ValueError(f"guest memory {size:#x} leaves fewer than 2 storm pages per vCPU")
         vm = make_vm(mem, flags=slot_flags)  # slot_flags: e.g. KVM_MEM_LOG_DIRTY_PAGES for the KVM dirty log
@@ -766,3 +768,16 @@ def make_restored_vm(require: Callable[..., None], inject: Any) -> Iterator[Call
     yield _make
     for restored in reversed(made):
         restored.close()
+
+
+@pytest.fixture
+def make_restored_chain(make_restored_vm: Callable[..., Any]) -> Callable[..., Any]:
+    """Factory: ``make_restored_chain(paths, loader, verify=True)`` -> native.incremental.RestoredChain: the chain
+    (``paths[0]`` the base, then its diffs oldest first) opened and its parents checked, the base restored by
+    ``make_restored_vm`` with the head's vCPU states, the diffs' pages put in place; closed with its teardown."""
+    from native.incremental import restore_chain
+
+    def _make(paths: Any, loader: str, verify: bool = True, **kw: Any) -> Any:
+        return restore_chain(paths, loader, verify=verify, restore=make_restored_vm, **kw)
+
+    return _make

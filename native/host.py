@@ -413,6 +413,19 @@ def _pagemap_scan_row(rep: HostReport) -> None:
                                            "needs kernel 6.7+", fallback=_FEATURE_ROLE["WP_ASYNC"][1]))
 
 
+def _soft_dirty_row(rep: HostReport) -> None:
+    from native.dirty import soft_dirty_absent
+
+    what = "for soft-dirty bits (pagemap bit 55)"
+    reason = soft_dirty_absent()
+    if reason is None:
+        rep.capabilities.append(Capability("soft_dirty", "MEM", what, Status.PASS,
+                                           "a page written after clear_refs shows bit 55, one left alone does not"))
+    else:
+        rep.capabilities.append(Capability("soft_dirty", "MEM", what, Status.WARN, f"absent: {reason}",
+                                           "the soft-dirty tracker of incremental snapshots (phase 6) is skipped"))
+
+
 def meminfo() -> dict[str, int]:
     out: dict[str, int] = {}
     try:
@@ -532,6 +545,7 @@ def probe(refresh: bool = False) -> HostReport:
         _virtualization_facts(rep)
         _kvm_rows(rep)
         _uffd_rows(rep)
+        _soft_dirty_row(rep)
         _hugepage_rows(rep)
     elif sys.platform == "win32":
         rep.facts["host_class"] = host_class(rep.facts) or "unknown"

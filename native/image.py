@@ -468,7 +468,7 @@ def _hash_file_range(f, offset: int, size: int) -> bytes:
     end = offset + size
     pos = offset
     try:
-        for data_start, data_end in _data_extents(f.fileno(), offset, end):
+        for data_start, data_end in data_extents(f.fileno(), offset, end):
             while pos < data_start:  # a hole
                 n = min(len(zeros), data_start - pos)
                 h.update(zeros[:n])
@@ -487,7 +487,7 @@ def _hash_file_range(f, offset: int, size: int) -> bytes:
     return h.digest()
 
 
-def _data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
     """[start, end) as data extents; everything between them is a hole. One extent where SEEK_DATA is missing."""
     seek_data, seek_hole = getattr(os, "SEEK_DATA", None), getattr(os, "SEEK_HOLE", None)
     if seek_data is None or seek_hole is None:

@@ -32,6 +32,8 @@ class FaultInjection(enum.Flag):
     # The hypervisor-level COW load (native/hv_cow.py, Python side):
     HV_COW_NO_COPY = 1 << 19        # a written page is mapped writable without the file's bytes copied in: zeros
     HV_COW_DROPS_STORE = 1 << 20    # the MMIO write that made a page private is not applied: that store is lost
+    # Incremental snapshots (native/incremental.py, Python side):
+    DIFF_TRUSTS_DIRTY_LOG = 1 << 21  # a diff holds only the pages its tracker names, not the VMM's own writes
 
 
 # The switches implemented inside the C engine (SP_INJECT_*).

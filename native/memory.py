@@ -142,9 +142,12 @@ class GuestMemory:
         """A copy of all of guest memory (a reference image for the exact oracle)."""
         return self.mm[:]
 
-    def populate(self) -> None:
-        """Fault every page in for writing (MADV_POPULATE_WRITE), outside any timed section."""
-        self.mm.madvise(MADV_POPULATE_WRITE)
+    def populate(self, offset: int = 0, size: int | None = None) -> None:
+        """Fault every page (of ``size`` bytes from ``offset``, page-aligned) in for writing
+        (MADV_POPULATE_WRITE), outside any timed section."""
+        size = self.size - offset if size is None else size
+        self._bounds(offset, size)
+        self.mm.madvise(MADV_POPULATE_WRITE, offset, size)
 
     def cow_bytes(self) -> int:
         """Pages this mapping holds as its own copies (smaps ``Anonymous``): for a MAP_PRIVATE file mapping,

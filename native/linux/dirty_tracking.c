@@ -1,5 +1,6 @@
 /*
- * Dirty-page tracking for iterative pre-copy, two ways.
+ * Dirty-page tracking, three ways: for iterative pre-copy (phase 5) and for
+ * the diffs of incremental snapshots (phase 6).
  *
  * 1. userfaultfd in WP_ASYNC mode (kernel 6.7): the region is registered WP
  *    and write-protected, but a write to a protected page is resolved by the
@@ -11,12 +12,20 @@
  *    written for the next round.
  * 2. KVM's dirty log (KVM_GET_DIRTY_LOG, also get-and-clear) gives a bitmap;
  *    sp_copy_pages_bitmap copies the pages it names.
+ * 3. soft-dirty (CONFIG_MEM_SOFT_DIRTY): writing 4 to /proc/self/clear_refs
+ *    clears the soft-dirty bit of every page of the process and write-protects
+ *    them; a write sets the bit again, and /proc/self/pagemap shows it (bit
+ *    55). Reading and clearing are two steps, and the clear covers every
+ *    mapping of the process: a write between the two is lost, so both happen
+ *    while nothing writes (the vCPUs paused, the VMM's devices quiet).
  *
- * Either way a round copies each dirty page into the destination at its own
- * offset, so the destination converges on guest memory.
+ * Pre-copy copies each dirty page into the destination at its own offset, so
+ * the destination converges on guest memory; a diff takes the dirty set as a
+ * bitmap (sp_wpasync_collect_bitmap, sp_pagemap_bitmap) and stores only those pages.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <stdlib.h>
 #include <string.h>
@@ -134,6 +143,34 @@ int64_t sp_wpasync_collect(struct sp_wpasync *t, uint64_t dst, uint64_t *scan_ns
     return pages;
 }
 
+/* Get-and-clear the written pages as a bitmap (bit i of u64 word i/64 = page i of the region, KVM's
+ * dirty-log layout), OR-ed into `bitmap`; nothing is copied. Returns the pages found written. */
+int64_t sp_wpasync_collect_bitmap(struct sp_wpasync *t, uint64_t *bitmap, uint64_t *scan_ns)
+{
+    uint64_t base = (uint64_t)(uintptr_t)t->mem, start = base, end = start + t->size, walk_end = 0;
+    int64_t pages = 0;
+    while (start < end) {
+        int64_t t0 = sp_now_ns();
+        int64_t n = sp_pagemap_scan(start, end, DT_PM_SCAN_WP_MATCHING | DT_PM_SCAN_CHECK_WPASYNC,
+                                    DT_PAGE_IS_WRITTEN, DT_PAGE_IS_WRITTEN, t->vec, DT_VEC, &walk_end);
+        *scan_ns += (uint64_t)(sp_now_ns() - t0);
+        if (n < 0)
+            return n;
+        for (int64_t i = 0; i < n; i++) {
+            for (uint64_t p = (t->vec[i].start - base) / DT_PAGE; p < (t->vec[i].end - base) / DT_PAGE; p++) {
+                bitmap[p / 64] |= 1ULL << (p % 64);
+                pages++;
+            }
+        }
+        if (walk_end <= start) {
+            errno = EIO;
+            return sp_fail("PAGEMAP_SCAN(walk made no progress)");
+        }
+        start = walk_end;
+    }
+    return pages;
+}
+
 void sp_wpasync_destroy(struct sp_wpasync *t)
 {
     if (!t)
@@ -147,6 +184,64 @@ void sp_wpasync_destroy(struct sp_wpasync *t)
         close(t->uffd);
     free(t->vec);
     free(t);
+}
+
+/* Soft-dirty: clear the bit on every page of this process (and write-protect them, so the next write
+ * sets it again). The kernel takes the write for any value it knows, with or without
+ * CONFIG_MEM_SOFT_DIRTY: whether the bits exist at all is the probe's question (sp_pagemap_bitmap). */
+int sp_soft_dirty_clear(void)
+{
+    int fd = open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return sp_fail("open(/proc/self/clear_refs)");
+    ssize_t n = write(fd, "4", 1);
+    int e = errno;
+    close(fd);
+    if (n != 1) {
+        errno = n < 0 ? e : EIO;
+        return sp_fail("write(/proc/self/clear_refs, \"4\")");
+    }
+    return 0;
+}
+
+/* Set bit i of `bitmap` (KVM's layout) for each page i of [start, start + npages * 4096) whose
+ * /proc/self/pagemap entry has any bit of `mask` (bit 55 soft-dirty, bit 63 present); returns how
+ * many. Reading pagemap populates nothing. */
+int64_t sp_pagemap_bitmap(uint64_t start, uint64_t npages, uint64_t mask, uint64_t *bitmap)
+{
+    int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return sp_fail("open(/proc/self/pagemap)");
+    enum { CHUNK = 4096 };
+    uint64_t *buf = malloc(CHUNK * sizeof(uint64_t));
+    if (!buf) {
+        close(fd);
+        errno = ENOMEM;
+        return sp_fail("malloc(pagemap buffer)");
+    }
+    int64_t count = 0;
+    for (uint64_t done = 0; done < npages;) {
+        uint64_t n = npages - done < CHUNK ? npages - done : CHUNK;
+        off_t off = (off_t)((start / DT_PAGE + done) * sizeof(uint64_t));
+        ssize_t got = pread(fd, buf, n * sizeof(uint64_t), off);
+        if (got != (ssize_t)(n * sizeof(uint64_t))) {
+            if (got >= 0)
+                errno = EIO;
+            count = sp_fail("pread(/proc/self/pagemap)");
+            break;
+        }
+        for (uint64_t i = 0; i < n; i++) {
+            if (buf[i] & mask) {
+                uint64_t p = done + i;
+                bitmap[p / 64] |= 1ULL << (p % 64);
+                count++;
+            }
+        }
+        done += n;
+    }
+    free(buf);
+    close(fd);
+    return count;
 }
 
 /* Copy the pages whose bit is set in a KVM dirty bitmap (bit i of u64 word i/64 = page i). */

@@ -247,6 +247,22 @@ int64_t sp_wpasync_collect(struct sp_wpasync *t, uint64_t dst, uint64_t *scan_ns
 void sp_wpasync_destroy(struct sp_wpasync *t);
 int64_t sp_copy_pages_bitmap(uint64_t dst, uint64_t src, const uint64_t *bitmap, uint64_t npages);
 int64_t sp_first_difference(uint64_t a, uint64_t b, uint64_t len);
+/* For diffs: the written pages as a bitmap (bit i of u64 word i/64 = page i), OR-ed into `bitmap`. */
+int64_t sp_wpasync_collect_bitmap(struct sp_wpasync *t, uint64_t *bitmap, uint64_t *scan_ns);
+/* Soft-dirty: clear every page's bit (/proc/self/clear_refs, the whole process); pagemap bits as a bitmap. */
+int sp_soft_dirty_clear(void);
+int64_t sp_pagemap_bitmap(uint64_t start, uint64_t npages, uint64_t mask, uint64_t *bitmap);
+
+/* ---- incremental snapshots: a diff's pages (diff_pages.c) --------- */
+/* Gather the pages `bitmap` names, lowest first, packed into dst (the k-th set page at dst + k * 4096):
+ * read from fd at fd_offset + page * 4096 when fd >= 0, else copied from src + page * 4096. */
+int64_t sp_gather_pages(int fd, uint64_t fd_offset, uint64_t src, const uint64_t *bitmap, uint64_t npages,
+                        uint64_t dst);
+/* Scatter packed pages (the k-th set page of `bitmap` at src + k * 4096) to dst + page * 4096, except pages
+ * set in `done`, which every page written joins; with uffd >= 0 each page is installed with UFFDIO_COPY
+ * (one already there, EEXIST, is written in place). Returns the pages written; *installed counts UFFDIO_COPYs. */
+int64_t sp_scatter_pages(int uffd, uint64_t dst, uint64_t src, const uint64_t *bitmap, uint64_t npages,
+                         uint64_t *done, uint64_t *installed);
 /* CDEF-END */
 
 #endif
