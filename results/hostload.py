@@ -65,10 +65,12 @@ def _mem_available() -> int:
 
 
 def _die_with_parent() -> None:
-    import ctypes
+    """In the load child before exec: SIGKILL it when the run dies, however it dies."""
+    if sys.platform == "linux":
+        import ctypes
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
 def describe(config: pytest.Config) -> dict[str, Any]:
