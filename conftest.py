@@ -52,6 +52,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--long", action="store_true", help="run the opt-in long runs (marked slow)")
     g.addoption("--nested", action="store_true",
                 help="also run the suite on kvm_amd nested under QEMU TCG (tests/test_nested_kvm_amd.py)")
+    g.addoption("--max-size", default="", metavar="SIZE",
+                help="deselect sized cases above SIZE, e.g. 64M (slow emulated hosts: the nested kvm_amd run)")
     g.addoption("--fuzz-examples", type=int, default=500, help="hypothesis examples for the file fuzzers")
     g.addoption("--reserve-hugepages", type=int, default=0, metavar="N",
                 help="reserve N more 2 MiB hugepages for the hugetlb cases; vm.nr_hugepages is restored at exit")
@@ -96,11 +98,19 @@ def on_platform(name: str) -> bool:
 
 @pytest.hookimpl(trylast=True)  # after -k / -m: only what would run is probed for, and deselected for the host
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Tests for another OS's backend, and long or nested runs nobody asked for (--long, --nested), are deselected, not
-    # skipped: a skip means a missing host capability, and a phase with one is not a PASS.
+    # Tests for another OS's backend, long or nested runs nobody asked for (--long, --nested), and sizes past
+    # --max-size are deselected, not skipped: a skip means a missing host capability, and a phase with one is not
+    # a PASS.
     long, nested = config.getoption("long"), config.getoption("nested")
+    max_size = parse_size(config.getoption("max_size")) if config.getoption("max_size") else None
+
+    def too_large(item: pytest.Item) -> bool:
+        size = getattr(item, "callspec", None) and item.callspec.params.get("mem_size")  # type: ignore[attr-defined]
+        return max_size is not None and isinstance(size, int) and size > max_size
+
     unwanted = [i for i in items if ((m := i.get_closest_marker("platform")) and not on_platform(m.args[0]))
-                or (not long and i.get_closest_marker("slow")) or (not nested and i.get_closest_marker("nested"))]
+                or (not long and i.get_closest_marker("slow")) or (not nested and i.get_closest_marker("nested"))
+                or too_large(i)]
     if unwanted:
         config.hook.pytest_deselected(items=unwanted)
         items[:] = [i for i in items if i not in unwanted]
