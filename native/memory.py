@@ -15,6 +15,7 @@ if sys.platform == "win32":
 import mmap
 import os
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,10 @@ class GuestMemory:
         self.writable = writable
         self._ptr = ffi.from_buffer("char[]", mm, require_writable=False)
         self.addr = int(ffi.cast("uintptr_t", self._ptr))
+        # Called with (offset, length) before this object touches guest memory for the host. A lazy loader
+        # sets it: a page it never restored may be fenced (PROT_NONE), and a host read of it would be SIGSEGV,
+        # so the guard raises LoaderDied first.
+        self.access_guard: Callable[[int, int], None] | None = None
 
     # -- constructors -------------------------------------------------------
     @classmethod
@@ -115,8 +120,14 @@ class GuestMemory:
     # -- access -------------------------------------------------------------
     @property
     def mm(self) -> mmap.mmap:
+        """The mapping itself, for callers that work on it whole (buffers, views): guarded as all of it."""
+        return self._guarded(0, self.size)
+
+    def _guarded(self, gpa: int, n: int) -> mmap.mmap:
         if self._mm is None:
             raise ValueError(f"{self.backing} guest memory is closed")
+        if self.access_guard is not None:
+            self.access_guard(gpa, n)
         return self._mm
 
     def _bounds(self, gpa: int, n: int) -> None:
@@ -125,15 +136,15 @@ class GuestMemory:
 
     def read(self, gpa: int, n: int) -> bytes:
         self._bounds(gpa, n)
-        return self.mm[gpa:gpa + n]
+        return self._guarded(gpa, n)[gpa:gpa + n]
 
     def write(self, gpa: int, data: bytes) -> None:
         self._bounds(gpa, len(data))
-        self.mm[gpa:gpa + len(data)] = data
+        self._guarded(gpa, len(data))[gpa:gpa + len(data)] = data
 
     def byte(self, gpa: int) -> int:
         self._bounds(gpa, 1)
-        return self.mm[gpa]
+        return self._guarded(gpa, 1)[gpa]
 
     def snapshot_bytes(self) -> bytes:
         """A copy of all of guest memory (a reference image for the exact oracle)."""
