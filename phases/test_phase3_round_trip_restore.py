@@ -48,6 +48,7 @@ from native.image import (
     split_kvm_x86_state,
 )
 from native.kvm import RESTORE_ORDER, Exit, ExitReason, Vm
+from native.layout import gpa_of
 from native.live import VcpuRunner
 from native.memory import PAGE_SIZE, GuestMemory
 from native.restore import LOADERS, RestoredVm, restore_vm
@@ -110,6 +111,21 @@ def restore_timings(st, restored) -> None:
               f"{fmt_ns(restored.load_ns)}, VM + memslot {fmt_ns(restored.vm_ns)}, vCPU {fmt_ns(restored.state_ns)}")
 
 
+def guest_saw_only_restored_pages(st, restored) -> None:
+    """No page the guest reached was filled with zeros where the file holds data.
+
+    A lazy loader whose userfaultfd goes away mid-restore lets the kernel fill the faulting page with zeros
+    (ORIGINS.md: fcvm PR #739); the loader must fence such pages and stop the guest instead. This is the
+    check that sees it when it does not. Checked before the exit is: a guest on zeros runs anywhere.
+    """
+    filled = restored.restored.zero_filled_pages()
+    mapped = restored.memory.rss_bytes() // PAGE_SIZE
+    st.check(not filled, f"no page the guest reached holds zeros where the file holds data ({mapped} pages mapped)",
+             f"{len(filled)} page(s) the guest reached hold zeros where the file holds data, never restored by "
+             f"{restored.restored.loader}: first at GPA {gpa_of(filled[0]) if filled else 0:#x}, all "
+             f"{[hex(gpa_of(o)) for o in filled[:8]]}: the guest ran on memory the loader never restored")
+
+
 def lazy_note(st, restored) -> None:
     if restored.lazy is None:
         return
@@ -166,6 +182,7 @@ def test_original_sequence_reruns_in_a_fresh_vm_from_the_file(report, make_memor
 
     with report.stage("re-run marker16 from 0:0x100") as st:
         ex = restored.vcpu.run(timeout=RUN_TIMEOUT_S)
+        guest_saw_only_restored_pages(st, restored)
         st.check(ex.reason is ExitReason.HLT, "restored guest halted", f"restored guest did not halt: {ex.describe()}")
         st.equal(restored.memory.byte(MARKER), AFTER, "dest mem[0x1000] after the re-run")
         st.timing("re-run", ex.run_ns, "entry to HLT, three instructions, with the first touch of their pages")
@@ -252,6 +269,7 @@ def test_mid_execution_snapshot_resumes_to_the_uninterrupted_result(report, benc
             return restored, restored.vcpu.run(timeout=GUEST_TIMEOUT_S, stop_on_sync=True)
 
         restored, ex = benchmark.pedantic(resume, rounds=1, iterations=1)
+        guest_saw_only_restored_pages(st, restored)
         st.note("vCPU restored from the file's saved state" if restored.from_saved_state else
                 "no vCPU state in the file: the vCPU starts from counter32's entry (reset state)")
         again = " (the snapshot point's sync again: the guest re-ran iterations it had run before the snapshot)" \
@@ -379,6 +397,7 @@ def test_two_vcpus_resume_each_with_its_own_whole_state(report, make_memory, mak
     with report.stage("both vCPUs resume to HLT") as st:
         for i, vcpu in enumerate(restored.vcpus):
             ex = vcpu.run(timeout=GUEST_TIMEOUT_S, stop_on_sync=True)
+            guest_saw_only_restored_pages(st, restored)
             st.check(ex.reason is ExitReason.HLT, f"vCPU {i} halted", f"vCPU {i} did not halt: {ex.describe()}")
             st.equal(ex.sync_count, 0, f"vCPU {i} sync writes after the resume (its sync came before the capture)", str)
         if restored.lazy is not None:
