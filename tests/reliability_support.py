@@ -112,6 +112,16 @@ HOST_SETTINGS = [
 ]
 
 
+def _mthp_knobs() -> list[str]:
+    from native.thp import PMD_SIZE, mthp_knob, mthp_sizes
+
+    return [str(mthp_knob(size)) for size in [*mthp_sizes(), PMD_SIZE] if mthp_knob(size).exists()]
+
+
+# --thp sets THP knobs for a run, and a mTHP case one size's for its own duration: all of them are watched.
+HOST_SETTINGS += _mthp_knobs()
+
+
 def host_settings() -> dict[str, str]:
     """Each of HOST_SETTINGS as the kernel shows it now ("absent" where this kernel has no such file)."""
     out = {}
