@@ -36,6 +36,9 @@ class FaultInjection(enum.Flag):
     # The hypervisor-level COW load (native/hv_cow.py, Python side):
     HV_COW_NO_COPY = 1 << 19        # a written page is mapped writable without the file's bytes copied in: zeros
     HV_COW_DROPS_STORE = 1 << 20    # the MMIO write that made a page private is not applied: that store is lost
+    # The lazy loader into THP-backed memory keeps huge pages off (MADV_NOHUGEPAGE) while pages are missing, so
+    # no collapse can fill a not-yet-restored neighbour with zeros (cloud-hypervisor #8663); this drops that.
+    LAZY_UFFD_THP_UNGUARDED = 1 << 21
 
 
 # The switches implemented inside the C engine and the C lazy loader (SP_INJECT_*).

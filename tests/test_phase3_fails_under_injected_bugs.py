@@ -151,6 +151,42 @@ def test_lazy_uffd_closed_mid_restore_without_the_guard_fails_the_zero_page_chec
             assert words in failure, f"{case}: expected {words!r} in the failure: {failure}"
 
 
+# -- the lazy loader into THP-backed memory without its huge-page guard -----------------------------------------
+
+THP_LAZY_CASE = ("test_restore_into_thp_memory_collapsed_mid_restore_resumes_to_the_uninterrupted_result"
+                 "[lazy-uffd-memfd-thp]")
+THP_LAZY_SELECT = "thp and lazy-uffd-memfd"
+
+
+def test_lazy_uffd_into_thp_memory_without_its_guard_fails_where_the_kernel_fills_holes(record_property):
+    """With huge pages left on while pages are missing, the kernel's collapse of the half-restored memfd fills the
+    pages not yet restored with zeros where it does so (measured: 6.1), and the phase fails naming them; where the
+    kernel refuses such a collapse itself (6.18: EBUSY) the phase passes and the record says the guard had nothing
+    to stop. Both runs set the THP knobs themselves (--thp) and restore them."""
+    control = run_phase(PHASE3, "-k", THP_LAZY_SELECT, "--thp")
+    outcome = control.outcome(THP_LAZY_CASE)
+    if outcome == "skipped":
+        pytest.skip(f"the THP case skipped even with --thp: {control.failure(THP_LAZY_CASE) or control.output[-500:]}")
+    assert outcome == "passed", f"the control (guard in place): {outcome}: {control.failure(THP_LAZY_CASE)}"
+    assert control.cases()[THP_LAZY_CASE]["facts"]["collapse_mid_restore"].startswith("refused"), \
+        f"with the guard the collapse must be refused: {control.cases()[THP_LAZY_CASE]['facts']}"
+
+    run = run_phase(PHASE3, "-k", THP_LAZY_SELECT, "--thp", inject="lazy-uffd-thp-unguarded")
+    case = run.cases()[THP_LAZY_CASE]
+    collapse = case["facts"]["collapse_mid_restore"]
+    record_property("collapse_without_the_guard", collapse)
+    if collapse == "collapsed":
+        assert case["outcome"] == "failed", f"the kernel collapsed holes into huge pages; the phase {case['outcome']}"
+        failure = run.failure(THP_LAZY_CASE)
+        assert ZEROS_SEEN[0] in failure, failure
+        print(f"without the guard the kernel collapsed the half-restored memory and the phase failed: {failure}")
+    else:
+        assert case["outcome"] == "passed", f"the kernel refused the collapse ({collapse}), yet the phase " \
+                                            f"{case['outcome']}: {run.failure(THP_LAZY_CASE)}"
+        print(f"this kernel refuses the collapse of a half-restored range itself ({collapse}): the guard has nothing "
+              "to stop here, and the phase passes without it")
+
+
 # -- one flipped byte in the memory image -----------------------------------------------------------
 
 
