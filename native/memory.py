@@ -263,6 +263,12 @@ class GuestMemory:
             return e.errno or -1
         return 0
 
+    def collapse_each(self, unit: int = HUGE_PAGE_SIZE) -> list[int]:
+        """``collapse()`` of every ``unit`` of the mapping in turn: one answer per unit (0 collapsed, else the
+        errno). One MADV_COLLAPSE over several units answers with an error if any unit was refused, while the
+        others stay collapsed: only per unit does the answer say what the kernel did."""
+        return [self.collapse(at, min(unit, self.size - at)) for at in range(0, self.size, unit)]
+
     def close(self) -> None:
         if self._mm is None:
             return

@@ -390,10 +390,14 @@ def test_restore_into_thp_memory_collapsed_mid_restore_resumes_to_the_uninterrup
         block = restored.memory.read(BLOCK, PAGE_SIZE)
         st.check(block == f.image.read_memory(BLOCK, PAGE_SIZE), "the parameter block reads as the file's",
                  f"parameter block: {describe_difference(f.image.read_memory(BLOCK, PAGE_SIZE), block, BLOCK)}")
-        err = mem.collapse()
-        outcome = "collapsed" if err == 0 else f"refused: {os.strerror(err)}"
-        st.note(f"MADV_COLLAPSE over {fmt_bytes(mem.size)}: {outcome}; {fmt_bytes(mem.huge_bytes())} mapped by huge "
-                f"page entries now")
+        answers = mem.collapse_each()
+        collapsed = answers.count(0)
+        refusals = sorted({os.strerror(e) for e in answers if e})
+        outcome = (f"collapsed {collapsed} of {len(answers)} 2 MiB units" if collapsed else
+                   f"refused for all {len(answers)} 2 MiB units")
+        st.note(f"MADV_COLLAPSE, 2 MiB at a time over {fmt_bytes(mem.size)}: {outcome}"
+                f"{' (' + ', '.join(refusals) + ')' if refusals else ''}; {fmt_bytes(mem.huge_bytes())} mapped by "
+                "huge page entries now")
         if restored.lazy is not None:
             st.note(f"{restored.lazy.pages_present()} of {restored.lazy.npages} pages restored when it ran")
         report.fact("collapse_mid_restore", outcome)
