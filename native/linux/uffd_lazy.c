@@ -23,8 +23,10 @@
  * run's deadline signal (both kernels, 10 s watched) until the fault resolves.
  * So before anyone waiting is woken, fence_missing() makes every page still
  * missing PROT_NONE: the woken access then fails in KVM (KVM_RUN EFAULT on
- * kvm_amd 6.1, a KVM_EXIT_MMIO read or write at the GPA on kvm_pvm 6.18), the
- * vCPU stops, and native/restore.py turns that run into LoaderDied naming why
+ * kvm_amd 6.1; on kvm_pvm 6.18 a KVM_EXIT_MMIO at the GPA for a data access, an
+ * emulation failure for an instruction fetch, a triple fault when the CPU needs
+ * the page to deliver an exception), the vCPU stops, and native/restore.py
+ * turns that run into LoaderDied naming why
  * the loader stopped. Each run of missing pages is one mprotect (a VMA of its
  * own); past vm.max_map_count the whole region is fenced instead. A host thread
  * already waiting on such a page gets SIGSEGV, the loud kind of failure; the
