@@ -57,12 +57,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--fuzz-examples", type=int, default=500, help="hypothesis examples for the file fuzzers")
     g.addoption("--reserve-hugepages", type=int, default=0, metavar="N",
                 help="reserve N more 2 MiB hugepages for the hugetlb cases; vm.nr_hugepages is restored at exit")
+    g.addoption("--thp", action="store_true",
+                help="turn transparent huge pages on for MADV_HUGEPAGE memory (anonymous, shmem, one mTHP size at a "
+                     "time) for the THP cases; every /sys/kernel/mm/transparent_hugepage knob is restored at exit")
 
 
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("thp") and not hasattr(config, "workerinput"):
+        from native import thp
+
+        changes = thp.KnobChanges()
+        config._snapproof_thp = changes  # type: ignore[attr-defined]
+        try:
+            thp.enable_for_run(changes)
+        except OSError as e:  # not fatal either: the THP cases skip naming the knob (fail under --strict-host)
+            import warnings
+
+            warnings.warn(pytest.PytestWarning(f"--thp: cannot set a THP knob: {e}"), stacklevel=1)
     want = config.getoption("reserve_hugepages")
     if want > 0 and not hasattr(config, "workerinput"):
         # Only on request, and undone in pytest_unconfigure: the suite never changes host settings on its own.
@@ -83,6 +97,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     before = getattr(config, "_snapproof_hugepages_before", None)
     if before is not None:
         NR_HUGEPAGES.write_text(f"{before}\n")
+    if (changes := getattr(config, "_snapproof_thp", None)) is not None:
+        changes.restore()
 
 
 # Modules that drive KVM or userfaultfd: a Windows host does not collect them (its gate is phases 0 and 4).
@@ -333,11 +349,15 @@ def inject(pytestconfig: pytest.Config) -> Any:
 def make_memory(require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
     """Factory: ``make_memory("memfd", size)``; every mapping is closed at teardown, newest first.
 
+    ``"anonymous-thp"`` and ``"memfd-thp"`` are the same with transparent huge pages (``thp=True``), skipped
+    (failed under --strict-host) naming the knob when this host's THP is off for them (``--thp`` turns it on).
+
     ``"hypervisor-cow"`` (``path=``, ``offset=``, ``inject=``) is a HypervisorCowMemory: a PROT_READ view of
     the file and a private overlay, put in a VM's slots by ``make_vm``.
     """
     from native.hv_cow import HypervisorCowMemory
     from native.memory import GuestMemory
+    from native.thp import THP_BACKING_NEEDS
 
     made: list[Any] = []
 
@@ -345,6 +365,8 @@ def make_memory(require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
         from native.memory import BACKING_NEEDS
 
         require(*BACKING_NEEDS.get(backing, ()))
+        if backing in THP_BACKING_NEEDS:
+            backing, kw = backing.removesuffix("-thp"), {**kw, "thp": True}
         ctors: dict[str, Callable[..., Any]] = {
             "memfd": GuestMemory.memfd, "anonymous": GuestMemory.anonymous, "hugetlb": GuestMemory.hugetlb,
             "file-private": GuestMemory.file_private, "file-readonly": GuestMemory.file_readonly,
@@ -359,6 +381,29 @@ def make_memory(require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
     yield _make
     for mem in reversed(made):
         mem.close()
+
+
+@pytest.fixture
+def only_mthp_size(request: pytest.FixtureRequest, require: Callable[..., None]) -> Iterator[Callable[[int], None]]:
+    """``only_mthp_size(size)``: anonymous MADV_HUGEPAGE faults of this test get folios of that mTHP size alone.
+
+    With --thp the per-size knobs are set for the test and put back at teardown; without it the size must be
+    enabled already (other sizes may be too: the kernel then picks the largest that fits, and the test reports
+    the folio it got). Skips (fails under --strict-host) naming the knob otherwise.
+    """
+    from native import thp
+
+    require("thp.mthp")
+    changes = thp.KnobChanges()
+
+    def _only(size: int) -> None:
+        if request.config.getoption("thp"):
+            thp.only_mthp_size(changes, size)
+        elif (why := thp.mthp_missing(size)) is not None:
+            skip_or_fail(request.config, f"anonymous mTHP of {size >> 10} KiB: {why}; --thp enables it for the run")
+
+    yield _only
+    changes.restore()
 
 
 @pytest.fixture

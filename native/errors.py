@@ -37,3 +37,12 @@ class HandlerDied(RuntimeError):
     The engine un-protects the region as the handler goes, so no writer stays blocked; the
     snapshot is void (writes it never served landed uncaptured).
     """
+
+
+class LoaderDied(RuntimeError):
+    """A lazy loader stopped serving guest memory with pages still missing; the message names why.
+
+    Its handler died, its userfaultfd was closed, or it was released early. The pages it never
+    restored are fenced (PROT_NONE) before anyone waiting on them is woken, so the guest stops at
+    them instead of reading zeros; this error is how a run, or a host access, says so.
+    """

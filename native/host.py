@@ -455,6 +455,35 @@ def _hugepage_rows(rep: HostReport) -> None:
             fallback="hugetlb-backed cases are left out"))
 
 
+def _thp_rows(rep: HostReport) -> None:
+    """Transparent huge pages for MADV_HUGEPAGE guest memory: anonymous (PMD size), shmem (memfd) and the
+    anonymous mTHP sizes; the knobs as they are, which --thp changes for a run and restores."""
+    from native import thp
+
+    rep.facts["thp_enabled"] = thp.read_knob(thp.ENABLED) or "absent"
+    rep.facts["thp_shmem_enabled"] = thp.read_knob(thp.SHMEM_ENABLED) or "absent"
+    rep.facts["thp_defrag"] = thp.read_knob(thp.KNOB_DIR / "defrag") or "absent"
+    sizes = thp.mthp_sizes()
+    rep.facts["thp_mthp"] = {f"{s >> 10}kB": thp.read_knob(thp.mthp_knob(s)) for s in sizes}
+    hint = "the THP cases skip; --thp sets it for the run and restores it at exit"
+    for name, what, missing in (("thp.anonymous", "for anonymous THP (MADV_HUGEPAGE)", thp.anonymous_missing()),
+                                ("thp.shmem", "for shmem THP (memfd, MADV_HUGEPAGE)", thp.shmem_missing())):
+        if missing is None:
+            knob = thp.ENABLED if name == "thp.anonymous" else thp.SHMEM_ENABLED
+            rep.capabilities.append(Capability(name, "MEM", what, Status.PASS, f"{knob} = {thp.read_knob(knob)}"))
+        else:
+            rep.capabilities.append(Capability(name, "MEM", what, Status.WARN, f"absent: {missing}", hint))
+    if sizes:
+        on = [f"{s >> 10}kB" for s in sizes if thp.mthp_missing(s) is None]
+        rep.capabilities.append(Capability("thp.mthp", "MEM", "for anonymous multi-size THP (mTHP)", Status.PASS,
+                                           f"sizes {', '.join(f'{s >> 10}kB' for s in sizes)} offered; "
+                                           f"{', '.join(on) or 'none'} enabled now (--thp enables one at a time)"))
+    else:
+        rep.capabilities.append(Capability("thp.mthp", "MEM", "for anonymous multi-size THP (mTHP)", Status.WARN,
+                                           f"absent: no {thp.KNOB_DIR}/hugepages-<size>kB below 2048kB (kernel "
+                                           "before 6.8)", "the mTHP cases skip"))
+
+
 def _common_facts(rep: HostReport) -> None:
     rep.facts.update({
         "hostname": socket.gethostname(),
@@ -547,6 +576,7 @@ def probe(refresh: bool = False) -> HostReport:
         _uffd_rows(rep)
         _soft_dirty_row(rep)
         _hugepage_rows(rep)
+        _thp_rows(rep)
     elif sys.platform == "win32":
         rep.facts["host_class"] = host_class(rep.facts) or "unknown"
         _whp_rows(rep)

@@ -17,6 +17,10 @@ class FaultInjection(enum.Flag):
     NO_COPY_BEFORE_WRITE = 1 << 0   # a fault un-protects without capturing the page
     SINGLE_FLAG_RACE = 1 << 1       # forkd's one "captured" flag, set before the copy
     HANDLER_DIES = 1 << 2           # the fault handler thread exits at its first fault
+    # The lazy loader (native/linux/uffd_lazy.c): at the guest's first fault its handler stops and its userfaultfd
+    # is closed, as a handler process that dies mid-restore drops it; the loader must fail closed, naming it.
+    LAZY_UFFD_CLOSES_MID_RESTORE = 1 << 3
+    LAZY_UFFD_UNGUARDED = 1 << 4    # its fail-closed guard removed (no fence, no LoaderDied): the guest reads zeros
     SKIP_UNPOPULATED = 1 << 8       # arm without WP_UNPOPULATED and without pre-populating: holes go unprotected
     ARM_WHILE_RUNNING = 1 << 9      # the live protocol arms without pausing the vCPUs
     DROP_VCPU_STATE = 1 << 10       # the snapshot file is written without its vCPU state
@@ -34,9 +38,12 @@ class FaultInjection(enum.Flag):
     HV_COW_DROPS_STORE = 1 << 20    # the MMIO write that made a page private is not applied: that store is lost
     # Incremental snapshots (native/incremental.py, Python side):
     DIFF_TRUSTS_DIRTY_LOG = 1 << 21  # a diff holds only the pages its tracker names, not the VMM's own writes
+    # The lazy loader into THP-backed memory keeps huge pages off (MADV_NOHUGEPAGE) while pages are missing, so
+    # no collapse can fill a not-yet-restored neighbour with zeros (cloud-hypervisor #8663); this drops that.
+    LAZY_UFFD_THP_UNGUARDED = 1 << 22
 
 
-# The switches implemented inside the C engine (SP_INJECT_*).
+# The switches implemented inside the C engine and the C lazy loader (SP_INJECT_*).
 C_SWITCHES = 0xFF
 
 # The part of a vCPU's state each DROP_* switch makes the restore skip.

@@ -198,7 +198,15 @@ class Vcpu:
         A signal handled in Python (SIGINT, SIGTERM, SIGHUP: KeyboardInterrupt) that lands in KVM_RUN
         ends the C loop's call, so its handler runs at once; a handler that does not raise lets the run
         go on where it was, to the same deadline.
+
+        The VM's ``run_guard``, when set, sees the exit before it is returned and may raise instead.
         """
+        ex = self._run(timeout, stop_on_sync)
+        if (guard := self.vm.run_guard) is not None:
+            guard(ex)
+        return ex
+
+    def _run(self, timeout: float, stop_on_sync: bool) -> Exit:
         if timeout <= 0:
             raise ValueError(f"run timeout must be positive, got {timeout!r}")
         flags = lib.SP_RUN_STOP_ON_SYNC if stop_on_sync else 0
@@ -445,6 +453,9 @@ class Vm:
         # Called on the vCPU's thread for each KVM_EXIT_MMIO write; True when it backed the write with
         # memory and applied the data (the run then goes on), False to end the run with that exit.
         self.mmio_write_handler: Callable[[Exit], bool] | None = None
+        # Called with each run's exit before Vcpu.run returns it; it may raise instead. A lazy loader sets it:
+        # a run of a VM whose loader died ends in its death named (native.errors.LoaderDied), whatever the exit.
+        self.run_guard: Callable[[Exit], None] | None = None
 
     @classmethod
     def create(cls) -> Vm:

@@ -2,7 +2,11 @@
 
 memfd (MAP_SHARED shmem, what a snapshotting VMM uses), anonymous, hugetlb
 memfd, a file mapped MAP_PRIVATE (copy-on-write load) and a file mapped
-read-only (the negative control of the original bug).
+read-only (the negative control of the original bug). memfd and anonymous
+memory come with transparent huge pages on request (``thp=True``): the
+mapping starts on a 2 MiB boundary and is marked MADV_HUGEPAGE, so a first
+touch may populate a whole huge page; ``huge_bytes()`` and ``folio_at()``
+say whether it did (native/thp.py has the knobs that decide).
 """
 
 from __future__ import annotations
@@ -15,19 +19,24 @@ if sys.platform == "win32":
 import mmap
 import os
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from native._lib import ffi
+from native.thp import THP_BACKING_NEEDS, Folio
 
 PAGE_SIZE = 4096
 HUGE_PAGE_SIZE = 2 << 20
 MFD_HUGETLB = 0x0004
 MADV_POPULATE_WRITE = 23
+MADV_HUGEPAGE = 14
 MADV_NOHUGEPAGE = 15
+MADV_COLLAPSE = 25  # 6.1: collapse a range into huge pages now, as khugepaged would in its own time
+
 # What a backing needs of the host beyond the WP engine's own needs (native.host capability names); the
 # plugin reads it at collection, for a ``backing`` parameter: an unmet need deselects the case naming it.
-BACKING_NEEDS: dict[str, tuple[str, ...]] = {"hugetlb": ("hugepages",)}
+BACKING_NEEDS: dict[str, tuple[str, ...]] = {"hugetlb": ("hugepages",), **THP_BACKING_NEEDS}
 
 
 def check_size(size: int, unit: int = PAGE_SIZE, what: str = "guest memory size") -> int:
@@ -42,8 +51,13 @@ class GuestMemory:
     """One host mapping of guest memory. Use as a context manager; close() is idempotent."""
 
     def __init__(self, mm: mmap.mmap, size: int, backing: str, fd: int | None = None,
-                 path: Path | None = None, writable: bool = True) -> None:
-        self._mm: mmap.mmap | None = mm
+                 path: Path | None = None, writable: bool = True, window: int | None = None) -> None:
+        # ``window``: guest memory is [window, window + size) of ``mm`` (a mapping made larger to start on a
+        # 2 MiB boundary); the object then works on a view of that part alone.
+        self._map = mm
+        self._offset = window or 0
+        self._mm: mmap.mmap | memoryview | None = mm if window is None else memoryview(mm)[window:window + size]
+        self.thp = False  # MADV_HUGEPAGE on a 2 MiB aligned mapping (anonymous(thp=True), memfd(thp=True))
         self.size = size
         self.backing = backing
         self.fd = fd
@@ -51,21 +65,54 @@ class GuestMemory:
         self._fd_finalizer = None if fd is None else weakref.finalize(self, os.close, fd)
         self.path = path
         self.writable = writable
-        self._ptr = ffi.from_buffer("char[]", mm, require_writable=False)
+        self._ptr = ffi.from_buffer("char[]", self._mm, require_writable=False)
         self.addr = int(ffi.cast("uintptr_t", self._ptr))
+        # Called with (offset, length) before this object touches guest memory for the host. A lazy loader
+        # sets it: a page it never restored may be fenced (PROT_NONE), and a host read of it would be SIGSEGV,
+        # so the guard raises LoaderDied first.
+        self.access_guard: Callable[[int, int], None] | None = None
 
     # -- constructors -------------------------------------------------------
     @classmethod
-    def memfd(cls, size: int, name: str = "snapproof-guest") -> GuestMemory:
-        """Shared memory (shmem) behind a memfd, MAP_SHARED: what a snapshotting VMM backs guests with."""
-        return cls._memfd(check_size(size), name, os.MFD_CLOEXEC, "memfd")
+    def memfd(cls, size: int, name: str = "snapproof-guest", thp: bool = False) -> GuestMemory:
+        """Shared memory (shmem) behind a memfd, MAP_SHARED: what a snapshotting VMM backs guests with.
+
+        ``thp``: MADV_HUGEPAGE, so shmem THP (shmem_enabled=advise) may back it with 2 MiB pages. The kernel
+        places a shmem mapping on a 2 MiB boundary itself when shmem THP is on (measured: 6.1 and 6.18), and
+        a huge page needs file offset and address aligned alike, so a mapping it did not align is refused.
+        """
+        mem = cls._memfd(check_size(size), name, os.MFD_CLOEXEC, "memfd")
+        if thp:
+            if mem.addr % HUGE_PAGE_SIZE:
+                mem.close()
+                from native.errors import CapabilityMissing
+                from native.thp import shmem_missing
+
+                raise CapabilityMissing(f"shmem THP: the kernel placed the memfd mapping at {mem.addr:#x}, not on a "
+                                        f"2 MiB boundary ({shmem_missing() or 'shmem THP is on'})")
+            mem._hugepage_advice(MADV_HUGEPAGE)
+            mem.thp = True
+        return mem
 
     @classmethod
-    def anonymous(cls, size: int) -> GuestMemory:
+    def anonymous(cls, size: int, thp: bool = False) -> GuestMemory:
+        """Private anonymous memory. ``thp``: mapped 2 MiB larger and used from its first 2 MiB boundary (6.1
+        places anonymous mappings on any page; 6.7+ aligns large ones itself), marked MADV_HUGEPAGE."""
         check_size(size)
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+        extra = HUGE_PAGE_SIZE if thp else 0
+        mm = mmap.mmap(-1, size + extra, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        return cls(mm, size, "anonymous")
+        if not thp:
+            return cls(mm, size, "anonymous")
+        try:
+            start = _address_of(mm)
+            mem = cls(mm, size, "anonymous", window=-start % HUGE_PAGE_SIZE)
+        except BaseException:
+            mm.close()
+            raise
+        mem._hugepage_advice(MADV_HUGEPAGE)
+        mem.thp = True
+        return mem
 
     @classmethod
     def hugetlb(cls, size: int, name: str = "snapproof-guest-huge") -> GuestMemory:
@@ -117,9 +164,16 @@ class GuestMemory:
 
     # -- access -------------------------------------------------------------
     @property
-    def mm(self) -> mmap.mmap:
+    def mm(self) -> mmap.mmap | memoryview:
+        """The mapping itself (a view of its guest part for THP anonymous memory), for callers that work on
+        it whole (buffers, views, slices): guarded as all of it."""
+        return self._guarded(0, self.size)
+
+    def _guarded(self, gpa: int, n: int) -> mmap.mmap | memoryview:
         if self._mm is None:
             raise ValueError(f"{self.backing} guest memory is closed")
+        if self.access_guard is not None:
+            self.access_guard(gpa, n)
         return self._mm
 
     def _bounds(self, gpa: int, n: int) -> None:
@@ -128,39 +182,46 @@ class GuestMemory:
 
     def read(self, gpa: int, n: int) -> bytes:
         self._bounds(gpa, n)
-        return self.mm[gpa:gpa + n]
+        return bytes(self._guarded(gpa, n)[gpa:gpa + n])
 
     def write(self, gpa: int, data: bytes) -> None:
         self._bounds(gpa, len(data))
-        self.mm[gpa:gpa + len(data)] = data
+        self._guarded(gpa, len(data))[gpa:gpa + len(data)] = data
 
     def byte(self, gpa: int) -> int:
         self._bounds(gpa, 1)
-        return self.mm[gpa]
+        return self._guarded(gpa, 1)[gpa]
 
     def snapshot_bytes(self) -> bytes:
         """A copy of all of guest memory (a reference image for the exact oracle)."""
-        return self.mm[:]
+        return bytes(self.mm[:])
 
     def populate(self, offset: int = 0, size: int | None = None) -> None:
         """Fault every page (of ``size`` bytes from ``offset``, page-aligned) in for writing
         (MADV_POPULATE_WRITE), outside any timed section."""
         size = self.size - offset if size is None else size
         self._bounds(offset, size)
-        self.mm.madvise(MADV_POPULATE_WRITE, offset, size)
+        self._guarded(offset, size)
+        self._hugepage_advice(MADV_POPULATE_WRITE, offset, size)
+
+    def _hugepage_advice(self, advice: int, offset: int = 0, size: int | None = None) -> None:
+        """madvise() over the guest part of the mapping (all of it, or ``size`` bytes from ``offset``)."""
+        if self._mm is None:
+            raise ValueError(f"{self.backing} guest memory is closed")
+        self._map.madvise(advice, self._offset + offset, self.size - offset if size is None else size)
 
     def cow_bytes(self) -> int:
         """Pages this mapping holds as its own copies (smaps ``Anonymous``): for a MAP_PRIVATE file mapping,
         the pages copied on write. ``Private_*`` would also count file pages merely mapped only here."""
-        return _smaps_field_sum(self.addr, ("Anonymous",))
+        return _smaps_field_sum(self.addr, ("Anonymous",), self.size)
 
     def rss_bytes(self) -> int:
-        return _smaps_field_sum(self.addr, ("Rss",))
+        return _smaps_field_sum(self.addr, ("Rss",), self.size)
 
     def private_dirty_bytes(self) -> int:
         """smaps ``Private_Dirty``: pages mapped only here and written (for a memfd nobody else maps, every
         page put in it: shmem pages are dirty from their first write)."""
-        return _smaps_field_sum(self.addr, ("Private_Dirty",))
+        return _smaps_field_sum(self.addr, ("Private_Dirty",), self.size)
 
     def allocated_bytes(self) -> int:
         """Bytes the memfd behind this mapping holds (st_blocks): its pages, mapped here or not; 0 for a
@@ -178,13 +239,50 @@ class GuestMemory:
 
     def no_thp(self) -> None:
         """Keep transparent huge pages off this mapping: a first touch then populates 4 KiB, not 2 MiB."""
-        self.mm.madvise(MADV_NOHUGEPAGE)
+        self._hugepage_advice(MADV_NOHUGEPAGE)
+
+    def allow_thp(self) -> None:
+        """MADV_HUGEPAGE again (after ``no_thp``): khugepaged may collapse the mapping into huge pages."""
+        self._hugepage_advice(MADV_HUGEPAGE)
+
+    # -- transparent huge pages ----------------------------------------------
+    def huge_bytes(self) -> int:
+        """Bytes of this mapping mapped by huge page table entries (smaps AnonHugePages, ShmemPmdMapped,
+        FilePmdMapped). Smaller anonymous folios (mTHP) are mapped by 4 KiB entries: ``folio_at`` sees them."""
+        return _smaps_field_sum(self.addr, ("AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"), self.size)
+
+    def folio_at(self, offset: int) -> Folio | None:
+        """The folio behind the page at ``offset`` (its size; a THP?), or None: not present, or frames and
+        /proc/kpageflags not readable here (native.thp.folio_of). Faults nothing in."""
+        from native.thp import folio_of
+
+        self._bounds(offset, 1)
+        return folio_of(self.addr + offset - offset % PAGE_SIZE)
+
+    def collapse(self, offset: int = 0, size: int | None = None) -> int:
+        """MADV_COLLAPSE over [offset, offset + size): what khugepaged does in its own time, done now. 0 when
+        the kernel collapsed the range into huge pages, else the errno it refused with."""
+        n = self.size - offset if size is None else size
+        self._bounds(offset, n)
+        try:
+            self._map.madvise(MADV_COLLAPSE, self._offset + offset, n)
+        except OSError as e:
+            return e.errno or -1
+        return 0
+
+    def collapse_each(self, unit: int = HUGE_PAGE_SIZE) -> list[int]:
+        """``collapse()`` of every ``unit`` of the mapping in turn: one answer per unit (0 collapsed, else the
+        errno). One MADV_COLLAPSE over several units answers with an error if any unit was refused, while the
+        others stay collapsed: only per unit does the answer say what the kernel did."""
+        return [self.collapse(at, min(unit, self.size - at)) for at in range(0, self.size, unit)]
 
     def close(self) -> None:
         if self._mm is None:
             return
         ffi.release(self._ptr)
-        self._mm.close()
+        if isinstance(self._mm, memoryview):
+            self._mm.release()
+        self._map.close()
         self._mm = None
         self.fd = None
         if self._fd_finalizer is not None:
@@ -196,8 +294,13 @@ class GuestMemory:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def label(self) -> str:
+        """The backing as reports name it: ``memfd``, ``anonymous+thp``, ..."""
+        return f"{self.backing}+thp" if self.thp else self.backing
+
     def __repr__(self) -> str:
-        return f"GuestMemory({self.backing}, size={self.size:#x}, addr={self.addr:#x})"
+        return f"GuestMemory({self.label}, size={self.size:#x}, addr={self.addr:#x})"
 
 
 def buffer_address(buf: object) -> tuple[Any, int]:
@@ -230,26 +333,37 @@ def warm_memcpy_bandwidth(size: int, rounds: int = 5) -> float:
     return size / (ns / 1e9)
 
 
-def _smaps_entry(addr: int) -> list[tuple[str, str]]:
-    """The (field, value) lines of the /proc/self/smaps entry that starts at ``addr``."""
+def _smaps_entry(addr: int, size: int = 1) -> list[tuple[str, str]]:
+    """The (field, value) lines of the /proc/self/smaps entries that start in [addr, addr + size): the one
+    at ``addr`` by default; a mapping that madvise() or mprotect() split into several VMAs, all of them."""
     lines: list[tuple[str, str]] = []
     inside = False
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split(" ", 1)[0]
             if "-" in head and ":" not in head:
-                if inside:
+                start = int(head.split("-", 1)[0], 16)
+                if inside and not addr <= start < addr + size:
                     break
-                inside = int(head.split("-", 1)[0], 16) == addr
+                inside = addr <= start < addr + size
             elif inside:
                 name, _, rest = line.partition(":")
                 lines.append((name, rest.strip()))
     return lines
 
 
-def _smaps_field_sum(addr: int, fields: tuple[str, ...]) -> int:
-    """Sum of the named kB fields of the /proc/self/smaps entry that starts at ``addr``, in bytes."""
-    return sum(int(value.split()[0]) * 1024 for name, value in _smaps_entry(addr) if name in fields)
+def _smaps_field_sum(addr: int, fields: tuple[str, ...], size: int = 1) -> int:
+    """Sum of the named kB fields of the /proc/self/smaps entries that start in [addr, addr + size), in bytes."""
+    return sum(int(value.split()[0]) * 1024 for name, value in _smaps_entry(addr, size) if name in fields)
+
+
+def _address_of(mm: mmap.mmap) -> int:
+    """Where the kernel placed a mapping."""
+    h = ffi.from_buffer("char[]", mm, require_writable=False)
+    try:
+        return int(ffi.cast("uintptr_t", h))
+    finally:
+        ffi.release(h)
 
 
 def _smaps_vmflags(addr: int) -> set[str]:

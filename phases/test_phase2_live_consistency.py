@@ -9,11 +9,18 @@ first. Two oracles judge the snapshot:
 - exact: a reference copy taken during the pause (test mode only) equals it byte for byte;
 - instant: knowing each vCPU's write order, every page's stamps are what the region held at
   one single point of that vCPU's write stream, with no torn page but the one in flight.
+
+On memory backed by transparent huge pages (anonymous THP, shmem THP) the same holds while the huge
+pages are split (each WP fault un-protects 4 KiB of a huge mapping) and collapsed (a host thread asks
+for MADV_COLLAPSE over the whole mapping throughout the snapshot, as khugepaged would).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -26,6 +33,7 @@ from native.kvm import ExitReason
 from native.layout import gpa_of
 from native.live import VcpuRunner, take_live_snapshot
 from native.memory import PAGE_SIZE
+from native.thp import PMD_SIZE, CollapseLoop
 from results.record import fmt_bytes
 
 pytestmark = [pytest.mark.phase(2, "live snapshot consistency"),
@@ -45,8 +53,11 @@ def every_vcpu_swept_once(storm_vm) -> bool:
     return all(storm_vm.progress(i).done_gen >= 1 for i in range(len(storm_vm.params)))
 
 
-def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host_limits, at_marks: bool = False):
+def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host_limits, at_marks: bool = False,
+                            alongside: Callable[[], Any] = contextlib.nullcontext):
     """The phase's procedure, shared by every backing and size: run, snapshot live, stop, judge.
+
+    ``alongside()`` is a context manager held around the live snapshot (the THP cases' collapser).
 
     With ``at_marks`` each vCPU first runs in this thread to its mark (a sync the guest writes a chosen
     number of pages into its first sweep, make_storm_vm's ``mark``); the runner then holds it parked, so
@@ -84,7 +95,8 @@ def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host
         try:
             # The copy starts once the resumed guest has taken two WP faults a vCPU (the first may be the page
             # it was paused in): copy and guest writes overlap at any size.
-            live = take_live_snapshot(runner, snap, reference=reference.mm, overlap_faults=2 * nvcpus)
+            with alongside():
+                live = take_live_snapshot(runner, snap, reference=reference.mm, overlap_faults=2 * nvcpus)
         finally:
             exits = runner.stop()
         stats = live.stats
@@ -157,6 +169,33 @@ def test_live_snapshot_of_other_backings_is_memory_at_the_arm_instant(report, ma
     """Anonymous and hugetlb guest memory snapshot as consistently as memfd (hugetlb WP is 2 MiB granular)."""
     storm_vm = make_storm_vm(backing, mem_size, 2)
     live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host_limits)
+
+
+@pytest.mark.parametrize("backing", ["anonymous-thp", "memfd-thp"])
+def test_live_snapshot_of_thp_memory_is_memory_at_the_arm_instant_while_huge_pages_split_and_collapse(
+        report, make_storm_vm, make_memory, make_wp, inject, host_limits, backing):
+    """On huge pages, split by the guest's WP faults and collapsed by a host thread throughout, the live snapshot is
+    still exactly guest memory at the arm instant."""
+    storm_vm = make_storm_vm(backing, 16 << 20, 2)
+    mem = storm_vm.memory
+    with report.stage(f"guest memory on huge pages ({mem.label})") as st:
+        mem.populate()
+        folio = mem.folio_at(storm_vm.params[0].region_gpa)
+        huge = mem.huge_bytes()
+        st.check(huge > 0, f"{fmt_bytes(huge)} of {fmt_bytes(mem.size)} mapped by huge page entries (smaps); the storm "
+                 f"region starts in {folio.describe() if folio else 'a folio not readable here'}",
+                 f"no huge page entries in the {mem.label} mapping (smaps): nothing to split or collapse")
+        if folio is not None:
+            st.equal(folio.size, PMD_SIZE, "folio size at the start of the storm region", fmt_bytes)
+        collapser = CollapseLoop(mem)
+
+    live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host_limits, alongside=lambda: collapser)
+
+    with report.stage("huge pages during the snapshot") as st:
+        st.check(sum(collapser.outcomes.values()) > 0, f"MADV_COLLAPSE over the whole mapping while the snapshot ran: "
+                 f"{collapser.describe()}", "no MADV_COLLAPSE call finished while the snapshot ran")
+        st.note(f"after the snapshot: {fmt_bytes(mem.huge_bytes())} mapped by huge page entries")
+        report.fact("collapse_outcomes", {str(k): v for k, v in collapser.outcomes.items()})
 
 
 @pytest.mark.parametrize("backing", ["memfd", "anonymous"])

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import pytest
@@ -48,9 +49,11 @@ from native.image import (
     split_kvm_x86_state,
 )
 from native.kvm import RESTORE_ORDER, Exit, ExitReason, Vm
+from native.layout import gpa_of
 from native.live import VcpuRunner
 from native.memory import PAGE_SIZE, GuestMemory
 from native.restore import LOADERS, RestoredVm, restore_vm
+from native.thp import PMD_SIZE, THP_BACKING_NEEDS
 from results.record import fmt_bytes, fmt_ns
 
 pytestmark = [pytest.mark.phase(3, "round-trip restore"), pytest.mark.platform("linux"),
@@ -110,6 +113,21 @@ def restore_timings(st, restored) -> None:
               f"{fmt_ns(restored.load_ns)}, VM + memslot {fmt_ns(restored.vm_ns)}, vCPU {fmt_ns(restored.state_ns)}")
 
 
+def guest_saw_only_restored_pages(st, restored) -> None:
+    """No page the guest reached was filled with zeros where the file holds data.
+
+    A lazy loader whose userfaultfd goes away mid-restore lets the kernel fill the faulting page with zeros
+    (ORIGINS.md: fcvm PR #739); the loader must fence such pages and stop the guest instead. This is the
+    check that sees it when it does not. Checked before the exit is: a guest on zeros runs anywhere.
+    """
+    filled = restored.restored.zero_filled_pages()
+    mapped = restored.memory.rss_bytes() // PAGE_SIZE
+    st.check(not filled, f"no page the guest reached holds zeros where the file holds data ({mapped} pages mapped)",
+             f"{len(filled)} page(s) the guest reached hold zeros where the file holds data, never restored by "
+             f"{restored.restored.loader}: first at GPA {gpa_of(filled[0]) if filled else 0:#x}, all "
+             f"{[hex(gpa_of(o)) for o in filled[:8]]}: the guest ran on memory the loader never restored")
+
+
 def lazy_note(st, restored) -> None:
     if restored.lazy is None:
         return
@@ -166,6 +184,7 @@ def test_original_sequence_reruns_in_a_fresh_vm_from_the_file(report, make_memor
 
     with report.stage("re-run marker16 from 0:0x100") as st:
         ex = restored.vcpu.run(timeout=RUN_TIMEOUT_S)
+        guest_saw_only_restored_pages(st, restored)
         st.check(ex.reason is ExitReason.HLT, "restored guest halted", f"restored guest did not halt: {ex.describe()}")
         st.equal(restored.memory.byte(MARKER), AFTER, "dest mem[0x1000] after the re-run")
         st.timing("re-run", ex.run_ns, "entry to HLT, three instructions, with the first touch of their pages")
@@ -186,14 +205,19 @@ def test_original_sequence_reruns_in_a_fresh_vm_from_the_file(report, make_memor
 # -- mid-execution ----------------------------------------------------------------------------------
 
 
-@pytest.mark.sizes(1 << 20, 64 << 20)
-@pytest.mark.parametrize("loader", LOADERS)
-def test_mid_execution_snapshot_resumes_to_the_uninterrupted_result(report, benchmark, make_memory,
-                                                                    make_counter32_vm, capture_snapshot,
-                                                                    make_restored_vm, enter_guest,
-                                                                    counter32_uninterrupted,
-                                                                    mem_size, loader):
-    """counter32 captured live mid-run resumes in a fresh VM and ends exactly as an uninterrupted run and the model."""
+@dataclass(frozen=True)
+class MidRunFile:
+    """counter32 captured live at its snapshot point: the file, the guest's parameters, the iteration the file
+    holds, and the sync values the guest wrote before it."""
+
+    image: SnapshotImage
+    params: CounterParams
+    iteration: int
+    syncs_before: list[int]
+
+
+def counter32_captured_mid_run(report, make_memory, make_counter32_vm, capture_snapshot, mem_size) -> MidRunFile:
+    """The stages up to the file: counter32 run to its snapshot point, captured live, the file checked."""
     p = counter_params(mem_size)
     with report.stage("counter32 loaded") as st:
         mem = make_memory("memfd", mem_size)
@@ -245,32 +269,27 @@ def test_mid_execution_snapshot_resumes_to_the_uninterrupted_result(report, benc
                  f"the file's parameter block is the model's after iteration {k}",
                  f"file parameter block vs model at iteration {k}: "
                  f"{describe_difference(mid.block, image.read_memory(BLOCK, counter.BLOCK_SIZE), BLOCK)}")
+    return MidRunFile(image, p, k, before)
 
-    with report.stage(f"restore ({loader}) + resume to the working set") as st:
-        def resume():
-            restored = make_restored_vm(image.path, loader, verify=False, reset=partial(enter_guest, "counter32"))
-            return restored, restored.vcpu.run(timeout=GUEST_TIMEOUT_S, stop_on_sync=True)
 
-        restored, ex = benchmark.pedantic(resume, rounds=1, iterations=1)
-        st.note("vCPU restored from the file's saved state" if restored.from_saved_state else
-                "no vCPU state in the file: the vCPU starts from counter32's entry (reset state)")
-        again = " (the snapshot point's sync again: the guest re-ran iterations it had run before the snapshot)" \
-            if ex.reason is ExitReason.SYNC and ex.last_sync == p.sync_at else ""
-        st.check(ex.reason is ExitReason.SYNC and ex.last_sync == WS_TOUCHED | p.npages,
-                 f"first exit after the resume: working set touched (sync {ex.last_sync:#x})",
-                 f"expected the working-set sync {WS_TOUCHED | p.npages:#x}, saw {ex.describe()} "
-                 f"(sync {ex.last_sync:#x}){again}")
-        restore_timings(st, restored)
-        to_ws = restored.ready_ns + ex.run_ns
-        st.timing("restore -> working set touched", to_ws,
-                  f"{p.npages - k} pages first touched after the resume (the guest wrote {k} before the snapshot), "
-                  f"{to_ws / (p.npages - k) / 1e3:.1f} µs a page; includes guest compute and every first-touch fault")
-        lazy_note(st, restored)
-        benchmark.extra_info.update({"loader": loader, "restore_to_ready_ns": restored.ready_ns,
-                                     "restore_to_working_set_ns": to_ws})
-        report.fact("restore_to_ready_ns", restored.ready_ns)
-        report.fact("restore_to_working_set_ns", to_ws)
+def resumed_to_the_working_set(st, restored, ex, f: MidRunFile) -> None:
+    """The first exit after the resume is the working-set sync, the guest having reached only restored pages."""
+    p = f.params
+    guest_saw_only_restored_pages(st, restored)
+    st.note("vCPU restored from the file's saved state" if restored.from_saved_state else
+            "no vCPU state in the file: the vCPU starts from counter32's entry (reset state)")
+    again = " (the snapshot point's sync again: the guest re-ran iterations it had run before the snapshot)" \
+        if ex.reason is ExitReason.SYNC and ex.last_sync == p.sync_at else ""
+    st.check(ex.reason is ExitReason.SYNC and ex.last_sync == WS_TOUCHED | p.npages,
+             f"first exit after the resume: working set touched (sync {ex.last_sync:#x})",
+             f"expected the working-set sync {WS_TOUCHED | p.npages:#x}, saw {ex.describe()} "
+             f"(sync {ex.last_sync:#x}){again}")
 
+
+def resumed_run_ends_as_the_uninterrupted_run(report, restored, ex, f: MidRunFile, counter32_uninterrupted,
+                                              mem_size: int) -> None:
+    """The stages after the working set: on to HLT, the rest prefetched, memory and registers compared."""
+    p = f.params
     with report.stage("resumed run to HLT") as st:
         syncs = [ex.last_sync]
         while (ex := restored.vcpu.run(timeout=GUEST_TIMEOUT_S, stop_on_sync=True)).reason is ExitReason.SYNC:
@@ -287,7 +306,7 @@ def test_mid_execution_snapshot_resumes_to_the_uninterrupted_result(report, benc
     with report.stage("ends as the uninterrupted run and the model") as st:
         ref = counter32_uninterrupted(p, mem_size)
         want = counter.expected_final(p)
-        st.equal(before + syncs, ref.syncs, "sync values: the snapshot point's, then the resumed run's",
+        st.equal(f.syncs_before + syncs, ref.syncs, "sync values: the snapshot point's, then the resumed run's",
                  lambda v: str([hex(x) for x in v]))
         diff = describe_difference(ref.memory, final)
         st.check(not diff, f"final memory equals the uninterrupted run's, byte for byte ({fmt_bytes(mem_size)})",
@@ -300,6 +319,112 @@ def test_mid_execution_snapshot_resumes_to_the_uninterrupted_result(report, benc
         st.check(region == want.region, f"region equals the model after {p.iterations} iterations",
                  f"region vs model: {describe_difference(want.region, region, p.region_gpa)}")
         st.timing("uninterrupted run", ref.run_ns, "reference VM, entry to HLT, first touch included")
+
+
+@pytest.mark.sizes(1 << 20, 64 << 20)
+@pytest.mark.parametrize("loader", LOADERS)
+def test_mid_execution_snapshot_resumes_to_the_uninterrupted_result(report, benchmark, make_memory,
+                                                                    make_counter32_vm, capture_snapshot,
+                                                                    make_restored_vm, enter_guest,
+                                                                    counter32_uninterrupted,
+                                                                    mem_size, loader):
+    """counter32 captured live mid-run resumes in a fresh VM and ends exactly as an uninterrupted run and the model."""
+    f = counter32_captured_mid_run(report, make_memory, make_counter32_vm, capture_snapshot, mem_size)
+    p, k = f.params, f.iteration
+
+    with report.stage(f"restore ({loader}) + resume to the working set") as st:
+        def resume():
+            restored = make_restored_vm(f.image.path, loader, verify=False, reset=partial(enter_guest, "counter32"))
+            return restored, restored.vcpu.run(timeout=GUEST_TIMEOUT_S, stop_on_sync=True)
+
+        restored, ex = benchmark.pedantic(resume, rounds=1, iterations=1)
+        resumed_to_the_working_set(st, restored, ex, f)
+        restore_timings(st, restored)
+        to_ws = restored.ready_ns + ex.run_ns
+        st.timing("restore -> working set touched", to_ws,
+                  f"{p.npages - k} pages first touched after the resume (the guest wrote {k} before the snapshot), "
+                  f"{to_ws / (p.npages - k) / 1e3:.1f} µs a page; includes guest compute and every first-touch fault")
+        lazy_note(st, restored)
+        benchmark.extra_info.update({"loader": loader, "restore_to_ready_ns": restored.ready_ns,
+                                     "restore_to_working_set_ns": to_ws})
+        report.fact("restore_to_ready_ns", restored.ready_ns)
+        report.fact("restore_to_working_set_ns", to_ws)
+
+    resumed_run_ends_as_the_uninterrupted_run(report, restored, ex, f, counter32_uninterrupted, mem_size)
+
+
+# -- into memory backed by transparent huge pages -----------------------------------------------------------
+
+THP_SIZE = 16 << 20
+# Every loader into THP-backed memory: the memfd and anonymous destinations with THP, and for map-private the
+# file mapping marked MADV_HUGEPAGE (the kernel maps the page cache's huge folios where it can).
+THP_RESTORES = [pytest.param("read-copy", "memfd-thp", id="read-copy-memfd-thp"),
+                pytest.param("map-private", "file-thp", id="map-private-file-thp"),
+                pytest.param("lazy-uffd", "memfd-thp", id="lazy-uffd-memfd-thp"),
+                pytest.param("lazy-uffd", "anonymous-thp", id="lazy-uffd-anonymous-thp")]
+
+
+@pytest.mark.parametrize(("loader", "backing"), THP_RESTORES)
+def test_restore_into_thp_memory_collapsed_mid_restore_resumes_to_the_uninterrupted_result(
+        report, require, make_memory, make_counter32_vm, capture_snapshot, make_restored_vm, enter_guest,
+        counter32_uninterrupted, loader, backing):
+    """Restored into huge-page-backed memory, and collapsed into huge pages by the kernel (as khugepaged would) after
+    one 4 KiB fill and before the guest resumes, counter32 never reaches a not-yet-restored page exposed as zeros
+    (cloud-hypervisor #8663: a guest triple fault) and ends as an uninterrupted run."""
+    require(*THP_BACKING_NEEDS.get(backing, ()))
+    f = counter32_captured_mid_run(report, make_memory, make_counter32_vm, capture_snapshot, THP_SIZE)
+
+    with report.stage(f"restore ({loader}) into {backing} memory") as st:
+        restored = make_restored_vm(f.image.path, loader, verify=False, reset=partial(enter_guest, "counter32"),
+                                    thp=True, lazy_backing=backing.removesuffix("-thp"))
+        mem = restored.memory
+        st.note(f"{mem.label} at {mem.addr:#x}: {fmt_bytes(mem.huge_bytes())} mapped by huge page entries so far")
+        if restored.lazy is not None:
+            st.note("huge pages kept off (MADV_NOHUGEPAGE) while pages are missing" if restored.lazy.thp_guard else
+                    "huge pages left on while pages are missing: the guard is removed (fault injection)")
+        restore_timings(st, restored)
+
+    with report.stage("one 4 KiB fill, then the kernel collapses the memory into huge pages") as st:
+        # The guest's parameter block is the page a VMM reads first; a lazy loader installs it alone. Then what
+        # khugepaged would do in its own time, now: MADV_COLLAPSE over all of it, restored pages and holes alike.
+        block = restored.memory.read(BLOCK, PAGE_SIZE)
+        st.check(block == f.image.read_memory(BLOCK, PAGE_SIZE), "the parameter block reads as the file's",
+                 f"parameter block: {describe_difference(f.image.read_memory(BLOCK, PAGE_SIZE), block, BLOCK)}")
+        answers = mem.collapse_each()
+        collapsed = answers.count(0)
+        refusals = sorted({os.strerror(e) for e in answers if e})
+        outcome = (f"collapsed {collapsed} of {len(answers)} 2 MiB units" if collapsed else
+                   f"refused for all {len(answers)} 2 MiB units")
+        st.note(f"MADV_COLLAPSE, 2 MiB at a time over {fmt_bytes(mem.size)}: {outcome}"
+                f"{' (' + ', '.join(refusals) + ')' if refusals else ''}; {fmt_bytes(mem.huge_bytes())} mapped by "
+                "huge page entries now")
+        if restored.lazy is not None:
+            st.note(f"{restored.lazy.pages_present()} of {restored.lazy.npages} pages restored when it ran")
+        report.fact("collapse_mid_restore", outcome)
+
+    with report.stage("resume to the working set") as st:
+        ex = restored.vcpu.run(timeout=GUEST_TIMEOUT_S, stop_on_sync=True)
+        resumed_to_the_working_set(st, restored, ex, f)
+        lazy_note(st, restored)
+
+    resumed_run_ends_as_the_uninterrupted_run(report, restored, ex, f, counter32_uninterrupted, THP_SIZE)
+
+    with report.stage("huge pages in the restored memory") as st:
+        err = mem.collapse()  # every page restored now (and a lazy loader lifted its guard): collapse is safe
+        huge = mem.huge_bytes()
+        folio = mem.folio_at(f.params.region_gpa)
+        seen = (f"{fmt_bytes(huge)} of {fmt_bytes(mem.size)} mapped by huge page entries after a last MADV_COLLAPSE "
+                f"({'collapsed' if err == 0 else os.strerror(err)}); the working set starts in "
+                f"{folio.describe() if folio else 'a folio not readable here'}")
+        if loader == "map-private":
+            off = f.image.memory_offset
+            why = (f"the memory image starts at file offset {off:#x}, so none of it is 2 MiB aligned in the file and "
+                   "the kernel cannot map the page cache's huge folios with huge entries" if off % PMD_SIZE else
+                   "the page cache's huge folios, where the kernel maps them into a private file mapping")
+            st.note(f"{seen} ({why})")
+        else:
+            st.check(huge > 0, seen, f"no huge page entries in the restored {mem.label} memory: {seen}")
+        report.fact("huge_bytes_restored", huge)
 
 
 # -- whole vCPU state, two vCPUs ------------------------------------------------------------------------
@@ -379,6 +504,7 @@ def test_two_vcpus_resume_each_with_its_own_whole_state(report, make_memory, mak
     with report.stage("both vCPUs resume to HLT") as st:
         for i, vcpu in enumerate(restored.vcpus):
             ex = vcpu.run(timeout=GUEST_TIMEOUT_S, stop_on_sync=True)
+            guest_saw_only_restored_pages(st, restored)
             st.check(ex.reason is ExitReason.HLT, f"vCPU {i} halted", f"vCPU {i} did not halt: {ex.describe()}")
             st.equal(ex.sync_count, 0, f"vCPU {i} sync writes after the resume (its sync came before the capture)", str)
         if restored.lazy is not None:

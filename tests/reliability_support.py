@@ -112,6 +112,16 @@ HOST_SETTINGS = [
 ]
 
 
+def _mthp_knobs() -> list[str]:
+    from native.thp import PMD_SIZE, mthp_knob, mthp_sizes
+
+    return [str(mthp_knob(size)) for size in [*mthp_sizes(), PMD_SIZE] if mthp_knob(size).exists()]
+
+
+# --thp sets THP knobs for a run, and a mTHP case one size's for its own duration: all of them are watched.
+HOST_SETTINGS += _mthp_knobs()
+
+
 def host_settings() -> dict[str, str]:
     """Each of HOST_SETTINGS as the kernel shows it now ("absent" where this kernel has no such file)."""
     out = {}
@@ -177,6 +187,68 @@ class UnservedWp:
             self.fd = None
 
     def __enter__(self) -> UnservedWp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class UnservedMissing:
+    """``memory`` registered MISSING on a raw uffd that no handler reads: a first touch of a page not yet
+    there waits in the kernel until someone installs it, wakes it, or the uffd is released.
+    ``close()`` is idempotent."""
+
+    UFFDIO_WAKE = 0x8010AA02  # _IOR(0xAA, 0x02, struct uffdio_range)
+
+    def __init__(self, memory: Any) -> None:
+        from native import uffd
+        from native._lib import check, ffi, lib
+        from native.wp import _uffd_open_error
+
+        self.memory = memory
+        via = ffi.new("int *")
+        fd = lib.sp_uffd_open(via)
+        if fd < 0:
+            raise _uffd_open_error(-fd)
+        self.fd: int | None = fd
+        try:
+            sup = ffi.new("uint64_t *")
+            ioctls = ffi.new("uint64_t *")
+            feats = uffd.mask_of("MISSING_SHMEM") if memory.backing == "memfd" else 0
+            check(lib.sp_uffd_api(fd, feats, sup, ioctls), "UFFDIO_API", features=feats)
+            check(lib.sp_uffd_register(fd, memory.addr, memory.size, uffd.REGISTER_MODE_MISSING, ioctls),
+                  "UFFDIO_REGISTER", start=memory.addr, len=memory.size)
+        except BaseException:
+            self.close()
+            raise
+
+    def fault_pending(self, timeout: float) -> bool:
+        """True once a fault message waits to be read (nobody reads it), within ``timeout``."""
+        assert self.fd is not None, "uffd already closed"
+        return bool(select.select([self.fd], [], [], timeout)[0])
+
+    def fence(self, offset: int, size: int) -> None:
+        """mprotect(PROT_NONE) of [offset, offset + size) of the memory: what the lazy loader does to the
+        pages it will never restore."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mprotect(ctypes.c_void_p(self.memory.addr + offset), ctypes.c_size_t(size), 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mprotect([{offset:#x}, {offset + size:#x}), PROT_NONE)")
+
+    def wake(self) -> None:
+        """UFFDIO_WAKE over the whole range: every waiter retries its access."""
+        import fcntl
+        import struct
+
+        assert self.fd is not None, "uffd already closed"
+        fcntl.ioctl(self.fd, self.UFFDIO_WAKE, struct.pack("QQ", self.memory.addr, self.memory.size))
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> UnservedMissing:
         return self
 
     def __exit__(self, *exc: object) -> None:

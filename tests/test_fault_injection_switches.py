@@ -18,8 +18,10 @@ def test_c_engine_switch_values_match_python():
     assert FaultInjection.NO_COPY_BEFORE_WRITE.value == lib.SP_INJECT_NO_COPY_BEFORE_WRITE
     assert FaultInjection.SINGLE_FLAG_RACE.value == lib.SP_INJECT_SINGLE_FLAG_RACE
     assert FaultInjection.HANDLER_DIES.value == lib.SP_INJECT_HANDLER_DIES
+    assert FaultInjection.LAZY_UFFD_CLOSES_MID_RESTORE.value == lib.SP_INJECT_LAZY_UFFD_CLOSES_MID_RESTORE
+    assert FaultInjection.LAZY_UFFD_UNGUARDED.value == lib.SP_INJECT_LAZY_UFFD_UNGUARDED
     in_c = [m for m in FaultInjection if m.value & C_SWITCHES]
-    assert len(in_c) == 3, f"a new C-level switch needs a line above: {in_c}"
+    assert len(in_c) == 5, f"a new C-level switch needs a line above: {in_c}"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the C layer is the Linux backend")

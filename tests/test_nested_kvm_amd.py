@@ -49,9 +49,10 @@ NESTED_MAX_SIZE = "64M"
 def nested_pytest(npt: int) -> list[str]:
     """The command the nested host runs: the selection, strictly, its record and JUnit XML into /out."""
     present = [p for p in SELECTION[npt] if Path(nested.REPO, p).exists()]
-    return [sys.executable, "-m", "pytest", *present, "--strict-host", "--reports", "short", "-p", "no:cacheprovider",
-            "-rfE", f"--timeout={NESTED_TEST_CEILING_S}", f"--max-size={NESTED_MAX_SIZE}", "--results-dir=/out/runs",
-            "--junitxml=/out/junit.xml"]
+    # --thp: the THP cases run there too (Debian's 6.1 has anonymous THP on, shmem THP off by default).
+    return [sys.executable, "-m", "pytest", *present, "--strict-host", "--thp", "--reports", "short", "-p",
+            "no:cacheprovider", "-rfE", f"--timeout={NESTED_TEST_CEILING_S}", f"--max-size={NESTED_MAX_SIZE}",
+            "--results-dir=/out/runs", "--junitxml=/out/junit.xml"]
 
 
 @pytest.mark.parametrize("npt", [pytest.param(n, id=f"npt{n}", marks=pytest.mark.timeout(NESTED_TIMEOUT_S[n] + 120))

@@ -1,6 +1,7 @@
 """Phase 3 can fail: a snapshot without its vCPU state fails the mid-execution check, a restore that drops any
-one part of a vCPU's state (or gives every vCPU vCPU 0's) fails the two-vCPU whole-state check, a flipped
-byte fails the load.
+one part of a vCPU's state (or gives every vCPU vCPU 0's) fails the two-vCPU whole-state check, a lazy loader
+whose userfaultfd is closed mid-restore fails every lazy case naming its death (and, its guard removed, the
+check that the guest never saw a zero page where the file holds data), a flipped byte fails the load.
 
 The first two run the phase in a child pytest with ``--inject drop-vcpu-state`` (the capture writes the
 file without vCPU state; the restore falls back to counter32's entry, re-running iterations whose
@@ -111,6 +112,92 @@ def test_restore_without_one_part_of_the_vcpu_state_fails_the_whole_state_check(
     failure = run.failure(WHOLE_STATE_CASE)
     for words in named:
         assert words in failure, f"{switch}: expected {words!r} in the failure: {failure}"
+
+
+# -- the lazy loader's userfaultfd closed mid-restore --------------------------------------------------
+
+# Every sequence of the phase, once each, 1 MiB: the original re-run, the mid-execution resume, the two vCPUs.
+SEQUENCES = "(not benchmark and 1MiB) or two_vcpus"
+LAZY_CASES = [f"{MID}[1MiB-lazy-uffd]", "test_original_sequence_reruns_in_a_fresh_vm_from_the_file[1MiB-lazy-uffd]",
+              f"{WHOLE_STATE}[lazy-uffd]"]
+DEAD_LOADER = ("native.errors.LoaderDied: the vCPU run ended with ", ": the lazy loader stopped serving guest memory "
+               "mid-restore: its userfaultfd was closed under it (handler stopped with errno 125 ECANCELED",
+               "pages it never restored are fenced (PROT_NONE), so the guest stopped at them instead of reading zeros; "
+               "fault injection LAZY_UFFD_CLOSES_MID_RESTORE")
+ZEROS_SEEN = ("page(s) the guest reached hold zeros where the file holds data, never restored by lazy-uffd: first at "
+              "GPA ", "the guest ran on memory the loader never restored")
+
+
+def test_phase3_sequences_pass_without_injection():
+    """The control: every sequence passes, with every loader, with no switch set."""
+    run = run_phase(PHASE3, "-k", SEQUENCES)
+    assert run.returncode == 0, run.output
+    for case in LAZY_CASES:
+        assert run.outcome(case) == "passed", run.failure(case)
+
+
+def test_lazy_uffd_closed_mid_restore_fails_every_lazy_case_naming_the_dead_loader():
+    """With the lazy loader's userfaultfd closed at the guest's first fault, every lazy-uffd sequence fails with the
+    loader's death named and the pages it never restored fenced; the other loaders pass in the same run."""
+    run = run_phase(PHASE3, "-k", SEQUENCES, inject="lazy-uffd-closes-mid-restore")
+    assert run.returncode == 1, run.output
+    for case in LAZY_CASES:
+        assert run.outcome(case) == "failed", f"{case}: {run.outcome(case)} with the uffd closed mid-restore"
+        failure = run.failure(case)
+        for words in DEAD_LOADER:
+            assert words in failure, f"{case}: expected {words!r} in the failure: {failure}"
+    others = {c: r["outcome"] for c, r in run.cases().items() if c not in LAZY_CASES}
+    assert others and set(others.values()) == {"passed"}, f"the other loaders under the lazy loader's switch: {others}"
+
+
+def test_lazy_uffd_closed_mid_restore_without_the_guard_fails_the_zero_page_check():
+    """The guard removed (no fence, no LoaderDied), the same close lets the kernel fill the guest's page with zeros:
+    every lazy sequence then fails the check that the guest never saw a zero page where the file holds data."""
+    run = run_phase(PHASE3, "-k", f"({SEQUENCES}) and lazy",
+                    inject="lazy-uffd-closes-mid-restore,lazy-uffd-unguarded")
+    assert run.returncode == 1, run.output
+    for case in LAZY_CASES:
+        assert run.outcome(case) == "failed", f"{case}: {run.outcome(case)} with the lazy loader unguarded"
+        failure = run.failure(case)
+        assert "LoaderDied" not in failure, f"{case}: the unguarded loader still named its death: {failure}"
+        for words in ZEROS_SEEN:
+            assert words in failure, f"{case}: expected {words!r} in the failure: {failure}"
+
+
+# -- the lazy loader into THP-backed memory without its huge-page guard -----------------------------------------
+
+THP_LAZY_CASE = ("test_restore_into_thp_memory_collapsed_mid_restore_resumes_to_the_uninterrupted_result"
+                 "[lazy-uffd-memfd-thp]")
+THP_LAZY_SELECT = "thp and lazy-uffd-memfd"
+
+
+def test_lazy_uffd_into_thp_memory_without_its_guard_fails_where_the_kernel_fills_holes(record_property):
+    """With huge pages left on while pages are missing, the kernel's collapse of the half-restored memfd fills the
+    pages not yet restored with zeros where it does so (measured: 6.1), and the phase fails naming them; where the
+    kernel refuses such a collapse itself (6.18: EBUSY) the phase passes and the record says the guard had nothing
+    to stop. Both runs set the THP knobs themselves (--thp) and restore them."""
+    control = run_phase(PHASE3, "-k", THP_LAZY_SELECT, "--thp")
+    outcome = control.outcome(THP_LAZY_CASE)
+    if outcome == "skipped":
+        pytest.skip(f"the THP case skipped even with --thp: {control.failure(THP_LAZY_CASE) or control.output[-500:]}")
+    assert outcome == "passed", f"the control (guard in place): {outcome}: {control.failure(THP_LAZY_CASE)}"
+    assert control.cases()[THP_LAZY_CASE]["facts"]["collapse_mid_restore"].startswith("refused for all"), \
+        f"with the guard every unit's collapse must be refused: {control.cases()[THP_LAZY_CASE]['facts']}"
+
+    run = run_phase(PHASE3, "-k", THP_LAZY_SELECT, "--thp", inject="lazy-uffd-thp-unguarded")
+    case = run.cases()[THP_LAZY_CASE]
+    collapse = case["facts"]["collapse_mid_restore"]
+    record_property("collapse_without_the_guard", collapse)
+    if collapse.startswith("collapsed"):
+        assert case["outcome"] == "failed", f"the kernel {collapse} with holes in them; the phase {case['outcome']}"
+        failure = run.failure(THP_LAZY_CASE)
+        assert ZEROS_SEEN[0] in failure, failure
+        print(f"without the guard the kernel collapsed the half-restored memory and the phase failed: {failure}")
+    else:
+        assert case["outcome"] == "passed", f"the kernel refused the collapse ({collapse}), yet the phase " \
+                                            f"{case['outcome']}: {run.failure(THP_LAZY_CASE)}"
+        print(f"this kernel refuses the collapse of a half-restored range itself ({collapse}): the guard has nothing "
+              "to stop here, and the phase passes without it")
 
 
 # -- one flipped byte in the memory image -----------------------------------------------------------

@@ -1,5 +1,6 @@
 """The suite never changes host settings behind the user's back: hugepages are reserved only with
---reserve-hugepages, and vm.nr_hugepages is back where it was when the run ends.
+--reserve-hugepages, transparent huge pages turned on only with --thp, and every setting is back where
+it was when the run ends.
 
 A child pytest reports the settings as its tests see them (tests/reliability_child_cases.py,
 test_report_host_settings); the parent reads them before and after. Another run reserving
@@ -54,3 +55,34 @@ def test_reserve_hugepages_raises_nr_hugepages_for_the_run_and_restores_it(tmp_p
     others = {k: (before[k], during[k], after[k]) for k in HOST_SETTINGS
               if k != NR_HUGEPAGES and "hugepages-2048kB" not in k and not before[k] == during[k] == after[k]}
     assert not others, f"settings other than the hugepage count changed (before, during, after): {others}"
+
+
+THP_KNOBS = ("/sys/kernel/mm/transparent_hugepage/enabled", "/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+
+
+def _chosen(value: str) -> str:
+    return value.split("[", 1)[1].split("]", 1)[0] if "[" in value else value
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="writing the THP knobs needs root (the option only warns)")
+def test_thp_turns_huge_pages_on_for_the_run_and_restores_every_knob(tmp_path):
+    """--thp: anonymous and shmem THP are on for MADV_HUGEPAGE memory while the run's tests see them, and every THP
+    knob, the per-size mTHP ones a case sets for itself included, is as before once the run ends."""
+    from native.thp import ANON_ON, SHMEM_ON
+
+    before = host_settings()
+    during = _child_run(tmp_path, "--thp")["settings"]
+    after = host_settings()
+    anon, shmem = (_chosen(during[k]) for k in THP_KNOBS)
+    print(f"during --thp: enabled {anon}, shmem_enabled {shmem}; before: "
+          f"{', '.join(_chosen(before[k]) for k in THP_KNOBS)}")
+    assert anon in ANON_ON and shmem in SHMEM_ON, f"THP knobs during the run: enabled {anon}, shmem_enabled {shmem}"
+    changed = {k: (before[k], after[k]) for k in HOST_SETTINGS if before[k] != after[k]}
+    assert not changed, f"settings not restored after the run (before, after): {changed}"
+    # A run of the mTHP cases, each of which sets one size alone for its own duration.
+    run = run_child(["-m", "pytest", "phases/test_phase1_wp_catches_writes.py", "-q", "-p", "no:randomly",
+                     "--results-dir", "", "--thp", "-k", "mthp_folio"], timeout=120)
+    assert run.returncode == 0, f"the mTHP cases failed under --thp:\n{run.stdout[-3000:]}"
+    after = host_settings()
+    changed = {k: (before[k], after[k]) for k in HOST_SETTINGS if before[k] != after[k]}
+    assert not changed, f"settings not restored after the mTHP cases (before, after): {changed}"

@@ -8,6 +8,9 @@ int sp_fail(const char *op);
 void sp_set_last_op(const char *op);
 /* The vCPU's KVM fd (kvm_vm.c), for vcpu_state.c. */
 int sp_vcpu_fd(const struct sp_vcpu *v);
+/* 1 while thread `tid` is inside sp_vcpu_run (kvm_vm.c): a fault it raises is a guest's. */
+#include <sys/types.h>
+int sp_tid_in_vcpu_run(pid_t tid);
 
 #include <linux/userfaultfd.h>
 #include <pthread.h>

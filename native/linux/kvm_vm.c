@@ -65,6 +65,39 @@ struct sp_vcpu {
     volatile int kick;   /* sticky until a run consumes it */
 };
 
+/* The threads inside sp_vcpu_run, process-wide, so a uffd handler can tell a guest's fault (raised by
+ * KVM on a vCPU thread in KVM_RUN) from a host thread's by the faulting thread's id (UFFD_FEATURE_THREAD_ID).
+ * The lazy loader's fault injection dies at a guest's fault (uffd_lazy.c). More vCPU threads than slots
+ * just go unlisted: nothing but that injection asks. */
+#define SP_RUN_SLOTS 64
+static pid_t running_tids[SP_RUN_SLOTS];
+
+static void run_tid_enter(pid_t tid)
+{
+    for (int i = 0; i < SP_RUN_SLOTS; i++) {
+        pid_t none = 0;
+        if (__atomic_compare_exchange_n(&running_tids[i], &none, tid, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+            return;
+    }
+}
+
+static void run_tid_leave(pid_t tid)
+{
+    for (int i = 0; i < SP_RUN_SLOTS; i++) {
+        pid_t mine = tid;
+        if (__atomic_compare_exchange_n(&running_tids[i], &mine, 0, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+            return;
+    }
+}
+
+int sp_tid_in_vcpu_run(pid_t tid)
+{
+    for (int i = 0; i < SP_RUN_SLOTS; i++)
+        if (tid && __atomic_load_n(&running_tids[i], __ATOMIC_ACQUIRE) == tid)
+            return 1;
+    return 0;
+}
+
 static void kick_handler(int sig)
 {
     (void)sig;
@@ -344,6 +377,7 @@ int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp
         return r;
     }
     v->tid = (pid_t)syscall(SYS_gettid);
+    run_tid_enter(v->tid);
     uint32_t reason = 0;
     int io_pending = 0; /* a port write we handled is completed only by the next KVM_RUN */
 
@@ -455,6 +489,7 @@ int sp_vcpu_run(struct sp_vcpu *v, int64_t timeout_ns, uint32_t flags, struct sp
             sp_set_last_op("KVM_RUN(complete pending I/O)");
         }
     }
+    run_tid_leave(v->tid);
     v->tid = 0;
     tls_run = NULL;
     timer_delete(timer);

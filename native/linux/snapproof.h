@@ -150,7 +150,12 @@ enum sp_page_state { SP_PAGE_CLEAN = 0, SP_PAGE_COPYING = 1, SP_PAGE_CAPTURED = 
 enum sp_inject {
     SP_INJECT_NO_COPY_BEFORE_WRITE = 1, /* a fault un-protects without capturing the page */
     SP_INJECT_SINGLE_FLAG_RACE = 2,     /* forkd's bug: "captured" is set before the copy */
-    SP_INJECT_HANDLER_DIES = 4          /* the handler thread exits at its first fault */
+    SP_INJECT_HANDLER_DIES = 4,         /* the handler thread exits at its first fault */
+    /* The lazy loader (uffd_lazy.c): at the first fault a guest raises (a thread in sp_vcpu_run), its
+     * handler stops serving and closes the loader's userfaultfd, as a handler process that dies does. */
+    SP_INJECT_LAZY_UFFD_CLOSES_MID_RESTORE = 8,
+    /* The lazy loader fails open: it never fences missing pages (and native/restore.py never names its death). */
+    SP_INJECT_LAZY_UFFD_UNGUARDED = 16
 };
 
 #define SP_HIST_BUCKETS 1024
@@ -220,16 +225,41 @@ struct sp_lazy_stats {
     uint64_t handler_cpu[64];   /* faults served per CPU */
     int32_t handler_err;        /* errno that stopped the handler, 0 if none */
     int32_t handler_alive;
+    uint32_t end;               /* enum sp_lazy_end: why the loader stopped serving, SP_LAZY_SERVING while it serves */
+    int32_t fence_err;          /* errno of a fence that failed (the pages then stay as they are), 0 if none */
+    uint64_t fenced_pages;      /* pages the fence made inaccessible (PROT_NONE) */
+    uint64_t fence_ns;          /* how long the fence took */
+    uint32_t fenced_whole;      /* 1: the fence covered the whole region (too many runs for vm.max_map_count) */
+    uint32_t pad;
+};
+
+/* Each page of a lazy loader's region. */
+enum sp_lazy_page { SP_LAZY_MISSING = 0, SP_LAZY_PRESENT = 1, SP_LAZY_FENCED = 2 };
+
+/* Why a lazy loader stopped serving. Whenever it stops with pages still missing, those pages are fenced
+ * (mprotect PROT_NONE) before anyone waiting on them is woken: KVM then fails the guest's access
+ * (KVM_RUN EFAULT, or an MMIO exit on an emulating KVM) instead of the kernel filling it with zeros. */
+enum sp_lazy_end {
+    SP_LAZY_SERVING = 0,
+    SP_LAZY_HANDLER_DIED = 1,   /* the handler thread exited unasked (handler_err says why) */
+    SP_LAZY_UFFD_CLOSED = 2,    /* the userfaultfd was closed under the loader (fault injection) */
+    SP_LAZY_RELEASED = 3        /* sp_lazy_release() or destroy with pages still missing */
 };
 
 struct sp_lazy;
 
 /* Register [dst, dst + size) MISSING; faults are served from src_fd's bytes at src_offset. */
 int sp_lazy_create(uint64_t dst, uint64_t size, int src_fd, uint64_t src_offset, uint64_t features,
-                   int handler_cpu, struct sp_lazy **out, uint64_t *supported);
+                   uint32_t inject, int handler_cpu, struct sp_lazy **out, uint64_t *supported);
 int64_t sp_lazy_prefetch_all(struct sp_lazy *l, uint64_t batch);
 int64_t sp_lazy_pages_present(struct sp_lazy *l);
 int sp_lazy_release(struct sp_lazy *l, int64_t timeout_ns);
+/* SP_LAZY_SERVING, or why the loader stopped (enum sp_lazy_end). */
+uint32_t sp_lazy_end(struct sp_lazy *l);
+/* How many of the pages [first, first + npages) are fenced (all of them once the whole region is). */
+int64_t sp_lazy_fenced_in(struct sp_lazy *l, uint64_t first, uint64_t npages);
+/* Each page's enum sp_lazy_page into out[0 .. npages) (npages at most the region's); returns how many. */
+int64_t sp_lazy_page_states(struct sp_lazy *l, uint8_t *out, uint64_t npages);
 void sp_lazy_destroy(struct sp_lazy *l);
 void sp_lazy_get_stats(struct sp_lazy *l, struct sp_lazy_stats *out);
 int sp_lazy_uffd(struct sp_lazy *l);
