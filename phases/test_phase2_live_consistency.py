@@ -21,20 +21,16 @@ from hypothesis import strategies as hs
 
 from guests import storm
 from native.compare import differing_pages
-from native.inject import FaultInjection
 from native.kvm import ExitReason
 from native.layout import gpa_of
 from native.live import VcpuRunner, take_live_snapshot
 from native.memory import PAGE_SIZE
+from native.wp import ENGINE_NEEDS
 from results.record import fmt_bytes
 
-pytestmark = [pytest.mark.phase(2, "live snapshot consistency"),
-              pytest.mark.needs("kvm", "uffd", "uffd.WP_HUGETLBFS_SHMEM")]
+pytestmark = [pytest.mark.phase(2, "live snapshot consistency"), pytest.mark.needs("kvm", *ENGINE_NEEDS)]
 
 GUEST_TIMEOUT_S = 60.0
-# With the single-flag bug, the copier flags a batch, then copies it page by page at this pace
-# (a copier writing each page to a file with pwrite has such a window): the race has room to happen.
-RACE_WINDOW_NS = 2_000
 
 
 def _gbps(nbytes: int, ns: float) -> float:
@@ -63,8 +59,7 @@ def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host
         reference = make_memory("anonymous", size)
         snapshot.populate()  # destinations warm: the copy rate is not a first-touch figure
         reference.populate()
-        race_window = RACE_WINDOW_NS if inject & FaultInjection.SINGLE_FLAG_RACE else 0
-        snap = make_wp(mem, snapshot.mm, race_window_ns=race_window)
+        snap = make_wp(mem, snapshot.mm)
         if at_marks:
             for i, (p, ex) in enumerate(zip(storm_vm.params, storm_vm.run_to_marks(GUEST_TIMEOUT_S), strict=True)):
                 st.check(ex.reason is ExitReason.SYNC and ex.last_sync == p.mark_sync,
