@@ -51,10 +51,11 @@ from native.kvm import RESTORE_ORDER, Exit, ExitReason, Vm
 from native.live import VcpuRunner
 from native.memory import PAGE_SIZE, GuestMemory
 from native.restore import LOADERS, RestoredVm, restore_vm
+from native.wp import ENGINE_NEEDS
 from results.record import fmt_bytes, fmt_ns
 
 pytestmark = [pytest.mark.phase(3, "round-trip restore"), pytest.mark.platform("linux"),
-              pytest.mark.needs("kvm", "uffd", "uffd.WP_HUGETLBFS_SHMEM")]
+              pytest.mark.needs("kvm", *ENGINE_NEEDS)]
 
 RUN_TIMEOUT_S = 5.0
 GUEST_TIMEOUT_S = 60.0   # this host may emulate every guest instruction (kvm_pvm): a 64 MiB sweep takes a while

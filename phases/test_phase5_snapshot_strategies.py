@@ -58,12 +58,14 @@ BENCH_ROUNDS = 3
 
 
 @pytest.fixture
-def snapshotters():
-    """Factory: ``snapshotters(strategy, storm_vm, runner, destination, inject)``; each closed at teardown."""
+def snapshotters(engine):
+    """Factory: ``snapshotters(strategy, storm_vm, runner, destination, inject)``; the WP row is the engine under
+    test (``--engine``); each closed at teardown."""
     made = []
 
     def _make(strategy, storm_vm, runner, destination, inject):
-        s = make_snapshotter(strategy, storm_vm.memory, destination, runner, storm_vm.vm, inject=inject)
+        s = make_snapshotter(strategy, storm_vm.memory, destination, runner, storm_vm.vm, inject=inject,
+                             engine=engine)
         made.append(s)
         return s
 
