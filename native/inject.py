@@ -17,6 +17,9 @@ class FaultInjection(enum.Flag):
     NO_COPY_BEFORE_WRITE = 1 << 0   # a fault un-protects without capturing the page
     SINGLE_FLAG_RACE = 1 << 1       # forkd's one "captured" flag, set before the copy
     HANDLER_DIES = 1 << 2           # the fault handler thread exits at its first fault
+    # Two races a microsecond wide, lined up on purpose by phase 2's races (native/races.py):
+    UNPROTECT_DURING_CAPTURE = 1 << 6  # the copier un-protects its batch while the handler still captures a page
+    WAKE_BEFORE_COPY = 1 << 7       # the handler makes the page writable, waking the writer, before its copy
     SKIP_UNPOPULATED = 1 << 8       # arm without WP_UNPOPULATED and without pre-populating: holes go unprotected
     ARM_WHILE_RUNNING = 1 << 9      # the live protocol arms without pausing the vCPUs
     DROP_VCPU_STATE = 1 << 10       # the snapshot file is written without its vCPU state

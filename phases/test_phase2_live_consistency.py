@@ -20,11 +20,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 from guests import storm
-from native.compare import differing_pages
+from native.compare import describe_difference, differing_pages
 from native.kvm import ExitReason
 from native.layout import gpa_of
 from native.live import VcpuRunner, take_live_snapshot
 from native.memory import PAGE_SIZE
+from native.points import SlowPoints
+from native.races import FIRST_WRITE, SECOND_WRITE, WRITE_OFFSET, Lineup, Window
 from native.wp import ENGINE_NEEDS
 from results.record import fmt_bytes
 
@@ -213,6 +215,50 @@ def test_host_writers_racing_the_copier_never_change_the_snapshot(report, make_m
     assert not diffs, f"pages {[hex(d * PAGE_SIZE) for d in diffs[:8]]} differ from memory at the arm instant"
     for page in pages:
         assert mem.read(page * PAGE_SIZE + 100, 1)[0] == value, f"host write to page {page:#x} was lost"
+
+
+# -- races lined up on one page (the engine's named points) --------------------------------------
+
+RACE_PAGE = 5  # any page but the first: the copier's first batch holds pages on both sides of it
+
+
+@pytest.mark.parametrize("window", list(Window), ids=[w.value for w in Window])
+def test_a_race_lined_up_on_one_page_leaves_the_snapshot_at_the_arm_instant(report, make_memory, make_wp, window):
+    """Held at its named points, the engine meets a write, its fault capture and its bulk copier on one page in
+    the order that breaks a wrong engine, every time; the snapshot is still memory at the arm, byte for byte."""
+    with report.stage("labelled memory, engine with named points") as st:
+        mem = make_memory("memfd", 1 << 20)
+        for page in range(mem.size // PAGE_SIZE):
+            mem.write(page * PAGE_SIZE, page.to_bytes(4, "little"))
+        at_arm = mem.snapshot_bytes()
+        dst = bytearray(mem.size)
+        points = SlowPoints()
+        snap = make_wp(mem, dst, points=points)
+        st.note(f"{snap.engine.label()}; the race at page {RACE_PAGE:#x}: {window.what}")
+
+    with report.stage(f"arm, line up {window.value}") as st:
+        snap.arm()
+        race = Lineup(window, snap, points, RACE_PAGE).run()
+        for step in race.steps:
+            st.note(step)
+        st.check(race.lined_up, f"lined up: {window.what}", race.problem)
+        if window is Window.FINALIZE_DURING_FAULT_CAPTURE:
+            st.check(not race.finalized_early, "finalize did not call the snapshot complete mid-capture",
+                     f"{race.steps[-1]}: {window.bug}")
+        report.fact("named_points_called", points.census())
+
+    with report.stage("finalize") as st:
+        stats = snap.stats() if snap.finalized else snap.finalize()
+        st.equal(stats.fault_pages + stats.bulk_pages, snap.npages, "pages captured (by fault + by bulk copy)", str)
+
+    with report.stage("snapshot vs memory at the arm") as st:
+        seen = dst[RACE_PAGE * PAGE_SIZE + WRITE_OFFSET]
+        st.check(dst == at_arm, "the snapshot equals memory at the arm instant, byte for byte",
+                 f"{describe_difference(at_arm, dst)}; page {RACE_PAGE:#x} holds {seen:#04x} at +{WRITE_OFFSET:#x} "
+                 f"(the racing writes were {FIRST_WRITE:#04x}, {SECOND_WRITE:#04x}): {window.bug}")
+        landed = mem.byte(RACE_PAGE * PAGE_SIZE + WRITE_OFFSET)
+        st.check(landed in (FIRST_WRITE, SECOND_WRITE), f"the racing write landed in live memory ({landed:#04x})",
+                 f"live memory at page {RACE_PAGE:#x} +{WRITE_OFFSET:#x}: expected a racing write, saw {landed:#04x}")
 
 
 # -- benchmark ------------------------------------------------------------------------------------

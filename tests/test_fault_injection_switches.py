@@ -18,8 +18,10 @@ def test_c_engine_switch_values_match_python():
     assert FaultInjection.NO_COPY_BEFORE_WRITE.value == lib.SP_INJECT_NO_COPY_BEFORE_WRITE
     assert FaultInjection.SINGLE_FLAG_RACE.value == lib.SP_INJECT_SINGLE_FLAG_RACE
     assert FaultInjection.HANDLER_DIES.value == lib.SP_INJECT_HANDLER_DIES
+    assert FaultInjection.UNPROTECT_DURING_CAPTURE.value == lib.SP_INJECT_UNPROTECT_DURING_CAPTURE
+    assert FaultInjection.WAKE_BEFORE_COPY.value == lib.SP_INJECT_WAKE_BEFORE_COPY
     in_c = [m for m in FaultInjection if m.value & C_SWITCHES]
-    assert len(in_c) == 3, f"a new C-level switch needs a line above: {in_c}"
+    assert len(in_c) == 5, f"a new C-level switch needs a line above: {in_c}"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the C layer is the Linux backend")
