@@ -40,7 +40,6 @@ if sys.platform == "win32":
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from native import uffd
 from native._lib import check, ffi, lib
@@ -346,18 +345,3 @@ def make_snapshotter(strategy: str, memory: GuestMemory, destination: object, ru
     if strategy == PRECOPY_KVM_DIRTY_LOG:
         return PreCopyKvmDirtyLog(memory, destination, runner, vm)
     raise ValueError(f"unknown snapshot strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
-
-
-
-def first_difference(a: object, b: object) -> int:
-    """Offset of the first byte where two equal-sized buffers differ, or -1 (memcmp speed)."""
-    ha: Any = ffi.from_buffer("char[]", a)
-    hb: Any = ffi.from_buffer("char[]", b)
-    try:
-        if len(ha) != len(hb):
-            raise ValueError(f"buffers differ in size: {len(ha):#x} and {len(hb):#x} bytes")
-        pa, pb = (int(ffi.cast("uintptr_t", h)) for h in (ha, hb))
-        return int(lib.sp_first_difference(pa, pb, len(ha)))
-    finally:
-        ffi.release(ha)
-        ffi.release(hb)

@@ -29,10 +29,9 @@ from __future__ import annotations
 import pytest
 
 from guests import storm
+from native.compare import exact_oracle
 from native.kvm import KVM_MEM_LOG_DIRTY_PAGES, ExitReason
-from native.layout import gpa_of
 from native.live import VcpuRunner
-from native.memory import PAGE_SIZE
 from native.strategies import (
     PRECOPY_KVM_DIRTY_LOG,
     PRECOPY_WP_ASYNC,
@@ -40,7 +39,6 @@ from native.strategies import (
     STRATEGIES,
     STRATEGY_NEEDS,
     WP_COPY_BEFORE_WRITE,
-    first_difference,
     make_snapshotter,
 )
 from native.wp import raw_writeprotect_samples
@@ -98,24 +96,19 @@ def start_storm(st, make_storm_vm, make_memory, size: int, with_reference: bool 
     return storm_vm, runner, snapshot, reference
 
 
-def judge(storm_vm, snapshot, reference):
+def judge(storm_vm, snapshot, reference, states):
     """Both oracles on one snapshot: (exact ok, what differs, instant verdict per vCPU)."""
-    off = first_difference(snapshot.mm, reference.mm)
-    exact_ok = off < 0
-    detail = ""
-    if not exact_ok:
-        page = off // PAGE_SIZE
-        differing = sum(1 for q in range(page * PAGE_SIZE, snapshot.size, PAGE_SIZE)
-                        if snapshot.mm[q:q + PAGE_SIZE] != reference.mm[q:q + PAGE_SIZE])
-        detail = (f"exact oracle: {differing} pages differ from memory at the pause, first at GPA {gpa_of(off):#x}: "
-                  f"expected {reference.mm[off]:#04x}, saw {snapshot.mm[off]:#04x}")
-    return exact_ok, detail, [instant(storm_vm, i, snapshot) for i in range(len(storm_vm.params))]
+    exact = exact_oracle(snapshot.mm, reference.mm)
+    detail = "" if exact else f"exact oracle: {exact.message}"
+    return bool(exact), detail, [instant(storm_vm, i, snapshot, states) for i in range(len(storm_vm.params))]
 
 
-def instant(storm_vm, i, snapshot):
-    """guests/storm.check_instant on vCPU i's region of the snapshot, read in place (no copy of it)."""
+def instant(storm_vm, i, snapshot, states):
+    """guests/storm.check_instant on vCPU i's region of the snapshot, read in place (no copy of it), at the instant
+    its registers say it was paused at (``states``: the vCPU states the strategy saved in its pause)."""
+    p = storm_vm.params[i]
     with storm_vm.region_view(snapshot.mm, i) as region:
-        return storm.check_instant(storm_vm.params[i], region)
+        return storm.check_instant(p, region, at=storm.instant_of_vcpu_state(p, states[i]))
 
 
 def memcpy_ns(size: int, host_limits) -> float:
@@ -147,7 +140,7 @@ def strategy_stage(report, strategy, storm_vm, runner, snapshot, reference, snap
             dirty_rate = snap.rounds[1].pages / (snap.rounds[0].copy_ns / 1e9) if len(snap.rounds) > 1 else 0
             st.note(f"pages per round: {rounds_text(snap)}; dirty rate during the full copy "
                     f"{dirty_rate / 1e3:.0f}k pages/s")
-        exact_ok, detail, verdicts = judge(storm_vm, snapshot, reference)
+        exact_ok, detail, verdicts = judge(storm_vm, snapshot, reference, snap.vcpu_states)
         rows.append({"strategy": strategy, "size": mem_size, "pause_ns": snap.pause_ns,
                      "stop_ns": snap.stop_ns, "total_ns": snap.total_ns, "bytes_copied": snap.bytes_copied,
                      "bytes_ratio": round(snap.bytes_ratio, 4), "paused_pages": snap.paused_pages,
@@ -240,7 +233,7 @@ def test_benchmark_pause_window(report, benchmark, make_storm_vm, make_memory, s
             snap = snapper.complete()
             done.append(snap)
             for i in range(len(storm_vm.params)):
-                verdict = instant(storm_vm, i, snapshot)
+                verdict = instant(storm_vm, i, snapshot, snap.vcpu_states)
                 st.check(bool(verdict), f"round {len(done)}, vCPU {i}: one instant",
                          f"round {len(done)}, vCPU {i}: {verdict.message}")
 
