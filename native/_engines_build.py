@@ -3,7 +3,8 @@
 
 - ``builtin``: the suite's own engine (native/linux/uffd_wp.c) behind native/engines/builtin.c;
 - ``naive``: native/engines/naive.c as a team's first attempt writes it (forkd's two bugs);
-- ``naive-fixed``: the same source with -DNAIVE_FIXED, both bugs fixed.
+- ``naive-fixed``: the same source with -DNAIVE_FIXED, both bugs fixed;
+- ``naive-fixed-arm-keeps-captured``: naive-fixed whose second arm copies nothing (a benchmark's trap).
 
 ``python3 -m native.build`` builds them beside native._linux; each carries a digest of its inputs, so
 a stale library is rebuilt instead of silently judged.
@@ -63,6 +64,9 @@ ENGINES: dict[str, EngineRecipe] = {r.name: r for r in (
                              LINUX_DIR / "common.c"), include_dirs=(NATIVE_DIR, LINUX_DIR)),
     EngineRecipe("naive", (ENGINES_DIR / "naive.c",)),
     EngineRecipe("naive-fixed", (ENGINES_DIR / "naive.c",), defines=("NAIVE_FIXED",)),
+    # A benchmark's trap, for the self-test that a round which did no work is caught (tests/test_measurement_errors.py).
+    EngineRecipe("naive-fixed-arm-keeps-captured", (ENGINES_DIR / "naive.c",),
+                 defines=("NAIVE_FIXED", "NAIVE_ARM_KEEPS_CAPTURED")),
 )}
 
 

@@ -19,6 +19,10 @@
  *
  * What stays naive in both: the handler polls with a 50 ms time-out to notice it should stop, stats
  * are guarded by one mutex, and pages are copied one at a time.
+ *
+ * -DNAIVE_ARM_KEEPS_CAPTURED (with NAIVE_FIXED: naive-fixed-arm-keeps-captured) is a benchmark's trap: a
+ * second arm leaves the pages captured by the first snapshot marked captured, so its bulk copy copies
+ * nothing and reports the whole region done at once (the suite must see a round that timed no work).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -38,7 +42,9 @@
 
 #include "snapproof_engine.h"
 
-#ifdef NAIVE_FIXED
+#if defined(NAIVE_FIXED) && defined(NAIVE_ARM_KEEPS_CAPTURED)
+#define NAIVE_NAME "naive-fixed-arm-keeps-captured"
+#elif defined(NAIVE_FIXED)
 #define NAIVE_NAME "naive-fixed"
 #else
 #define NAIVE_NAME "naive"
@@ -300,7 +306,9 @@ int spe_arm(struct spe_engine *e)
     if (!e->dst)
         return fail(EINVAL, "spe_arm: finalized; no destination");
     int64_t t0 = now_ns();
+#ifndef NAIVE_ARM_KEEPS_CAPTURED
     memset(e->state, CLEAN, e->npages);
+#endif
     int r = protect(e, 0, e->npages, 1);
     pthread_mutex_lock(&e->mu);
     e->stats.arm_ns = (uint64_t)(now_ns() - t0);
