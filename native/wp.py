@@ -196,7 +196,7 @@ class WpSnapshot:
         if rc == -errno.EOWNERDEAD:
             raise self._handler_died(what)
         said = self.engine.last_error()
-        raise NativeError(f"engine {self.engine.name}: {what}" + (f" ({said})" if said else ""), -rc, **args)
+        raise NativeError(f"engine {self.engine.name}: {what}" + (f": {said}" if said else ""), -rc, **args)
 
     def _check(self, rc: int, what: str, **args: object) -> int:
         if rc < 0:
