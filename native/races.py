@@ -115,6 +115,34 @@ class HostWriter:
         return not self.thread.is_alive()
 
 
+class GuestWrite:
+    """A guest's store through KVM as the racing write: a vCPU run (to its HLT) on a thread of its own, the GIL
+    released in KVM_RUN, so a store that blocks on a WP fault blocks only that vCPU thread."""
+
+    def __init__(self, vcpu: Any, timeout: float = REACH_S) -> None:
+        self.vcpu = vcpu
+        self.exit: Any = None
+        self.thread = threading.Thread(target=self._run, args=(timeout,), name="vcpu-writer", daemon=True)
+
+    def _run(self, timeout: float) -> None:
+        self.exit = self.vcpu.run(timeout=timeout)
+
+    def start(self) -> GuestWrite:
+        self.thread.start()
+        return self
+
+    @property
+    def landed(self) -> bool:
+        return self.thread.ident is not None and not self.thread.is_alive()
+
+    def join(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
+Writer = HostWriter | GuestWrite
+
+
 class Call:
     """An engine call on a thread of its own (the call runs in C, the GIL released): its result or error."""
 
@@ -165,17 +193,21 @@ class Race:
 class Lineup:
     """Lines ``window`` up on ``page`` of an armed WpSnapshot built with ``points``; ``run()`` -> Race.
 
-    The snapshot is left with every page captured or the failure named; the caller finalizes (unless the
-    window is finalize's own) and compares the destination with memory at the arm.
+    The write whose fault the race is about is a host thread's (FIRST_WRITE at WRITE_OFFSET in the page), or
+    ``first_write()``'s: a GuestWrite of a vCPU whose next store hits the page. The snapshot is left with every
+    page captured or the failure named; the caller finalizes (unless the window is finalize's own) and compares
+    the destination with memory at the arm.
     """
 
-    def __init__(self, window: Window, snap: WpSnapshot, points: SlowPoints, page: int) -> None:
+    def __init__(self, window: Window, snap: WpSnapshot, points: SlowPoints, page: int,
+                 first_write: Callable[[], Writer] | None = None) -> None:
         if snap.points is not points:
             raise ValueError("the lineup needs the WpSnapshot built with these points (make_wp(..., points=))")
         self.window, self.snap, self.points, self.page = window, snap, points, page
         self.offset = page * snap.page_size + WRITE_OFFSET
         self.race = Race(window, page)
-        self._threads: list[HostWriter | Call] = []
+        self._first_write = first_write
+        self._threads: list[Writer | Call] = []
 
     def run(self) -> Race:
         try:
@@ -194,7 +226,7 @@ class Lineup:
         copier = self._call(self.snap.bulk_copy, "bulk-copier")
         if not self._reached(held):
             return
-        writer = self._writer(FIRST_WRITE, "writer")
+        writer = self._first()
         seen = first_of({f"the handler waits for the copier's copy ({waits})": lambda: self.points.reached(waits),
                          "the write landed while the copy was held": lambda: writer.landed}, SETTLE_S)
         self.race.step(seen or f"no sign from the engine within {SETTLE_S} s (a wait without {waits.point.abi_name})")
@@ -204,7 +236,7 @@ class Lineup:
     def _bulk_during_fault_capture(self) -> None:
         held = self.points.hold(Point.FAULT_CAPTURE, self.page)
         waits = self.points.watch(Point.BULK_WAIT, self.page)
-        writer = self._writer(FIRST_WRITE, "writer")
+        writer = self._first()
         if not self._reached(held):
             return
         copier = self._call(self.snap.bulk_copy, "bulk-copier")
@@ -219,7 +251,7 @@ class Lineup:
 
     def _write_during_fault_capture(self) -> None:
         held = self.points.hold(Point.FAULT_CAPTURE, self.page)
-        writer = self._writer(FIRST_WRITE, "writer")
+        writer = self._first()
         if not self._reached(held):
             return
         second = self._second_write_if_unprotected()
@@ -231,7 +263,7 @@ class Lineup:
 
     def _finalize_during_fault_capture(self) -> None:
         held = self.points.hold(Point.FAULT_CAPTURE, self.page)
-        writer = self._writer(FIRST_WRITE, "writer")
+        writer = self._first()
         if not self._reached(held):
             return
         # Every other page captured, so only the held capture stands between the snapshot and complete.
@@ -250,6 +282,14 @@ class Lineup:
         self._join(writer)
 
     # -- helpers -----------------------------------------------------------------------------------------
+    def _first(self) -> Writer:
+        """The write whose fault the race is about: the caller's (a guest store), else a host thread's."""
+        if self._first_write is None:
+            return self._writer(FIRST_WRITE, "writer")
+        w = self._first_write().start()
+        self._threads.append(w)
+        return w
+
     def _writer(self, value: int, name: str) -> HostWriter:
         w = HostWriter(self.snap.memory, self.offset, value, name).start()
         self._threads.append(w)
@@ -282,7 +322,7 @@ class Lineup:
             self.race.fail(f"the second write to the un-protected page {self.page:#x} did not land within {REACH_S} s")
         return [second]
 
-    def _join(self, *threads: HostWriter | Call) -> None:
+    def _join(self, *threads: Writer | Call) -> None:
         for t in threads:
             if not t.join(REACH_S):
                 self.race.fail(f"{t.thread.name} still blocked {REACH_S} s after the lineup let the engine go")

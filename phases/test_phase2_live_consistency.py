@@ -19,13 +19,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
+import guests
 from guests import storm
 from native.compare import describe_difference, differing_pages, exact_oracle
 from native.kvm import ExitReason
 from native.live import VcpuRunner, take_live_snapshot
 from native.memory import PAGE_SIZE
 from native.points import SlowPoints
-from native.races import FIRST_WRITE, SECOND_WRITE, WRITE_OFFSET, Lineup, Window
+from native.races import FIRST_WRITE, SECOND_WRITE, WRITE_OFFSET, GuestWrite, Lineup, Window
 from native.wp import ENGINE_NEEDS
 from results.record import LIMIT_SLACK, fmt_bytes
 
@@ -220,32 +221,46 @@ def test_host_writers_racing_the_copier_never_change_the_snapshot(report, make_m
 
 # -- races lined up on one page (the engine's named points) --------------------------------------
 
-RACE_PAGE = 5  # any page but the first: the copier's first batch holds pages on both sides of it
+RACE_PAGE = 5  # a host write's page: any but the first, so the copier's first batch holds pages on both sides of it
 
 
+@pytest.mark.parametrize("writer", ["host-write", "guest-write"])
 @pytest.mark.parametrize("window", list(Window), ids=[w.value for w in Window])
-def test_a_race_lined_up_on_one_page_leaves_the_snapshot_at_the_arm_instant(report, make_memory, make_wp, window):
-    """Held at its named points, the engine meets a write, its fault capture and its bulk copier on one page in
-    the order that breaks a wrong engine, every time; the snapshot is still memory at the arm, byte for byte."""
+def test_a_race_lined_up_on_one_page_leaves_the_snapshot_at_the_arm_instant(report, make_memory, make_wp,
+                                                                              make_marker16_vm, window, writer):
+    """Held at its named points, the engine meets a write (a host thread's, or the guest's store through KVM), its
+    fault capture and its bulk copier on one page in the order that breaks a wrong engine, every time; the
+    snapshot is still memory at the arm, byte for byte."""
     with report.stage("labelled memory, engine with named points") as st:
         mem = make_memory("memfd", 1 << 20)
         for page in range(mem.size // PAGE_SIZE):
             mem.write(page * PAGE_SIZE, page.to_bytes(4, "little"))
+        if writer == "guest-write":
+            # marker16's one store, 0x42 at 0x1000 over the BEFORE marker 0xBE, is the write the race is about.
+            _, vcpu = make_marker16_vm(mem)
+            guest = GuestWrite(vcpu)
+            page, where, racing = guests.MARKER_GPA // PAGE_SIZE, guests.MARKER_GPA, guests.MARKER_AFTER
+            first_write = lambda: guest  # noqa: E731 (the lineup starts it when the race calls for it)
+        else:
+            page, where, racing, first_write = RACE_PAGE, RACE_PAGE * PAGE_SIZE + WRITE_OFFSET, FIRST_WRITE, None
         at_arm = mem.snapshot_bytes()
         dst = bytearray(mem.size)
         points = SlowPoints()
         snap = make_wp(mem, dst, points=points)
-        st.note(f"{snap.engine.label()}; the race at page {RACE_PAGE:#x}: {window.what}")
+        st.note(f"{snap.engine.label()}; the race at page {page:#x} ({writer}): {window.what}")
 
     with report.stage(f"arm, line up {window.value}") as st:
         snap.arm()
-        race = Lineup(window, snap, points, RACE_PAGE).run()
+        race = Lineup(window, snap, points, page, first_write=first_write).run()
         for step in race.steps:
             st.note(step)
         st.check(race.lined_up, f"lined up: {window.what}", race.problem)
         if window is Window.FINALIZE_DURING_FAULT_CAPTURE:
             st.check(not race.finalized_early, "finalize did not call the snapshot complete mid-capture",
                      f"{race.steps[-1]}: {window.bug}")
+        if writer == "guest-write":
+            st.check(guest.exit is not None and guest.exit.reason is ExitReason.HLT, "the guest's store went through: "
+                     "marker16 halted", f"marker16 did not halt: {guest.exit.describe() if guest.exit else 'no exit'}")
         report.fact("named_points_called", points.census())
 
     with report.stage("finalize") as st:
@@ -253,13 +268,13 @@ def test_a_race_lined_up_on_one_page_leaves_the_snapshot_at_the_arm_instant(repo
         st.equal(stats.fault_pages + stats.bulk_pages, snap.npages, "pages captured (by fault + by bulk copy)", str)
 
     with report.stage("snapshot vs memory at the arm") as st:
-        seen = dst[RACE_PAGE * PAGE_SIZE + WRITE_OFFSET]
         st.check(dst == at_arm, "the snapshot equals memory at the arm instant, byte for byte",
-                 f"{describe_difference(at_arm, dst)}; page {RACE_PAGE:#x} holds {seen:#04x} at +{WRITE_OFFSET:#x} "
-                 f"(the racing writes were {FIRST_WRITE:#04x}, {SECOND_WRITE:#04x}): {window.bug}")
-        landed = mem.byte(RACE_PAGE * PAGE_SIZE + WRITE_OFFSET)
-        st.check(landed in (FIRST_WRITE, SECOND_WRITE), f"the racing write landed in live memory ({landed:#04x})",
-                 f"live memory at page {RACE_PAGE:#x} +{WRITE_OFFSET:#x}: expected a racing write, saw {landed:#04x}")
+                 f"{describe_difference(at_arm, dst)}; at {where:#x} it holds {dst[where]:#04x}, memory at the arm "
+                 f"{at_arm[where]:#04x} (the racing writes were {racing:#04x}, {SECOND_WRITE:#04x} at "
+                 f"{page * PAGE_SIZE + WRITE_OFFSET:#x}): {window.bug}")
+        landed = mem.byte(where)
+        st.check(landed == racing, f"the racing write landed in live memory ({landed:#04x} at {where:#x})",
+                 f"live memory at {where:#x}: expected the racing write {racing:#04x}, saw {landed:#04x}")
 
 
 # -- benchmark ------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.needs("kvm", *ENGINE_NEEDS)
 
 PHASE1 = "test_phase1_wp_catches_writes.py"
 PHASE2 = "test_phase2_live_consistency.py"
-RACE = "test_a_race_lined_up_on_one_page_leaves_the_snapshot_at_the_arm_instant[{}]"
+RACE = "test_a_race_lined_up_on_one_page_leaves_the_snapshot_at_the_arm_instant[{}-{}]"
+WRITERS = ("host-write", "guest-write")
 # Every phase that drives the engine, at the sizes a self-test affords: phase 1's checks, phase 2's live snapshots
 # and races, phase 3's round trips through every loader, phase 5's comparison (its WP row is the engine).
 PHASES_1_TO_5 = ("phases/test_phase2_live_consistency.py", "phases/test_phase3_round_trip_restore.py",
@@ -50,18 +51,19 @@ def test_naive_engine_fails_the_lined_up_races_naming_each_bug():
     run = run_phase(PHASE2, "-k", "race_lined", engine=str(engine_path("naive")))
     assert run.returncode == 1, run.output[-3000:]
     _judged(run, "naive")
-    flag_race = run.failure(RACE.format(Window.WRITE_DURING_BULK_COPY.value))
-    assert "single 'captured' flag, set before the copy" in flag_race, flag_race
-    assert "the write landed while the copier had claimed the page but not yet copied it" in flag_race, flag_race
-    unprotect = run.failure(RACE.format(Window.BULK_DURING_FAULT_CAPTURE.value))
-    assert Window.BULK_DURING_FAULT_CAPTURE.bug in unprotect, unprotect
-    finalize = run.failure(RACE.format(Window.FINALIZE_DURING_FAULT_CAPTURE.value))
-    assert "finalize reported the snapshot complete after" in finalize, finalize
-    assert "not sleep a fixed time (forkd's finalize slept 50 ms)" in finalize, finalize
-    # Its handler copies before it un-protects: that race it wins.
-    assert run.outcome(RACE.format(Window.WRITE_DURING_FAULT_CAPTURE.value)) == "passed", \
-        run.failure(RACE.format(Window.WRITE_DURING_FAULT_CAPTURE.value))
-    print(f"naive: {flag_race}\nnaive: {unprotect}\nnaive: {finalize}")
+    for writer in WRITERS:  # a host thread's write and the guest's store alike
+        flag_race = run.failure(RACE.format(Window.WRITE_DURING_BULK_COPY.value, writer))
+        assert "single 'captured' flag, set before the copy" in flag_race, flag_race
+        assert "the write landed while the copier had claimed the page but not yet copied it" in flag_race, flag_race
+        unprotect = run.failure(RACE.format(Window.BULK_DURING_FAULT_CAPTURE.value, writer))
+        assert Window.BULK_DURING_FAULT_CAPTURE.bug in unprotect, unprotect
+        finalize = run.failure(RACE.format(Window.FINALIZE_DURING_FAULT_CAPTURE.value, writer))
+        assert "finalize reported the snapshot complete after" in finalize, finalize
+        assert "not sleep a fixed time (forkd's finalize slept 50 ms)" in finalize, finalize
+        # Its handler copies before it un-protects: that race it wins.
+        wins = RACE.format(Window.WRITE_DURING_FAULT_CAPTURE.value, writer)
+        assert run.outcome(wins) == "passed", run.failure(wins)
+        print(f"naive, {writer}: {flag_race}\nnaive, {writer}: {unprotect}\nnaive, {writer}: {finalize}")
 
 
 def test_naive_engine_otherwise_passes_phase_1():
@@ -79,7 +81,9 @@ def test_naive_fixed_engine_passes_phases_1_to_5():
     _judged(run, "naive-fixed")
     cases = run.cases()
     for window in Window:
-        assert cases[RACE.format(window.value)]["outcome"] == "passed", cases[RACE.format(window.value)]
+        for writer in WRITERS:
+            case = cases[RACE.format(window.value, writer)]
+            assert case["outcome"] == "passed", case
     rows = cases["test_every_strategy_snapshots_the_running_guest_consistently[64MiB]"]["facts"]["strategies"]
     wp = next(r for r in rows if r["strategy"] == "wp-copy-before-write")
     assert (wp["exact"], wp["instant"]) == (True, True), wp

@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "snapproof_engine.h"
 #include "internal.h"
@@ -22,6 +23,8 @@
 #define SINGLE_FLAG_PACE_NS 2000ULL
 /* The C-level switches (enum sp_inject) live in the low byte (native/inject.py C_SWITCHES). */
 #define BUILTIN_SWITCHES 0xFFULL
+/* How often finalize looks again at a capture in flight: a fault's capture is one page copy, microseconds. */
+#define FINALIZE_POLL_NS 50000L
 
 _Static_assert((int)SPE_POINT_FAULT_CAPTURE == (int)SP_POINT_FAULT_CAPTURE &&
                    (int)SPE_POINT_FAULT_WAIT == (int)SP_POINT_FAULT_WAIT &&
@@ -89,10 +92,17 @@ int64_t spe_bulk_copy(struct spe_engine *e, uint64_t first_page, uint64_t npages
     return sp_wp_bulk_copy(e->w, first_page, npages, batch ? batch : BUILTIN_BATCH);
 }
 
-/* Once the handler is joined nothing copies any more: the destination is the caller's again. */
+/* A capture still in flight (a page COPYING) is waited for, up to the time-out, as the ABI asks; the
+ * engine's own finalize refuses at once while one is. Once the handler is joined nothing copies any more:
+ * the destination is the caller's again. */
 int spe_finalize(struct spe_engine *e, int64_t timeout_ns)
 {
-    int r = sp_wp_finalize(e->w, timeout_ns);
+    int64_t deadline = sp_now_ns() + timeout_ns;
+    struct timespec pause = {.tv_sec = 0, .tv_nsec = FINALIZE_POLL_NS};
+    while (sp_wp_pages_in_state(e->w, SP_PAGE_COPYING) > 0 && sp_now_ns() < deadline)
+        nanosleep(&pause, NULL);
+    int64_t left = deadline - sp_now_ns();
+    int r = sp_wp_finalize(e->w, left > 0 ? left : 0);
     if (r == 0)
         sp_wp_set_destination(e->w, 0);
     return r;
