@@ -49,6 +49,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="extra guest memory sizes for the sized phases, e.g. 1G,4G (default: the phase's own)")
     g.addoption("--inject", default="none", metavar="SWITCH[,SWITCH]",
                 help="engine fault-injection switches (see native.wp.FaultInjection): the phases must FAIL")
+    g.addoption("--engine", default="", metavar="PATH",
+                help="judge this snapshot engine (a shared library implementing native/snapproof_engine.h) in "
+                     "phases 1, 2, 3 and phase 5's WP row instead of the built-in one; the record names it")
     g.addoption("--long", action="store_true", help="run the opt-in long runs (marked slow)")
     g.addoption("--nested", action="store_true",
                 help="also run the suite on kvm_amd nested under QEMU TCG (tests/test_nested_kvm_amd.py)")
@@ -77,6 +80,8 @@ def pytest_configure(config: pytest.Config) -> None:
             import warnings
 
             warnings.warn(pytest.PytestWarning(f"--thp: cannot set a THP knob: {e}"), stacklevel=1)
+    if config.getoption("engine"):
+        engine_under_test(config)  # a library that cannot be judged is a usage error, before anything runs
     want = config.getoption("reserve_hugepages")
     if want > 0 and not hasattr(config, "workerinput"):
         # Only on request, and undone in pytest_unconfigure: the suite never changes host settings on its own.
@@ -295,11 +300,8 @@ def _failure_facts(item: pytest.Item) -> dict[str, Any]:
                         continue  # closed, or still inside a run: its state is not ours to read now
                     facts[f"vm{n}_vcpu{v.index}_regs"] = {k: f"{regs[k]:#x}" for k in
                                                           ("eip", "eflags", "eax", "ebx", "ecx", "edx", "esi", "esp")}
-            elif hasattr(obj, "stats") and getattr(obj, "_w", None) is not None:  # a WP engine
-                st = obj.stats()
-                facts[f"wp{n}_stats"] = {"faults": st.faults, "fault_pages": st.fault_pages,
-                                         "bulk_pages": st.bulk_pages, "handler_alive": st.handler_alive,
-                                         "handler_err": st.handler_err, "arm_ns": st.arm_ns}
+            elif hasattr(obj, "evidence"):  # a WP snapshot: its engine, counters and named points
+                facts[f"wp{n}_stats"] = obj.evidence()
         except Exception as e:  # evidence gathering must never mask the failure itself
             facts[f"resource{n}_error"] = repr(e)
     return facts
@@ -340,6 +342,41 @@ def inject(pytestconfig: pytest.Config) -> Any:
         return parse(pytestconfig.getoption("inject"))
     except ValueError as e:
         raise pytest.UsageError(f"--inject: {e}") from None
+
+
+ENGINE = pytest.StashKey[Any]()
+
+
+def engine_under_test(config: pytest.Config) -> Any:
+    """The engine this run judges (native.engine.Engine): ``--engine PATH``, else the built-in one; loaded once.
+
+    A library the suite cannot judge (missing, another ABI version, a function short) is a usage error naming
+    why; so is an --inject switch that acts inside the built-in engine given with another engine."""
+    if (engine := config.stash.get(ENGINE, None)) is not None:
+        return engine
+    from native.engine import EngineError, builtin_engine, load_engine
+    from native.inject import C_SWITCHES, parse
+
+    path = config.getoption("engine")
+    try:
+        engine = load_engine(path) if path else builtin_engine()
+    except EngineError as e:
+        raise pytest.UsageError(f"--engine: {e}") from None
+    try:
+        switches = parse(config.getoption("inject")).value & C_SWITCHES
+    except ValueError:
+        switches = 0  # the inject fixture says what is wrong with it
+    if switches and not engine.builtin:
+        raise pytest.UsageError(f"--inject {config.getoption('inject')}: those switches act inside the built-in "
+                                f"engine; --engine {engine.label()} has none of its own")
+    config.stash[ENGINE] = engine
+    return engine
+
+
+@pytest.fixture(scope="session")
+def engine(pytestconfig: pytest.Config) -> Any:
+    """The snapshot engine under test (``--engine PATH``, else the built-in one): native.engine.Engine."""
+    return engine_under_test(pytestconfig)
 
 
 # -- resources: memory, VMs -----------------------------------------------------------------------
@@ -440,11 +477,14 @@ def make_vm(request: pytest.FixtureRequest, make_memory: Any,
 
 
 @pytest.fixture
-def make_wp(request: pytest.FixtureRequest, make_memory: Any, inject: Any,
+def make_wp(request: pytest.FixtureRequest, make_memory: Any, inject: Any, engine: Any,
             require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
-    """Factory: ``make_wp(memory, destination)`` -> a WpSnapshot with this run's --inject switches.
+    """Factory: ``make_wp(memory, destination, points=None)`` -> a WpSnapshot taken by the engine under test
+    (``--engine``) with this run's --inject switches; ``points`` (native.points.SlowPoints) lets a test hold
+    the engine at its named points.
 
-    Teardown closes every engine (un-protecting before the uffd is dropped) before the memory goes.
+    Teardown closes every engine (releasing any hold, un-protecting before the uffd is dropped) before the
+    memory goes.
     """
     require("uffd")
     from native.wp import WpSnapshot
@@ -453,6 +493,7 @@ def make_wp(request: pytest.FixtureRequest, make_memory: Any, inject: Any,
 
     def _make(memory: Any, destination: Any, **kw: Any) -> Any:
         kw.setdefault("inject", inject)
+        kw.setdefault("engine", engine)
         snap = WpSnapshot(memory, destination, **kw)
         made.append(snap)
         _live(request.node).append(snap)
@@ -776,11 +817,13 @@ def wait_until() -> Callable[..., None]:
 
 
 @pytest.fixture
-def capture_snapshot(tmp_path: Path, inject: Any, require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
+def capture_snapshot(tmp_path: Path, inject: Any, engine: Any,
+                     require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
     """Factory: ``capture_snapshot(memory, name, vcpus=(), runner=None)`` -> native.capture.FileCapture.
 
-    The WP engine writes straight into a new snapshot file in the test's tmp_path, with this run's
-    --inject switches. The files are deleted at teardown, so large images do not pile up in /tmp.
+    The engine under test (``--engine``) writes straight into a new snapshot file in the test's tmp_path,
+    with this run's --inject switches. The files are deleted at teardown, so large images do not pile up
+    in /tmp.
     """
     require("uffd")
     from native.capture import capture_to_file
@@ -791,6 +834,7 @@ def capture_snapshot(tmp_path: Path, inject: Any, require: Callable[..., None]) 
         path = tmp_path / f"{name}.snap"
         made.append(path)
         kw.setdefault("inject", inject)
+        kw.setdefault("engine", engine)
         return capture_to_file(path, memory, **kw)
 
     yield _capture

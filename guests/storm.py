@@ -331,12 +331,15 @@ def _stamp_words(params: StormParams, region) -> tuple[list[int], ...]:
     return cols  # pragma: no cover
 
 
-def check_instant(params: StormParams, snapshot_region, exact: bool = False) -> InstantVerdict:
+def check_instant(params: StormParams, snapshot_region, exact: bool = False, at: int | None = None) -> InstantVerdict:
     """Decide whether ``snapshot_region`` (bytes-like, the whole region) is the region at one instant.
 
     The stamps decide; ``exact`` also compares every byte with ``simulate`` at
     that instant (the bytes between the stamps must still be zero), at the
-    cost of building the simulated region.
+    cost of building the simulated region. ``at``, the instant the snapshot
+    must be (where the vCPU stood when it was paused: ``instant_of_registers``),
+    also refuses a snapshot that is one instant but another one: consistent
+    and stale (taken at a pre-copy round before the pause), or ahead of it.
 
     Each slot holding generation g was written at position pos (-1 if g = 0)
     and will next be written at position nxt (g+1's write; never after the
@@ -395,6 +398,8 @@ def check_instant(params: StormParams, snapshot_region, exact: bool = False) -> 
     lo = max(pos) + 1
     hi = min(min(nxt), inf)
     seen = tuple(sorted(set(g0s) | set(g1s)))
+    if lo <= hi and at is not None and not lo <= at <= hi:
+        return _off_the_pause(params, g0s, g1s, int(lo), hi, at, torn, seen)
     if lo <= hi:
         if exact:
             wrong = _first_difference_from_simulation(params, snapshot_region, int(lo), bool(in_flight))
@@ -407,6 +412,74 @@ def check_instant(params: StormParams, snapshot_region, exact: bool = False) -> 
                     + ("" if hi == lo else f" .. {describe_instant(params, hi)}")
                     + (f"; page {torn[0]} torn in flight" if torn else ""))
     return _explain_mixed(params, pos, nxt, g0s, g1s, torn, in_flight, lo, hi, seen)
+
+
+def _off_the_pause(params: StormParams, g0s: Sequence[int], g1s: Sequence[int], lo: int, hi: float, at: int,
+                   torn: list[int], seen: tuple[int, ...]) -> InstantVerdict:
+    """One instant, but not the pause's: say which, by how many writes, and the first write that tells them apart."""
+    stale = hi < at
+    # Stale: the write at position hi came before the pause and is missing. Ahead: the write at lo - 1 came after
+    # the pause and is there.
+    pt = stream_point(params, int(hi) if stale else lo - 1)
+    assert pt is not None, "a write between two instants of the run exists"
+    seen_gen = (g0s, g1s)[pt.slot][pt.page]
+    at_pause = pt.generation if stale else pt.generation - 1
+    span = describe_instant(params, lo) + ("" if hi == lo else f" .. {describe_instant(params, int(hi))}")
+    if stale:
+        what = (f"consistent but stale: one instant, {span}, but the vCPU was paused at "
+                f"{describe_instant(params, at)}, {at - int(hi)} writes later (a snapshot of a round before the pause)")
+    else:
+        what = (f"one instant, {span}, but ahead of the pause at {describe_instant(params, at)} by {lo - at} writes "
+                "(writes after the pause reached the snapshot)")
+    return _fail(params, pt.page, f"{what}; page {pt.page} (GPA {params.page_gpa(pt.page):#x}) "
+                 f"{SLOT_NAMES[pt.slot]} stamp gen {seen_gen}, at the pause gen {at_pause}",
+                 lo=lo, hi=hi, torn=tuple(torn), generations_seen=seen)
+
+
+# Where storm32 stands, by its EIP (guests/storm32.S loaded at FLAT32_LOAD_GPA; tests/test_guests.py pins the
+# instruction bytes at each): the stores that make each slot's stamp, the end of a page, the end of a sweep.
+EIP_SWEEP = 0x1008         # a sweep begins (ebp = its generation)
+EIP_PAGE = 0x1010          # a page begins (ecx = pages left in the sweep, this one included)
+EIP_SLOT0_GEN = 0x101A     # mov %ebp,(%edi): slot 0's generation store, the linearization point
+EIP_SLOT1_GEN = 0x1022     # mov %ebp,0xff8(%edi): slot 1's
+EIP_PAGE_DONE = 0x1053     # dec %ecx: both stamps of the page written
+EIP_LOOP = 0x1054          # jne page: ecx already counts the next page
+EIP_SWEEP_DONE = 0x1056    # mov %ebp,P_DONE_GEN(%esi): the sweep's writes all done
+EIP_NEXT_SWEEP = 0x107B    # jmp sweep: ebp already the next generation
+EIP_HALT = 0x107D          # hlt: every generation written
+
+
+def instant_of_registers(params: StormParams, eip: int, ebp: int, ecx: int) -> int:
+    """The instant a stopped storm32 vCPU stands at: the number of slot writes it has made, from where it is
+    (EIP), its generation (EBP) and the pages left in its sweep (ECX)."""
+    n = params.npages
+    if eip < EIP_SWEEP:
+        return 0
+    if eip < EIP_PAGE:
+        return 2 * (ebp - 1) * n
+    if eip <= EIP_LOOP:
+        k = n - ecx  # the page being written, counted in its sweep (ecx counts it until the dec)
+        base = 2 * ((ebp - 1) * n + k)
+        if eip <= EIP_SLOT0_GEN or eip == EIP_LOOP:
+            return base
+        return base + 1 if eip <= EIP_SLOT1_GEN else base + 2
+    if eip < EIP_NEXT_SWEEP:
+        return 2 * ebp * n
+    if eip < EIP_HALT:
+        return 2 * (ebp - 1) * n
+    total = params.total_writes
+    if total is None:
+        raise ValueError(f"EIP {eip:#x}: storm32 halted, but these params run forever")
+    return total
+
+
+def instant_of_vcpu_state(params: StormParams, state: bytes) -> int:
+    """``instant_of_registers`` from a saved vCPU state (``Vcpu.save_state``, a snapshot file's vCPU record)."""
+    from native.image import VcpuPart, part_field, split_kvm_x86_state
+
+    regs = split_kvm_x86_state(state)[VcpuPart.REGS]
+    eip, ebp, ecx = (part_field(VcpuPart.REGS, regs, r) & _U32 for r in ("rip", "rbp", "rcx"))
+    return instant_of_registers(params, eip, ebp, ecx)
 
 
 def _first_difference_from_simulation(params: StormParams, region, t: int,

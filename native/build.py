@@ -1,7 +1,10 @@
 """Build the native fixture layer: ``python -m native.build``.
 
 The compiled module carries a digest of its C sources and builder, so a
-stale build is rebuilt instead of silently running old C.
+stale build is rebuilt instead of silently running old C. On Linux the
+snapshot engines in the repository (native/_engines_build.py: the built-in
+engine, naive, naive-fixed) are built the same way, each into its own
+shared library implementing native/snapproof_engine.h.
 """
 
 from __future__ import annotations
@@ -50,10 +53,22 @@ def _built_module(module: str) -> Path | None:
     return p if p.exists() else None
 
 
-def is_fresh() -> bool:
+def _module_is_fresh() -> bool:
     module, inputs = _platform_parts()
     stamp = _stamp_path(module)
     return _built_module(module) is not None and stamp.exists() and stamp.read_text().strip() == _digest(inputs)
+
+
+def _stale_engines() -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return []
+    from native._engines_build import ENGINES
+
+    return [name for name, recipe in ENGINES.items() if not recipe.is_fresh()]
+
+
+def is_fresh() -> bool:
+    return _module_is_fresh() and not _stale_engines()
 
 
 def _check_compiler() -> None:
@@ -68,6 +83,29 @@ def _check_compiler() -> None:
 
 
 def build(verbose: bool = False) -> Path:
+    """Build the native module and every engine; returns the module's path."""
+    path = build_module(verbose)
+    build_engines(verbose=verbose)
+    return path
+
+
+def build_engines(names: list[str] | None = None, verbose: bool = False) -> list[Path]:
+    """Build the engines in ``names`` (all of them by default) on Linux; returns their libraries."""
+    if not sys.platform.startswith("linux"):
+        return []
+    from native._engines_build import ENGINES, build_engine
+
+    _check_compiler()
+    out = []
+    for name in ENGINES if names is None else names:
+        try:
+            out.append(build_engine(ENGINES[name], verbose=verbose))
+        except RuntimeError as e:
+            raise BuildError(f"building the snapshot engine failed: {e}") from e
+    return out
+
+
+def build_module(verbose: bool = False) -> Path:
     module, inputs = _platform_parts()
     _check_compiler()
     builder = importlib.import_module(f"native.{module}_build")
@@ -85,18 +123,24 @@ def build(verbose: bool = False) -> Path:
 
 
 def ensure_built() -> None:
-    """Build the native module if it is missing or older than its sources."""
-    if not is_fresh():
-        build()
+    """Build the native module and the engines that are missing or older than their sources."""
+    if not _module_is_fresh():
+        build_module()
+    if stale := _stale_engines():
+        build_engines(stale)
 
 
 def main() -> int:
+    verbose = "-v" in sys.argv
     try:
-        path = build(verbose="-v" in sys.argv)
+        path = build_module(verbose)
+        engines = build_engines(verbose=verbose)
     except BuildError as e:
         print(f"native build: {e}", file=sys.stderr)
         return 1
     print(f"native build: {path}")
+    for lib in engines:
+        print(f"native build: engine {lib}")
     return 0
 
 

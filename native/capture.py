@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from native.engine import Engine
 from native.image import SnapshotImage
 from native.inject import FaultInjection
 from native.kvm import Vcpu
@@ -61,18 +62,19 @@ class FileCapture:
 
 def capture_to_file(path: str | os.PathLike[str], memory: GuestMemory, *, vcpus: Sequence[Vcpu] = (),
                     runner: VcpuRunner | None = None, inject: FaultInjection = FaultInjection.NONE,
-                    handler_cpu: int | None = None, timeout: float = 10.0) -> FileCapture:
+                    handler_cpu: int | None = None, timeout: float = 10.0, engine: Engine | None = None) -> FileCapture:
     """Snapshot ``memory`` (and the vCPUs' states) into a new snapshot file at ``path``.
 
     Without ``runner`` the vCPUs in ``vcpus`` must be stopped; with it, its vCPUs are paused, saved
-    and resumed by the live protocol and ``vcpus`` is ignored. A failure leaves the file marked
-    incomplete (the writer's abort), never a file that loads.
+    and resumed by the live protocol and ``vcpus`` is ignored. ``engine`` takes the snapshot (the
+    built-in one by default). A failure leaves the file marked incomplete (the writer's abort), never a
+    file that loads.
     """
     clock = time.perf_counter_ns
     t0 = clock()
     with SnapshotImage.create(path, memory.size) as writer:
         t1 = clock()
-        snap = WpSnapshot(memory, writer.memory, inject=inject, handler_cpu=handler_cpu)
+        snap = WpSnapshot(memory, writer.memory, engine=engine, inject=inject, handler_cpu=handler_cpu)
         try:
             live: LiveSnapshot | None = None
             if runner is not None:

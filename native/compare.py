@@ -1,11 +1,16 @@
-"""Where two memory images differ, said in guest terms: pages, GPA, expected vs seen.
+"""Where two memory images differ, said in guest terms: pages, GPA, expected vs seen; the exact oracle.
 
 Platform-neutral. Equal stretches are skipped a chunk at a time (a C compare of memoryview
-slices), so a GiB image that matches costs about a memcmp.
+slices), so a GiB image that matches costs about a memcmp. ``first_difference`` is the one
+first-differing-byte search (the C layer's on Linux, the same walk in Python elsewhere), and
+``exact_oracle`` the one judge of "this snapshot equals that memory, byte for byte" the phases share.
+Each has known-answer self-tests (tests/test_judges.py).
 """
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 from native.layout import gpa_of, offset_of
@@ -76,3 +81,59 @@ def describe_cow_difference(original: Any, want: Any, got: Any, base: int = 0) -
         return (f"{diff}: the file's value {o:#010x}, where the guest's writes leave {w:#010x}: the guest's write "
                 "is missing")
     return f"{diff} (the file holds {o:#010x})"
+
+
+def first_difference(a: Any, b: Any) -> int:
+    """Offset of the first byte where two equal-sized images differ, or -1: the C layer's compare (memcmp speed)
+    on Linux, the same chunked walk in Python elsewhere."""
+    va, vb = memoryview(a).cast("B"), memoryview(b).cast("B")
+    if len(va) != len(vb):
+        raise ValueError(f"images differ in size: {len(va):#x} and {len(vb):#x} bytes")
+    return c_first_difference(va, vb) if sys.platform.startswith("linux") else py_first_difference(va, vb)
+
+
+def c_first_difference(va: memoryview, vb: memoryview) -> int:
+    """The C layer's search (native/linux/dirty_tracking.c, sp_first_difference): memcmp a MiB at a time, then
+    the bytes of the chunk that differs. Linux only; equal-sized byte views."""
+    from native._lib import ffi, lib
+
+    ha, hb = ffi.from_buffer("char[]", va), ffi.from_buffer("char[]", vb)
+    try:
+        pa, pb = (int(ffi.cast("uintptr_t", h)) for h in (ha, hb))
+        return int(lib.sp_first_difference(pa, pb, len(va)))
+    finally:
+        ffi.release(ha)
+        ffi.release(hb)
+
+
+def py_first_difference(va: memoryview, vb: memoryview) -> int:
+    """The same search in Python, for hosts without the C layer: equal-sized byte views."""
+    for c in range(0, len(va), _CHUNK):
+        if va[c:c + _CHUNK] != vb[c:c + _CHUNK]:
+            return next(i for i in range(c, min(c + _CHUNK, len(va))) if va[i] != vb[i])
+    return -1
+
+
+@dataclass(frozen=True)
+class ExactVerdict:
+    """The exact oracle's answer: equal, or how many pages differ and the first differing byte in guest terms."""
+
+    ok: bool
+    message: str
+    first: int = -1   # memory offset of the first differing byte
+    pages: int = 0
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def exact_oracle(snapshot: Any, reference: Any, what: str = "memory at the pause") -> ExactVerdict:
+    """Whether a snapshot of all of guest memory equals ``reference`` (memory copied while the vCPUs were stopped),
+    byte for byte; otherwise the pages that differ and the first differing byte at its GPA, expected vs seen."""
+    off = first_difference(snapshot, reference)
+    if off < 0:
+        return ExactVerdict(True, f"equals {what}, byte for byte")
+    pages = differing_pages(snapshot, reference)
+    vs, vr = memoryview(snapshot).cast("B"), memoryview(reference).cast("B")
+    return ExactVerdict(False, f"{len(pages)} pages differ from {what}, first at GPA {gpa_of(off):#x}: expected "
+                               f"{vr[off]:#04x}, saw {vs[off]:#04x}", off, len(pages))

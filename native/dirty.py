@@ -51,7 +51,7 @@ from native._lib import check, ffi, lib
 from native.diff_image import empty_bitmap
 from native.kvm import KVM_MEM_LOG_DIRTY_PAGES, Vm
 from native.memory import PAGE_SIZE, GuestMemory
-from native.wp import require_features
+from native.uffd import require_features
 
 PM_SOFT_DIRTY = 1 << 55
 PM_PRESENT = 1 << 63

@@ -14,6 +14,9 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
+# Message builders live in native.errors, where the native layer imports them without importing the probe.
+from native.errors import device_node, uid
+
 
 class Status(enum.Enum):
     PASS = "PASS"
@@ -99,7 +102,7 @@ def _kvm_rows(rep: HostReport) -> None:
         return
     if not os.access(path, os.R_OK | os.W_OK):
         rep.capabilities.append(Capability("kvm", "KVM", "for /dev/kvm", Status.FAIL,
-                                           f"absent: /dev/kvm: permission denied for uid {_uid()} "
+                                           f"absent: /dev/kvm: permission denied for uid {uid()} "
                                            f"(os.access R+W; the node is {device_node(path)})",
                                            "join the node's group or run as root"))
         return
@@ -298,7 +301,7 @@ def _virtualization_facts(rep: HostReport) -> None:
 def _uffd_rows(rep: HostReport) -> None:
     from native import uffd
     from native.errors import CapabilityMissing, NativeError
-    from native.wp import supported_features
+    from native.uffd import supported_features
 
     try:
         mask = supported_features()
@@ -326,67 +329,8 @@ def _uffd_rows(rep: HostReport) -> None:
     _pagemap_scan_row(rep)
 
 
-def _uid() -> int:
-    if sys.platform == "win32":
-        return -1
-    return os.geteuid()
-
-
-CAP_SYS_PTRACE = 19
-
-
-def device_node(path: str) -> str:
-    """A node's mode, owner and group (``crw------- root:root``): what a permission skip must name."""
-    import stat
-
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        return f"cannot stat: {e.strerror}"
-    owner, group = str(st.st_uid), str(st.st_gid)
-    if sys.platform != "win32":
-        import contextlib
-        import grp
-        import pwd
-
-        with contextlib.suppress(KeyError):  # ids without a name: the numbers say it
-            owner, group = pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name
-    return f"{stat.filemode(st.st_mode)} {owner}:{group}"
-
-
-def has_capability(bit: int) -> bool:
-    """Whether this process holds capability ``bit`` in its effective set (/proc/self/status CapEff)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> bit & 1)
-    except OSError:
-        pass
-    return False
-
-
-def uffd_denied(err_name: str) -> str:
-    """Why userfaultfd with kernel-mode faults was refused, naming each way in and its state here."""
-    try:
-        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
-            sysctl = f.read().strip()
-    except OSError:
-        sysctl = "absent"
-    ptrace = "with" if has_capability(CAP_SYS_PTRACE) else "without"
-    node = "/dev/userfaultfd"
-    if not os.path.exists(node):
-        dev = f"{node} absent"
-    else:
-        ok = os.access(node, os.R_OK | os.W_OK)
-        dev = f"{node} {'readable+writable' if ok else 'not readable+writable'} ({device_node(node)})"
-    return (f"userfaultfd for kernel-mode faults denied ({err_name}) for uid {_uid()}: "
-            f"vm.unprivileged_userfaultfd = {sysctl}, {ptrace} CAP_SYS_PTRACE, {dev}; needs root, CAP_SYS_PTRACE, "
-            "vm.unprivileged_userfaultfd=1, or access to /dev/userfaultfd")
-
-
 def _uffd_privilege() -> str:
-    if _uid() == 0:
+    if uid() == 0:
         return "root"
     try:
         with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
@@ -401,7 +345,7 @@ def _pagemap_scan_row(rep: HostReport) -> None:
     import errno
 
     from native.errors import NativeError
-    from native.wp import pagemap_scan_probe
+    from native.pagemap import pagemap_scan_probe
 
     try:
         pagemap_scan_probe()

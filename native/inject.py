@@ -21,6 +21,9 @@ class FaultInjection(enum.Flag):
     # is closed, as a handler process that dies mid-restore drops it; the loader must fail closed, naming it.
     LAZY_UFFD_CLOSES_MID_RESTORE = 1 << 3
     LAZY_UFFD_UNGUARDED = 1 << 4    # its fail-closed guard removed (no fence, no LoaderDied): the guest reads zeros
+    # Two races a microsecond wide, lined up on purpose by phase 2's races (native/races.py):
+    UNPROTECT_DURING_CAPTURE = 1 << 6  # the copier un-protects its batch while the handler still captures a page
+    WAKE_BEFORE_COPY = 1 << 7       # the handler makes the page writable, waking the writer, before its copy
     SKIP_UNPOPULATED = 1 << 8       # arm without WP_UNPOPULATED and without pre-populating: holes go unprotected
     ARM_WHILE_RUNNING = 1 << 9      # the live protocol arms without pausing the vCPUs
     DROP_VCPU_STATE = 1 << 10       # the snapshot file is written without its vCPU state

@@ -605,7 +605,7 @@ def _kvm_open_error(err: int) -> Exception:
     if err == errno.ENOENT:
         return CapabilityMissing("/dev/kvm does not exist (KVM module not loaded, or no virtualization support)")
     if err in (errno.EACCES, errno.EPERM):
-        from native.host import device_node
+        from native.errors import device_node
 
         return CapabilityMissing(f"/dev/kvm: permission denied for uid {os.geteuid()} ({errno.errorcode[err]} from "
                                  f"open O_RDWR; the node is {device_node('/dev/kvm')}): join the node's group or "

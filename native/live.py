@@ -23,7 +23,7 @@ from native.errors import GuestTimeout
 from native.inject import FaultInjection
 from native.kvm import Exit, ExitReason, Vcpu
 from native.memory import copy_timed
-from native.wp import WpSnapshot, WpStats
+from native.wp import BULK_BATCH, WpSnapshot, WpStats
 
 
 class VcpuRunner:
@@ -172,7 +172,7 @@ class LiveSnapshot:
 
 
 def take_live_snapshot(runner: VcpuRunner, snap: WpSnapshot, reference: object | None = None,
-                       batch: int = 512, timeout: float = 10.0, overlap_faults: int = 0) -> LiveSnapshot:
+                       batch: int = BULK_BATCH, timeout: float = 10.0, overlap_faults: int = 0) -> LiveSnapshot:
     """Pause, (reference copy,) arm, resume, bulk copy while the vCPUs run, finalize.
 
     Test-mode knobs: ``reference``, a writable buffer, receives guest memory as it is while paused

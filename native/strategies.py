@@ -13,7 +13,8 @@ on its own:
 The strategies:
 
 - ``stop-and-copy``: pause, copy everything, resume.
-- ``wp-copy-before-write``: this suite's engine (native.wp): pause, arm WP,
+- ``wp-copy-before-write``: the engine under test (native.wp; the built-in one unless
+  ``pytest --engine``): pause, arm WP,
   resume, bulk copy while the guest runs; a written page is copied first.
 - ``precopy-wp-async``: iterative pre-copy while the guest runs: register the
   region with UFFD_FEATURE_WP_ASYNC, protect it, copy everything, then in
@@ -39,15 +40,16 @@ if sys.platform == "win32":
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from native import uffd
 from native._lib import check, ffi, lib
+from native.engine import Engine
 from native.inject import FaultInjection
 from native.kvm import KVM_MEM_LOG_DIRTY_PAGES, Vm
 from native.live import VcpuRunner
 from native.memory import PAGE_SIZE, GuestMemory, buffer_address, copy_timed
-from native.wp import WpSnapshot, WpStats, require_features
+from native.uffd import require_features
+from native.wp import ENGINE_NEEDS, WpSnapshot, WpStats
 
 STOP_AND_COPY: str = "stop-and-copy"
 WP_COPY_BEFORE_WRITE: str = "wp-copy-before-write"
@@ -57,12 +59,11 @@ STRATEGIES: tuple[str, ...] = (STOP_AND_COPY, WP_COPY_BEFORE_WRITE, PRECOPY_WP_A
 # What each strategy needs of the host (native.host capability names) on memfd guest memory, the one table of
 # it: the plugin reads it at collection, for a ``strategy`` parameter, and deselects a case whose strategy
 # needs what the host lacks, naming it (--strict-host fails it instead when the gate policy requires it);
-# phase 5's comparison leaves such a strategy out of its table and says why. The WP engine works without
-# WP_UNPOPULATED (it populates holes before the arm) and never needs WP_ASYNC.
-_WP_ENGINE_NEEDS = ("uffd", "uffd.PAGEFAULT_FLAG_WP", "uffd.THREAD_ID", "uffd.WP_HUGETLBFS_SHMEM")
+# phase 5's comparison leaves such a strategy out of its table and says why. The WP engine's own needs are
+# native.wp.ENGINE_NEEDS (it never needs WP_ASYNC).
 STRATEGY_NEEDS: dict[str, tuple[str, ...]] = {
     STOP_AND_COPY: ("kvm",),
-    WP_COPY_BEFORE_WRITE: ("kvm", *_WP_ENGINE_NEEDS),
+    WP_COPY_BEFORE_WRITE: ("kvm", *ENGINE_NEEDS),
     PRECOPY_WP_ASYNC: ("kvm", "uffd", "uffd.PAGEFAULT_FLAG_WP", "uffd.WP_HUGETLBFS_SHMEM", "uffd.WP_ASYNC",
                        "pagemap_scan"),
     PRECOPY_KVM_DIRTY_LOG: ("kvm",),
@@ -181,19 +182,20 @@ class StopAndCopy(Snapshotter):
 
 
 class WpCopyBeforeWrite(Snapshotter):
-    """native.wp's engine with the live protocol of native.live.take_live_snapshot, split in steps."""
+    """A snapshot engine (native.wp) with the live protocol of native.live.take_live_snapshot, split in steps."""
 
     name = WP_COPY_BEFORE_WRITE
 
     def __init__(self, memory: GuestMemory, destination: object, runner: VcpuRunner,
-                 inject: FaultInjection = FaultInjection.NONE) -> None:
+                 inject: FaultInjection = FaultInjection.NONE, engine_lib: Engine | None = None) -> None:
         super().__init__(memory, destination, runner)
         self.inject = inject
+        self.engine_lib = engine_lib
         self.engine: WpSnapshot | None = None
 
     def _before_pause(self) -> None:
         # A fresh engine (uffd, handler thread) per snapshot; creating it is not part of the pause.
-        self.engine = WpSnapshot(self.memory, self.destination, inject=self.inject)
+        self.engine = WpSnapshot(self.memory, self.destination, engine=self.engine_lib, inject=self.inject)
 
     def _while_paused(self) -> None:
         assert self.engine is not None
@@ -330,30 +332,16 @@ class PreCopyKvmDirtyLog(_PreCopy):
 
 
 def make_snapshotter(strategy: str, memory: GuestMemory, destination: object, runner: VcpuRunner, vm: Vm,
-                     inject: FaultInjection = FaultInjection.NONE) -> Snapshotter:
+                     inject: FaultInjection = FaultInjection.NONE, engine: Engine | None = None) -> Snapshotter:
     """The strategy by name (STRATEGIES); for the KVM dirty log, the VM's memslots over ``memory`` must log
-    dirty pages (``Vm.map_memory(memory, flags=KVM_MEM_LOG_DIRTY_PAGES)``)."""
+    dirty pages (``Vm.map_memory(memory, flags=KVM_MEM_LOG_DIRTY_PAGES)``). ``engine`` takes the WP strategy's
+    snapshots (the built-in one by default)."""
     if strategy == STOP_AND_COPY:
         return StopAndCopy(memory, destination, runner)
     if strategy == WP_COPY_BEFORE_WRITE:
-        return WpCopyBeforeWrite(memory, destination, runner, inject=inject)
+        return WpCopyBeforeWrite(memory, destination, runner, inject=inject, engine_lib=engine)
     if strategy == PRECOPY_WP_ASYNC:
         return PreCopyWpAsync(memory, destination, runner)
     if strategy == PRECOPY_KVM_DIRTY_LOG:
         return PreCopyKvmDirtyLog(memory, destination, runner, vm)
     raise ValueError(f"unknown snapshot strategy {strategy!r} (one of {', '.join(STRATEGIES)})")
-
-
-
-def first_difference(a: object, b: object) -> int:
-    """Offset of the first byte where two equal-sized buffers differ, or -1 (memcmp speed)."""
-    ha: Any = ffi.from_buffer("char[]", a)
-    hb: Any = ffi.from_buffer("char[]", b)
-    try:
-        if len(ha) != len(hb):
-            raise ValueError(f"buffers differ in size: {len(ha):#x} and {len(hb):#x} bytes")
-        pa, pb = (int(ffi.cast("uintptr_t", h)) for h in (ha, hb))
-        return int(lib.sp_first_difference(pa, pb, len(ha)))
-    finally:
-        ffi.release(ha)
-        ffi.release(hb)

@@ -1,6 +1,15 @@
-"""userfaultfd facts: feature bits by name (from the kernel UAPI, not the build host's headers)."""
+"""userfaultfd facts and the handshake: feature bits by name (from the kernel UAPI, not the build host's
+headers), the UFFDIO_API handshake and the feature checks every uffd user shares.
+
+Importable on every platform: the C layer is imported only when a handshake runs (Linux).
+"""
 
 from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
 
 # include/uapi/linux/userfaultfd.h. forkd asked for 1 << 9 (MINOR_HUGETLBFS) meaning
 # WP_HUGETLBFS_SHMEM (1 << 12): the names live here once, next to their values.
@@ -44,3 +53,60 @@ def mask_of(*names: str) -> int:
     for n in names:
         m |= FEATURES[n]
     return m
+
+
+# -- the handshake and feature checks (Linux; the C layer is imported when first used) -----------
+
+_probe_cache: int | None = None
+
+
+def supported_features() -> int:
+    """The uffd feature mask this kernel returns from UFFDIO_API (probed once)."""
+    global _probe_cache
+    if _probe_cache is None:
+        with open_uffd(0) as (_, supported):
+            _probe_cache = supported
+    return _probe_cache
+
+
+def require_features(need: int, what: str) -> int:
+    """The kernel's uffd feature mask, or CapabilityMissing naming each bit of ``need`` it lacks (and its kernel)."""
+    from native.errors import CapabilityMissing
+
+    supported = supported_features()
+    missing = need & ~supported
+    if missing:
+        lacking = feature_names(missing)
+        names = ", ".join(f"UFFD_FEATURE_{n} (kernel {SINCE.get(n, '?')})" for n in lacking)
+        raise CapabilityMissing(f"{what} needs {names}: not in the kernel's mask {supported:#x}",
+                                tuple(f"uffd.{n}" for n in lacking))
+    return supported
+
+
+@contextlib.contextmanager
+def open_uffd(features: int) -> Iterator[tuple[int, int]]:
+    """A userfaultfd after the UFFDIO_API handshake asking ``features``: (fd, the kernel's mask); closed after."""
+    from native._lib import check, ffi, lib
+
+    via = ffi.new("int *")
+    fd = lib.sp_uffd_open(via)
+    if fd < 0:
+        raise uffd_open_error(-fd)
+    try:
+        sup = ffi.new("uint64_t *")
+        ioctls = ffi.new("uint64_t *")
+        check(lib.sp_uffd_api(fd, features, sup, ioctls), "UFFDIO_API", features=features)
+        yield fd, int(sup[0])
+    finally:
+        os.close(fd)
+
+
+def uffd_open_error(err: int) -> Exception:
+    """What a failed userfaultfd(2) (and /dev/userfaultfd) means: a missing capability, named, or an error."""
+    from native.errors import CapabilityMissing, NativeError, uffd_denied
+
+    if err in (errno.EPERM, errno.EACCES):
+        return CapabilityMissing(uffd_denied(errno.errorcode[err]))
+    if err == errno.ENOSYS:
+        return CapabilityMissing("userfaultfd(2) not available (kernel built without CONFIG_USERFAULTFD)")
+    return NativeError("userfaultfd", err)

@@ -1,17 +1,19 @@
-"""The userfaultfd write-protect snapshot engine (C handler thread + bulk copier).
+"""A userfaultfd write-protect snapshot, taken by a snapshot engine (native/snapproof_engine.h).
 
-One ``WpSnapshot`` takes one snapshot of one GuestMemory into one destination
-buffer: ``arm()`` write-protects the region, the handler thread copies a page
-before un-protecting it when anything writes it, ``bulk_copy()`` captures the
-rest, ``finalize()`` checks every page is captured, un-protects the region
-and joins the handler. ``close()`` always un-protects before dropping the uffd.
+One ``WpSnapshot`` takes one snapshot of one GuestMemory into one destination buffer with one engine:
+snapproof's built-in engine unless another is given (``pytest --engine PATH``): ``arm()`` write-protects
+the region, the engine's handler thread copies a page before un-protecting it when anything writes it,
+``bulk_copy()`` captures the rest, ``finalize()`` checks every page is captured, un-protects the region
+and joins the handler. ``close()`` always un-protects before the uffd goes.
 
-The engine holds a cffi view of the destination (``ffi.from_buffer``) while
-anything may still copy into it, and drops it itself as soon as nothing can:
-when ``finalize()`` or ``release()`` has joined the handler, or at ``close()``.
-A destination with a release rule of its own (a snapshot file's
-``writer.memory``, which ``writer.finalize()`` unmaps) is then free the moment
-the engine is finalized, whatever the caller does with the engine object.
+The suite prepares what its proofs rely on before the engine exists, the same for every engine: the
+uffd features to ask for (each checked against the kernel's mask), and the protection of never-populated
+pages (WP_UNPOPULATED where the kernel has it, else every page populated before the arm).
+
+The engine is handed the address of a cffi view of the destination (``ffi.from_buffer``) and may copy
+into it until ``finalize()`` or ``release()`` has returned; the view is dropped right then (or at
+``close()``), so a destination with a release rule of its own (a snapshot file's ``writer.memory``,
+which ``writer.finalize()`` unmaps) is free the moment the engine is finalized.
 """
 
 from __future__ import annotations
@@ -21,23 +23,42 @@ import sys
 if sys.platform == "win32":
     raise ImportError("native.wp (userfaultfd) is Linux-only: Windows has no userfaultfd")
 
-import contextlib
 import enum
 import errno
 import os
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from native import uffd
-from native._lib import check, ffi, lib
-from native.errors import CapabilityMissing, HandlerDied, NativeError
+from native._lib import check, lib
+from native._lib import ffi as c_ffi
+from native.engine import Engine, builtin_engine, ffi
+from native.errors import HandlerDied, NativeError
 from native.inject import C_SWITCHES, FaultInjection
 from native.memory import HUGE_PAGE_SIZE, PAGE_SIZE, GuestMemory
+from native.pagemap import PM_PRESENT, PM_SWAP, PM_UFFD_WP, pagemap_entry, read_pagemap
+from native.points import SlowPoints
+from native.uffd import open_uffd, require_features, supported_features
+
+# The uffd handshake lives in native.uffd and pagemap reading in native.pagemap; modules that reach them
+# through native.wp (native.restore, the reliability tests) still find them here.
+__all__ = ["BULK_BATCH", "ENGINE_NEEDS", "FaultRecord", "HoleProtection", "WpSnapshot", "WpStats",
+           "raw_writeprotect_samples", "PM_PRESENT", "PM_SWAP", "PM_UFFD_WP", "pagemap_entry", "read_pagemap",
+           "require_features", "supported_features"]
+
+# Pages the bulk copier un-protects at once: one UFFDIO_WRITEPROTECT per 2 MiB of 4 KiB pages.
+BULK_BATCH = 512
+# What every engine needs of the host on the suite's memory (native.host capability names), the one table
+# of it: the phases that drive an engine declare it (``needs``), phase 5's WP strategy adds "kvm". WP on
+# shmem needs WP_HUGETLBFS_SHMEM; never-populated pages are covered without WP_UNPOPULATED (populated
+# before the arm instead).
+ENGINE_NEEDS: tuple[str, ...] = ("uffd", "uffd.PAGEFAULT_FLAG_WP", "uffd.THREAD_ID", "uffd.WP_HUGETLBFS_SHMEM")
+_SHMEM_BACKINGS = {"memfd", "hugetlb"}
 
 
 class HoleProtection(enum.Enum):
-    """How the engine makes sure a write into a never-populated page (a hole) is caught after the arm.
+    """How the suite makes sure a write into a never-populated page (a hole) is caught after the arm.
 
     A plain UFFDIO_WRITEPROTECT skips anonymous holes (no page table entry to mark): a write there lands
     uncaught. The value is what the report and the run record show.
@@ -46,12 +67,6 @@ class HoleProtection(enum.Enum):
     WP_UNPOPULATED = "UFFD_FEATURE_WP_UNPOPULATED"          # kernel 6.4+: the arm leaves a pte marker in each hole
     POPULATE_BEFORE_ARM = "pre-populated (MADV_POPULATE_WRITE)"  # the fallback: every page faulted in first
     NONE = "none (fault injection)"                          # SKIP_UNPOPULATED: forkd's bug, holes go unprotected
-
-
-class PageState(enum.IntEnum):
-    CLEAN = lib.SP_PAGE_CLEAN
-    COPYING = lib.SP_PAGE_COPYING
-    CAPTURED = lib.SP_PAGE_CAPTURED
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,10 @@ class WpStats:
         """The handler exited without being asked to (a normal stop leaves handler_err 0)."""
         return not self.handler_alive and self.handler_err != 0
 
+    @property
+    def captured_pages(self) -> int:
+        return self.fault_pages + self.bulk_pages
+
     def service_percentile_us(self, q: float) -> float:
         """Percentile of fault service time from the 1 µs histogram (bucket upper edge)."""
         total = sum(self.hist_us)
@@ -103,63 +122,18 @@ class WpStats:
         return float(len(self.hist_us))
 
 
-_SHMEM_BACKINGS = {"memfd", "hugetlb"}
-_probe_cache: int | None = None
-
-
-def supported_features() -> int:
-    """The uffd feature mask this kernel returns from UFFDIO_API (probed once)."""
-    global _probe_cache
-    if _probe_cache is None:
-        with open_uffd(0) as (_, supported):
-            _probe_cache = supported
-    return _probe_cache
-
-
-def require_features(need: int, what: str) -> int:
-    """The kernel's uffd feature mask, or CapabilityMissing naming each bit of ``need`` it lacks (and its kernel)."""
-    supported = supported_features()
-    missing = need & ~supported
-    if missing:
-        lacking = uffd.feature_names(missing)
-        names = ", ".join(f"UFFD_FEATURE_{n} (kernel {uffd.SINCE.get(n, '?')})" for n in lacking)
-        raise CapabilityMissing(f"{what} needs {names}: not in the kernel's mask {supported:#x}",
-                                tuple(f"uffd.{n}" for n in lacking))
-    return supported
-
-
-@contextlib.contextmanager
-def open_uffd(features: int) -> Iterator[tuple[int, int]]:
-    """A userfaultfd after the UFFDIO_API handshake asking ``features``: (fd, the kernel's mask); closed after."""
-    via = ffi.new("int *")
-    fd = lib.sp_uffd_open(via)
-    if fd < 0:
-        raise _uffd_open_error(-fd)
-    try:
-        sup = ffi.new("uint64_t *")
-        ioctls = ffi.new("uint64_t *")
-        check(lib.sp_uffd_api(fd, features, sup, ioctls), "UFFDIO_API", features=features)
-        yield fd, int(sup[0])
-    finally:
-        os.close(fd)
-
-
-def _uffd_open_error(err: int) -> Exception:
-    if err in (errno.EPERM, errno.EACCES):
-        from native.host import uffd_denied
-
-        return CapabilityMissing(uffd_denied(errno.errorcode[err]))
-    if err == errno.ENOSYS:
-        return CapabilityMissing("userfaultfd(2) not available (kernel built without CONFIG_USERFAULTFD)")
-    return NativeError("userfaultfd", err)
-
-
 class WpSnapshot:
-    def __init__(self, memory: GuestMemory, destination: object, *,
+    def __init__(self, memory: GuestMemory, destination: object, *, engine: Engine | None = None,
                  inject: FaultInjection = FaultInjection.NONE, handler_cpu: int | None = None,
-                 race_window_ns: int = 0) -> None:
+                 points: SlowPoints | None = None) -> None:
         self.memory = memory
         self.inject = inject
+        self.engine = builtin_engine() if engine is None else engine
+        self.points = points
+        switches = inject.value & C_SWITCHES
+        if switches and not self.engine.builtin:
+            raise ValueError(f"fault-injection switches {inject!r} act inside the built-in engine; engine "
+                             f"{self.engine.label()} has none of its own")
         # hugetlb pages are protected and faulted whole: the engine's page is the huge page.
         self.page_size = HUGE_PAGE_SIZE if memory.backing == "hugetlb" else PAGE_SIZE
         self.npages = memory.size // self.page_size
@@ -180,43 +154,62 @@ class WpSnapshot:
             self.hole_protection = HoleProtection.POPULATE_BEFORE_ARM
         self.unpopulated_policy = self.hole_protection.value
         self.features_requested = need
-        self._dst = ffi.from_buffer("char[]", destination, require_writable=True)
+        self.features_supported = supported
+        self._dst: Any = ffi.from_buffer("char[]", destination, require_writable=True)
         if len(self._dst) < memory.size:
             ffi.release(self._dst)
             raise ValueError(f"snapshot destination is {len(self._dst):#x} bytes, guest memory {memory.size:#x}")
-        out = ffi.new("struct sp_wp **")
-        sup = ffi.new("uint64_t *")
-        rc = lib.sp_wp_create(memory.addr, memory.size, self.page_size, need, inject.value & C_SWITCHES, race_window_ns,
-                              -1 if handler_cpu is None else handler_cpu, out, sup)
+        cfg = ffi.new("struct spe_config *")
+        cfg.abi_version = self.engine.abi_version
+        cfg.struct_size = ffi.sizeof("struct spe_config")
+        cfg.mem, cfg.mem_size, cfg.page_size = memory.addr, memory.size, self.page_size
+        cfg.mem_fd = -1 if memory.fd is None else memory.fd
+        cfg.mem_fd_offset = 0
+        cfg.handler_cpu = -1 if handler_cpu is None else handler_cpu
+        cfg.dst, cfg.dst_size = int(ffi.cast("uintptr_t", self._dst)), len(self._dst)
+        cfg.uffd_features = need
+        cfg.switches = switches
+        if points is not None:
+            cfg.point = ffi.cast("spe_point_fn", points.hook)
+            cfg.point_ctx = ffi.cast("void *", points.context)
+        out = ffi.new("struct spe_engine **")
+        rc = self.engine.lib.spe_create(cfg, out)
         if rc < 0:
             ffi.release(self._dst)
-            check(rc, "WP engine create", mem=memory.addr, size=memory.size, features=need)
-        self._w = out[0]
+            self._raise(rc, "create", mem=memory.addr, size=memory.size, features=need)
+        self._e: Any = out[0]
         # Destroyed when the last reference goes should close() never run (an interrupt landing just as
         # the cleanup that calls it starts): no handler thread, uffd or WP may outlive this object.
-        self._finalizer = weakref.finalize(self, _destroy_engine, self._w, self._dst)
-        self.features_supported = int(sup[0])
-        check(lib.sp_wp_set_destination(self._w, int(ffi.cast("uintptr_t", self._dst))), "set destination")
+        self._finalizer = weakref.finalize(self, _destroy_engine, self.engine, self._e, self._dst, points)
         self.armed = False
         self.finalized = False
+        self.handler_dead = False
 
     @property
-    def handle(self) -> object:
-        if self._w is None:
+    def handle(self) -> Any:
+        if self._e is None:
             raise ValueError("WP snapshot is closed")
-        return self._w
+        return self._e
 
-    def _check(self, rc: int, what: str, **args: object) -> int:
-        """``check()``, but a dead handler (EOWNERDEAD from the engine) raises HandlerDied naming it."""
+    def _raise(self, rc: int, what: str, **args: object) -> None:
+        """NativeError naming the engine, the call and the engine's own message; HandlerDied for EOWNERDEAD."""
         if rc == -errno.EOWNERDEAD:
             raise self._handler_died(what)
-        return check(rc, what, **args)
+        said = self.engine.last_error()
+        raise NativeError(f"engine {self.engine.name}: {what}" + (f": {said}" if said else ""), -rc, **args)
+
+    def _check(self, rc: int, what: str, **args: object) -> int:
+        if rc < 0:
+            self._raise(rc, what, **args)
+        return rc
 
     def _handler_died(self, what: str) -> HandlerDied:
         # The dying handler un-protected the region itself (uffd_wp.c, handler_exit); releasing again
         # here makes sure of it and joins the thread, so nothing of this engine is left waiting.
-        release_rc = lib.sp_wp_release(self.handle, int(5e9))
+        release_rc = self.engine.lib.spe_release(self.handle, int(5e9))
         self.armed = False
+        self.handler_dead = True
+        self._drop_destination()  # released: the engine copies nothing more
         err = self.stats().handler_err
         name = errno.errorcode.get(err, str(err))
         why = "; fault injection HANDLER_DIES" if self.inject & FaultInjection.HANDLER_DIES else ""
@@ -233,84 +226,96 @@ class WpSnapshot:
     def arm(self) -> int:
         """Write-protect the whole region; returns the arm time in ns."""
         self._require_destination("arm WP")
-        self._check(lib.sp_wp_arm(self.handle), "arm WP", mem=self.memory.addr, size=self.memory.size)
+        self._check(self.engine.lib.spe_arm(self.handle), "arm WP", mem=self.memory.addr, size=self.memory.size)
         self.armed = True
         return self.stats().arm_ns
 
     def rearm(self, first_page: int, npages: int = 1) -> None:
-        """Protect a page range again, its pages CLEAN (the round-trip benchmark re-arms one page)."""
+        """Protect a page range again, its pages uncaptured (the round-trip benchmark re-arms one page)."""
         self._require_destination("re-arm WP")
-        self._check(lib.sp_wp_rearm_range(self.handle, first_page, npages), "re-arm WP", first=first_page,
+        self._check(self.engine.lib.spe_rearm(self.handle, first_page, npages), "re-arm WP", first=first_page,
                     npages=npages)
         self.armed = True
 
     def disarm(self) -> None:
         """Un-protect the whole region, keeping the handler, so ``arm()`` can run again."""
-        check(lib.sp_wp_disarm(self.handle), "disarm WP")
+        self._check(self.engine.lib.spe_disarm(self.handle), "disarm WP")
         self.armed = False
 
-    def bulk_copy(self, first_page: int = 0, npages: int | None = None, batch: int = 512) -> int:
-        """Capture every page still CLEAN in the range; returns how many this call copied."""
+    def bulk_copy(self, first_page: int = 0, npages: int | None = None, batch: int = BULK_BATCH) -> int:
+        """Capture every page still uncaptured in the range; returns how many this call copied."""
         n = self.npages - first_page if npages is None else npages
         self._require_destination("bulk copy")
-        return self._check(lib.sp_wp_bulk_copy(self.handle, first_page, n, batch), "bulk copy",
+        return self._check(self.engine.lib.spe_bulk_copy(self.handle, first_page, n, batch), "bulk copy",
                            first=first_page, npages=n)
 
     def _require_destination(self, what: str) -> None:
         _ = self.handle  # a closed engine says so first
+        if self.handler_dead:  # the snapshot is void: say why, whatever is asked of it
+            raise self._handler_died(what)
         if self._dst is None:
             raise ValueError(f"{what}: this WP snapshot is finalized or released and no longer holds its "
                              "destination; a new snapshot needs a new WpSnapshot")
 
     def _drop_destination(self) -> None:
-        """Release our view of the destination: called once the handler is joined, so nothing copies into it."""
+        """Release our view of the destination: called once the engine no longer copies into it."""
         dst, self._dst = self._dst, None  # claimed first: a second call (an interrupt in between) does nothing
-        if dst is None:
-            return
-        if self._w is not None:
-            lib.sp_wp_set_destination(self._w, 0)  # the C engine refuses to arm without one
-        ffi.release(dst)
+        if dst is not None:
+            ffi.release(dst)
 
-    def pages_in_state(self, state: PageState) -> int:
-        return int(lib.sp_wp_pages_in_state(self.handle, int(state)))
+    def try_finalize(self, timeout: float = 5.0) -> int:
+        """``finalize()``'s raw twin: 0 when the engine finalized, else the errno it returned (nothing raised)."""
+        rc = int(self.engine.lib.spe_finalize(self.handle, int(timeout * 1e9)))
+        if rc == 0:
+            self.finalized = True
+            self.armed = False
+            self._drop_destination()
+        return -rc
 
     def finalize(self, timeout: float = 5.0) -> WpStats:
         """Check every page is captured, un-protect the region, join the handler."""
-        rc = lib.sp_wp_finalize(self.handle, int(timeout * 1e9))
-        if rc == -errno.EOWNERDEAD:
-            raise self._handler_died("finalize WP snapshot")
-        if rc < 0:
-            missing = self.npages - self.pages_in_state(PageState.CAPTURED)
-            check(rc, "finalize WP snapshot", pages_not_captured=missing)
-        self.finalized = True
-        self.armed = False
-        self._drop_destination()
+        err = self.try_finalize(timeout)
+        if err:
+            stats = self.stats()
+            self._raise(-err, "finalize WP snapshot", pages_not_captured=self.npages - stats.captured_pages)
         return self.stats()
 
     def release(self, timeout: float = 5.0) -> None:
         """Un-protect everything and stop the handler, whatever state the snapshot is in."""
-        check(lib.sp_wp_release(self.handle, int(timeout * 1e9)), "release WP")
+        rc = self.engine.lib.spe_release(self.handle, int(timeout * 1e9))
         self.armed = False
         self._drop_destination()
+        self._check(rc, "release WP")
 
     def protection(self) -> tuple[bytes, bytes]:
         """(present, uffd_wp) per page, read from /proc/self/pagemap (PM_UFFD_WP is bit 57)."""
         return read_pagemap(self.memory.addr, self.memory.size // PAGE_SIZE)
 
     def stats(self) -> WpStats:
-        s = ffi.new("struct sp_wp_stats *")
-        lib.sp_wp_get_stats(self.handle, s)
+        s = ffi.new("struct spe_stats *")
+        self.engine.lib.spe_get_stats(self.handle, s)
         log = [FaultRecord(r.offset, r.flags, r.service_ns, r.tid, r.handler_cpu, bool(r.copied))
-               for r in s.log[0:s.log_len]]
+               for r in s.log[0:min(s.log_len, len(s.log))]]
         cpus = {i: int(n) for i, n in enumerate(s.handler_cpu) if n}
         return WpStats(
             arm_ns=s.arm_ns, faults=s.faults, fault_pages=s.fault_pages, bulk_pages=s.bulk_pages,
             waited_on_copier=s.waited_on_copier, other_events=s.other_events,
             service_ns_total=s.service_ns_total, service_ns_max=s.service_ns_max,
             hist_us=list(s.hist_us), handler_cpus=cpus, log=log, handler_err=s.handler_err,
-            handler_alive=bool(s.handler_alive), features_requested=self.features_requested,
-            features_supported=self.features_supported, unpopulated_policy=self.unpopulated_policy,
+            handler_alive=bool(s.handler_alive), features_requested=int(s.features_requested),
+            features_supported=int(s.features_granted), unpopulated_policy=self.unpopulated_policy,
         )
+
+    def evidence(self) -> dict[str, Any]:
+        """What a failed test's record gets of this engine: which engine, its counters, the points it reached."""
+        out: dict[str, Any] = {"engine": self.engine.label()}
+        if self._e is not None:
+            st = self.stats()
+            out.update({"faults": st.faults, "fault_pages": st.fault_pages, "bulk_pages": st.bulk_pages,
+                        "handler_alive": st.handler_alive, "handler_err": st.handler_err, "arm_ns": st.arm_ns})
+        if self.points is not None:
+            out["named_points_called"] = self.points.census()
+        return out
 
     def close(self) -> None:
         """Un-protect, join the handler, close the uffd, drop the destination view; idempotent.
@@ -318,7 +323,7 @@ class WpSnapshot:
         The finalizer runs the destroy at most once, whoever calls it first (this, or the garbage
         collector after an interrupted close), so no handle is ever freed twice.
         """
-        self._w = None
+        self._e = None
         self._dst = None
         self._finalizer()
 
@@ -329,35 +334,13 @@ class WpSnapshot:
         self.close()
 
 
-def _destroy_engine(w: object, dst: object) -> None:
-    """Un-protect the region, join the handler, close the uffd, free the engine; then drop the view of
-    the destination it copied into (a no-op when finalize() dropped it already)."""
-    lib.sp_wp_destroy(w)
+def _destroy_engine(engine: Engine, e: object, dst: object, points: SlowPoints | None) -> None:
+    """Let every held engine thread go, close the engine (un-protect, join, close the uffd, free), then drop
+    the view of the destination it copied into (a no-op when finalize() dropped it already)."""
+    if points is not None:
+        points.close()
+    engine.lib.spe_close(e)
     ffi.release(dst)
-
-
-# /proc/self/pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst). A uffd-wp pte marker in a hole
-# reads as PM_SWAP | PM_UFFD_WP: swapped-or-marked, not PM_PRESENT.
-PM_PRESENT = 1 << 63
-PM_SWAP = 1 << 62
-PM_UFFD_WP = 1 << 57
-
-
-def pagemap_entry(addr: int) -> int:
-    """The raw /proc/self/pagemap entry of the page at ``addr``: tells a populated page (PM_PRESENT) from a
-    hole that carries only a marker, which ``read_pagemap``'s "present" (present or swapped) does not."""
-    with open("/proc/self/pagemap", "rb", buffering=0) as f:
-        raw = os.pread(f.fileno(), 8, addr // PAGE_SIZE * 8)
-    if len(raw) != 8:
-        raise NativeError("pread(/proc/self/pagemap) (short read)", errno.EIO, addr=addr)
-    return int.from_bytes(raw, "little")
-
-
-def read_pagemap(addr: int, npages: int) -> tuple[bytes, bytes]:
-    present = ffi.new("uint8_t[]", npages)
-    wp = ffi.new("uint8_t[]", npages)
-    check(lib.sp_pagemap_scan_wp(addr, npages, present, wp), "read /proc/self/pagemap", addr=addr)
-    return bytes(ffi.buffer(present, npages)), bytes(ffi.buffer(wp, npages))
 
 
 def raw_writeprotect_samples(memory: GuestMemory, rounds: int = 20) -> list[int]:
@@ -368,7 +351,7 @@ def raw_writeprotect_samples(memory: GuestMemory, rounds: int = 20) -> list[int]
     if supported_features() & uffd.FEATURES["WP_UNPOPULATED"]:
         feats |= uffd.FEATURES["WP_UNPOPULATED"]
     with open_uffd(feats) as (fd, _):
-        ioctls = ffi.new("uint64_t *")
+        ioctls = c_ffi.new("uint64_t *")
         check(lib.sp_uffd_register(fd, memory.addr, memory.size, uffd.REGISTER_MODE_WP, ioctls), "UFFDIO_REGISTER")
         samples = []
         for _ in range(rounds):
@@ -378,28 +361,3 @@ def raw_writeprotect_samples(memory: GuestMemory, rounds: int = 20) -> list[int]
             check(lib.sp_uffd_writeprotect(fd, memory.addr, memory.size, 0), "UFFDIO_WRITEPROTECT")
         check(lib.sp_uffd_unregister(fd, memory.addr, memory.size), "UFFDIO_UNREGISTER")
         return samples
-
-
-PAGE_IS_WRITTEN = 1 << 1
-PAGE_IS_PRESENT = 1 << 3
-
-
-def pagemap_scan(addr: int, size: int, category_mask: int, return_mask: int, flags: int = 0,
-                 max_regions: int = 4096) -> list[tuple[int, int, int]]:
-    """PAGEMAP_SCAN over [addr, addr + size): (start, end, categories) regions."""
-    vec = ffi.new("struct sp_page_region[]", max_regions)
-    walk_end = ffi.new("uint64_t *")
-    n = check(lib.sp_pagemap_scan(addr, addr + size, flags, category_mask, return_mask, vec, max_regions,
-                                  walk_end), "PAGEMAP_SCAN", start=addr, size=size)
-    return [(int(vec[i].start), int(vec[i].end), int(vec[i].categories)) for i in range(n)]
-
-
-def pagemap_scan_probe() -> None:
-    """Raise NativeError unless PAGEMAP_SCAN answers on a populated page of our own."""
-    from native.memory import GuestMemory
-
-    with GuestMemory.anonymous(PAGE_SIZE) as m:
-        m.populate()
-        regions = pagemap_scan(m.addr, PAGE_SIZE, PAGE_IS_PRESENT, PAGE_IS_PRESENT)
-        if regions != [(m.addr, m.addr + PAGE_SIZE, PAGE_IS_PRESENT)]:
-            raise NativeError("PAGEMAP_SCAN (unexpected answer)", 5, regions=str(regions))

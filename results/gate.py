@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from results.load import RecordError, benchmarks, dig, fact_values, host_label, incompleteness, phase
-from results.record import fmt_ns
+from results.record import MEASUREMENT_ERRORS, fmt_ns
 
 POLICY_SCHEMA = "snapproof-gate/1"
 
@@ -242,6 +242,12 @@ def evaluate(run: dict[str, Any], base: dict[str, Any] | None, policy: dict[str,
                        f"{left_out[0]['test']}: {left_out[0]['reason'].split(', not required', 1)[0]})")
         findings.append(Finding(p["outcome"] == "PASS", "phase",
                                 f"phase {number} {p['title']}: {p['outcome']}{detail}"))
+    # A figure past the host's own limit measured in the same run is a measurement error, never a record.
+    for p in run.get("phases", []):
+        for c in p.get("cases", []):
+            for e in c.get("facts", {}).get(MEASUREMENT_ERRORS, []):
+                findings.append(Finding(False, "figure", f"phase {p['phase']} [{c['test']}]: {e['figure']} = "
+                                        f"{e['value']} is a measurement error ({e['why']}): refused, not a record"))
     caps = {c["name"]: c for c in run.get("capabilities", [])}
     for name, allow in required_capabilities(klass).items():
         c = caps.get(name)

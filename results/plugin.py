@@ -181,6 +181,7 @@ class RunRecorder:
                 "argv": sys.argv[1:],
                 "strict_host": bool(self.config.getoption("strict_host")),
                 "inject": self.config.getoption("inject"),
+                "engine": self.engine_under_test(),
                 "git_commit": _git_commit(),
                 "policy": policy,
                 "background_load": describe_load(self.config),
@@ -191,6 +192,19 @@ class RunRecorder:
             "phases": [self.phases[n].to_dict() for n in sorted(self.phases)],
             "benchmarks": _benchmark_results(self.config),
         }
+
+    def engine_under_test(self) -> dict[str, Any] | None:
+        """The snapshot engine the run judged (``--engine``, else the built-in one): name, version, ABI version,
+        library and sha256; None on a host without engines (Windows)."""
+        if sys.platform == "win32":
+            return None
+        try:
+            from native.engine import builtin_engine, load_engine
+
+            path = self.config.getoption("engine", "")
+            return (load_engine(path) if path else builtin_engine()).describe()
+        except Exception as e:  # an engine that cannot be described must not lose the record
+            return {"error": str(e)}
 
     def completeness(self) -> dict[str, Any]:
         """``status`` (complete / incomplete / interrupted), the test counts, and the interruption if any."""
@@ -284,6 +298,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     record = run.record()
     if mode != "none":
         terminalreporter.section("snapproof phase reports")
+        if (engine := record["run"].get("engine")) and "name" in engine:
+            terminalreporter.write_line(f"engine under test: {engine['name']} {engine['version']} (ABI "
+                                        f"{engine['abi_version']}, {engine['library']}, sha256 {engine['sha256']})")
+            terminalreporter.write_line("")
         for phase in record["phases"]:
             terminalreporter.write_line(render_phase(phase, verbose=(mode == "full")))
             terminalreporter.write_line("")

@@ -40,10 +40,15 @@ class PhaseRun:
         return self.cases()[test].get("failure", "")
 
 
-def run_phase(module: str, *args: str, inject: str = "none", timeout: float = 300) -> PhaseRun:
+def run_phase(module: str, *args: str, inject: str = "none", timeout: float = 300, engine: str = "",
+              benchmarks: bool = False) -> PhaseRun:
+    """``phases/<module>`` (and any more paths in ``args``) in a child pytest with these switches, judging
+    ``engine`` (a library path, ``--engine``; the built-in engine when empty); benchmarks run all their rounds
+    only when asked (``benchmarks``)."""
     with tempfile.TemporaryDirectory(prefix="snapproof-selftest-") as tmp:
         cmd = [sys.executable, "-m", "pytest", f"phases/{module}", "-q", "-p", "no:randomly", "--reports", "none",
-               "--results-dir", tmp, "--inject", inject, "--benchmark-disable", *args]
+               "--results-dir", tmp, "--inject", inject, *([] if benchmarks else ["--benchmark-disable"]),
+               *(["--engine", engine] if engine else []), *args]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         records = sorted(Path(tmp).glob("*.yaml"))
         record = yaml.safe_load(records[-1].read_text()) if records else {}

@@ -20,6 +20,8 @@ def test_c_engine_switch_values_match_python():
     assert FaultInjection.HANDLER_DIES.value == lib.SP_INJECT_HANDLER_DIES
     assert FaultInjection.LAZY_UFFD_CLOSES_MID_RESTORE.value == lib.SP_INJECT_LAZY_UFFD_CLOSES_MID_RESTORE
     assert FaultInjection.LAZY_UFFD_UNGUARDED.value == lib.SP_INJECT_LAZY_UFFD_UNGUARDED
+    assert FaultInjection.UNPROTECT_DURING_CAPTURE.value == lib.SP_INJECT_UNPROTECT_DURING_CAPTURE
+    assert FaultInjection.WAKE_BEFORE_COPY.value == lib.SP_INJECT_WAKE_BEFORE_COPY
     in_c = [m for m in FaultInjection if m.value & C_SWITCHES]
     assert len(in_c) == 5, f"a new C-level switch needs a line above: {in_c}"
 

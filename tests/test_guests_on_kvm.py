@@ -355,3 +355,28 @@ def test_cpustate32_on_two_vcpus_ends_as_the_model(make_memory, make_cpustate32_
         assert block == want, f"vCPU {i} block: {describe_difference(want, block, cpustate.block_gpa(i))}"
         eip = vcpu.regs()["eip"]
         assert eip == cpustate.halt_eip(), f"vCPU {i}: EIP {eip:#x}, expected {cpustate.halt_eip():#x}"
+
+
+def test_storm32_registers_say_which_instant_it_stands_at(make_memory, make_vm) -> None:
+    """Stopped anywhere (a run's deadline, each sweep's sync, the halt), storm32's EIP, EBP and ECX name the instant
+    its region holds: the instant oracle's ``at`` is read off the vCPU, as a snapshot's saved state gives it."""
+    p = StormParams.from_seed(23, npages=64, generations=40)
+    mem, _, (vcpu,) = boot(make_memory, make_vm, storm.GUEST, [p.pack()], p.region_size)
+    seen: set[int] = set()
+    stops = 0
+    while True:
+        # A deadline far shorter than the run: the vCPU stops wherever it is, mid-page or between sweeps.
+        ex = vcpu.run(timeout=0.0002, stop_on_sync=True)
+        regs = vcpu.regs()
+        eip = regs["eip"]
+        t = storm.instant_of_registers(p, eip, regs["ebp"], regs["ecx"])
+        v = storm.check_instant(p, mem.read(p.region_gpa, p.region_size), at=t)
+        assert v.ok, f"stop {stops} at EIP {eip:#x} ({ex.describe()}): registers say {storm.describe_instant(p, t)}; " \
+                     f"{v.message}"
+        seen.add(eip)
+        stops += 1
+        if ex.reason.name == "HLT":
+            break
+        assert ex.reason.name in ("TIMEOUT", "SYNC"), f"stop {stops}: {ex.describe()}"
+    assert t == p.total_writes and stops > p.generations, f"{stops} stops, last at {storm.describe_instant(p, t)}"
+    print(f"{stops} stops at {len(seen)} distinct EIPs, each the instant the region holds")

@@ -1,13 +1,15 @@
 """Phase 2 can fail: each engine switch that reproduces a real bug makes the live snapshot phase FAIL.
 
-Races may need several attempts: each is bounded, and how often the phase caught the bug is printed
-and recorded as a JUnit property.
+On the running storm guest a race may need several attempts: each is bounded, and how often the phase
+caught the bug is printed and recorded as a JUnit property. The races lined up on one page by the
+engine's named points need one: the window the switch opens fails every time.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from native.races import Window
 from tests.phase_runner import run_phase
 
 PHASE2 = "test_phase2_live_consistency.py"
@@ -51,3 +53,38 @@ def test_phase2_catches_the_bug(inject, test, record_property):
     """The oracles catch each bug within a bounded number of attempts."""
     attempt = _caught(test, inject, record_property)
     assert attempt, f"{inject}: phase 2 passed {ATTEMPTS} times in a row with the bug switched on"
+
+
+# -- the races lined up on one page: one run, no retries ---------------------------------------------------------
+
+RACE = "test_a_race_lined_up_on_one_page_leaves_the_snapshot_at_the_arm_instant[{}-{}]"
+WRITERS = ("host-write", "guest-write")
+
+
+def test_phase2_races_pass_without_injection():
+    """The control: every lined-up race, with a host thread's write and with the guest's store, passes with the
+    built-in engine as it is."""
+    run = run_phase(PHASE2, "-k", "race_lined")
+    assert run.returncode == 0, run.output[-3000:]
+    for window in Window:
+        for writer in WRITERS:
+            case = RACE.format(window.value, writer)
+            assert run.outcome(case) == "passed", run.failure(case)
+
+
+@pytest.mark.parametrize(("inject", "window"), [
+    ("single-flag-race", Window.WRITE_DURING_BULK_COPY),
+    ("unprotect-during-capture", Window.BULK_DURING_FAULT_CAPTURE),
+    ("wake-before-copy", Window.WRITE_DURING_FAULT_CAPTURE),
+], ids=["single-flag-race", "unprotect-during-capture", "wake-before-copy"])
+def test_each_race_window_fails_its_engine_bug_on_the_first_run(inject, window):
+    """The engine misbehaving inside the window fails the lined-up race on its only run, with a host thread's write
+    and with the guest's store alike, naming the bug; the write that landed too early is what the snapshot holds."""
+    run = run_phase(PHASE2, "-k", f"race_lined and {window.value}", inject=inject)
+    for writer, early in zip(WRITERS, (("0x000000a1", "0x000000b2"), ("0x00000042",)), strict=True):
+        case = RACE.format(window.value, writer)
+        assert run.outcome(case) == "failed", f"{inject}: the {window.value} race passed: {run.output[-2000:]}"
+        failure = run.failure(case)
+        assert "[stage 4] snapshot vs memory at the arm" in failure and window.bug in failure, failure
+        assert any(f"saw {value}" in failure for value in early), f"not the racing write: {failure}"
+        print(f"{inject}, {writer}: {failure}")

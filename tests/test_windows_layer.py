@@ -304,9 +304,10 @@ def test_windows_builder_parses_and_compiles_only_the_extension_sources(tmp_path
 
 # The Linux backend (docs/CONTRACTS.md), plus the stdlib modules Windows lacks.
 LINUX_ONLY = ["fcntl", "resource", "termios", "native._linux", "native._lib", "native.kvm", "native.wp",
-              "native.memory", "native.live"]
+              "native.memory", "native.live", "native.engine", "native.points", "native.pagemap"]
 SHARED_MODULES = ["native", "native.errors", "native.build", "native.image", "native.whp", "native._windows_build",
-                  "native.host", "guests", "guests.storm", "guests.counter", "results.hostpolicy"]
+                  "native.host", "native.uffd", "native.compare", "guests", "guests.storm", "guests.counter",
+                  "results.hostpolicy"]
 
 _IMPORT_GUARD = r"""
 import builtins, importlib, os, sys

@@ -155,8 +155,23 @@ enum sp_inject {
      * handler stops serving and closes the loader's userfaultfd, as a handler process that dies does. */
     SP_INJECT_LAZY_UFFD_CLOSES_MID_RESTORE = 8,
     /* The lazy loader fails open: it never fences missing pages (and native/restore.py never names its death). */
-    SP_INJECT_LAZY_UFFD_UNGUARDED = 16
+    SP_INJECT_LAZY_UFFD_UNGUARDED = 16,
+    /* The copier un-protects its batch without waiting for a page the handler is still capturing. */
+    SP_INJECT_UNPROTECT_DURING_CAPTURE = 64,
+    /* The handler un-protects the faulting page, waking the writer, before its copy of the page ends. */
+    SP_INJECT_WAKE_BEFORE_COPY = 128
 };
+
+/* Named points (native/snapproof_engine.h, enum spe_point: the same values): the engine calls the
+ * hook set by sp_wp_set_points() at each, so a test can hold one of its threads at one page. */
+enum sp_point {
+    SP_POINT_FAULT_CAPTURE = 1,  /* handler: page claimed for capture, not yet copied */
+    SP_POINT_FAULT_WAIT = 2,     /* handler: page being copied by the copier; about to wait for it */
+    SP_POINT_BULK_CAPTURE = 3,   /* copier: pages claimed, not yet copied */
+    SP_POINT_BULK_WAIT = 4,      /* copier: a page of its batch mid-capture by the handler; about to wait */
+    SP_POINT_BULK_UNPROTECT = 5  /* copier: about to un-protect a range */
+};
+typedef void (*sp_point_fn)(void *ctx, uint32_t point, uint64_t first_page, uint64_t npages);
 
 #define SP_HIST_BUCKETS 1024
 #define SP_FAULT_LOG 64
@@ -195,6 +210,8 @@ struct sp_wp;
 int sp_wp_create(uint64_t mem, uint64_t size, uint64_t page_size, uint64_t features, uint32_t inject,
                  uint64_t race_window_ns, int handler_cpu, struct sp_wp **out, uint64_t *supported);
 int sp_wp_set_destination(struct sp_wp *w, uint64_t dst);
+/* The named points' hook (NULL: none); set before the arm. */
+int sp_wp_set_points(struct sp_wp *w, sp_point_fn fn, void *ctx);
 int sp_wp_arm(struct sp_wp *w);
 int sp_wp_rearm_range(struct sp_wp *w, uint64_t first_page, uint64_t npages);
 int sp_wp_disarm(struct sp_wp *w);
@@ -205,6 +222,26 @@ int sp_wp_release(struct sp_wp *w, int64_t timeout_ns);
 void sp_wp_destroy(struct sp_wp *w);
 void sp_wp_get_stats(struct sp_wp *w, struct sp_wp_stats *out);
 int sp_wp_uffd(struct sp_wp *w);
+
+/* ---- named points held by a test (slow_points.c) ------------------ */
+/* The suite's side of the engines' named points: sp_points_hook is the spe_point_fn an engine gets
+ * (ctx: a struct sp_points). A test watches (point, page): the first call of that point whose pages
+ * include the page marks it reached; with `hold` the calling engine thread then blocks there until
+ * the test releases it, or hold_max_ns passed (then it is marked expired and goes on), or the points
+ * are disabled. Every call is counted per point. */
+struct sp_points;
+enum sp_points_state { SP_POINTS_REACHED = 1, SP_POINTS_RELEASED = 2, SP_POINTS_EXPIRED = 4, SP_POINTS_HELD = 8 };
+int sp_points_create(int64_t hold_max_ns, struct sp_points **out);
+/* A watch on (point, page); returns its slot, or -ENOSPC when every slot is taken. */
+int sp_points_watch(struct sp_points *p, uint32_t point, uint64_t page, int hold);
+/* The slot's enum sp_points_state bits. */
+int sp_points_state(struct sp_points *p, int slot);
+int sp_points_release(struct sp_points *p, int slot);
+/* Release every hold and ignore every call from now on: nothing blocks any more. */
+void sp_points_disable(struct sp_points *p);
+uint64_t sp_points_calls(struct sp_points *p, uint32_t point);
+void sp_points_destroy(struct sp_points *p);
+void sp_points_hook(void *ctx, uint32_t point, uint64_t first_page, uint64_t npages);
 
 /* ---- memory helpers ------------------------------------------------ */
 int sp_memcpy_timed(uint64_t dst, uint64_t src, uint64_t len, uint32_t rounds, uint64_t *best_ns);

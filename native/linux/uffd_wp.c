@@ -186,7 +186,16 @@ struct sp_wp {
     int died;       /* the handler exited unasked: the snapshot is void (EOWNERDEAD from here on) */
     pthread_t thread;
     struct sp_wp_stats stats;
+    sp_point_fn point; /* the named points' hook, or NULL */
+    void *point_ctx;
 };
+
+/* A named point (enum sp_point): a test may hold this thread here, at this page, to line a race up. */
+static inline void at_point(struct sp_wp *w, uint32_t point, uint64_t first_page, uint64_t npages)
+{
+    if (w->point)
+        w->point(w->point_ctx, point, first_page, npages);
+}
 
 /* The snapshot is void once the handler died: writes it never served have landed uncaptured. */
 static int refuse_if_dead(struct sp_wp *w, const char *op)
@@ -221,16 +230,19 @@ static int capture_for_fault(struct sp_wp *w, uint64_t page)
         /* The bug: one flag, and "set" means "someone will copy it", not "copied". */
         if (__atomic_exchange_n(st, SP_PAGE_CAPTURED, __ATOMIC_ACQ_REL) == SP_PAGE_CAPTURED)
             return 0;
+        at_point(w, SP_POINT_FAULT_CAPTURE, page, 1);
         copy_page(w, page);
         return 1;
     }
     uint8_t expect = SP_PAGE_CLEAN;
     if (__atomic_compare_exchange_n(st, &expect, SP_PAGE_COPYING, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        at_point(w, SP_POINT_FAULT_CAPTURE, page, 1);
         copy_page(w, page);
         __atomic_store_n(st, SP_PAGE_CAPTURED, __ATOMIC_RELEASE);
         return 1;
     }
     if (expect == SP_PAGE_COPYING) {
+        at_point(w, SP_POINT_FAULT_WAIT, page, 1);
         w->stats.waited_on_copier++;
         while (__atomic_load_n(st, __ATOMIC_ACQUIRE) != SP_PAGE_CAPTURED)
             cpu_relax();
@@ -275,6 +287,12 @@ static int serve(struct sp_wp *w, const struct uffd_msg *msg)
     }
     uint64_t page = (addr - base) / w->page;
     int copied = 0;
+    if (w->inject & SP_INJECT_WAKE_BEFORE_COPY) {
+        /* The bug: the page is writable and its writer woken before the copy below has read it. */
+        int r = sp_uffd_writeprotect(w->uffd, addr, w->page, 0);
+        if (r < 0)
+            return r;
+    }
     if (msg->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)
         copied = capture_for_fault(w, page);
     /* Un-protect without waking, record, then wake: whoever the write unblocks sees
@@ -379,7 +397,7 @@ int sp_wp_create(uint64_t mem, uint64_t size, uint64_t page_size, uint64_t featu
     w->race_window_ns = race_window_ns;
     w->handler_cpu = handler_cpu;
     int r, via_devnode;
-    uint64_t ioctls;
+    uint64_t ioctls = 0;
     w->state = calloc(w->npages, 1);
     if (!w->state) {
         errno = ENOMEM;
@@ -421,6 +439,13 @@ fail:
 int sp_wp_set_destination(struct sp_wp *w, uint64_t dst)
 {
     w->dst = (uint8_t *)(uintptr_t)dst;
+    return 0;
+}
+
+int sp_wp_set_points(struct sp_wp *w, sp_point_fn fn, void *ctx)
+{
+    w->point_ctx = ctx;
+    w->point = fn;
     return 0;
 }
 
@@ -499,6 +524,7 @@ int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, u
             for (uint64_t i = 0; i < nmine; i++) {
                 if (w->race_window_ns)
                     sleep_ns(w->race_window_ns);
+                at_point(w, SP_POINT_BULK_CAPTURE, mine[i], 1);
                 copy_page(w, mine[i]);
             }
             copied += (int64_t)nmine;
@@ -519,21 +545,27 @@ int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, u
                     p++; /* captured already, or the handler is copying it */
                     continue;
                 }
+                at_point(w, SP_POINT_BULK_CAPTURE, p, run);
                 memcpy(w->dst + p * w->page, w->mem + p * w->page, run * w->page);
                 for (uint64_t q = p; q < p + run; q++)
                     __atomic_store_n(&w->state[q], SP_PAGE_CAPTURED, __ATOMIC_RELEASE);
                 copied += (int64_t)run;
                 p += run;
             }
-            /* A page the handler is copying must be captured before the batch is un-protected. */
-            for (uint64_t p = b; p < bend; p++)
+            /* A page the handler is copying must be captured before the batch is un-protected
+             * (SP_INJECT_UNPROTECT_DURING_CAPTURE leaves it out: the bug). */
+            for (uint64_t p = b; p < bend && !(w->inject & SP_INJECT_UNPROTECT_DURING_CAPTURE); p++) {
+                if (__atomic_load_n(&w->state[p], __ATOMIC_ACQUIRE) == SP_PAGE_COPYING)
+                    at_point(w, SP_POINT_BULK_WAIT, p, 1);
                 while (__atomic_load_n(&w->state[p], __ATOMIC_ACQUIRE) == SP_PAGE_COPYING) {
                     if (refuse_if_dead(w, "sp_wp_bulk_copy(fault handler died mid-copy)") < 0)
                         return -EOWNERDEAD; /* its page stays COPYING forever */
                     cpu_relax();
                 }
+            }
         }
         /* Captured pages need no protection: un-protecting them now spares the guest a fault each. */
+        at_point(w, SP_POINT_BULK_UNPROTECT, b, bend - b);
         if (sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + b * w->page), (bend - b) * w->page, 0) < 0)
             return -errno;
     }

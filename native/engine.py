@@ -1,0 +1,146 @@
+"""Snapshot engines: shared libraries implementing the engine ABI (native/snapproof_engine.h), loaded by dlopen.
+
+``load_engine(path)`` opens a library, checks the ABI version it implements before calling anything
+else, checks it exports every function of the ABI, and says what it is (``Engine``: name, version, ABI
+version, the library's sha256). ``builtin_engine()`` is snapproof's own engine, built by ``python3 -m
+native.build`` into native/engines/ and loaded exactly the same way; ``repo_engine(name)`` is any engine
+of native/_engines_build.py. native.wp.WpSnapshot drives whichever it is given; ``pytest --engine PATH``
+makes one the engine under test. Linux only.
+"""
+
+from __future__ import annotations
+
+import sys
+
+if sys.platform == "win32":
+    raise ImportError("native.engine loads Linux snapshot engines (userfaultfd): Linux only")
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from cffi import FFI
+
+ABI_HEADER = Path(__file__).resolve().parent / "snapproof_engine.h"
+# Every function of ABI version 1, in the header's order: an engine exports them all.
+ENGINE_FUNCTIONS = ("spe_abi_version", "spe_engine_name", "spe_engine_version", "spe_create", "spe_arm", "spe_disarm",
+                    "spe_rearm", "spe_bulk_copy", "spe_finalize", "spe_release", "spe_get_stats", "spe_close",
+                    "spe_last_error")
+
+
+def _cdef_text() -> str:
+    text = ABI_HEADER.read_text()
+    return text.split("/* CDEF-BEGIN */", 1)[1].split("/* CDEF-END */", 1)[0]
+
+
+# ABI mode: the header is the declaration, the library any engine's. One FFI for every engine: the structs
+# are the ABI's, the same for all.
+ffi = FFI()
+ffi.cdef(_cdef_text())
+# The C namespace of the process: the header's constants, before any engine is loaded.
+ABI_VERSION: int = ffi.dlopen(None).SPE_ABI_VERSION
+
+
+class EngineError(Exception):
+    """An engine library that cannot be judged: missing, not loadable, another ABI version, a function short."""
+
+
+class Engine:
+    """One loaded engine library and what it says it is."""
+
+    def __init__(self, path: Path, lib: Any, sha256: str) -> None:
+        self.path = path
+        self.lib = lib
+        self.sha256 = sha256
+        self.abi_version = int(lib.spe_abi_version())
+        self.name = _text(lib.spe_engine_name())
+        self.version = _text(lib.spe_engine_version())
+
+    @property
+    def builtin(self) -> bool:
+        return self.path == engine_path("builtin").resolve()
+
+    def last_error(self) -> str:
+        """The engine's message for the last failure on this thread ("" if it set none)."""
+        return _text(self.lib.spe_last_error())
+
+    def label(self) -> str:
+        """``naive 0.1 (libsnapproof-naive.so, sha256 1a2b3c4d5e6f)``: what reports call it."""
+        return f"{self.name} {self.version} ({self.path.name}, sha256 {self.sha256[:12]})"
+
+    def describe(self) -> dict[str, Any]:
+        """The run record's ``engine``: name, version, ABI version, the library and its sha256."""
+        return {"name": self.name, "version": self.version, "abi_version": self.abi_version,
+                "library": str(self.path), "sha256": self.sha256, "builtin": self.builtin}
+
+    def __repr__(self) -> str:
+        return f"Engine({self.label()})"
+
+
+def _text(p: Any) -> str:
+    return "" if p == ffi.NULL else ffi.string(p).decode(errors="replace")
+
+
+_loaded: dict[tuple[Path, str], Engine] = {}
+
+
+def load_engine(path: str | os.PathLike[str]) -> Engine:
+    """Open the engine library at ``path``; EngineError naming what is wrong with it."""
+    p = Path(path).expanduser().resolve()
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise EngineError(f"engine library {path}: cannot read it: {e.strerror}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if (hit := _loaded.get((p, digest))) is not None:
+        return hit
+    try:
+        lib = ffi.dlopen(str(p))
+    except OSError as e:
+        raise EngineError(f"engine library {p}: dlopen failed: {e}") from None
+    missing = [name for name in ENGINE_FUNCTIONS if not _exports(lib, name)]
+    if "spe_abi_version" in missing:
+        raise EngineError(f"engine library {p} does not export spe_abi_version: not a snapproof engine "
+                          f"(native/snapproof_engine.h, ABI {ABI_VERSION})")
+    abi = int(lib.spe_abi_version())
+    if abi != ABI_VERSION:
+        raise EngineError(f"engine library {p} implements engine ABI {abi}; this suite speaks ABI {ABI_VERSION} "
+                          f"(native/snapproof_engine.h): build the engine against this header")
+    if missing:
+        raise EngineError(f"engine library {p} (ABI {abi}) does not export {', '.join(missing)}: every function "
+                          "of native/snapproof_engine.h is part of the ABI")
+    engine = Engine(p, lib, digest)
+    _loaded[(p, digest)] = engine
+    return engine
+
+
+def _exports(lib: Any, name: str) -> bool:
+    try:
+        getattr(lib, name)
+    except AttributeError:  # cffi: "function/symbol 'x' not found in library"
+        return False
+    return True
+
+
+def engine_path(name: str) -> Path:
+    """Where ``python3 -m native.build`` puts the repository's engine ``name`` (native/_engines_build.py)."""
+    from native._engines_build import ENGINES
+
+    try:
+        return ENGINES[name].output
+    except KeyError:
+        raise EngineError(f"no engine {name!r} in this repository (engines: {', '.join(ENGINES)})") from None
+
+
+def repo_engine(name: str) -> Engine:
+    """The repository's engine ``name``, built first when it is missing or stale."""
+    from native.build import ensure_built
+
+    ensure_built()
+    return load_engine(engine_path(name))
+
+
+def builtin_engine() -> Engine:
+    """snapproof's own engine (native/engines/builtin.c over native/linux/uffd_wp.c)."""
+    return repo_engine("builtin")
