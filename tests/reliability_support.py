@@ -203,13 +203,13 @@ class UnservedMissing:
     def __init__(self, memory: Any) -> None:
         from native import uffd
         from native._lib import check, ffi, lib
-        from native.wp import _uffd_open_error
+        from native.uffd import uffd_open_error
 
         self.memory = memory
         via = ffi.new("int *")
         fd = lib.sp_uffd_open(via)
         if fd < 0:
-            raise _uffd_open_error(-fd)
+            raise uffd_open_error(-fd)
         self.fd: int | None = fd
         try:
             sup = ffi.new("uint64_t *")
