@@ -136,12 +136,12 @@ def host_settings() -> dict[str, str]:
 # -- a userfaultfd that nobody serves -------------------------------------------------------------
 
 
-class UnservedWp:
-    """``memory`` registered and write-protected on a raw uffd that no handler reads: every write to it
-    waits in the kernel until the page is un-protected or the uffd is released. ``close()`` is idempotent."""
+class _UnservedUffd:
+    """``memory`` registered on a raw uffd that no handler reads (``mode``, with ``features`` asked for): a
+    fault raised there waits in the kernel until someone resolves it, wakes it, or the uffd is released.
+    ``close()`` is idempotent."""
 
-    def __init__(self, memory: Any) -> None:
-        from native import uffd
+    def __init__(self, memory: Any, features: int, mode: int) -> None:
         from native._lib import check, ffi, lib
         from native.uffd import uffd_open_error
 
@@ -154,12 +154,9 @@ class UnservedWp:
         try:
             sup = ffi.new("uint64_t *")
             ioctls = ffi.new("uint64_t *")
-            feats = uffd.mask_of("PAGEFAULT_FLAG_WP", "WP_HUGETLBFS_SHMEM", "THREAD_ID")
-            check(lib.sp_uffd_api(fd, feats, sup, ioctls), "UFFDIO_API", features=feats)
-            check(lib.sp_uffd_register(fd, memory.addr, memory.size, uffd.REGISTER_MODE_WP, ioctls),
+            check(lib.sp_uffd_api(fd, features, sup, ioctls), "UFFDIO_API", features=features)
+            check(lib.sp_uffd_register(fd, memory.addr, memory.size, mode, ioctls),
                   "UFFDIO_REGISTER", start=memory.addr, len=memory.size)
-            check(lib.sp_uffd_writeprotect(fd, memory.addr, memory.size, 1), "UFFDIO_WRITEPROTECT",
-                  start=memory.addr, len=memory.size)
         except BaseException:
             self.close()
             raise
@@ -168,6 +165,36 @@ class UnservedWp:
         """True once a fault message waits to be read (nobody reads it), within ``timeout``."""
         assert self.fd is not None, "uffd already closed"
         return bool(select.select([self.fd], [], [], timeout)[0])
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class UnservedWp(_UnservedUffd):
+    """``memory`` write-protected on a uffd nobody serves: every write to it waits in the kernel until the
+    page is un-protected or the uffd is released."""
+
+    def __init__(self, memory: Any) -> None:
+        from native import uffd
+        from native._lib import check, lib
+
+        super().__init__(memory, uffd.mask_of("PAGEFAULT_FLAG_WP", "WP_HUGETLBFS_SHMEM", "THREAD_ID"),
+                         uffd.REGISTER_MODE_WP)
+        assert self.fd is not None
+        try:
+            check(lib.sp_uffd_writeprotect(self.fd, memory.addr, memory.size, 1), "UFFDIO_WRITEPROTECT",
+                  start=memory.addr, len=memory.size)
+        except BaseException:
+            self.close()
+            raise
 
     def unprotect(self) -> None:
         """Clear WP on the whole region; without DONTWAKE this wakes every thread waiting on it."""
@@ -177,55 +204,22 @@ class UnservedWp:
         check(lib.sp_uffd_writeprotect(self.fd, self.memory.addr, self.memory.size, 0), "UFFDIO_WRITEPROTECT")
 
     def wp_pages(self) -> int:
-        from native.wp import read_pagemap
+        from native.pagemap import read_pagemap
 
         return sum(read_pagemap(self.memory.addr, self.memory.size // 4096)[1])
 
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
-    def __enter__(self) -> UnservedWp:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class UnservedMissing:
-    """``memory`` registered MISSING on a raw uffd that no handler reads: a first touch of a page not yet
-    there waits in the kernel until someone installs it, wakes it, or the uffd is released.
-    ``close()`` is idempotent."""
+class UnservedMissing(_UnservedUffd):
+    """``memory`` registered MISSING on a uffd nobody serves: a first touch of a page not yet there waits in
+    the kernel until someone installs it, wakes it, or the uffd is released."""
 
     UFFDIO_WAKE = 0x8010AA02  # _IOR(0xAA, 0x02, struct uffdio_range)
 
     def __init__(self, memory: Any) -> None:
         from native import uffd
-        from native._lib import check, ffi, lib
-        from native.uffd import uffd_open_error
 
-        self.memory = memory
-        via = ffi.new("int *")
-        fd = lib.sp_uffd_open(via)
-        if fd < 0:
-            raise uffd_open_error(-fd)
-        self.fd: int | None = fd
-        try:
-            sup = ffi.new("uint64_t *")
-            ioctls = ffi.new("uint64_t *")
-            feats = uffd.mask_of("MISSING_SHMEM") if memory.backing == "memfd" else 0
-            check(lib.sp_uffd_api(fd, feats, sup, ioctls), "UFFDIO_API", features=feats)
-            check(lib.sp_uffd_register(fd, memory.addr, memory.size, uffd.REGISTER_MODE_MISSING, ioctls),
-                  "UFFDIO_REGISTER", start=memory.addr, len=memory.size)
-        except BaseException:
-            self.close()
-            raise
-
-    def fault_pending(self, timeout: float) -> bool:
-        """True once a fault message waits to be read (nobody reads it), within ``timeout``."""
-        assert self.fd is not None, "uffd already closed"
-        return bool(select.select([self.fd], [], [], timeout)[0])
+        super().__init__(memory, uffd.mask_of("MISSING_SHMEM") if memory.backing == "memfd" else 0,
+                         uffd.REGISTER_MODE_MISSING)
 
     def fence(self, offset: int, size: int) -> None:
         """mprotect(PROT_NONE) of [offset, offset + size) of the memory: what the lazy loader does to the
@@ -242,17 +236,6 @@ class UnservedMissing:
 
         assert self.fd is not None, "uffd already closed"
         fcntl.ioctl(self.fd, self.UFFDIO_WAKE, struct.pack("QQ", self.memory.addr, self.memory.size))
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> UnservedMissing:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # -- work on threads of their own -----------------------------------------------------------------
