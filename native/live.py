@@ -171,6 +171,17 @@ class LiveSnapshot:
         return self.pause_ns + self.bulk_ns + self.finalize_ns
 
 
+def _wait_for_faults(runner: VcpuRunner, snap: WpSnapshot, faults: int, timeout: float) -> None:
+    """Until the running guest has taken ``faults`` WP faults, it finished, or ``timeout`` passed."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not runner.finished:
+        s = snap.stats()
+        # A dead handler serves no more faults: go on, and bulk_copy raises HandlerDied naming it.
+        if s.faults >= faults or s.handler_died:
+            return
+        time.sleep(0.0002)
+
+
 def take_live_snapshot(runner: VcpuRunner, snap: WpSnapshot, reference: object | None = None,
                        batch: int = BULK_BATCH, timeout: float = 10.0, overlap_faults: int = 0) -> LiveSnapshot:
     """Pause, (reference copy,) arm, resume, bulk copy while the vCPUs run, finalize.
@@ -188,6 +199,10 @@ def take_live_snapshot(runner: VcpuRunner, snap: WpSnapshot, reference: object |
     stop_ns = runner.pause(timeout) if paused else 0
     states = [v.save_state() for v in runner.vcpus] if paused else []
     arm_ns = snap.arm()
+    if not paused:
+        # The bug's window held open on purpose: a running guest may write between the arm and the reference
+        # read at any speed, so wait (bounded) until it has, and the bug shows on every run, loaded or not.
+        _wait_for_faults(runner, snap, 1, timeout)
     if reference is not None:
         # After the arm, never before: reading a never-populated page maps the zero page into it, and
         # an arm after that would protect a page the engine itself might have skipped.
@@ -196,13 +211,7 @@ def take_live_snapshot(runner: VcpuRunner, snap: WpSnapshot, reference: object |
         runner.resume()
     pause_ns = clock() - t0 - reference_ns if paused else 0
     if overlap_faults:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and not runner.finished:
-            s = snap.stats()
-            # A dead handler serves no more faults: go on, and bulk_copy raises HandlerDied naming it.
-            if s.faults >= overlap_faults or s.handler_died:
-                break
-            time.sleep(0.0002)
+        _wait_for_faults(runner, snap, overlap_faults, timeout)
     t1 = clock()
     snap.bulk_copy(batch=batch)
     t2 = clock()
