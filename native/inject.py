@@ -17,6 +17,10 @@ class FaultInjection(enum.Flag):
     NO_COPY_BEFORE_WRITE = 1 << 0   # a fault un-protects without capturing the page
     SINGLE_FLAG_RACE = 1 << 1       # forkd's one "captured" flag, set before the copy
     HANDLER_DIES = 1 << 2           # the fault handler thread exits at its first fault
+    # Performance regressions: every snapshot stays right, so the phases pass; the release gate must fail them.
+    UNPROTECT_PER_PAGE = 1 << 3     # the bulk copier un-protects page by page, not a batch per ioctl
+    EXTRA_COPY_PER_FAULT = 1 << 4   # a fault stages its page through a freshly mapped bounce page
+    ARM_PER_PAGE = 1 << 5           # the arm protects page by page, one ioctl each
     SKIP_UNPOPULATED = 1 << 8       # arm without WP_UNPOPULATED and without pre-populating: holes go unprotected
     ARM_WHILE_RUNNING = 1 << 9      # the live protocol arms without pausing the vCPUs
     DROP_VCPU_STATE = 1 << 10       # the snapshot file is written without its vCPU state
@@ -33,6 +37,9 @@ class FaultInjection(enum.Flag):
 
 # The switches implemented inside the C engine (SP_INJECT_*).
 C_SWITCHES = 0xFF
+
+# The switches that only make the engine slower (the gate's teeth are measured with them: results/ab.py).
+PERFORMANCE = FaultInjection.UNPROTECT_PER_PAGE | FaultInjection.EXTRA_COPY_PER_FAULT | FaultInjection.ARM_PER_PAGE
 
 # The part of a vCPU's state each DROP_* switch makes the restore skip.
 DROPPED_PART = {

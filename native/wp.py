@@ -84,6 +84,8 @@ class WpStats:
 
 
 _SHMEM_BACKINGS = {"memfd", "hugetlb"}
+# Pages the bulk copier copies, then un-protects with one ioctl (the C engine's SP_BULK_BATCH; a self-test pins it).
+BULK_BATCH = 512
 _probe_cache: int | None = None
 
 
@@ -220,7 +222,7 @@ class WpSnapshot:
         check(lib.sp_wp_disarm(self.handle), "disarm WP")
         self.armed = False
 
-    def bulk_copy(self, first_page: int = 0, npages: int | None = None, batch: int = 512) -> int:
+    def bulk_copy(self, first_page: int = 0, npages: int | None = None, batch: int = BULK_BATCH) -> int:
         """Capture every page still CLEAN in the range; returns how many this call copied."""
         n = self.npages - first_page if npages is None else npages
         return self._check(lib.sp_wp_bulk_copy(self.handle, first_page, n, batch), "bulk copy",

@@ -18,8 +18,23 @@ def test_c_engine_switch_values_match_python():
     assert FaultInjection.NO_COPY_BEFORE_WRITE.value == lib.SP_INJECT_NO_COPY_BEFORE_WRITE
     assert FaultInjection.SINGLE_FLAG_RACE.value == lib.SP_INJECT_SINGLE_FLAG_RACE
     assert FaultInjection.HANDLER_DIES.value == lib.SP_INJECT_HANDLER_DIES
+    assert FaultInjection.UNPROTECT_PER_PAGE.value == lib.SP_INJECT_UNPROTECT_PER_PAGE
+    assert FaultInjection.EXTRA_COPY_PER_FAULT.value == lib.SP_INJECT_EXTRA_COPY_PER_FAULT
+    assert FaultInjection.ARM_PER_PAGE.value == lib.SP_INJECT_ARM_PER_PAGE
     in_c = [m for m in FaultInjection if m.value & C_SWITCHES]
-    assert len(in_c) == 3, f"a new C-level switch needs a line above: {in_c}"
+    assert len(in_c) == 6, f"a new C-level switch needs a line above: {in_c}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the C engine is the Linux backend")
+def test_bulk_batch_is_one_constant_in_c_and_python():
+    """The bulk copier's batch (pages per un-protect) is SP_BULK_BATCH, and Python's default is that constant."""
+    import inspect
+
+    from native._lib import lib
+    from native.wp import BULK_BATCH, WpSnapshot
+
+    assert BULK_BATCH == lib.SP_BULK_BATCH == 512
+    assert inspect.signature(WpSnapshot.bulk_copy).parameters["batch"].default == BULK_BATCH
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the C layer is the Linux backend")

@@ -139,8 +139,15 @@ enum sp_page_state { SP_PAGE_CLEAN = 0, SP_PAGE_COPYING = 1, SP_PAGE_CAPTURED = 
 enum sp_inject {
     SP_INJECT_NO_COPY_BEFORE_WRITE = 1, /* a fault un-protects without capturing the page */
     SP_INJECT_SINGLE_FLAG_RACE = 2,     /* forkd's bug: "captured" is set before the copy */
-    SP_INJECT_HANDLER_DIES = 4          /* the handler thread exits at its first fault */
+    SP_INJECT_HANDLER_DIES = 4,         /* the handler thread exits at its first fault */
+    /* Performance regressions (the snapshot stays right, only slower): the gate must catch them. */
+    SP_INJECT_UNPROTECT_PER_PAGE = 8,   /* the bulk copier un-protects page by page, not a batch per ioctl */
+    SP_INJECT_EXTRA_COPY_PER_FAULT = 16, /* a fault stages its page through a freshly mapped bounce page */
+    SP_INJECT_ARM_PER_PAGE = 32         /* the arm protects page by page, one ioctl each */
 };
+
+/* Pages the bulk copier copies and then un-protects with one UFFDIO_WRITEPROTECT (2 MiB of 4 KiB pages). */
+#define SP_BULK_BATCH 512
 
 #define SP_HIST_BUCKETS 1024
 #define SP_FAULT_LOG 64
