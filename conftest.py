@@ -1,18 +1,15 @@
-"""snapproof's pytest plugin: options, host capabilities, VM fixtures, PASS reports and run records.
+"""snapproof's fixtures: options, host capabilities, guest memory, VMs, WP engines and running guests.
 
 Fixtures are layered by lifecycle, after Firecracker: ``make_memory`` and
-``make_vm`` are factories that own cleanup; ``report`` is the running test's
-case report. A missing host capability skips with the exact reason from
-``native.host`` (``--strict-host`` turns it into a failure).
+``make_vm`` are factories that own cleanup. A missing host capability skips
+with the exact reason from ``native.host`` (``--strict-host`` turns it into a
+failure). The case reports and the run record (``report``, ``--results-dir``,
+``--results-file``) are the plugin results/plugin.py.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import os
 import re
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -20,11 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-
-from results.record import SCHEMA, CaseReport, PhaseReport, render_phase
 
 ROOT = Path(__file__).resolve().parent
+pytest_plugins = ("results.plugin",)
 _SIZE_RE = re.compile(r"^(\d+)([KMG]?)(i?B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -47,18 +42,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--sizes", default="", metavar="LIST",
                 help="extra guest memory sizes for the sized phases, e.g. 1G,4G (default: the phase's own)")
     g.addoption("--inject", default="none", metavar="SWITCH[,SWITCH]",
-                help="engine fault-injection switches (see native.wp.FaultInjection): the phases must FAIL")
+                help="engine fault-injection switches (native/inject.py): with a bug switch the phases must FAIL; "
+                     "with a performance switch they pass and the release gate must fail")
     g.addoption("--long", action="store_true", help="run the opt-in long runs (marked slow)")
     g.addoption("--nested", action="store_true",
                 help="also run the suite on kvm_amd nested under QEMU TCG (tests/test_nested_kvm_amd.py)")
     g.addoption("--fuzz-examples", type=int, default=500, help="hypothesis examples for the file fuzzers")
-    g.addoption("--results-dir", default=str(ROOT / "results" / "runs"),
-                help="where the YAML run record goes ('' for none)")
-    g.addoption("--plots", action="store_true",
-                help="write PNG plots of the run (matplotlib) into --plots-dir: see results/plots.py")
-    g.addoption("--plots-dir", default=str(ROOT / "results" / "plots"), help="where --plots writes")
-    g.addoption("--reports", choices=("full", "short", "none"), default="full",
-                help="PASS reports at the end: every stage, failures only in detail, or none")
     g.addoption("--reserve-hugepages", type=int, default=0, metavar="N",
                 help="reserve N more 2 MiB hugepages for the hugetlb cases; vm.nr_hugepages is restored at exit")
 
@@ -67,7 +56,6 @@ NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config._snapproof = Session(config)  # type: ignore[attr-defined]
     want = config.getoption("reserve_hugepages")
     if want > 0 and not hasattr(config, "workerinput"):
         # Only on request, and undone in pytest_unconfigure: the suite never changes host settings on its own.
@@ -213,9 +201,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         else:
             rep.outcome = "skipped"
             rep.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {reason}")
-    session: Session = item.config._snapproof  # type: ignore[attr-defined]
-    session.record_outcome(item, rep)
-    if rep.failed and rep.when == "call" and (case := session.case_for(item)) is not None:
+    from results.plugin import recorder
+
+    if rep.failed and rep.when == "call" and (case := recorder(item.config).case_for(item)) is not None:
         for key, value in _failure_facts(item).items():
             case.fact(key, value)
 
@@ -282,164 +270,6 @@ def make_vm(request: pytest.FixtureRequest, make_memory: Any,
     yield _make
     for vm in reversed(made):
         vm.close()
-
-
-# -- reports and the run record -------------------------------------------------------------------
-
-
-@pytest.fixture
-def report(request: pytest.FixtureRequest) -> CaseReport:
-    """The running test's case report: ``with report.stage("arm WP") as st: st.check(...)``."""
-    case = request.config._snapproof.case_for(request.node)  # type: ignore[attr-defined]
-    if case is None:
-        # Self-tests outside a phase still get a report object; it is not printed.
-        case = CaseReport(request.node.nodeid, request.node.name)
-    return case
-
-
-def _phase_of(item: pytest.Item) -> tuple[int, str] | None:
-    m = item.get_closest_marker("phase")
-    if m is None:
-        return None
-    return int(m.args[0]), str(m.args[1])
-
-
-class Session:
-    """Collects case reports per phase and writes them out at the end of the run."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-        self.started = dt.datetime.now(dt.timezone.utc)
-        self.t0 = time.perf_counter_ns()
-        self.phases: dict[int, PhaseReport] = {}
-        self.cases: dict[str, CaseReport] = {}
-        self.record_path: Path | None = None
-
-    def case_for(self, item: pytest.Item) -> CaseReport | None:
-        ph = _phase_of(item)
-        if ph is None:
-            return None
-        case = self.cases.get(item.nodeid)
-        if case is None:
-            doc = (getattr(item, "function", None).__doc__ or "").strip() if hasattr(item, "function") else ""
-            case = CaseReport(item.nodeid, item.name, doc=" ".join(doc.split()))
-            self.cases[item.nodeid] = case
-            phase = self.phases.setdefault(ph[0], PhaseReport(ph[0], ph[1]))
-            phase.cases.append(case)
-        return case
-
-    def record_outcome(self, item: pytest.Item, rep: pytest.TestReport) -> None:
-        case = self.case_for(item)
-        if case is None:
-            return
-        if rep.when == "call" or rep.outcome != "passed":
-            case.duration_ns += int(rep.duration * 1e9)
-        if rep.skipped:
-            case.outcome = "skipped"
-            longrepr = rep.longrepr
-            case.skip_reason = longrepr[2].removeprefix("Skipped: ") if isinstance(longrepr, tuple) else str(longrepr)
-        elif rep.failed:
-            case.outcome = "failed" if rep.when == "call" else "error"
-            case.failure = _short_failure(rep)
-        elif rep.when == "call":
-            case.outcome = "passed"
-
-    def record(self) -> dict[str, Any]:
-        from native.host import probe
-
-        try:
-            hostrep = probe()
-            host_facts = dict(hostrep.facts)
-            caps = [{"name": c.name, "status": c.status.value, "detail": c.detail} for c in hostrep.capabilities]
-        except Exception as e:  # a broken probe must not lose the record
-            host_facts, caps = {"probe_error": str(e)}, []
-        return {
-            "schema": SCHEMA,
-            "run": {
-                "started": self.started.isoformat(timespec="seconds"),
-                "duration_s": round((time.perf_counter_ns() - self.t0) / 1e9, 3),
-                "argv": sys.argv[1:],
-                "strict_host": bool(self.config.getoption("strict_host")),
-                "inject": self.config.getoption("inject"),
-                "git_commit": _git_commit(),
-            },
-            "host": host_facts,
-            "capabilities": caps,
-            "phases": [self.phases[n].to_dict() for n in sorted(self.phases)],
-            "benchmarks": _benchmark_results(self.config),
-        }
-
-    def write(self, record: dict[str, Any]) -> Path | None:
-        out = self.config.getoption("results_dir")
-        if not out or not self.phases:
-            return None
-        d = Path(out)
-        d.mkdir(parents=True, exist_ok=True)
-        stamp = self.started.strftime("%Y%m%dT%H%M%SZ")
-        path = d / f"{stamp}-{socket.gethostname()}.yaml"
-        with open(path, "w") as f:
-            yaml.safe_dump(record, f, sort_keys=False, allow_unicode=True, width=120)
-        self.record_path = path
-        return path
-
-
-def _benchmark_results(config: pytest.Config) -> list[dict[str, Any]]:
-    """This run's pytest-benchmark results as its JSON has them (stats in seconds), for the record: the gate
-    compares them with a baseline record's by pytest-benchmark's own checks."""
-    bs = getattr(config, "_benchmarksession", None)
-    out = []
-    for bench in getattr(bs, "benchmarks", None) or []:
-        if not bench:  # errored or never ran
-            continue
-        d = bench.as_dict(include_data=False)
-        stats = {k: d["stats"][k] for k in ("min", "max", "mean", "stddev", "median", "iqr", "rounds", "ops")}
-        out.append({"name": d["name"], "fullname": d["fullname"], "params": _plain(d["params"]), "stats": stats,
-                    "extra_info": _plain(d["extra_info"])})
-    return out
-
-
-def _plain(value: Any) -> Any:
-    """JSON-shaped (what pytest-benchmark writes): tuples become lists, odd objects their str()."""
-    import json
-
-    return json.loads(json.dumps(value, default=str))
-
-
-def _short_failure(rep: pytest.TestReport) -> str:
-    crash = getattr(rep.longrepr, "reprcrash", None)
-    if crash is not None:
-        return str(crash.message).splitlines()[0] if crash.message else ""
-    text = str(rep.longrepr).strip().splitlines()
-    return text[-1] if text else ""
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    session: Session = config._snapproof  # type: ignore[attr-defined]
-    if not session.phases:
-        return
-    mode = config.getoption("reports")
-    record = session.record()
-    if mode != "none":
-        terminalreporter.section("snapproof phase reports")
-        for phase in record["phases"]:
-            terminalreporter.write_line(render_phase(phase, verbose=(mode == "full")))
-            terminalreporter.write_line("")
-    path = session.write(record)  # the record just printed, not a second gathering of it
-    if path is not None:
-        terminalreporter.write_line(f"run record: {os.path.relpath(path)}")
-    if config.getoption("plots"):
-        from results.plots import write_plots
-
-        for name, got in write_plots(record, config.getoption("plots_dir")):
-            terminalreporter.write_line(f"plot {name}: {got if isinstance(got, str) else os.path.relpath(got)}")
 
 
 @pytest.fixture

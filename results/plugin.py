@@ -1,0 +1,364 @@
+"""snapproof's run-record plugin: case reports per phase, the PASS reports at the end, the YAML run record.
+
+The root conftest.py loads it (``pytest_plugins``). A test of a phase (``@pytest.mark.phase(n, title)``)
+gets its case report from the ``report`` fixture; each outcome pytest reports lands in it.
+
+The record can never be mistaken for another run's, nor for a whole run when it is not one:
+
+- its path is fixed at the start (``--results-file``, or a new name in ``--results-dir``) and printed then
+  and at the end;
+- it is written as soon as the tests are collected, every selected case ``not run`` and ``run.complete:
+  false``, and written again as each phase case finishes: a run that ends without its end (a signal,
+  pytest-timeout's ``os._exit``, a crash) leaves a record that says so and holds what finished;
+- only a complete run rewrites it with ``run.complete: true`` and then points ``latest`` (a symlink in the
+  record's folder) at it;
+- pytest-xdist (``-n``) is refused at the start while a record is to be written: the timed phases need the
+  host to themselves, pytest-benchmark disables itself under xdist, and each worker would write a record
+  of its own share.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from results.record import SCHEMA, CaseReport, PhaseReport, render_phase
+
+RESULTS = Path(__file__).resolve().parent
+ROOT = RESULTS.parent
+LATEST = "latest"  # the pointer beside the records: never matches the records' *.yaml
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    g = parser.getgroup("snapproof")
+    g.addoption("--results-dir", default=str(RESULTS / "runs"),
+                help="where the YAML run record goes, under a new name ('' for none)")
+    g.addoption("--results-file", default="", metavar="PATH",
+                help="write the run record to PATH (its folder gets the 'latest' pointer); overrides --results-dir")
+    g.addoption("--plots", action="store_true",
+                help="write PNG plots of the run (matplotlib) into --plots-dir: see results/plots.py")
+    g.addoption("--plots-dir", default=str(RESULTS / "plots"), help="where --plots writes")
+    g.addoption("--reports", choices=("full", "short", "none"), default="full",
+                help="PASS reports at the end: every stage, failures only in detail, or none")
+
+
+RECORDER = pytest.StashKey["RunRecorder"]()
+
+
+def recorder(config: pytest.Config) -> RunRecorder:
+    """This run's recorder (made at configure time)."""
+    return config.stash[RECORDER]
+
+
+def distributed(config: pytest.Config) -> bool:
+    """This process is pytest-xdist's controller handing tests to workers (``-n N``, N > 0, or ``--dist``)."""
+    if hasattr(config, "workerinput"):
+        return False
+    return bool(getattr(config.option, "numprocesses", None)) or getattr(config.option, "dist", "no") != "no"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    run = RunRecorder(config)
+    config.stash[RECORDER] = run
+    config.pluginmanager.register(run, "snapproof-run-recorder")  # its hooks see the run they belong to
+    if run.path is not None and distributed(config):
+        raise pytest.UsageError(
+            "pytest-xdist (-n/--dist) and a run record do not mix: the phases' timings need the host to "
+            "themselves, pytest-benchmark turns itself off under xdist, and each worker would record only its "
+            "share. Run the phases in one process (-n 0), or, for the self-tests alone, write no record "
+            "(--results-dir '').")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    run = recorder(session.config)
+    run.select(session.items)
+    if run.phases and run.path is not None:
+        run.write()
+        _say(session.config, f"run record: {shown(run.path)} (written now as incomplete; complete when "
+                             "the run ends)")
+
+
+def shown(path: Path) -> str:
+    """A path as a person types it from here: relative below the working folder, absolute elsewhere."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def _say(config: pytest.Config, line: str) -> None:
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(line)
+
+
+@pytest.fixture
+def report(request: pytest.FixtureRequest) -> CaseReport:
+    """The running test's case report: ``with report.stage("arm WP") as st: st.check(...)``."""
+    case = recorder(request.config).case_for(request.node)
+    if case is None:
+        # Self-tests outside a phase still get a report object; it is not printed.
+        case = CaseReport(request.node.nodeid, request.node.name)
+    return case
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    # Outermost wrapper: the outcome recorded is the one every other wrapper left (conftest.py turns a
+    # capability found missing deep in a fixture into a skip).
+    outcome = yield
+    rep: pytest.TestReport = outcome.get_result()
+    run = recorder(item.config)
+    run.record_outcome(item, rep)
+    if rep.when == "call":
+        run.benchmark_figures(item)
+
+
+def _phase_of(item: pytest.Item) -> tuple[int, str] | None:
+    m = item.get_closest_marker("phase")
+    if m is None:
+        return None
+    return int(m.args[0]), str(m.args[1])
+
+
+class RunRecorder:
+    """Collects case reports per phase and writes them out as the run goes."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.started = dt.datetime.now(dt.timezone.utc)
+        self.t0 = time.perf_counter_ns()
+        self.phases: dict[int, PhaseReport] = {}
+        self.cases: dict[str, CaseReport] = {}
+        self.selected: list[str] = []    # every test the run set out to run, in order
+        self.finished: set[str] = set()  # those whose teardown is done
+        self.interrupted: str | None = None  # a signal's name, "timeout" or "crash", when one ended the run
+        self.path = self._path()
+
+    def _path(self) -> Path | None:
+        """Fixed at the start: --results-file, or a new name in --results-dir (the pid keeps two runs
+        started in the same second apart)."""
+        if hasattr(self.config, "workerinput"):
+            return None  # an xdist worker (only with no record asked for: see pytest_configure)
+        given = self.config.getoption("results_file")
+        if given:
+            path = Path(given)
+            if path.name == LATEST:
+                raise pytest.UsageError(f"--results-file {given}: {LATEST!r} is the pointer to the latest complete "
+                                        "run, not a record's name")
+            return path.resolve()
+        folder = self.config.getoption("results_dir")
+        if not folder:
+            return None
+        stamp = self.started.strftime("%Y%m%dT%H%M%SZ")
+        return (Path(folder) / f"{stamp}-{socket.gethostname()}-{os.getpid()}.yaml").resolve()
+
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        """A test is done, its teardown reported too: count it, and rewrite the record if it is a phase case,
+        so what finished so far is on disk before the next test can hang or crash."""
+        self.finished.add(nodeid)
+        if nodeid in self.cases:
+            self.write()
+
+    def select(self, items: list[pytest.Item]) -> None:
+        """The tests this run will run: each phase case is in the record, ``not run``, until it finishes."""
+        self.selected = [i.nodeid for i in items]
+        for item in items:
+            self.case_for(item)
+
+    def case_for(self, item: pytest.Item) -> CaseReport | None:
+        ph = _phase_of(item)
+        if ph is None:
+            return None
+        case = self.cases.get(item.nodeid)
+        if case is None:
+            doc = (getattr(item, "function", None).__doc__ or "").strip() if hasattr(item, "function") else ""
+            case = CaseReport(item.nodeid, item.name, doc=" ".join(doc.split()))
+            self.cases[item.nodeid] = case
+            phase = self.phases.setdefault(ph[0], PhaseReport(ph[0], ph[1]))
+            phase.cases.append(case)
+        return case
+
+    def record_outcome(self, item: pytest.Item, rep: pytest.TestReport) -> None:
+        case = self.case_for(item)
+        if case is None:
+            return
+        if rep.when == "call" or rep.outcome != "passed":
+            case.duration_ns += int(rep.duration * 1e9)
+        if rep.skipped:
+            case.outcome = "skipped"
+            longrepr = rep.longrepr
+            case.skip_reason = longrepr[2].removeprefix("Skipped: ") if isinstance(longrepr, tuple) else str(longrepr)
+        elif rep.failed:
+            case.outcome = "failed" if rep.when == "call" else "error"
+            case.failure = _short_failure(rep)
+        elif rep.when == "call":
+            case.outcome = "passed"
+
+    def benchmark_figures(self, item: pytest.Item) -> None:
+        """A benchmark's round times become the case's ``round_ns`` figure, and every figure's median goes
+        into pytest-benchmark's extra_info under the figure's own name (one name for one figure)."""
+        case = self.case_for(item)
+        bench = getattr(item, "funcargs", {}).get("benchmark")
+        if case is None or bench is None:
+            return
+        data = getattr(getattr(getattr(bench, "stats", None), "stats", None), "data", None)
+        if data:
+            case.figure("round_ns", [s * 1e9 for s in data], "ns",
+                        what="pytest-benchmark's round time of the timed call")
+        for name, fig in case.figures.items():
+            bench.extra_info[name] = fig.to_dict()["median"]
+
+    def completeness(self) -> dict[str, Any]:
+        """``complete`` (every selected test finished, nothing interrupted, the run at its end), what
+        interrupted it, and the counts."""
+        finished = sum(1 for n in self.selected if n in self.finished)
+        return {"complete": False, "interrupted": self.interrupted,
+                "tests": {"selected": len(self.selected), "finished": finished}}
+
+    def record(self, at_end: bool = False) -> dict[str, Any]:
+        from native.host import probe
+
+        try:
+            hostrep = probe()
+            host_facts = dict(hostrep.facts)
+            caps = [{"name": c.name, "status": c.status.value, "detail": c.detail} for c in hostrep.capabilities]
+        except Exception as e:  # a broken probe must not lose the record
+            host_facts, caps = {"probe_error": str(e)}, []
+        status = self.completeness()
+        tests = status["tests"]
+        status["complete"] = at_end and self.interrupted is None and tests["finished"] == tests["selected"]
+        return {
+            "schema": SCHEMA,
+            "run": {
+                "started": self.started.isoformat(timespec="seconds"),
+                "duration_s": round((time.perf_counter_ns() - self.t0) / 1e9, 3),
+                "argv": sys.argv[1:],
+                "strict_host": bool(self.config.getoption("strict_host", False)),
+                "inject": str(self.config.getoption("inject", "none")),
+                "git_commit": _git_commit(),
+                "record": str(self.path) if self.path else "",
+                **status,
+            },
+            "host": host_facts,
+            "capabilities": caps,
+            "phases": [self.phases[n].to_dict() for n in sorted(self.phases)],
+            "benchmarks": _benchmark_results(self.config),
+        }
+
+    def write(self, record: dict[str, Any] | None = None) -> Path | None:
+        """Write the record (atomically: a reader never sees half of it); None when no record is wanted."""
+        if self.path is None or not self.phases:
+            return None
+        record = record if record is not None else self.record()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml: the record is rewritten per case
+        with open(tmp, "w") as f:
+            yaml.dump(record, f, Dumper=dumper, sort_keys=False, allow_unicode=True, width=120)
+        os.replace(tmp, self.path)
+        if record["run"]["complete"]:
+            _point_latest(self.path)
+        return self.path
+
+
+def _point_latest(path: Path) -> None:
+    """``latest`` beside the record names it (a relative symlink, replaced atomically); where symlinks are
+    not allowed (Windows without the privilege), a copy of the record."""
+    link = path.parent / LATEST
+    tmp = path.parent / f".{LATEST}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(path.name, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, link)
+
+
+def _benchmark_results(config: pytest.Config) -> list[dict[str, Any]]:
+    """This run's pytest-benchmark results as its JSON has them (stats in seconds), for the record and its
+    plots; each timed figure with its samples is in its case (``figures``), which is what the gate judges."""
+    bs = getattr(config, "_benchmarksession", None)
+    out = []
+    for bench in getattr(bs, "benchmarks", None) or []:
+        if not bench:  # errored or never ran
+            continue
+        d = bench.as_dict(include_data=False)
+        stats = {k: d["stats"][k] for k in ("min", "max", "mean", "stddev", "median", "iqr", "rounds", "ops")}
+        out.append({"name": d["name"], "fullname": d["fullname"], "params": _plain(d["params"]), "stats": stats,
+                    "extra_info": _plain(d["extra_info"])})
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """JSON-shaped (what pytest-benchmark writes): tuples become lists, odd objects their str()."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+def _short_failure(rep: pytest.TestReport) -> str:
+    crash = getattr(rep.longrepr, "reprcrash", None)
+    if crash is not None:
+        return str(crash.message).splitlines()[0] if crash.message else ""
+    text = str(rep.longrepr).strip().splitlines()
+    return text[-1] if text else ""
+
+
+_commit: str | None = None
+
+
+def _git_commit() -> str:
+    global _commit
+    if _commit is None:
+        try:
+            _commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                     text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            _commit = ""
+    return _commit
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    run = recorder(config)
+    if not run.phases:
+        return
+    if exitstatus == pytest.ExitCode.INTERRUPTED:
+        run.interrupted = run.interrupted or "SIGINT"
+    mode = config.getoption("reports")
+    record = run.record(at_end=True)
+    if mode != "none":
+        terminalreporter.section("snapproof phase reports")
+        for phase in record["phases"]:
+            terminalreporter.write_line(render_phase(phase, verbose=(mode == "full")))
+            terminalreporter.write_line("")
+    path = run.write(record)  # the record just printed, not a second gathering of it
+    status = record["run"]
+    if not status["complete"]:
+        why = f"interrupted ({status['interrupted']})" if status["interrupted"] else "incomplete"
+        terminalreporter.write_line(f"run {why}: {status['tests']['finished']} of {status['tests']['selected']} "
+                                    "tests finished; the gate refuses this record", red=True, bold=True)
+    if path is not None:
+        latest = " (results 'latest' points here)" if status["complete"] else ""
+        terminalreporter.write_line(f"run record: {shown(path)}{latest}")
+    if config.getoption("plots"):
+        from results.plots import write_plots
+
+        for name, got in write_plots(record, config.getoption("plots_dir")):
+            terminalreporter.write_line(f"plot {name}: {got if isinstance(got, str) else os.path.relpath(got)}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    run = config.stash.get(RECORDER, None)
+    if run is not None and config.pluginmanager.is_registered(run):
+        config.pluginmanager.unregister(run)
