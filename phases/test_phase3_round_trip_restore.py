@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import time
 from functools import partial
+from typing import Any
 
 import pytest
 
@@ -454,7 +455,7 @@ def marker16_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fresh_vm_floor() -> dict[str, float]:
+def fresh_vm_floor() -> dict[str, Any]:
     """This host's floor for any restore: a fresh VM over memory already in place (a populated 1 MiB
     memfd with marker16), from KVM_CREATE_VM to HLT. Median of 30 rounds, in ns."""
     samples = []

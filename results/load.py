@@ -1,4 +1,4 @@
-"""Reading run records back: schema check, host labels, and figures picked out of a record by a selector.
+"""Reading run records back: schema validation, completeness, host labels, and figures picked out of a record.
 
 Shared by ``python -m results show | matrix | gate | plots``; pure Python (PyYAML), every platform.
 """
@@ -19,23 +19,40 @@ class RecordError(Exception):
     """A file that is not a readable snapproof run record (the message names the file and why)."""
 
 
-def load_record(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, error: type[Exception]) -> Any:
+    """A YAML file's content; ``error`` naming the file when it cannot be read or parsed."""
     p = Path(path)
     try:
         with open(p) as f:
-            rec = yaml.safe_load(f)
+            return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except OSError as e:
-        raise RecordError(f"{p}: cannot read: {e.strerror}") from None
+        raise error(f"{p}: cannot read: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise RecordError(f"{p}: not YAML: {e}") from None
-    if not isinstance(rec, dict):
-        raise RecordError(f"{p}: not a run record (top level is {type(rec).__name__}, expected a mapping)")
-    schema = rec.get("schema")
-    if schema != SCHEMA:
-        raise RecordError(f"{p}: schema {schema!r}, this reader knows {SCHEMA!r}")
-    rec.setdefault("phases", [])
+        raise error(f"{p}: not YAML: {e}") from None
+
+
+def load_record(path: str | Path) -> dict[str, Any]:
+    """A run record, validated against its schema (results/schema.py): RecordError names the file and key."""
+    from results.schema import RECORD, check
+
+    rec = check(read_yaml(path, RecordError), RECORD, "run record", SCHEMA, path, RecordError)
     rec.setdefault("benchmarks", [])
     return rec
+
+
+def incompleteness(rec: dict[str, Any]) -> str | None:
+    """Why the record is not of a whole run, or None when it is (``run.complete``)."""
+    run = rec["run"]
+    if run["complete"]:
+        return None
+    tests = run["tests"]
+    finished = f"{tests['finished']} of {tests['selected']} tests finished"
+    if run["interrupted"]:
+        return f"interrupted ({run['interrupted']}); {finished}"
+    unfinished = next((c["test"] for p in rec["phases"] for c in p["cases"] if c["outcome"] == "not run"), None)
+    during = f"; the first case not finished: {unfinished}" if unfinished else ""
+    return (f"the run never finished its record: killed, timed out (pytest-timeout ends the process), crashed, "
+            f"stopped early (-x) or still running; {finished}{during}")
 
 
 def host_label(rec: dict[str, Any]) -> str:
@@ -77,6 +94,17 @@ def fact_values(rec: dict[str, Any], number: int | None, case: str, fact: str) -
         if v is not None:
             out.append((c["test"], v))
     return out
+
+
+def figures(rec: dict[str, Any], number: int | None, case: str, name: str) -> list[tuple[str, dict[str, Any]]]:
+    """(test name, figure) for each matching case that has the figure ``name`` (samples, unit, better)."""
+    return [(c["test"], c["figures"][name]) for c in cases(rec, number, case) if name in c.get("figures", {})]
+
+
+def figure_median(rec: dict[str, Any], number: int | None, case: str, name: str) -> float | None:
+    """The first matching case's median of figure ``name``, or None."""
+    got = figures(rec, number, case, name)
+    return float(got[0][1]["median"]) if got else None
 
 
 def benchmarks(rec: dict[str, Any], pattern: str = "*") -> dict[str, dict[str, Any]]:

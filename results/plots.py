@@ -82,8 +82,9 @@ def arm_cost(rec: dict[str, Any], out: Path) -> Path | str:
     fig, ax = _figure(rec, "Arm cost vs size (populated memfd)")
     sizes = [r[0] for r in rows]
     ax.plot(sizes, [r[1] / 1e6 for r in rows], "o-", label="engine arm (median)")
-    if all(r[2] for r in rows):
-        ax.plot(sizes, [r[2] / 1e6 for r in rows], "s--", label="bare UFFDIO_WRITEPROTECT (median)")
+    floors = [r[2] for r in rows]
+    if all(f is not None for f in floors):
+        ax.plot(sizes, [(f or 0) / 1e6 for f in floors], "s--", label="bare UFFDIO_WRITEPROTECT (median)")
     for s, a, _ in rows:
         ax.annotate(f"{fmt_ns(a)}\n{a * (1 << 30) / s / 1e6:.1f} ms/GiB", (s, a / 1e6), textcoords="offset points",
                     xytext=(6, -18), fontsize=8)
