@@ -225,9 +225,14 @@ def test_benchmark_pause_window(report, require, benchmark, make_storm_vm, make_
 
         def prepare() -> None:
             # The floor beside each round, untimed: a warm memcpy of the guest's memory into the same snapshot
-            # buffer (every strategy overwrites all of it). A host's memory state that slows copies in one run
-            # slows both alike, so the pause window's ratio to it stays.
-            floors.append(copy_timed(snapshot.mm, storm_vm.memory))
+            # buffer (every strategy overwrites all of it), the guest paused as in a stop-and-copy, so nothing
+            # competes with it. A host's memory state that slows copies in one run slows both alike, so the
+            # pause window's ratio to it stays.
+            runner.pause()
+            try:
+                floors.append(copy_timed(snapshot.mm, storm_vm.memory))
+            finally:
+                runner.resume()
             snapper.prepare()
             pending.append(True)
 
@@ -248,7 +253,7 @@ def test_benchmark_pause_window(report, require, benchmark, make_storm_vm, make_
             runner.stop()
         floor = median(floors)
         report.figure("memcpy_ns", floors, "ns", what=f"a memcpy of the guest's {fmt_bytes(mem_size)} into the "
-                      "snapshot buffer, the guest writing (floor)")
+                      "snapshot buffer, the guest paused (floor)")
         pauses = report.figure("pause_ns", [s.pause_ns for s in done], "ns", what="kick -> resume, the guest stopped")
         ratio = report.figure("pause_ratio_to_memcpy", [s.pause_ns / floor for s in done], "x",
                               what="each pause window over the memcpy's median, same buffers, same run")
