@@ -162,7 +162,7 @@ def compare(a_records: list[dict[str, Any]], b_records: list[dict[str, Any]], po
 
 
 def table(rows: list[Row]) -> str:
-    from results.gate import fmt_value
+    from results.record import fmt_value
 
     header = ["figure", "A", "B", "change", "p", "verdict"]
     body = [[f"{r.figure}[{r.test}]", fmt_value(r.a, r.unit) if r.unit else "-",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from results.load import RecordError, figures, host_label, incompleteness, load_record, phase, read_yaml
-from results.record import fmt_ns
+from results.record import fmt_value
 from results.schema import POLICY, POLICY_SCHEMA, check
 from results.stats import DEFAULT_ALPHA, Judgement, judge, parse_percent
 
@@ -103,17 +103,6 @@ class Statistics:
     def judge(self, base: list[float], run: list[float], better: str, min_effect: str | None = None) -> Judgement:
         effect = self.min_effect if min_effect is None else parse_percent(min_effect)
         return judge(base, run, better, min_effect=effect, alpha=self.alpha, max_improvement=self.max_improvement)
-
-
-def fmt_value(v: float, unit: str) -> str:
-    """A figure's value in the unit a person reads."""
-    if unit == "ns":
-        return fmt_ns(v)
-    if unit == "x":
-        return f"{v:.3g}x"
-    if unit == "B/s":
-        return f"{v / 1e9:.2f} GB/s"
-    return f"{v:.4g}"
 
 
 def judge_figure(name: str, test: str, base_fig: dict[str, Any], run_fig: dict[str, Any], stats: Statistics,

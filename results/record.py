@@ -35,6 +35,17 @@ def fmt_ns(ns: float) -> str:
     return f"{ns / 1e9:.2f} s"
 
 
+def fmt_value(v: float, unit: str) -> str:
+    """A figure's value in the unit a person reads (its unit: one of FIGURE_UNITS)."""
+    if unit == "ns":
+        return fmt_ns(v)
+    if unit == "x":
+        return f"{v:.3g}x"
+    if unit == "B/s":
+        return f"{v / 1e9:.2f} GB/s"
+    return f"{v:.4g}"
+
+
 def fmt_bytes(n: int) -> str:
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift and n % (1 << shift) == 0:
@@ -265,6 +276,11 @@ def render_phase(phase: dict[str, Any], verbose: bool = True) -> str:
                 lines.append(f"{'':<34} timings: {shown}")
             for n in s.get("notes", []):
                 lines.append(f"{'':<34} note: {n}")
+        shown = [f"{name} {fmt_value(f['median'], f['unit'])}" for name, f in c.get("figures", {}).items()
+                 if name != "round_ns"]
+        if shown:
+            rounds = len(next(iter(c["figures"].values()))["samples"])
+            lines.append(f"{'':<34} figures (median of {rounds}): {'; '.join(shown)}")
         if c.get("failure"):
             lines.append(f"      failure: {c['failure']}")
     return "\n".join(lines)
