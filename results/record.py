@@ -276,11 +276,11 @@ def render_phase(phase: dict[str, Any], verbose: bool = True) -> str:
                 lines.append(f"{'':<34} timings: {shown}")
             for n in s.get("notes", []):
                 lines.append(f"{'':<34} note: {n}")
-        shown = [f"{name} {fmt_value(f['median'], f['unit'])}" for name, f in c.get("figures", {}).items()
-                 if name != "round_ns"]
-        if shown:
+        medians = [f"{name} {fmt_value(f['median'], f['unit'])}" for name, f in c.get("figures", {}).items()
+                   if name != "round_ns"]
+        if medians:
             rounds = len(next(iter(c["figures"].values()))["samples"])
-            lines.append(f"{'':<34} figures (median of {rounds}): {'; '.join(shown)}")
+            lines.append(f"{'':<34} figures (median of {rounds}): {'; '.join(medians)}")
         if c.get("failure"):
             lines.append(f"      failure: {c['failure']}")
     return "\n".join(lines)
