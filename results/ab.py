@@ -249,7 +249,10 @@ def add_teeth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reruns", type=int, default=5, help="clean reruns, and runs per switch (default 5)")
     p.add_argument("--switches", default=",".join(PERF_SWITCHES), help="performance switches to run, comma-separated")
     p.add_argument("--select", default=GATE_SELECTION, metavar="ARGS",
-                   help=f"the pytest selection of every run (default: {GATE_SELECTION!r})")
+                   help=f"the pytest selection of the baseline and the clean reruns (default: {GATE_SELECTION!r})")
+    p.add_argument("--switch-select", default=TIMED_SELECTION, metavar="ARGS",
+                   help="the selection of the runs with a switch: only their figures are looked at "
+                        f"(default: {TIMED_SELECTION!r})")
     p.add_argument("--policy", default=str(ROOT / "results" / "gate.yaml"))
     p.add_argument("--baseline", help="an existing baseline record of this host (default: take one first)")
     p.add_argument("--out", help="folder for the records (default results/teeth/<UTC time>)")
@@ -314,7 +317,7 @@ def teeth_main(args: argparse.Namespace) -> int:
     for switch in filter(None, args.switches.split(",")):
         side = Side(switch, ".", ["--inject", switch])
         for i in range(args.reruns):
-            path = run_side(side, out / f"{switch}-{i + 1}.yaml", selection, log)
+            path = run_side(side, out / f"{switch}-{i + 1}.yaml", shlex.split(args.switch_select), log)
             _, why, figs = gate_one(path)
             switches.setdefault(switch, []).append({"record": str(path), "caught_by": figs})
     smallest = smallest_caught(base, policy, clean_records)
