@@ -118,7 +118,7 @@ def copy_rate(rec: dict[str, Any], out: Path) -> Path | str:
     fig, ax = _figure(rec, "Bulk copy rate vs size")
     if quiet:
         quiet.sort()
-        ax.plot([q[0] for q in quiet], [q[1] / 1e9 for q in quiet], "o-", label="bulk copy, guest idle (best)")
+        ax.plot([q[0] for q in quiet], [q[1] / 1e9 for q in quiet], "o-", label="bulk copy, guest idle (median)")
     for marker, (kind, pts) in zip("x+*^v", sorted(live.items()), strict=False):
         ax.plot([v[0] for v in pts], [v[1] / 1e9 for v in pts], marker, markersize=9, linestyle="none",
                 label=f"storm guest writing: {kind}")
