@@ -14,7 +14,11 @@ reads the knobs on any Linux host, and nothing here imports the native layer.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,8 @@ THP_BACKING_NEEDS: dict[str, tuple[str, ...]] = {"anonymous-thp": ("thp.anonymou
 KPF_COMPOUND_HEAD = 1 << 15
 KPF_COMPOUND_TAIL = 1 << 16
 KPF_THP = 1 << 22
+PR_SET_THP_DISABLE = 41
+PR_GET_THP_DISABLE = 42
 PM_PRESENT = 1 << 63
 PM_PFN_MASK = (1 << 55) - 1
 
@@ -255,7 +261,6 @@ class CollapseLoop:
 
     def describe(self) -> str:
         import errno
-        import os
 
         if not self.outcomes:
             return "no MADV_COLLAPSE call finished"
@@ -268,3 +273,21 @@ class CollapseLoop:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def disabled_for_process() -> Iterator[None]:
+    """No new huge pages anywhere in this process while inside (PR_SET_THP_DISABLE: no THP fault, and
+    khugepaged leaves its mappings alone), the earlier setting back at exit. What a resident-memory gauge
+    needs where ``enabled`` is ``always`` (Debian's default): there khugepaged collapses the Python heap into
+    2 MiB pages in its own time, and VmRSS jumps by up to 2 MiB at once for memory nobody newly used."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = libc.prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0)
+    if before < 0 or libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_THP_DISABLE): {os.strerror(err)}")
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_THP_DISABLE, before, 0, 0, 0)
+
