@@ -6,8 +6,8 @@ case report. A missing host capability skips with the exact reason from
 ``native.host`` (``--strict-host`` turns it into a failure) when the gate
 policy's class for this host requires it; one it does not require deselects
 the cases that need it, naming it (results/hostpolicy.py). The case reports
-and the run record (``report``, ``--results-dir``) are the plugin
-results/plugin.py.
+and the run record (``report``, ``--results-dir``, ``--results-file``) are the
+plugin results/plugin.py.
 """
 
 from __future__ import annotations
