@@ -10,11 +10,12 @@ The record can never be mistaken for another run's, nor for a whole run when it 
 - its path is fixed at the start (``--results-file``, or a new name in ``--results-dir``) and printed then
   and at the end;
 - it is written as soon as the tests are collected, every selected case ``not run`` and ``run.status``
-  ``incomplete``, and written again as each phase case finishes: a run that ends without its end (
-  pytest-timeout's ``os._exit``, SIGKILL, a crash) leaves a record that says so and holds what finished;
+  ``incomplete``, and written again as each phase case finishes: a run that ends without its end
+  (pytest-timeout's ``os._exit``, SIGKILL, a crash) leaves a record that says so and holds what finished;
 - at the run's end ``run.status`` says whether it was complete, incomplete (stopped early: ``-x``, an
   internal error) or interrupted (results/interrupts.py: which signal, during what); only a complete run
-  points ``latest`` (a symlink in the record's folder) at its record;
+  points ``latest`` (a symlink in the record's folder) at its record, and a signal at the very end (after
+  that) puts ``latest`` back;
 - pytest-xdist (``-n``) is refused at the start while a record is to be written: the timed phases need the
   host to themselves, pytest-benchmark disables itself under xdist, and each worker would write a record
   of its own share.

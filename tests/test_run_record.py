@@ -138,3 +138,23 @@ def test_a_real_run_of_phases_writes_a_record_valid_against_the_schema():
     arm = run.cases()["test_benchmark_arm_cost[1MiB]"]
     assert {"arm_ns", "arm_ratio_to_raw_ioctl", "raw_writeprotect_ns", "round_ns"} <= set(arm["figures"]), arm
     print(f"validated: {len(run.cases())} cases, deselected for this host: {sorted(run.deselected()) or 'none'}")
+
+
+def test_latest_goes_back_when_its_record_is_rewritten_as_not_complete(tmp_path):
+    """A signal after the end's complete record (results/interrupts.py: the session's last moments) rewrites it
+    as interrupted: 'latest' then names the complete run before it again, or nothing when there was none."""
+    from results.plugin import _point_latest, _unpoint_latest
+
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("first\n")
+    second.write_text("second\n")
+    latest = tmp_path / "latest"
+    assert _point_latest(first) == "" and os.readlink(latest) == "first.yaml"
+    before = _point_latest(second)
+    assert before == "first.yaml" and os.readlink(latest) == "second.yaml"
+    _unpoint_latest(second, before)
+    assert os.readlink(latest) == "first.yaml", "the pointer did not go back to the last complete run"
+    _unpoint_latest(second, "")  # names another record now: left alone
+    assert os.readlink(latest) == "first.yaml"
+    _unpoint_latest(first, "")
+    assert not latest.exists() and not latest.is_symlink(), "a pointer to no complete run was left behind"
