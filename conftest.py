@@ -6,8 +6,8 @@ case report. A missing host capability skips with the exact reason from
 ``native.host`` (``--strict-host`` turns it into a failure) when the gate
 policy's class for this host requires it; one it does not require deselects
 the cases that need it, naming it (results/hostpolicy.py). The case reports
-and the run record (``report``, ``--results-dir``) are the plugin
-results/plugin.py.
+and the run record (``report``, ``--results-dir``, ``--results-file``) are the
+plugin results/plugin.py.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--sizes", default="", metavar="LIST",
                 help="extra guest memory sizes for the sized phases, e.g. 1G,4G (default: the phase's own)")
     g.addoption("--inject", default="none", metavar="SWITCH[,SWITCH]",
-                help="engine fault-injection switches (see native.wp.FaultInjection): the phases must FAIL")
+                help="engine fault-injection switches (native/inject.py): with a bug switch the phases must FAIL; "
+                     "with a performance switch they pass and the release gate must fail")
     g.addoption("--engine", default="", metavar="PATH",
                 help="judge this snapshot engine (a shared library implementing native/snapproof_engine.h) in "
                      "phases 1, 2, 3 and phase 5's WP row instead of the built-in one; the record names it")

@@ -47,7 +47,8 @@ __all__ = ["BULK_BATCH", "ENGINE_NEEDS", "FaultRecord", "HoleProtection", "WpSna
            "raw_writeprotect_samples", "PM_PRESENT", "PM_SWAP", "PM_UFFD_WP", "pagemap_entry", "read_pagemap",
            "require_features", "supported_features"]
 
-# Pages the bulk copier un-protects at once: one UFFDIO_WRITEPROTECT per 2 MiB of 4 KiB pages.
+# Pages the bulk copier un-protects at once: one UFFDIO_WRITEPROTECT per 2 MiB of 4 KiB pages (the built-in
+# engine's SP_BULK_BATCH, its batch when given 0; a self-test pins the two).
 BULK_BATCH = 512
 # What every engine needs of the host on the suite's memory (native.host capability names), the one table
 # of it: the phases that drive an engine declare it (``needs``), phase 5's WP strategy adds "kvm". WP on

@@ -28,12 +28,16 @@ from native.pagemap import PM_PRESENT, pagemap_entry, read_pagemap
 from native.thp import PMD_SIZE, mthp_sizes
 from native.wp import ENGINE_NEEDS, HoleProtection, raw_writeprotect_samples
 from results.record import LIMIT_SLACK, fmt_bytes
+from results.stats import median, percentile
 
 pytestmark = [pytest.mark.phase(1, "WP catches writes"), pytest.mark.needs("kvm", *ENGINE_NEEDS)]
 
 WRITE_WP = uffd.PAGEFAULT_FLAG_WRITE | uffd.PAGEFAULT_FLAG_WP  # 0x3
 MARKER_PAGE = guests.MARKER_GPA // PAGE_SIZE
 RUN_TIMEOUT_S = 5.0
+# Rounds of the arm benchmark and of its floor: enough for the gate's rank test to tell a shift at p < 0.01
+# with room to spare (at 5 rounds against 5 only a complete separation gets there).
+ARM_ROUNDS = 20
 
 
 def _where_handler_ran(fault, vcpu_cpu: int) -> str:
@@ -289,11 +293,6 @@ def snap_pagemap(mem) -> tuple[bytes, bytes]:
 # -- benchmarks: figures as ratios to this host's own floor, measured in the same run -------------
 
 
-def _percentile(samples: list[float], q: float) -> float:
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(q * len(s)))]
-
-
 @pytest.mark.sizes(1 << 20, 64 << 20, 1 << 30, extendable=False)
 def test_benchmark_arm_cost(report, benchmark, make_memory, make_wp, mem_size):
     """Arming the engine costs what the bare UFFDIO_WRITEPROTECT ioctl costs on the same range."""
@@ -303,8 +302,10 @@ def test_benchmark_arm_cost(report, benchmark, make_memory, make_wp, mem_size):
         st.note(f"{fmt_bytes(mem_size)} memfd, populated before timing (warm page tables)")
 
     with report.stage("raw ioctl floor") as st:
-        raw = raw_writeprotect_samples(mem, rounds=20)
-        st.timing("UFFDIO_WRITEPROTECT median", _percentile(raw, 0.5), "bare ioctl, same range, separate uffd")
+        raw = raw_writeprotect_samples(mem, rounds=ARM_ROUNDS)
+        floor = median(raw)
+        report.figure("raw_writeprotect_ns", raw, "ns", what="the bare UFFDIO_WRITEPROTECT over the region (floor)")
+        st.timing("UFFDIO_WRITEPROTECT median", floor, "bare ioctl, same range, separate uffd")
 
     with report.stage("engine arm") as st:
         # The arm copies nothing: an untouched anonymous mapping is a destination that costs nothing.
@@ -319,26 +320,23 @@ def test_benchmark_arm_cost(report, benchmark, make_memory, make_wp, mem_size):
             """Untimed, after each round: the work it timed is every page write-protected."""
             protected.append(sum(snap.protection()[1]))
 
-        benchmark.pedantic(arm, setup=snap.disarm, teardown=count_protected, rounds=20, iterations=1)
+        benchmark.pedantic(arm, setup=snap.disarm, teardown=count_protected, rounds=ARM_ROUNDS, iterations=1)
         if len(protected) < len(samples):  # --benchmark-disable runs no teardown
             count_protected()
         st.check(all(n == snap.npages for n in protected), f"every round protected all {snap.npages} pages",
                  f"pages carrying PM_UFFD_WP after each round: {protected}, expected {snap.npages}: a round timed "
                  "less than the arm")
-        engine, floor = _percentile(samples, 0.5), _percentile(raw, 0.5)
-        ratio = engine / floor
-        per_gib = engine * (1 << 30) / mem_size
-        benchmark.extra_info.update({"arm_median_ns": engine, "raw_ioctl_median_ns": floor, "ratio_to_raw": ratio,
-                                     "arm_ns_per_gib": per_gib})
+        engine = median(samples)
+        report.figure("arm_ns", samples, "ns", what="the engine's arm (state reset + UFFDIO_WRITEPROTECT)")
+        ratio = median(report.figure("arm_ratio_to_raw_ioctl", [s / floor for s in samples], "x",
+                                     what="each arm over the bare ioctl's median, same range, same run").samples)
         st.timing("arm median", engine, f"{ratio:.2f}x the bare ioctl")
-        st.timing("arm per GiB", per_gib)
-        report.fact("arm_ratio_to_raw_ioctl", round(ratio, 3))
+        st.timing("arm per GiB", engine * (1 << 30) / mem_size)
         if ratio * LIMIT_SLACK < 1:
             why = (f"an arm at {ratio:.2f}x the bare UFFDIO_WRITEPROTECT it issues on the same range (same run) is "
                    f"past what the ioctl allows (limit 1/{LIMIT_SLACK}x)")
             st.note(f"MEASUREMENT ERROR: {why}")
             report.measurement_error("arm_ratio_to_raw_ioctl", ratio, why)
-
 
 
 @pytest.mark.parametrize("placement", ["same-cpu", "other-cpu"])
@@ -367,8 +365,10 @@ def test_benchmark_guest_wp_fault_round_trip(report, benchmark, make_memory, mak
     try:
         with report.stage("guest write, nothing armed") as st:
             plain = [_rerun(vcpu).run_ns for _ in range(rounds)]
-            st.timing("run median", _percentile(plain, 0.5), "marker16 from reset to HLT, warm")
-            st.timing("run p99", _percentile(plain, 0.99))
+            floor = median(plain)
+            report.figure("plain_run_ns", plain, "ns", what="marker16 from reset to HLT, nothing armed (floor)")
+            st.timing("run median", floor, "marker16 from reset to HLT, warm")
+            st.timing("run p99", percentile(plain, 0.99))
 
         with report.stage("guest write to a WP page") as st:
             armed: list[int] = []
@@ -387,25 +387,24 @@ def test_benchmark_guest_wp_fault_round_trip(report, benchmark, make_memory, mak
             stats = snap.stats()
             # The work each round timed: one guest write, one WP fault (--benchmark-disable runs one round).
             st.equal(stats.faults, len(armed), f"faults served (one per round, {len(armed)} rounds)", str)
-            median = _percentile(armed, 0.5) - _percentile(plain, 0.5)
-            p99 = _percentile(armed, 0.99) - _percentile(plain, 0.5)
-            st.timing("round trip median", median, f"armed run minus plain run; the armed run is "
-                      f"{_percentile(armed, 0.5) / _percentile(plain, 0.5):.2f}x the plain run (the floor)")
-            st.timing("round trip p99", p99)
+            trip = report.figure("round_trip_ns", [a - floor for a in armed], "ns",
+                                 what="armed run minus the plain run's median: the WP fault's round trip")
+            # The round trip over the plain run, not the armed run over it: the plain run is in both, so a
+            # fault that got 50% slower moves this ratio by 50% and the armed run's by a third of that.
+            ratio = report.figure("round_trip_ratio_to_plain_run", [t / floor for t in trip.samples], "x",
+                                  what="each round trip over the plain run's median, same vCPU, same run")
+            st.timing("round trip median", median(trip.samples), f"armed run minus plain run; "
+                      f"{median(ratio.samples):.2f}x the plain run (the floor)")
+            st.timing("round trip p99", percentile(trip.samples, 0.99))
             st.timing("handler service p50", stats.service_percentile_us(0.5) * 1000, "1 µs histogram")
             on_cpus = ", ".join(f"CPU {c}: {n}" for c, n in sorted(stats.handler_cpus.items()))
             st.note(f"faults served on {on_cpus}")
-            benchmark.extra_info.update({"placement": placement, "round_trip_median_ns": median,
-                                         "round_trip_p99_ns": p99, "plain_run_median_ns": _percentile(plain, 0.5),
-                                         "ratio_to_plain_run": _percentile(armed, 0.5) / _percentile(plain, 0.5),
-                                         "handler_cpus": stats.handler_cpus})
-            report.fact("round_trip_median_ns", median)
-            if _percentile(armed, 0.5) * LIMIT_SLACK < _percentile(plain, 0.5):
-                why = (f"the write that takes a WP fault ran {_percentile(plain, 0.5) / _percentile(armed, 0.5):.2f}x "
-                       f"faster than the same write with nothing armed (same run): past the floor (limit "
-                       f"1/{LIMIT_SLACK}x)")
+            report.fact("handler_cpus", stats.handler_cpus)
+            if median(armed) * LIMIT_SLACK < floor:
+                why = (f"the write that takes a WP fault ran {floor / median(armed):.2f}x faster than the same write "
+                       f"with nothing armed (same run): past the floor (limit 1/{LIMIT_SLACK}x)")
                 st.note(f"MEASUREMENT ERROR: {why}")
-                report.measurement_error("round_trip_median_ns", median, why)
+                report.measurement_error("round_trip_ns", median(trip.samples), why)
             report.fact("fault_service_hist_us", {us: n for us, n in enumerate(stats.hist_us) if n})
     finally:
         os.sched_setaffinity(0, saved)

@@ -31,6 +31,7 @@ import os
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import pytest
 
@@ -56,6 +57,7 @@ from native.restore import LOADERS, RestoredVm, restore_vm
 from native.thp import PMD_SIZE, THP_BACKING_NEEDS
 from native.wp import ENGINE_NEEDS
 from results.record import LIMIT_SLACK, fmt_bytes, fmt_ns
+from results.stats import median
 
 pytestmark = [pytest.mark.phase(3, "round-trip restore"), pytest.mark.platform("linux"),
               pytest.mark.needs("kvm", *ENGINE_NEEDS)]
@@ -580,7 +582,7 @@ def marker16_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fresh_vm_floor() -> dict[str, float]:
+def fresh_vm_floor() -> dict[str, Any]:
     """This host's floor for any restore: a fresh VM over memory already in place (a populated 1 MiB
     memfd with marker16), from KVM_CREATE_VM to HLT. Median of 30 rounds, in ns."""
     samples = []
@@ -598,11 +600,7 @@ def fresh_vm_floor() -> dict[str, float]:
                 samples.append(clock() - t0)
             if ex.reason is not ExitReason.HLT:
                 raise AssertionError(f"fresh-VM floor: marker16 did not halt: {ex.describe()}")
-    return {"median_ns": sorted(samples)[len(samples) // 2]}
-
-
-def _median(samples: list[int]) -> float:
-    return float(sorted(samples)[len(samples) // 2])
+    return {"median_ns": median(samples), "samples_ns": samples}
 
 
 def _case(loader: str, size: int, *marks: pytest.MarkDecorator):
@@ -668,28 +666,28 @@ def test_benchmark_time_to_first_instruction(report, benchmark, require, marker1
                      "the restore touched more than the guest did")
 
     with report.stage("figures") as st:
-        first = _median([r["total"] for r in rounds])
+        first = median([r["total"] for r in rounds])
         floor = fresh_vm_floor["median_ns"]
+        report.figure("fresh_vm_ns", fresh_vm_floor["samples_ns"], "ns",
+                      what="a fresh VM over memory already in place, KVM_CREATE_VM to HLT (floor)")
+        report.figure("first_instruction_ns", [r["total"] for r in rounds], "ns",
+                      what="restore start -> marker16 halted, its first touch of pages 0x0 and 0x1000 included")
+        report.figure("first_instruction_ratio_to_fresh_vm", [r["total"] / floor for r in rounds], "x",
+                      what="each restore's time to the first instruction over the fresh VM's median, same run")
         st.timing("time to first instruction", first,
                   f"median; restore start -> marker16 halted, its first touch of pages 0x0 and 0x1000 included; "
                   f"{first / floor:.2f}x a fresh VM over memory already in place ({fmt_ns(floor)})")
-        st.timing("restore -> ready", _median([r["ready"] for r in rounds]),
-                  f"loader {fmt_ns(_median([r['load'] for r in rounds]))}, "
-                  f"VM + memslot {fmt_ns(_median([r['vm'] for r in rounds]))}")
-        st.timing("first run", _median([r["run"] for r in rounds]), "KVM_RUN entry to HLT")
-        extra = {"loader": loader, "size": mem_size, "first_instruction_median_ns": first,
-                 "fresh_vm_floor_ns": floor, "ratio_to_fresh_vm": first / floor}
+        st.timing("restore -> ready", median([r["ready"] for r in rounds]),
+                  f"loader {fmt_ns(median([r['load'] for r in rounds]))}, "
+                  f"VM + memslot {fmt_ns(median([r['vm'] for r in rounds]))}")
+        st.timing("first run", median([r["run"] for r in rounds]), "KVM_RUN entry to HLT")
         if loader == "read-copy":
-            rate = mem_size / (_median([r["load"] for r in rounds]) / 1e9)
+            rate = mem_size / (median([r["load"] for r in rounds]) / 1e9)
             memcpy = host_limits["memcpy_bytes_per_s"]
             st.note(f"read-copy at {rate / 1e9:.2f} GB/s = {rate / memcpy:.2f}x warm memcpy ({memcpy / 1e9:.1f} "
                     "GB/s); includes the first touch of every memfd page")
-            extra["ratio_to_memcpy"] = rate / memcpy
         if loader == "map-private" and mem_size >= 1 << 30:
             st.note("Firecracker's restore target: under 5 ms to the first instruction, flat as size grows")
-        benchmark.extra_info.update(extra)
-        report.fact("time_to_first_instruction_ns", first)
-        report.fact("ratio_to_fresh_vm", round(first / floor, 3))
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -740,21 +738,21 @@ def test_benchmark_original_sequence_1MiB(report, benchmark, make_memory, make_m
                  f"rounds {bad} did not re-run to {AFTER:#04x} at 0x1000")
 
     with report.stage("figures") as st:
-        total = _median([r["total"] for r in rounds])
+        total = median([r["total"] for r in rounds])
         floor = fresh_vm_floor["median_ns"]
         st.timing("sequence", total, "median; capture + restore + re-run, the content check excluded; "
                   f"{total / floor:.2f}x a fresh VM over memory already in place ({fmt_ns(floor)}); target: "
                   f"under 5 ms ({total / 5e6:.2f}x it; forkd's PR #160 took 162.6 ms)")
-        st.timing("capture", _median([r["capture"] for r in rounds]),
-                  f"engine {fmt_ns(_median([r['engine'] for r in rounds]))} (bulk copy first-touches the file's "
-                  f"page cache), file finalize {fmt_ns(_median([r['file'] for r in rounds]))} (msync, fsync x2, "
+        st.timing("capture", median([r["capture"] for r in rounds]),
+                  f"engine {fmt_ns(median([r['engine'] for r in rounds]))} (bulk copy first-touches the file's "
+                  f"page cache), file finalize {fmt_ns(median([r['file'] for r in rounds]))} (msync, fsync x2, "
                   "sha256)")
-        st.timing("restore -> ready", _median([r["ready"] for r in rounds]))
-        st.timing("re-run", _median([r["run"] for r in rounds]), "entry to HLT with the first touch of its pages")
-        benchmark.extra_info.update({"loader": loader, "sequence_median_ns": total, "fresh_vm_floor_ns": floor,
-                                     "ratio_to_fresh_vm": total / floor})
-        report.fact("sequence_median_ns", total)
-        report.fact("sequence_ratio_to_fresh_vm", round(total / floor, 3))
+        st.timing("restore -> ready", median([r["ready"] for r in rounds]))
+        st.timing("re-run", median([r["run"] for r in rounds]), "entry to HLT with the first touch of its pages")
+        report.figure("sequence_ns", [r["total"] for r in rounds], "ns",
+                      what="capture + restore + re-run, the content check excluded")
+        report.figure("sequence_ratio_to_fresh_vm", [r["total"] / floor for r in rounds], "x",
+                      what="each sequence over the fresh VM's median, same run")
 
 
 @pytest.mark.sizes(1 << 20, 64 << 20, extendable=False)
@@ -778,15 +776,15 @@ def test_benchmark_capture_to_file(report, benchmark, make_memory, make_marker16
 
     with report.stage(f"capture into a new file, {BENCH_ROUNDS} rounds") as st:
         benchmark.pedantic(capture, teardown=drop_file, rounds=BENCH_ROUNDS, iterations=1)
-        total = _median([c.total_ns for c in rounds])
+        total = median([c.total_ns for c in rounds])
         memcpy_ns = mem_size / host_limits["memcpy_bytes_per_s"] * 1e9
         st.timing("capture", total, f"median; file create + engine + file finalize; {total / memcpy_ns:.1f}x a warm "
                   f"memcpy of {fmt_bytes(mem_size)} ({fmt_ns(memcpy_ns)}); the file's pages are first-touched")
-        st.timing("engine", _median([c.engine_ns for c in rounds]),
-                  f"arm {fmt_ns(_median([c.arm_ns for c in rounds]))}, bulk copy "
-                  f"{fmt_ns(_median([c.bulk_ns for c in rounds]))}, finalize "
-                  f"{fmt_ns(_median([c.finalize_ns for c in rounds]))} (un-protect + join, no fixed sleep)")
-        st.timing("file finalize", _median([c.file_ns for c in rounds]), "msync, fsync, sha256, header, fsync")
+        st.timing("engine", median([c.engine_ns for c in rounds]),
+                  f"arm {fmt_ns(median([c.arm_ns for c in rounds]))}, bulk copy "
+                  f"{fmt_ns(median([c.bulk_ns for c in rounds]))}, finalize "
+                  f"{fmt_ns(median([c.finalize_ns for c in rounds]))} (un-protect + join, no fixed sleep)")
+        st.timing("file finalize", median([c.file_ns for c in rounds]), "msync, fsync, sha256, header, fsync")
         st.check(all(c.stats.bulk_pages == mem_size // PAGE_SIZE for c in rounds),
                  f"every round's bulk copy captured all {mem_size // PAGE_SIZE} pages",
                  f"bulk pages per round: {[c.stats.bulk_pages for c in rounds]}")
@@ -796,6 +794,7 @@ def test_benchmark_capture_to_file(report, benchmark, make_memory, make_marker16
                    f"fast as this host's warm memcpy of it ({fmt_ns(memcpy_ns)}, same run; limit {LIMIT_SLACK}x)")
             st.note(f"MEASUREMENT ERROR: {why}")
             report.measurement_error("capture_bulk_copy_ns", bulk, why)
-        benchmark.extra_info.update({"capture_median_ns": total, "memcpy_ns": memcpy_ns,
-                                     "ratio_to_memcpy": total / memcpy_ns})
-        report.fact("capture_ratio_to_memcpy", round(total / memcpy_ns, 2))
+        report.figure("capture_ns", [c.total_ns for c in rounds], "ns",
+                      what="file create + engine + file finalize")
+        report.figure("capture_ratio_to_memcpy", [c.total_ns / memcpy_ns for c in rounds], "x",
+                      what="each capture over a warm memcpy of the memory at this run's memcpy rate")

@@ -1,67 +1,66 @@
 """The release gate: a run record judged against a baseline record under a YAML policy.
 
-``python -m results gate RUN.yaml --baseline BASE.yaml --policy results/gate.yaml`` exits 1 and
-says why when the run (or the baseline) was interrupted or stopped before its end, a required phase
-did not PASS, a required capability is missing, a tracked figure regressed past its margin, or a
-tracked benchmark regressed by pytest-benchmark's own check (``--benchmark-compare-fail``
-expressions such as ``median:25%``). The policy schema is in
-results/README.md; results/gate.yaml is the example this repository gates itself with.
+``python -m results gate RUN.yaml --baseline BASE.yaml --policy results/gate.yaml`` exits 1 and says
+why when either record is not of a complete run (``run.status``, named) or the run had fault-injection
+switches on, a required phase did not PASS, a required capability is missing, a figure is a
+measurement error, or a tracked figure regressed: judged by its samples in both records
+(results/stats.py: a rank test at the class's ``alpha`` and a minimum effect size), or past its
+absolute limit. It exits 2, naming the file and the key, when the policy or a record is not valid
+(results/schema.py), the baseline is of another host class than the run, or a policy's class checks
+nothing in the record. A class with no figures of its own is uncalibrated: it gates phases and
+capabilities, needs no baseline, and says its figures are not gated.
+
+``--json`` prints the verdict as JSON; ``--junit-xml PATH`` writes each check as a JUnit test case, so
+a CI system shows every gated figure. The policy schema is in results/README.md; results/gate.yaml is
+the policy this repository gates itself with.
 """
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from results.load import RecordError, figures, host_label, incompleteness, load_record, phase, read_yaml
+from results.record import MEASUREMENT_ERRORS, fmt_value
+from results.schema import POLICY, POLICY_SCHEMA, check
+from results.stats import DEFAULT_ALPHA, Judgement, judge, parse_percent
 
-from results.load import RecordError, benchmarks, dig, fact_values, host_label, incompleteness, phase
-from results.record import MEASUREMENT_ERRORS, fmt_ns
-
-POLICY_SCHEMA = "snapproof-gate/1"
+DEFAULT_MIN_EFFECT = "25%"
 
 
 class PolicyError(Exception):
-    """The policy file is unreadable or malformed (the message names the key)."""
+    """The policy file is unreadable or malformed, or checks nothing (the message names the file and key)."""
 
 
 @dataclass(frozen=True)
 class Finding:
     ok: bool
-    kind: str   # record / phase / capability / figure / benchmark / baseline
+    kind: str        # record / phase / capability / figure / figures
+    subject: str     # what was checked, stable across runs: "phase 5", "uffd.WP_ASYNC", "arm_ns[test...]"
     text: str
+    judgement: Judgement | None = None
 
     def line(self) -> str:
         return f"  {'PASS' if self.ok else 'FAIL'}  {self.kind:<10} {self.text}"
 
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"ok": self.ok, "kind": self.kind, "subject": self.subject, "text": self.text}
+        if (j := self.judgement) is not None:
+            d.update({"verdict": j.verdict, "baseline_median": j.base_median, "run_median": j.run_median,
+                      "change": j.change, "worse_by": j.worse_by, "p": j.p, "p_worse": j.p_worse,
+                      "p_better": j.p_better, "n_baseline": j.n_base, "n_run": j.n_run,
+                      "min_effect": j.min_effect, "alpha": j.alpha})
+        return d
+
 
 def load_policy(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    try:
-        policy = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise PolicyError(f"{p}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise PolicyError(f"{p}: not YAML: {e}") from None
-    if not isinstance(policy, dict) or policy.get("schema") != POLICY_SCHEMA:
-        raise PolicyError(f"{p}: schema {policy.get('schema') if isinstance(policy, dict) else None!r}, "
-                          f"expected {POLICY_SCHEMA!r}")
-    classes = policy.get("classes")
-    if not isinstance(classes, list) or not classes:
-        raise PolicyError(f"{p}: 'classes' must be a non-empty list of host classes")
-    for i, c in enumerate(classes):
-        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
-            raise PolicyError(f"{p}: classes[{i}] needs a 'name'")
-        if not isinstance(c.get("match", {}), dict):
-            raise PolicyError(f"{p}: classes[{i}] ({c['name']}): 'match' must be a mapping of host facts")
-        for f in c.get("figures", []):
-            for key in ("name", "phase", "fact"):
-                if key not in f:
-                    raise PolicyError(f"{p}: classes[{i}] ({c['name']}): a figure has no {key!r}: {f}")
-            if f.get("better", "lower") not in ("lower", "higher"):
-                raise PolicyError(f"{p}: figure {f['name']!r}: 'better' is lower or higher, got {f['better']!r}")
+    """A gate policy, validated (results/schema.py); PolicyError names the file and the key."""
+    policy = check(read_yaml(path, PolicyError), POLICY, "gate policy", POLICY_SCHEMA, path, PolicyError)
+    names = [c["name"] for c in policy["classes"]]
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise PolicyError(f"{path}: classes: the host class name(s) {', '.join(map(repr, dupes))} appear twice")
     return policy
 
 
@@ -87,8 +86,8 @@ def required_capabilities(klass: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def uncalibrated(klass: dict[str, Any]) -> bool:
-    """A class with no limits of its own: its figures are reported in the record, not gated."""
-    return not klass.get("figures") and not klass.get("benchmarks")
+    """A class with no figures of its own: its figures are reported in the record, not gated."""
+    return not klass.get("figures")
 
 
 def matches(klass: dict[str, Any], host: dict[str, Any]) -> bool:
@@ -116,103 +115,104 @@ def select_class(policy: dict[str, Any], host: dict[str, Any], name: str | None 
     raise PolicyError(f"no host class in the policy matches this host ({facts})")
 
 
-def _margin(spec: Any, base: float) -> float:
-    """Allowed worsening: '25%' of the baseline value, or an absolute number."""
-    if isinstance(spec, str) and spec.endswith("%"):
-        return abs(base) * float(spec[:-1]) / 100
-    return float(spec or 0)
+@dataclass(frozen=True)
+class Statistics:
+    """How a class judges its figures (its ``statistics`` section; a figure may override ``min_effect``)."""
+
+    alpha: float = DEFAULT_ALPHA
+    min_effect: float = parse_percent(DEFAULT_MIN_EFFECT)
+    max_improvement: float | None = None
+
+    @classmethod
+    def of(cls, klass: dict[str, Any]) -> Statistics:
+        spec = klass.get("statistics", {})
+        improvement = spec.get("max_improvement")
+        return cls(float(spec.get("alpha", DEFAULT_ALPHA)), parse_percent(spec.get("min_effect", DEFAULT_MIN_EFFECT)),
+                   None if improvement is None else parse_percent(improvement))
+
+    def judge(self, base: list[float], run: list[float], better: str, min_effect: str | None = None) -> Judgement:
+        effect = self.min_effect if min_effect is None else parse_percent(min_effect)
+        return judge(base, run, better, min_effect=effect, alpha=self.alpha, max_improvement=self.max_improvement)
 
 
-def _fmt(v: float, fact: str) -> str:
-    return fmt_ns(v) if fact.endswith("_ns") or "_ns." in fact else f"{v:.4g}"
+def judge_figure(name: str, test: str, base_fig: dict[str, Any], run_fig: dict[str, Any], stats: Statistics,
+                 min_effect: str | None = None) -> Finding:
+    """One figure of one case, run against baseline, by their samples."""
+    subject = f"{name}[{test}]"
+    unit = run_fig["unit"]
+    if (base_fig["unit"], base_fig["better"]) != (unit, run_fig["better"]):
+        return Finding(False, "figure", subject, f"{subject}: measured as {unit} ({run_fig['better']} is better), the "
+                       f"baseline as {base_fig['unit']} ({base_fig['better']}): not comparable; re-take the baseline")
+    j = stats.judge(base_fig["samples"], run_fig["samples"], run_fig["better"], min_effect)
+    text = (f"{subject}: {fmt_value(j.run_median, unit)} vs baseline {fmt_value(j.base_median, unit)} "
+            f"(median of {j.n_run} vs {j.n_base}; {j.verdict}: {j.reason()})")
+    return Finding(j.ok, "figure", subject, text, j)
 
 
 def check_figures(klass: dict[str, Any], run: dict[str, Any], base: dict[str, Any]) -> list[Finding]:
     out = []
+    stats = Statistics.of(klass)
     for f in klass.get("figures", []):
-        name, fact, number, case = f["name"], f["fact"], int(f["phase"]), f.get("case", "*")
-        got = fact_values(run, number, case, fact)
+        name, number, case = f["figure"], int(f["phase"]), f["case"]
+        got = figures(run, number, case, name)
         if not got:
             if f.get("required", True):
-                out.append(Finding(False, "figure",
-                                   f"{name}: not in the run (phase {number}, case {case}, fact {fact})"))
+                out.append(Finding(False, "figure", f"{name}[{case}]",
+                                   f"{name}: not in the run (phase {number}, case {case})"))
             continue
-        baseline = dict(fact_values(base, number, case, fact))
-        lower = f.get("better", "lower") == "lower"
-        for test, value in got:
-            value = float(value)
+        baseline = dict(figures(base, number, case, name))
+        for test, fig in got:
+            subject = f"{name}[{test}]"
             limit = f.get("limit")
-            if limit is not None and (value > float(limit) if lower else value < float(limit)):
-                out.append(Finding(False, "figure", f"{name} [{test}]: {_fmt(value, fact)} is past the limit "
-                                   f"{_fmt(float(limit), fact)} ({'at most' if lower else 'at least'})"))
-                continue
+            if limit is not None:
+                lower = fig["better"] == "lower"
+                past = fig["median"] > limit if lower else fig["median"] < limit
+                if past:
+                    value = fmt_value(fig["median"], fig["unit"])
+                    out.append(Finding(False, "figure", subject, f"{subject}: median {value} is past the limit "
+                                       f"{fmt_value(limit, fig['unit'])} ({'at most' if lower else 'at least'})"))
+                    continue
             if test not in baseline:
-                out.append(Finding(True, "figure", f"{name} [{test}]: {_fmt(value, fact)}; not in the baseline, "
-                                   "not compared"))
+                out.append(Finding(False, "figure", subject, f"{subject}: {fmt_value(fig['median'], fig['unit'])}; not "
+                                   "in the baseline, so not judged: re-take the baseline with this figure"))
                 continue
-            ref = float(baseline[test])
-            allowed = _margin(f.get("margin", 0), ref)
-            worse = value - ref if lower else ref - value
-            text = (f"{name} [{test}]: {_fmt(value, fact)} vs baseline {_fmt(ref, fact)} "
-                    f"({'+' if value >= ref else ''}{(value / ref - 1) * 100 if ref else 0:.1f}%; "
-                    f"allowed {f.get('margin', 0)} {'up' if lower else 'down'})")
-            out.append(Finding(worse <= allowed, "figure", text))
+            out.append(judge_figure(name, test, baseline[test], fig, stats, f.get("min_effect")))
     return out
 
 
-def check_benchmarks(klass: dict[str, Any], run_benches: dict[str, dict[str, Any]],
-                     base_benches: dict[str, dict[str, Any]]) -> list[Finding]:
-    """pytest-benchmark's own regression checks (``--benchmark-compare-fail`` syntax), per tracked benchmark."""
-    spec = klass.get("benchmarks")
-    if not spec:
-        return []
-    from pytest_benchmark.utils import parse_compare_fail
-
-    try:
-        checks = [parse_compare_fail(e) for e in spec.get("compare_fail", ["median:25%"])]
-    except Exception as e:  # argparse.ArgumentTypeError: names the bad expression
-        raise PolicyError(f"benchmarks.compare_fail: {e}") from None
-    include = spec.get("include", ["*"])
-    exclude = spec.get("exclude", [])
-
-    def tracked(b: dict[str, Any]) -> bool:
-        names = (b["fullname"], b["name"])
-        return (any(fnmatch.fnmatchcase(n, pat) for pat in include for n in names)
-                and not any(fnmatch.fnmatchcase(n, pat) for pat in exclude for n in names))
-
+def check_record(role: str, rec: dict[str, Any]) -> list[Finding]:
+    """A record of a run that did not finish, or that ran with bugs switched on, proves nothing whole."""
     out = []
-    for fullname, bb in sorted(base_benches.items()):
-        if not tracked(bb):
-            continue
-        rb = run_benches.get(fullname)
-        if rb is None:
-            if spec.get("required", True):
-                out.append(Finding(False, "benchmark", f"{bb['name']}: in the baseline, not in the run"))
-            continue
-        fails = [msg for c in checks if (msg := c.fails(rb["stats"], bb["stats"]))]
-        med, bmed = rb["stats"]["median"] * 1e9, bb["stats"]["median"] * 1e9
-        text = f"{rb['name']}: median {fmt_ns(med)} vs baseline {fmt_ns(bmed)} ({(med / bmed - 1) * 100:+.1f}%)"
-        out.append(Finding(not fails, "benchmark", text + ("; " + "; ".join(fails) if fails else "")))
-    for fullname, rb in sorted(run_benches.items()):
-        if fullname not in base_benches and tracked(rb):
-            out.append(Finding(True, "benchmark", f"{rb['name']}: new (not in the baseline), not compared"))
+    if (why := incompleteness(rec)) is not None:
+        out.append(Finding(False, "record", role, f"the {role} record is not of a complete run ({why}): refused; "
+                           "run it again to the end"))
+    if rec["run"]["inject"] not in ("", "none"):
+        out.append(Finding(False, "record", role, f"the {role} ran with fault-injection switches on "
+                           f"({rec['run']['inject']}): not a release run"))
     return out
 
 
-def evaluate(run: dict[str, Any], base: dict[str, Any] | None, policy: dict[str, Any], host_class: str | None = None,
-             run_benches: dict[str, dict[str, Any]] | None = None,
-             base_benches: dict[str, dict[str, Any]] | None = None) -> tuple[dict[str, Any], list[Finding]]:
+def measurement_errors(run: dict[str, Any]) -> list[Finding]:
+    """A figure past the host's own limit measured in the same run is a measurement error, never a record."""
+    out = []
+    for p in run["phases"]:
+        for c in p["cases"]:
+            for e in c.get("facts", {}).get(MEASUREMENT_ERRORS, []):
+                out.append(Finding(False, "figure", f"{e['figure']}[{c['test']}]",
+                                   f"phase {p['phase']} [{c['test']}]: {e['figure']} = {e['value']} is a measurement "
+                                   f"error ({e['why']}): refused, not a record"))
+    return out
+
+
+def evaluate(run: dict[str, Any], base: dict[str, Any] | None, policy: dict[str, Any],
+             host_class: str | None = None) -> tuple[dict[str, Any], list[Finding]]:
     """(the host class applied, every finding). The baseline must be of the class applied to the run: one of
-    another class is refused (PolicyError naming both), as is none for a class that has limits to compare."""
+    another class is refused (PolicyError naming both), as is none for a class that has figures to judge.
+
+    PolicyError when the class checks nothing in this record: a gate that checked nothing has proved nothing.
+    """
     klass = select_class(policy, host_facts(run), host_class)
-    findings = []
-    # A record of a run that did not finish proves nothing whole, whatever its phases say.
-    for role, rec in (("run", run), ("baseline", base)):
-        if rec is None:
-            continue
-        if (why := incompleteness(rec)) is not None:
-            findings.append(Finding(False, "record", f"the {role} record is not of a whole run: {why}; "
-                                    "run it again to the end"))
+    findings = check_record("run", run) + (check_record("baseline", base) if base is not None else [])
     if base is not None:
         base_host = host_facts(base)
         base_class = next((c["name"] for c in policy["classes"] if matches(c, base_host)), None)
@@ -222,74 +222,118 @@ def evaluate(run: dict[str, Any], base: dict[str, Any] | None, policy: dict[str,
                               f"{klass['name']!r}: a class never uses another class's baseline (figures from "
                               "another class of host prove nothing)")
     elif not uncalibrated(klass):
-        raise PolicyError(f"host class {klass['name']!r} tracks figures: a baseline record of that class is needed "
+        raise PolicyError(f"host class {klass['name']!r} judges figures: a baseline record of that class is needed "
                           "(--baseline)")
-    base = base if base is not None else {"phases": [], "benchmarks": []}
+    checks = []
     for number in klass.get("required_phases", []):
         p = phase(run, int(number))
         if p is None:
-            findings.append(Finding(False, "phase", f"phase {number}: NOT RUN (required)"))
+            checks.append(Finding(False, "phase", f"phase {number}", f"phase {number}: NOT RUN (required)"))
             continue
         detail = ""
-        if p["outcome"] != "PASS":
-            bad = [c for c in p["cases"] if c["outcome"] != "passed"]
-            why = bad[0].get("failure") or bad[0].get("skip_reason") or bad[0]["outcome"] if bad else ""
-            if bad:
-                detail = f" ({len(bad)} of {len(p['cases'])} cases not passed; first: {bad[0]['test']}: {why})"
+        bad = [c for c in p["cases"] if c["outcome"] != "passed"]
+        if p["outcome"] != "PASS" and bad:
+            why = bad[0].get("failure") or bad[0].get("skip_reason") or bad[0]["outcome"]
+            detail = f" ({len(bad)} of {len(p['cases'])} cases not passed; first: {bad[0]['test']}: {why})"
         if left_out := p.get("deselected", []):
             # Cases the host's class excused are named, never counted: the PASS covers what ran.
             detail += (f" ({len(left_out)} deselected for this host, not required by its class; first: "
                        f"{left_out[0]['test']}: {left_out[0]['reason'].split(', not required', 1)[0]})")
-        findings.append(Finding(p["outcome"] == "PASS", "phase",
-                                f"phase {number} {p['title']}: {p['outcome']}{detail}"))
-    # A figure past the host's own limit measured in the same run is a measurement error, never a record.
-    for p in run.get("phases", []):
-        for c in p.get("cases", []):
-            for e in c.get("facts", {}).get(MEASUREMENT_ERRORS, []):
-                findings.append(Finding(False, "figure", f"phase {p['phase']} [{c['test']}]: {e['figure']} = "
-                                        f"{e['value']} is a measurement error ({e['why']}): refused, not a record"))
+        checks.append(Finding(p["outcome"] == "PASS", "phase", f"phase {number}",
+                              f"phase {number} {p['title']}: {p['outcome']}{detail}"))
     caps = {c["name"]: c for c in run.get("capabilities", [])}
     for name, allow in required_capabilities(klass).items():
         c = caps.get(name)
         if c is None:
-            findings.append(Finding(False, "capability", f"{name}: not probed in the run"))
+            checks.append(Finding(False, "capability", name, f"{name}: not probed in the run"))
         else:
-            findings.append(Finding(c["status"] in allow, "capability", f"{name}: {c['status']} ({c.get('detail', '')})"
-                                    + ("" if c["status"] in allow else f"; required: {' or '.join(allow)}")))
+            checks.append(Finding(c["status"] in allow, "capability", name, f"{name}: {c['status']} "
+                                  f"({c.get('detail', '')})" + ("" if c["status"] in allow
+                                                                 else f"; required: {' or '.join(allow)}")))
+    if not uncalibrated(klass):
+        checks += check_figures(klass, run, base or {"phases": []})
+    if not checks:
+        raise PolicyError(f"host class {klass['name']!r} checks nothing in this record (no required phase, "
+                          "capability or figure): a gate that checked nothing proves nothing")
+    checks += measurement_errors(run)
     if uncalibrated(klass):
-        findings.append(Finding(True, "figures", f"host class {klass['name']!r} is uncalibrated: figures reported "
-                                "in the record, not gated"))
-    findings += check_figures(klass, run, base)
-    findings += check_benchmarks(klass, benchmarks(run) if run_benches is None else run_benches,
-                                 benchmarks(base) if base_benches is None else base_benches)
-    return klass, findings
+        checks.append(Finding(True, "figures", "figures", f"host class {klass['name']!r} is uncalibrated: figures "
+                              "reported in the record, not gated"))
+    return klass, findings + checks
 
 
-def gate(run_path: str, baseline_path: str | None, policy_path: str, host_class: str | None = None,
-         run_json: str | None = None, baseline_json: str | None = None) -> tuple[str, int]:
-    """The gate's report and exit status: 0 pass, 1 fail."""
-    from results.load import benchmarks_from_json, load_record
+@dataclass
+class GateResult:
+    run_path: str
+    baseline_path: str | None
+    policy_path: str
+    run: dict[str, Any]
+    baseline: dict[str, Any] | None
+    host_class: str
+    findings: list[Finding] = field(default_factory=list)
 
+    @property
+    def failed(self) -> list[Finding]:
+        return [f for f in self.findings if not f.ok]
+
+    @property
+    def status(self) -> int:
+        """The exit status: 0 pass, 1 fail."""
+        return 1 if self.failed else 0
+
+    def text(self) -> str:
+        against = (f"baseline {self.baseline_path} on {host_label(self.baseline)}" if self.baseline is not None
+                   else "no baseline")
+        lines = [f"snapproof gate: {self.run_path} on {host_label(self.run)}",
+                 f"  {against}; policy {self.policy_path}, host class {self.host_class!r}"]
+        lines += [f.line() for f in self.findings]
+        verdict = "FAIL" if self.failed else "PASS"
+        lines.append(f"gate: {verdict} ({len(self.findings) - len(self.failed)} of {len(self.findings)} checks passed)")
+        if self.failed:
+            lines.append("why:")
+            lines += [f"  - {f.kind} {f.text}" for f in self.failed]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"verdict": "FAIL" if self.failed else "PASS", "run": self.run_path, "baseline": self.baseline_path,
+                "policy": self.policy_path, "host_class": self.host_class,
+                "passed": len(self.findings) - len(self.failed), "total": len(self.findings),
+                "checks": [f.to_dict() for f in self.findings]}
+
+    def json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def write_junit(self, path: str | Path) -> Path:
+        """Each check a JUnit test case (classname ``gate.<kind>``, name its subject), a failed one with why."""
+        import xml.etree.ElementTree as ET
+
+        root = ET.Element("testsuites")
+        suite = ET.SubElement(root, "testsuite", name="snapproof gate", tests=str(len(self.findings)),
+                           failures=str(len(self.failed)), errors="0", skipped="0")
+        props = ET.SubElement(suite, "properties")
+        for key, value in (("run", self.run_path), ("baseline", self.baseline_path or ""),
+                           ("policy", self.policy_path), ("host_class", self.host_class)):
+            ET.SubElement(props, "property", name=key, value=value)
+        for f in self.findings:
+            case = ET.SubElement(suite, "testcase", classname=f"gate.{f.kind}", name=f.subject, time="0")
+            if not f.ok:
+                ET.SubElement(case, "failure", message=f.text[:500]).text = f.text
+            else:
+                ET.SubElement(case, "system-out").text = f.text
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ET.ElementTree(root).write(out, encoding="utf-8", xml_declaration=True)
+        return out
+
+
+def gate(run_path: str, baseline_path: str | None, policy_path: str, host_class: str | None = None) -> GateResult:
+    """Load, validate and judge (RecordError / PolicyError for unusable input: exit 2)."""
     run = load_record(run_path)
     base = load_record(baseline_path) if baseline_path is not None else None
     policy = load_policy(policy_path)
-
-    def by_name(path: str | None) -> dict[str, dict[str, Any]] | None:
-        return None if path is None else {b["fullname"]: b for b in benchmarks_from_json(path)}
-
-    klass, findings = evaluate(run, base, policy, host_class, by_name(run_json), by_name(baseline_json))
-    failed = [f for f in findings if not f.ok]
-    against = f"baseline {baseline_path} on {host_label(base)}" if base is not None else "no baseline"
-    lines = [f"snapproof gate: {run_path} on {host_label(run)}",
-             f"  {against}; policy {policy_path}, host class {klass['name']!r}"]
-    lines += [f.line() for f in findings]
-    verdict = "FAIL" if failed else "PASS"
-    lines.append(f"gate: {verdict} ({len(findings) - len(failed)} of {len(findings)} checks passed)")
-    if failed:
-        lines.append("why:")
-        lines += [f"  - {f.kind} {f.text}" for f in failed]
-    return "\n".join(lines), 1 if failed else 0
+    klass, findings = evaluate(run, base, policy, host_class)
+    return GateResult(run_path, baseline_path, policy_path, run, base, klass["name"], findings)
 
 
-__all__ = ["Finding", "PolicyError", "RecordError", "evaluate", "gate", "host_facts", "load_policy",
-           "required_capabilities", "select_class", "uncalibrated", "dig"]
+__all__ = ["Finding", "GateResult", "PolicyError", "RecordError", "Statistics", "evaluate", "gate",
+           "host_facts", "judge_figure", "load_policy", "required_capabilities", "select_class", "uncalibrated"]

@@ -1,4 +1,4 @@
-"""Reading run records back: schema check, host labels, and figures picked out of a record by a selector.
+"""Reading run records back: schema validation, completeness, host labels, and figures picked out of a record.
 
 Shared by ``python -m results show | matrix | gate | plots``; pure Python (PyYAML), every platform.
 """
@@ -19,39 +19,44 @@ class RecordError(Exception):
     """A file that is not a readable snapproof run record (the message names the file and why)."""
 
 
-def load_record(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, error: type[Exception]) -> Any:
+    """A YAML file's content; ``error`` naming the file when it cannot be read or parsed."""
     p = Path(path)
     try:
         with open(p) as f:
-            rec = yaml.safe_load(f)
+            return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except OSError as e:
-        raise RecordError(f"{p}: cannot read: {e.strerror}") from None
+        raise error(f"{p}: cannot read: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise RecordError(f"{p}: not YAML: {e}") from None
-    if not isinstance(rec, dict):
-        raise RecordError(f"{p}: not a run record (top level is {type(rec).__name__}, expected a mapping)")
-    schema = rec.get("schema")
-    if schema != SCHEMA:
-        raise RecordError(f"{p}: schema {schema!r}, this reader knows {SCHEMA!r}")
-    rec.setdefault("phases", [])
+        raise error(f"{p}: not YAML: {e}") from None
+
+
+def load_record(path: str | Path) -> dict[str, Any]:
+    """A run record, validated against its schema (results/schema.py): RecordError names the file and key."""
+    from results.schema import RECORD, check
+
+    rec = check(read_yaml(path, RecordError), RECORD, "run record", SCHEMA, path, RecordError)
     rec.setdefault("benchmarks", [])
     return rec
 
 
 def incompleteness(rec: dict[str, Any]) -> str | None:
-    """Why the record is not of a whole run (interrupted, or stopped before every test finished), or None.
-
-    Records written before ``run.status`` existed carry none and are taken as complete."""
-    run = rec.get("run", {})
-    status = run.get("status", "complete")
+    """Why the record is not of a whole run (``run.status`` is not ``complete``), or None when it is."""
+    run = rec["run"]
+    status = run["status"]
     if status == "complete":
         return None
-    tests = run.get("tests", {})
-    finished = f"{tests.get('finished', '?')} of {tests.get('selected', '?')} tests finished"
-    got = run.get("interrupted") or {}
+    tests = run["tests"]
+    finished = f"{tests['finished']} of {tests['selected']} tests finished"
     if status == "interrupted":
-        return f"interrupted by {got.get('signal', '?')} during {got.get('during', '?')}; {finished}"
-    return f"{status}; {finished}"
+        got = run["interrupted"]
+        return f"status interrupted: {got['signal']} during {got['during']}; {finished}"
+    unfinished = next((c["test"] for p in rec["phases"] for c in p["cases"] if c["outcome"] == "not run"), None)
+    during = f"; the first case not finished: {unfinished}" if unfinished else ""
+    # The record is written from the start as incomplete: only a run that reached its end marks it otherwise.
+    return (f"status {status}: stopped early (-x, --maxfail, an internal error), or the run never finished its "
+            f"record (killed, timed out: pytest-timeout ends the process, crashed, or still running); "
+            f"{finished}{during}")
 
 
 def host_label(rec: dict[str, Any]) -> str:
@@ -95,6 +100,17 @@ def fact_values(rec: dict[str, Any], number: int | None, case: str, fact: str) -
         if v is not None:
             out.append((c["test"], v))
     return out
+
+
+def figures(rec: dict[str, Any], number: int | None, case: str, name: str) -> list[tuple[str, dict[str, Any]]]:
+    """(test name, figure) for each matching case that has the figure ``name`` (samples, unit, better)."""
+    return [(c["test"], c["figures"][name]) for c in cases(rec, number, case) if name in c.get("figures", {})]
+
+
+def figure_median(rec: dict[str, Any], number: int | None, case: str, name: str) -> float | None:
+    """The first matching case's median of figure ``name``, or None."""
+    got = figures(rec, number, case, name)
+    return float(got[0][1]["median"]) if got else None
 
 
 def benchmarks(rec: dict[str, Any], pattern: str = "*") -> dict[str, dict[str, Any]]:

@@ -1,7 +1,6 @@
 """PNG plots of a run record (matplotlib, Agg backend): what ``--plots`` and ``python -m results plots`` write.
 
-Each plot reads the record only (facts and the pytest-benchmark section), so a record from any
-host plots the same way:
+Each plot reads the record only (case figures and facts), so a record from any host plots the same way:
 
 - ``arm_cost_vs_size.png``: the engine's arm and the bare UFFDIO_WRITEPROTECT ioctl vs guest memory size (phase 1);
 - ``copy_rate_vs_size.png``: bulk copy rate, quiet and with the guest writing, vs size, against warm memcpy (phase 2);
@@ -19,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from results.load import benchmarks, cases, host_label
+from results.load import cases, host_label
 from results.record import fmt_bytes, fmt_ns
 
 _SIZE_ID = re.compile(r"\[(?:[^\]]*-)?(\d+)(KiB|MiB|GiB)(?:-[^\]]*)?\]")
@@ -65,21 +64,27 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _median_of(c: dict[str, Any], name: str) -> float | None:
+    fig = c.get("figures", {}).get(name)
+    return float(fig["median"]) if fig else None
+
+
 def arm_cost(rec: dict[str, Any], out: Path) -> Path | str:
     rows = []
-    for b in benchmarks(rec, "*test_benchmark_arm_cost*").values():
-        size = size_of(b["name"], b.get("params"))
-        x = b.get("extra_info", {})
-        if size and "arm_median_ns" in x:
-            rows.append((size, x["arm_median_ns"], x.get("raw_ioctl_median_ns")))
+    for c in cases(rec, 1, "test_benchmark_arm_cost*"):
+        size = size_of(c["test"])
+        arm = _median_of(c, "arm_ns")
+        if size and arm is not None:
+            rows.append((size, arm, _median_of(c, "raw_writeprotect_ns")))
     if not rows:
-        return "no arm-cost benchmarks (phase 1, test_benchmark_arm_cost) in the record"
+        return "no arm-cost figures (phase 1, test_benchmark_arm_cost: arm_ns) in the record"
     rows.sort()
     fig, ax = _figure(rec, "Arm cost vs size (populated memfd)")
     sizes = [r[0] for r in rows]
     ax.plot(sizes, [r[1] / 1e6 for r in rows], "o-", label="engine arm (median)")
-    if all(r[2] for r in rows):
-        ax.plot(sizes, [r[2] / 1e6 for r in rows], "s--", label="bare UFFDIO_WRITEPROTECT (median)")
+    floors = [r[2] for r in rows]
+    if all(f is not None for f in floors):
+        ax.plot(sizes, [(f or 0) / 1e6 for f in floors], "s--", label="bare UFFDIO_WRITEPROTECT (median)")
     for s, a, _ in rows:
         ax.annotate(f"{fmt_ns(a)}\n{a * (1 << 30) / s / 1e6:.1f} ms/GiB", (s, a / 1e6), textcoords="offset points",
                     xytext=(6, -18), fontsize=8)
@@ -94,13 +99,13 @@ def copy_rate(rec: dict[str, Any], out: Path) -> Path | str:
     quiet = []
     live: dict[str, list[tuple[int, float]]] = defaultdict(list)
     memcpy = None
-    for b in benchmarks(rec, "*test_benchmark_bulk_copy_rate*").values():
-        size = size_of(b["name"], b.get("params"))
-        x = b.get("extra_info", {})
-        if size and "rate_bytes_per_s" in x:
-            quiet.append((size, x["rate_bytes_per_s"]))
-            if x.get("ratio_to_memcpy"):
-                memcpy = x["rate_bytes_per_s"] / x["ratio_to_memcpy"]
+    for c in cases(rec, 2, "test_benchmark_bulk_copy_rate*"):
+        size = size_of(c["test"])
+        copy_ns, memcpy_ns = _median_of(c, "bulk_copy_ns"), _median_of(c, "memcpy_ns")
+        if size and copy_ns:
+            quiet.append((size, size / (copy_ns / 1e9)))
+            if memcpy_ns:
+                memcpy = size / (memcpy_ns / 1e9)
     for c in cases(rec, 2):
         f = c.get("facts", {})
         size = f.get("mem_size") or size_of(c["test"])
@@ -113,7 +118,7 @@ def copy_rate(rec: dict[str, Any], out: Path) -> Path | str:
     fig, ax = _figure(rec, "Bulk copy rate vs size")
     if quiet:
         quiet.sort()
-        ax.plot([q[0] for q in quiet], [q[1] / 1e9 for q in quiet], "o-", label="bulk copy, guest idle (best)")
+        ax.plot([q[0] for q in quiet], [q[1] / 1e9 for q in quiet], "o-", label="bulk copy, guest idle (median)")
     for marker, (kind, pts) in zip("x+*^v", sorted(live.items()), strict=False):
         ax.plot([v[0] for v in pts], [v[1] / 1e9 for v in pts], marker, markersize=9, linestyle="none",
                 label=f"storm guest writing: {kind}")
@@ -161,13 +166,13 @@ def restore(rec: dict[str, Any], out: Path) -> Path | str:
         size = f.get("mem_size") or size_of(c["test"])
         if not loader or not size:
             continue
-        if "time_to_first_instruction_ns" in f:
-            first[loader].append((size, f["time_to_first_instruction_ns"]))
+        if (first_ns := _median_of(c, "first_instruction_ns")) is not None:
+            first[loader].append((size, first_ns))
         ws = f.get("time_to_full_working_set_ns", f.get("restore_to_working_set_ns"))
         if ws is not None:
             full[loader].append((size, ws))
     if not first and not full:
-        return ("no restore figures in the record (phase 3 case facts time_to_first_instruction_ns, "
+        return ("no restore figures in the record (phase 3 case figure first_instruction_ns, facts "
                 "time_to_full_working_set_ns or restore_to_working_set_ns, per loader and size)")
     fig, ax = _figure(rec, "Restore: time to first instruction and to full working set, per loader")
     sizes = []

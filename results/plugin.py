@@ -2,13 +2,23 @@
 
 The root conftest.py loads it (``pytest_plugins``). A test of a phase (``@pytest.mark.phase(n, title)``)
 gets its case report from the ``report`` fixture; each outcome pytest reports lands in it; at the end
-the reports are printed (``--reports``) and written as one run record (``--results-dir``, schema in
-results/README.md), and ``--plots`` draws it.
+the reports are printed (``--reports``), the run record is written (schema in results/README.md and
+results/schema.py), and ``--plots`` draws it.
 
-Every selected case is in the record from the start, ``not run`` until it finishes, and the record's
-``run.status`` says whether the run was complete, incomplete (stopped early: ``-x``, an internal
-error) or interrupted (results/interrupts.py: which signal, during what): a record is never mistaken
-for a whole run when it is not one.
+The record can never be mistaken for another run's, nor for a whole run when it is not one:
+
+- its path is fixed at the start (``--results-file``, or a new name in ``--results-dir``) and printed then
+  and at the end;
+- it is written as soon as the tests are collected, every selected case ``not run`` and ``run.status``
+  ``incomplete``, and written again as each phase case finishes: a run that ends without its end
+  (pytest-timeout's ``os._exit``, SIGKILL, a crash) leaves a record that says so and holds what finished;
+- at the run's end ``run.status`` says whether it was complete, incomplete (stopped early: ``-x``, an
+  internal error) or interrupted (results/interrupts.py: which signal, during what); only a complete run
+  points ``latest`` (a symlink in the record's folder) at its record, and a signal at the very end (after
+  that) puts ``latest`` back;
+- pytest-xdist (``-n``) is refused at the start while a record is to be written: the timed phases need the
+  host to themselves, pytest-benchmark disables itself under xdist, and each worker would write a record
+  of its own share.
 """
 
 from __future__ import annotations
@@ -33,12 +43,15 @@ from results.record import SCHEMA, CaseReport, PhaseReport, render_phase
 
 RESULTS = Path(__file__).resolve().parent
 ROOT = RESULTS.parent
+LATEST = "latest"  # the pointer beside the records: never matches the records' *.yaml
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("snapproof")
     g.addoption("--results-dir", default=str(RESULTS / "runs"),
-                help="where the YAML run record goes ('' for none)")
+                help="where the YAML run record goes, under a new name ('' for none)")
+    g.addoption("--results-file", default="", metavar="PATH",
+                help="write the run record to PATH (its folder gets the 'latest' pointer); overrides --results-dir")
     g.addoption("--plots", action="store_true",
                 help="write PNG plots of the run (matplotlib) into --plots-dir: see results/plots.py")
     g.addoption("--plots-dir", default=str(RESULTS / "plots"), help="where --plots writes")
@@ -54,12 +67,44 @@ def recorder(config: pytest.Config) -> RunRecorder:
     return config.stash[RECORDER]
 
 
+def distributed(config: pytest.Config) -> bool:
+    """This process is pytest-xdist's controller handing tests to workers (``-n N``, N > 0, or ``--dist``)."""
+    if hasattr(config, "workerinput"):
+        return False
+    return bool(getattr(config.option, "numprocesses", None)) or getattr(config.option, "dist", "no") != "no"
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[RECORDER] = RunRecorder(config)
+    run = RunRecorder(config)
+    config.stash[RECORDER] = run
+    config.pluginmanager.register(run, "snapproof-run-recorder")  # its hooks see the run they belong to
+    if run.path is not None and distributed(config):
+        raise pytest.UsageError(
+            "pytest-xdist (-n/--dist) and a run record do not mix: the phases' timings need the host to "
+            "themselves, pytest-benchmark turns itself off under xdist, and each worker would record only its "
+            "share. Run the phases in one process (-n 0), or, for the self-tests alone, write no record "
+            "(--results-dir '').")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    recorder(session.config).select(session.items)
+    run = recorder(session.config)
+    run.select(session.items)
+    if run.phases and run.path is not None and not session.config.option.collectonly:
+        run.write()
+        _say(session.config, f"run record: {shown(run.path)} (written now as incomplete; complete when "
+                             "the run ends)")
+
+
+def shown(path: Path) -> str:
+    """A path as a person types it from here: relative below the working folder, absolute elsewhere."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def _say(config: pytest.Config, line: str) -> None:
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(line)
 
 
 @pytest.fixture
@@ -77,7 +122,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     # Outermost wrapper: the outcome recorded is the one every other plugin left (a capability found
     # missing deep in a fixture is turned into a skip by conftest.py's wrapper first).
     outcome = yield
-    recorder(item.config).record_outcome(item, outcome.get_result())
+    rep: pytest.TestReport = outcome.get_result()
+    run = recorder(item.config)
+    run.record_outcome(item, rep)
+    if rep.when == "call":
+        run.benchmark_figures(item)
 
 
 def _phase_of(item: pytest.Item) -> tuple[int, str] | None:
@@ -88,7 +137,7 @@ def _phase_of(item: pytest.Item) -> tuple[int, str] | None:
 
 
 class RunRecorder:
-    """Collects case reports per phase and writes them out at the end of the run."""
+    """Collects case reports per phase and writes them out as the run goes."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
@@ -98,17 +147,43 @@ class RunRecorder:
         self.cases: dict[str, CaseReport] = {}
         self.selected: list[str] = []   # every test the run set out to run, in order
         self.finished: set[str] = set()  # those whose outcome is known
-        self.record_path: Path | None = None
         self._written_status = ""
+        self._latest_before: str | None = None  # where 'latest' pointed before this run moved it ("" nowhere)
         self.deselected: dict[str, str] = {}  # node id -> why: a capability the host lacks, its class does not require
         self._host_policy: HostPolicy | None = None
+        self._engine: dict[str, Any] | None = None
+        self.path = self._path()
+
+    def _path(self) -> Path | None:
+        """Fixed at the start: --results-file, or a new name in --results-dir (the pid keeps two runs
+        started in the same second apart)."""
+        if hasattr(self.config, "workerinput"):
+            return None  # an xdist worker (only with no record asked for: see pytest_configure)
+        given = self.config.getoption("results_file")
+        if given:
+            path = Path(given)
+            if path.name == LATEST:
+                raise pytest.UsageError(f"--results-file {given}: {LATEST!r} is the pointer to the latest complete "
+                                        "run, not a record's name")
+            return path.resolve()
+        folder = self.config.getoption("results_dir")
+        if not folder:
+            return None
+        stamp = self.started.strftime("%Y%m%dT%H%M%SZ")
+        return (Path(folder) / f"{stamp}-{socket.gethostname()}-{os.getpid()}.yaml").resolve()
+
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        """A test is done, its teardown reported too: rewrite the record if it is a phase case, so what
+        finished so far is on disk before the next test can hang or crash."""
+        if nodeid in self.cases:
+            self.write()
 
     def host_policy(self) -> HostPolicy:
         """The gate policy's class for this host and what it requires (probes the host the first time)."""
         if self._host_policy is None:
             from native.host import probe
 
-            path = self.config.getoption("policy")
+            path = self.config.getoption("policy", "")
             self._host_policy = HostPolicy.for_host(path, probe().facts, shown=_shown_path(path))
         return self._host_policy
 
@@ -156,7 +231,22 @@ class RunRecorder:
         elif rep.when == "call":
             case.outcome = "passed"
 
-    def record(self) -> dict[str, Any]:
+    def benchmark_figures(self, item: pytest.Item) -> None:
+        """A benchmark's round times become the case's ``round_ns`` figure, and every figure's median goes
+        into pytest-benchmark's extra_info under the figure's own name (one name for one figure)."""
+        case = self.case_for(item)
+        bench = getattr(item, "funcargs", {}).get("benchmark")
+        if case is None or bench is None:
+            return
+        data = getattr(getattr(getattr(bench, "stats", None), "stats", None), "data", None)
+        if data:
+            case.figure("round_ns", [s * 1e9 for s in data], "ns",
+                        what="pytest-benchmark's round time of the timed call")
+        for name, fig in case.figures.items():
+            bench.extra_info[name] = fig.to_dict()["median"]
+
+    def record(self, at_end: bool = False) -> dict[str, Any]:
+        """The run record as it stands; ``at_end``: the run reached its end (only then can it be complete)."""
         from native.host import probe
 
         policy: dict[str, Any] = {}
@@ -179,13 +269,14 @@ class RunRecorder:
                 "started": self.started.isoformat(timespec="seconds"),
                 "duration_s": round((time.perf_counter_ns() - self.t0) / 1e9, 3),
                 "argv": sys.argv[1:],
-                "strict_host": bool(self.config.getoption("strict_host")),
-                "inject": self.config.getoption("inject"),
+                "strict_host": bool(self.config.getoption("strict_host", False)),
+                "inject": str(self.config.getoption("inject", "none")),
                 "engine": self.engine_under_test(),
                 "git_commit": _git_commit(),
+                "record": str(self.path) if self.path else "",
                 "policy": policy,
                 "background_load": describe_load(self.config),
-                **self.completeness(),
+                **self.completeness(at_end),
             },
             "host": host_facts,
             "capabilities": caps,
@@ -195,48 +286,99 @@ class RunRecorder:
 
     def engine_under_test(self) -> dict[str, Any] | None:
         """The snapshot engine the run judged (``--engine``, else the built-in one): name, version, ABI version,
-        library and sha256; None on a host without engines (Windows)."""
+        library and sha256; None on a host without engines (Windows). Described once: the record is rewritten
+        as each case finishes."""
         if sys.platform == "win32":
             return None
-        try:
-            from native.engine import builtin_engine, load_engine
+        if self._engine is None:
+            try:
+                from native.engine import builtin_engine, load_engine
 
-            path = self.config.getoption("engine", "")
-            return (load_engine(path) if path else builtin_engine()).describe()
-        except Exception as e:  # an engine that cannot be described must not lose the record
-            return {"error": str(e)}
+                path = self.config.getoption("engine", "")
+                self._engine = (load_engine(path) if path else builtin_engine()).describe()
+            except Exception as e:  # an engine that cannot be described must not lose the record
+                return {"error": str(e)}
+        return self._engine
 
-    def completeness(self) -> dict[str, Any]:
-        """``status`` (complete / incomplete / interrupted), the test counts, and the interruption if any."""
+    def completeness(self, at_end: bool) -> dict[str, Any]:
+        """``status`` (complete / incomplete / interrupted), the test counts, and the interruption if any.
+        Before the run's end it is never complete: a record the run never finished says so."""
         finished = sum(1 for n in self.selected if n in self.finished)
         out: dict[str, Any] = {"status": "complete", "tests": {"selected": len(self.selected), "finished": finished}}
         got = interruption(self.config)
         if got is not None:
             out["status"] = "interrupted"
             out["interrupted"] = {"signal": got.signal, "during": got.during}
-        elif finished < len(self.selected):
-            out["status"] = "incomplete"  # stopped early (-x, --maxfail, an internal error): not a whole run
+        elif not at_end or finished < len(self.selected):
+            out["status"] = "incomplete"  # not at its end yet, or stopped early (-x, --maxfail, an internal error)
         return out
 
-    def write(self, record: dict[str, Any]) -> Path | None:
-        out = self.config.getoption("results_dir")
-        if not out or not self.phases:
+    def write(self, record: dict[str, Any] | None = None) -> Path | None:
+        """Write the record (atomically: a reader never sees half of it); None when no record is wanted.
+        A complete one moves ``latest`` to it; one rewritten as not complete (a signal at the very end) puts
+        ``latest`` back where it was."""
+        if self.path is None or not self.phases:
             return None
-        d = Path(out)
-        d.mkdir(parents=True, exist_ok=True)
-        stamp = self.started.strftime("%Y%m%dT%H%M%SZ")
-        path = self.record_path or d / f"{stamp}-{socket.gethostname()}.yaml"
-        with open(path, "w") as f:
-            yaml.safe_dump(record, f, sort_keys=False, allow_unicode=True, width=120)
-        self.record_path = path
+        record = record if record is not None else self.record()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml: the record is rewritten per case
+        with open(tmp, "w") as f:
+            yaml.dump(record, f, Dumper=dumper, sort_keys=False, allow_unicode=True, width=120)
+        os.replace(tmp, self.path)
         self._written_status = record["run"]["status"]
-        return path
+        if self._written_status == "complete":
+            if self._latest_before is None:
+                self._latest_before = _point_latest(self.path)
+        elif self._latest_before is not None:
+            _unpoint_latest(self.path, self._latest_before)
+            self._latest_before = None
+        return self.path
 
     def rewrite_if_interrupted_since(self) -> Path | None:
         """A signal that came after the record was written (the end of the session): write it again, marked."""
-        if self.record_path is None or self._written_status == "interrupted" or interruption(self.config) is None:
+        if not self._written_status or self._written_status == "interrupted" or interruption(self.config) is None:
             return None
-        return self.write(self.record())
+        return self.write(self.record(at_end=True))
+
+
+def _point_latest(path: Path) -> str:
+    """``latest`` beside the record names it (a relative symlink, replaced atomically); where symlinks are
+    not allowed (Windows without the privilege), a copy of the record. Returns where it pointed before
+    ("" for nowhere, or a copy)."""
+    link = path.parent / LATEST
+    try:
+        before = os.readlink(link)
+    except OSError:
+        before = ""
+    tmp = path.parent / f".{LATEST}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.symlink(path.name, tmp)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, link)
+    return before
+
+
+def _unpoint_latest(path: Path, before: str) -> None:
+    """``latest`` back to ``before`` (removed when it pointed nowhere), if it still names ``path``."""
+    link = path.parent / LATEST
+    try:
+        if os.readlink(link) != path.name:
+            return
+    except OSError:
+        if not link.exists():
+            return  # gone, or a copy: a copy of a record that is no longer complete must go too
+    if before:
+        tmp = path.parent / f".{LATEST}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(before, tmp)
+        os.replace(tmp, link)
+    else:
+        link.unlink(missing_ok=True)
 
 
 def _shown_path(path: str) -> str:
@@ -248,8 +390,8 @@ def _shown_path(path: str) -> str:
 
 
 def _benchmark_results(config: pytest.Config) -> list[dict[str, Any]]:
-    """This run's pytest-benchmark results as its JSON has them (stats in seconds), for the record: the gate
-    compares them with a baseline record's by pytest-benchmark's own checks."""
+    """This run's pytest-benchmark results as its JSON has them (stats in seconds), for the record and its
+    plots; each timed figure with its samples is in its case (``figures``), which is what the gate judges."""
     bs = getattr(config, "_benchmarksession", None)
     out = []
     for bench in getattr(bs, "benchmarks", None) or []:
@@ -277,12 +419,18 @@ def _short_failure(rep: pytest.TestReport) -> str:
     return text[-1] if text else ""
 
 
+_commit: str | None = None
+
+
 def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    global _commit
+    if _commit is None:
+        try:
+            _commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                     text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            _commit = ""
+    return _commit
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -295,7 +443,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if not run.phases or config.option.collectonly:  # --collect-only ran nothing: no record of it
         return
     mode = config.getoption("reports")
-    record = run.record()
+    record = run.record(at_end=True)
     if mode != "none":
         terminalreporter.section("snapproof phase reports")
         if (engine := record["run"].get("engine")) and "name" in engine:
@@ -311,9 +459,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         why = f": {status['interrupted']['signal']} during {status['interrupted']['during']}" \
             if "interrupted" in status else ""
         terminalreporter.write_line(f"run {status['status']}{why}; {status['tests']['finished']} of "
-                                    f"{status['tests']['selected']} tests finished", red=True, bold=True)
+                                    f"{status['tests']['selected']} tests finished; the gate refuses this record",
+                                    red=True, bold=True)
     if path is not None:
-        terminalreporter.write_line(f"run record: {os.path.relpath(path)}")
+        latest = f" (results {LATEST!r} points here)" if status["status"] == "complete" else ""
+        terminalreporter.write_line(f"run record: {shown(path)}{latest}")
     if config.getoption("plots"):
         from results.plots import write_plots
 
@@ -325,3 +475,5 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     run = config.stash.get(RECORDER, None)
     if run is not None:
         run.rewrite_if_interrupted_since()
+        if config.pluginmanager.is_registered(run):
+            config.pluginmanager.unregister(run)

@@ -1,21 +1,25 @@
 """Phase reports: what a phase records while it runs, the YAML run record, and its text rendering.
 
 A test records numbered stages; each stage states its checks (a failed check
-raises AssertionError naming expected vs seen) and its timings. The plugin in
-results/plugin.py turns the reports into the run record (``schema: snapproof-run/1``,
-documented in results/README.md) and prints them with ``render_phase``, the
-same function ``python -m results show`` uses on a saved record.
+raises AssertionError naming expected vs seen) and its timings. A figure worth
+gating is recorded once, with every sample it was measured from
+(``report.figure``): the gate judges it by those samples. The plugin
+results/plugin.py turns the reports into the run record (``schema:
+snapproof-run/2``, documented in results/README.md) and prints them with
+``render_phase``, the same function ``python -m results show`` uses on a saved
+record.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-SCHEMA = "snapproof-run/1"
+SCHEMA = "snapproof-run/2"
 OK_MARK = "\u2713"
 FAIL_MARK = "\u2717"
 # A figure this far past the host's own limit measured in the same run (a copy 1.5x as fast as a warm memcpy of
@@ -35,6 +39,17 @@ def fmt_ns(ns: float) -> str:
     if ns < 1_000_000_000:
         return f"{ns / 1e6:.1f} ms"
     return f"{ns / 1e9:.2f} s"
+
+
+def fmt_value(v: float, unit: str) -> str:
+    """A figure's value in the unit a person reads (its unit: one of FIGURE_UNITS)."""
+    if unit == "ns":
+        return fmt_ns(v)
+    if unit == "x":
+        return f"{v:.3g}x"
+    if unit == "B/s":
+        return f"{v / 1e9:.2f} GB/s"
+    return f"{v:.4g}"
 
 
 def fmt_bytes(n: int) -> str:
@@ -101,15 +116,56 @@ class Stage:
         }
 
 
+# What a figure's samples are: nanoseconds, a ratio to a floor measured in the same run ("x"), bytes per
+# second, or a plain number (a byte ratio, a count).
+FIGURE_UNITS = ("ns", "x", "B/s", "number")
+
+
+@dataclass
+class Figure:
+    """One figure of a case, with every sample it was measured from (one a round).
+
+    A ratio ("x") is each round's value over the median of its floor (memcpy, the bare ioctl, a plain
+    run) measured in the same run, so a host's state between runs divides out; ``what`` says which floor.
+    """
+
+    samples: list[float]
+    unit: str
+    better: str = "lower"
+    what: str = ""
+
+    def __post_init__(self) -> None:
+        if self.unit not in FIGURE_UNITS:
+            raise ValueError(f"figure unit {self.unit!r}: one of {', '.join(FIGURE_UNITS)}")
+        if self.better not in ("lower", "higher"):
+            raise ValueError(f"figure better={self.better!r}: lower or higher")
+        if not self.samples or not all(math.isfinite(v) for v in self.samples):
+            raise ValueError(f"figure samples must be finite numbers, at least one: {self.samples[:5]!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        from results.stats import median
+
+        return {"unit": self.unit, "better": self.better, "what": self.what,
+                "median": _rounded(median(self.samples)), "samples": [_rounded(v) for v in self.samples]}
+
+
+def _rounded(v: float) -> float | int:
+    """Nanoseconds and byte rates as integers; ratios to 5 significant digits (the record stays readable)."""
+    if float(v).is_integer() or abs(v) >= 1e5:
+        return int(round(v))
+    return float(f"{v:.5g}")
+
+
 @dataclass
 class CaseReport:
     nodeid: str
     name: str
     doc: str = ""
-    outcome: str = "not run"  # passed / failed / skipped / error; not run: never finished
+    outcome: str = "not run"  # passed / failed / skipped / error; not run: has not finished (yet)
     duration_ns: int = 0
     stages: list[Stage] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Figure] = field(default_factory=dict)
     failure: str = ""
     skip_reason: str = ""
 
@@ -136,6 +192,14 @@ class CaseReport:
         refuses a run that has one: such a figure must never stand as a record."""
         self.facts.setdefault(MEASUREMENT_ERRORS, []).append({"figure": figure, "value": round(value, 4), "why": why})
 
+    def figure(self, name: str, samples: list[float] | list[int], unit: str, better: str = "lower",
+               what: str = "") -> Figure:
+        """A figure the gate can judge: every round's sample, under the one name the policy and
+        pytest-benchmark's extra_info use for it (the plugin copies its median there)."""
+        fig = Figure([float(v) for v in samples], unit, better, what)
+        self.figures[name] = fig
+        return fig
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "test": self.name,
@@ -147,6 +211,8 @@ class CaseReport:
         }
         if self.facts:
             d["facts"] = self.facts
+        if self.figures:
+            d["figures"] = {name: f.to_dict() for name, f in self.figures.items()}
         if self.failure:
             d["failure"] = self.failure
         if self.skip_reason:
@@ -178,8 +244,8 @@ class PhaseReport:
 
 
 def phase_outcome(cases: list[dict[str, Any]]) -> str:
-    """PASS only when every case passed: a skip is never counted as a pass, nor a case that never
-    finished (``not run``: the run was interrupted or stopped before it)."""
+    """PASS only when every case passed: a skip is never counted as a pass, nor a case that has not
+    finished (``not run``: the record is written from the start of the run, and a run may end early)."""
     outcomes = [c["outcome"] for c in cases]
     if not outcomes or all(o == "not run" for o in outcomes):
         return "NOT RUN"
@@ -232,6 +298,11 @@ def render_phase(phase: dict[str, Any], verbose: bool = True) -> str:
                 lines.append(f"{'':<34} timings: {shown}")
             for n in s.get("notes", []):
                 lines.append(f"{'':<34} note: {n}")
+        medians = [f"{name} {fmt_value(f['median'], f['unit'])}" for name, f in c.get("figures", {}).items()
+                   if name != "round_ns"]
+        if medians:
+            rounds = len(next(iter(c["figures"].values()))["samples"])
+            lines.append(f"{'':<34} figures (median of {rounds}): {'; '.join(medians)}")
         if c.get("failure"):
             lines.append(f"      failure: {c['failure']}")
     for d in phase.get("deselected", []):

@@ -16,13 +16,9 @@
 #include "internal.h"
 
 #define BUILTIN_VERSION "1.0"
-/* Pages the copier un-protects at once when the caller leaves the batch to the engine (batch 0). */
-#define BUILTIN_BATCH 512ULL
 /* With SP_INJECT_SINGLE_FLAG_RACE the copier flags a batch, then copies it page by page at this pace,
  * as a copier writing each page to a file with pwrite() would: the race has room to happen. */
 #define SINGLE_FLAG_PACE_NS 2000ULL
-/* The C-level switches (enum sp_inject) live in the low byte (native/inject.py C_SWITCHES). */
-#define BUILTIN_SWITCHES 0xFFULL
 /* How often finalize looks again at a capture in flight: a fault's capture is one page copy, microseconds. */
 #define FINALIZE_POLL_NS 50000L
 
@@ -59,7 +55,7 @@ int spe_create(const struct spe_config *cfg, struct spe_engine **out)
         return refuse("spe_create(a configuration of another ABI version)");
     if (!cfg->dst || cfg->dst_size < cfg->mem_size)
         return refuse("spe_create(destination missing or smaller than guest memory)");
-    if (cfg->switches & ~BUILTIN_SWITCHES)
+    if (cfg->switches & ~(uint64_t)SP_INJECT_ALL) /* the C-level switches: native/inject.py C_SWITCHES */
         return refuse("spe_create(unknown switches)");
     struct spe_engine *e = calloc(1, sizeof(*e));
     if (!e) {
@@ -89,7 +85,8 @@ int spe_rearm(struct spe_engine *e, uint64_t first_page, uint64_t npages)
 
 int64_t spe_bulk_copy(struct spe_engine *e, uint64_t first_page, uint64_t npages, uint64_t batch)
 {
-    return sp_wp_bulk_copy(e->w, first_page, npages, batch ? batch : BUILTIN_BATCH);
+    /* batch 0 leaves it to the engine: SP_BULK_BATCH pages per un-protect. */
+    return sp_wp_bulk_copy(e->w, first_page, npages, batch ? batch : SP_BULK_BATCH);
 }
 
 /* A capture still in flight (a page COPYING) is waited for, up to the time-out, as the ABI asks; the

@@ -159,8 +159,18 @@ enum sp_inject {
     /* The copier un-protects its batch without waiting for a page the handler is still capturing. */
     SP_INJECT_UNPROTECT_DURING_CAPTURE = 64,
     /* The handler un-protects the faulting page, waking the writer, before its copy of the page ends. */
-    SP_INJECT_WAKE_BEFORE_COPY = 128
+    SP_INJECT_WAKE_BEFORE_COPY = 128,
+    /* Performance regressions (the snapshot stays right, only slower): the gate must catch them. The low
+     * byte is full; these take the top byte (native/inject.py C_SWITCHES: both bytes). */
+    SP_INJECT_UNPROTECT_PER_PAGE = 0x1000000,   /* the bulk copier un-protects page by page, not a batch per ioctl */
+    SP_INJECT_EXTRA_COPY_PER_FAULT = 0x2000000, /* a fault stages its page through a freshly mapped bounce page */
+    SP_INJECT_ARM_PER_PAGE = 0x4000000          /* the arm protects page by page, one ioctl each */
 };
+/* The bits of every switch above: an engine configuration with any other bit set is refused. */
+#define SP_INJECT_ALL 0xFF0000FF
+
+/* Pages the bulk copier copies and then un-protects with one UFFDIO_WRITEPROTECT (2 MiB of 4 KiB pages). */
+#define SP_BULK_BATCH 512
 
 /* Named points (native/snapproof_engine.h, enum spe_point: the same values): the engine calls the
  * hook set by sp_wp_set_points() at each, so a test can hold one of its threads at one page. */

@@ -220,6 +220,21 @@ static void copy_page(struct sp_wp *w, uint64_t page)
     memcpy(w->dst + page * w->page, w->mem + page * w->page, w->page);
 }
 
+/* SP_INJECT_EXTRA_COPY_PER_FAULT: the page goes through a staging page mapped for this fault alone (mmap,
+ * first touch, copy in, copy out, munmap), as a handler that allocates a bounce buffer per fault does.
+ * The snapshot is the same; each fault costs a mapping, a page fault and a second copy more. */
+static void copy_page_staged(struct sp_wp *w, uint64_t page)
+{
+    uint8_t *bounce = mmap(NULL, w->page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (bounce == MAP_FAILED) {
+        copy_page(w, page); /* the regression is the extra work; a failed mapping must not break the copy */
+        return;
+    }
+    memcpy(bounce, w->mem + page * w->page, w->page);
+    memcpy(w->dst + page * w->page, bounce, w->page);
+    munmap(bounce, w->page);
+}
+
 /* Capture one page for a fault; returns 1 if this call copied it. */
 static int capture_for_fault(struct sp_wp *w, uint64_t page)
 {
@@ -237,7 +252,10 @@ static int capture_for_fault(struct sp_wp *w, uint64_t page)
     uint8_t expect = SP_PAGE_CLEAN;
     if (__atomic_compare_exchange_n(st, &expect, SP_PAGE_COPYING, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
         at_point(w, SP_POINT_FAULT_CAPTURE, page, 1);
-        copy_page(w, page);
+        if (w->inject & SP_INJECT_EXTRA_COPY_PER_FAULT)
+            copy_page_staged(w, page);
+        else
+            copy_page(w, page);
         __atomic_store_n(st, SP_PAGE_CAPTURED, __ATOMIC_RELEASE);
         return 1;
     }
@@ -459,7 +477,14 @@ int sp_wp_arm(struct sp_wp *w)
         return -EOWNERDEAD; /* nobody would serve the faults: writers would block until release */
     int64_t t0 = sp_now_ns();
     memset(w->state, SP_PAGE_CLEAN, w->npages);
-    int r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)w->mem, w->size, 1);
+    int r = 0;
+    if (w->inject & SP_INJECT_ARM_PER_PAGE) {
+        /* The regression: one ioctl (and one walk of the page tables) per page instead of one for the region. */
+        for (uint64_t p = 0; p < w->npages && r == 0; p++)
+            r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + p * w->page), w->page, 1);
+    } else {
+        r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)w->mem, w->size, 1);
+    }
     w->stats.arm_ns = (uint64_t)(sp_now_ns() - t0);
     if (r == 0)
         w->armed = 1;
@@ -514,11 +539,11 @@ int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, u
         if (w->inject & SP_INJECT_SINGLE_FLAG_RACE) {
             /* The bug as a batching copier has it: flag the batch, then copy it.
              * A fault in between sees "captured" and lets the write land first. */
-            uint64_t mine[512];
+            uint64_t mine[SP_BULK_BATCH];
             uint64_t nmine = 0;
             for (uint64_t p = b; p < bend; p++) {
                 if (__atomic_exchange_n(&w->state[p], SP_PAGE_CAPTURED, __ATOMIC_ACQ_REL) != SP_PAGE_CAPTURED &&
-                    nmine < 512)
+                    nmine < SP_BULK_BATCH)
                     mine[nmine++] = p;
             }
             for (uint64_t i = 0; i < nmine; i++) {
@@ -566,8 +591,15 @@ int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, u
         }
         /* Captured pages need no protection: un-protecting them now spares the guest a fault each. */
         at_point(w, SP_POINT_BULK_UNPROTECT, b, bend - b);
-        if (sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + b * w->page), (bend - b) * w->page, 0) < 0)
+        if (w->inject & SP_INJECT_UNPROTECT_PER_PAGE) {
+            /* The regression: one ioctl per page of the batch instead of one for the batch. */
+            for (uint64_t p = b; p < bend; p++)
+                if (sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + p * w->page), w->page, 0) < 0)
+                    return -errno;
+        } else if (sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + b * w->page), (bend - b) * w->page,
+                                        0) < 0) {
             return -errno;
+        }
     }
     __atomic_fetch_add(&w->stats.bulk_pages, (uint64_t)copied, __ATOMIC_RELAXED);
     return copied;
