@@ -61,6 +61,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--fuzz-examples", type=int, default=500, help="hypothesis examples for the file fuzzers")
     g.addoption("--reserve-hugepages", type=int, default=0, metavar="N",
                 help="reserve N more 2 MiB hugepages for the hugetlb cases; vm.nr_hugepages is restored at exit")
+    g.addoption("--host-lock-wait", type=float, default=600.0, metavar="SECONDS",
+                help="how long --thp or --reserve-hugepages waits for another run that holds the host's THP and "
+                     "hugepage settings before giving up (results/hostlock.py)")
     g.addoption("--thp", action="store_true",
                 help="turn transparent huge pages on for MADV_HUGEPAGE memory (anonymous, shmem, one mTHP size at a "
                      "time) for the THP cases; every /sys/kernel/mm/transparent_hugepage knob is restored at exit")
@@ -72,7 +75,9 @@ NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("thp") and not hasattr(config, "workerinput"):
         from native import thp
+        from results.hostlock import hold_host_settings
 
+        hold_host_settings(config, "--thp")
         changes = thp.KnobChanges()
         config._snapproof_thp = changes  # type: ignore[attr-defined]
         try:
@@ -86,6 +91,9 @@ def pytest_configure(config: pytest.Config) -> None:
     want = config.getoption("reserve_hugepages")
     if want > 0 and not hasattr(config, "workerinput"):
         # Only on request, and undone in pytest_unconfigure: the suite never changes host settings on its own.
+        from results.hostlock import hold_host_settings
+
+        hold_host_settings(config, f"--reserve-hugepages {want}")
         before = int(NR_HUGEPAGES.read_text())
         try:
             NR_HUGEPAGES.write_text(f"{before + want}\n")
@@ -105,6 +113,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         NR_HUGEPAGES.write_text(f"{before}\n")
     if (changes := getattr(config, "_snapproof_thp", None)) is not None:
         changes.restore()
+    if sys.platform.startswith("linux"):
+        from results.hostlock import release_host_settings
+
+        release_host_settings(config)
 
 
 # Modules that drive KVM or userfaultfd: a Windows host does not collect them (its gate is phases 0 and 4).
