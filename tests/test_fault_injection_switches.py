@@ -22,8 +22,10 @@ def test_c_engine_switch_values_match_python():
     assert FaultInjection.LAZY_UFFD_UNGUARDED.value == lib.SP_INJECT_LAZY_UFFD_UNGUARDED
     assert FaultInjection.UNPROTECT_DURING_CAPTURE.value == lib.SP_INJECT_UNPROTECT_DURING_CAPTURE
     assert FaultInjection.WAKE_BEFORE_COPY.value == lib.SP_INJECT_WAKE_BEFORE_COPY
+    assert FaultInjection.OVERLAP_CAPTURE_OVERWRITES.value == lib.SP_INJECT_OVERLAP_CAPTURE_OVERWRITES
+    assert FaultInjection.CONSECUTIVE_KEEPS_CAPTURED.value == lib.SP_INJECT_CONSECUTIVE_KEEPS_CAPTURED
     in_c = [m for m in FaultInjection if m.value & C_SWITCHES]
-    assert len(in_c) == 7, f"a new C-level switch needs a line above: {in_c}"
+    assert len(in_c) == 9, f"a new C-level switch needs a line above: {in_c}"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the C layer is the Linux backend")
