@@ -46,7 +46,7 @@ from native.uffd import open_uffd, require_features, supported_features
 
 # The uffd handshake lives in native.uffd and pagemap reading in native.pagemap; modules that reach them
 # through native.wp (native.restore, the reliability tests) still find them here.
-__all__ = ["BULK_BATCH", "ENGINE_NEEDS", "FaultRecord", "HoleProtection", "SnapshotStats", "WpSnapshot",
+__all__ = ["BULK_BATCH", "ENGINE_NEEDS", "EngineObject", "FaultRecord", "HoleProtection", "SnapshotStats", "WpSnapshot",
            "WpSnapshots", "WpStats",
            "raw_writeprotect_samples", "PM_PRESENT", "PM_SWAP", "PM_UFFD_WP", "pagemap_entry", "read_pagemap",
            "require_features", "supported_features"]
@@ -126,7 +126,7 @@ class WpStats:
         return float(len(self.hist_us))
 
 
-class _EngineObject:
+class EngineObject:
     """One engine object (``spe_create``) over one GuestMemory: what every snapshot the suite takes with it
     shares. The uffd features asked for, how never-populated pages are protected, the engine's errors named,
     its stats, and a teardown that un-protects before the uffd goes. ``WpSnapshot`` takes one snapshot with
@@ -305,7 +305,7 @@ class _EngineObject:
         self.close()
 
 
-class WpSnapshot(_EngineObject):
+class WpSnapshot(EngineObject):
     """One snapshot of one GuestMemory into one destination (the ABI's spe_arm / spe_bulk_copy / spe_finalize)."""
 
     def __init__(self, memory: GuestMemory, destination: object, *, engine: Engine | None = None,
@@ -385,7 +385,7 @@ class SnapshotStats:
         return self.fault_pages + self.bulk_pages
 
 
-class WpSnapshots(_EngineObject):
+class WpSnapshots(EngineObject):
     """Several snapshots of one GuestMemory by one engine object (the ABI's optional spe_snapshot_* calls):
     armed while earlier ones are still copying (an engine offering "overlapping"), or one after another
     (finalize, arm again: "consecutive"). ``arm(destination)`` returns the new snapshot's id; the engine copies

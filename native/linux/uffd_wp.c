@@ -276,27 +276,27 @@ static int capture_for_fault(struct sp_wp *w, struct sp_snap *s, uint64_t page)
 
 /* Capture the faulting page into every live snapshot that does not hold it yet; returns the snapshots (a bit
  * each) this call copied it into. A snapshot that holds the page already keeps its copy: the WP bit says
- * "first write since the latest arm", and an earlier snapshot froze the page at its own. */
+ * "first write since the latest arm", and an earlier snapshot froze the page at its own. Every snapshot is
+ * counted in as a user throughout, before live is read: a finalize clears live, then waits for no users, so
+ * it never returns while this capture may still write into its destination or count it. */
 static uint32_t capture_for_live(struct sp_wp *w, uint64_t page)
 {
     uint32_t copied = 0;
-    for (int i = 0; i < SP_MAX_SNAPSHOTS; i++) {
-        struct sp_snap *s = &w->snap[i];
-        /* Counted in before live is read: a finalize clears live, then waits for no users, so it never
-         * returns while this capture may still write into its destination. */
-        __atomic_add_fetch(&s->users, 1, __ATOMIC_SEQ_CST);
-        if (is_live(s) && capture_for_fault(w, s, page))
+    for (int i = 0; i < SP_MAX_SNAPSHOTS; i++)
+        __atomic_add_fetch(&w->snap[i].users, 1, __ATOMIC_SEQ_CST);
+    for (int i = 0; i < SP_MAX_SNAPSHOTS; i++)
+        if (is_live(&w->snap[i]) && capture_for_fault(w, &w->snap[i], page))
             copied |= 1U << i;
-        __atomic_sub_fetch(&s->users, 1, __ATOMIC_SEQ_CST);
-    }
-    if (copied && (w->inject & SP_INJECT_OVERLAP_CAPTURE_OVERWRITES)) {
-        for (int i = 0; i < SP_MAX_SNAPSHOTS; i++) {
-            struct sp_snap *s = &w->snap[i];
-            __atomic_add_fetch(&s->users, 1, __ATOMIC_SEQ_CST);
-            if (!(copied & (1U << i)) && is_live(s))
-                copy_page(w, s, page); /* the bug: over the bytes this snapshot froze at its own arm */
-            __atomic_sub_fetch(&s->users, 1, __ATOMIC_SEQ_CST);
+    for (int i = 0; copied && (w->inject & SP_INJECT_OVERLAP_CAPTURE_OVERWRITES) && i < SP_MAX_SNAPSHOTS; i++)
+        if (!(copied & (1U << i)) && is_live(&w->snap[i]))
+            copy_page(w, &w->snap[i], page); /* the bug: over the bytes this snapshot froze at its own arm */
+    int shared = __builtin_popcount(copied) > 1;
+    for (int i = 0; i < SP_MAX_SNAPSHOTS; i++) {
+        if (copied & (1U << i)) {
+            __atomic_add_fetch(&w->snap[i].fault_pages, 1, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&w->snap[i].shared_fault_pages, (uint64_t)shared, __ATOMIC_RELAXED);
         }
+        __atomic_sub_fetch(&w->snap[i].users, 1, __ATOMIC_SEQ_CST);
     }
     return copied;
 }
@@ -307,16 +307,8 @@ static void record_fault(struct sp_wp *w, const struct uffd_msg *msg, uint64_t o
     struct sp_wp_stats *s = &w->stats;
     uint64_t ns = (uint64_t)(sp_now_ns() - t0);
     int cpu = sched_getcpu();
-    int ncopies = __builtin_popcount(copied);
     s->faults++;
-    s->fault_pages += (uint64_t)ncopies;
-    for (int i = 0; i < SP_MAX_SNAPSHOTS; i++) {
-        if (!(copied & (1U << i)))
-            continue;
-        __atomic_add_fetch(&w->snap[i].fault_pages, 1, __ATOMIC_RELAXED);
-        if (ncopies > 1)
-            __atomic_add_fetch(&w->snap[i].shared_fault_pages, 1, __ATOMIC_RELAXED);
-    }
+    s->fault_pages += (uint64_t)__builtin_popcount(copied);
     s->service_ns_total += ns;
     if (ns > s->service_ns_max)
         s->service_ns_max = ns;
