@@ -263,17 +263,13 @@ def deselect_unavailable(config: pytest.Config, items: list[pytest.Item]) -> Non
         return
     from native.host import probe
 
-    host, policy, session = probe(), _session(config).host_policy(), _session(config)
-    dropped = []
+    host, policy = probe(), _session(config).host_policy()
+    why = {}
     for item, needs in needing:
         required, unavailable = policy.sort(host, needs)
         if unavailable and not required:
-            session.record_deselected(item, "; ".join(unavailable))
-            dropped.append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        gone = set(dropped)
-        items[:] = [i for i in items if i not in gone]
+            why[item] = "; ".join(unavailable)
+    _deselect(config, items, why)
 
 
 def deselect_for_engine(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -283,16 +279,20 @@ def deselect_for_engine(config: pytest.Config, items: list[pytest.Item]) -> None
     wanting = [(i, caps) for i, caps in wanting if caps]
     if not wanting:
         return
-    engine, session = engine_under_test(config), _session(config)
-    dropped = []
-    for item, caps in wanting:
-        if reasons := [why for c in caps if (why := engine.lacks(c))]:
-            session.record_deselected(item, "; ".join(reasons))
-            dropped.append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        gone = set(dropped)
-        items[:] = [i for i in items if i not in gone]
+    engine = engine_under_test(config)
+    lacking = {item: [why for c in caps if (why := engine.lacks(c))] for item, caps in wanting}
+    _deselect(config, items, {item: "; ".join(reasons) for item, reasons in lacking.items() if reasons})
+
+
+def _deselect(config: pytest.Config, items: list[pytest.Item], why: dict[pytest.Item, str]) -> None:
+    """Leave out each case ``why`` names, its reason in the run record and the terminal summary."""
+    if not why:
+        return
+    session = _session(config)
+    for item, reason in why.items():
+        session.record_deselected(item, reason)
+    config.hook.pytest_deselected(items=list(why))
+    items[:] = [i for i in items if i not in why]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
