@@ -398,8 +398,8 @@ class WpSnapshots(EngineObject):
         engine = builtin_engine() if engine is None else engine
         if not engine.capabilities:
             raise ValueError(f"{engine.lacks('consecutive')}; nor overlapping: one snapshot per engine object")
-        super().__init__(memory, None, engine=engine, inject=inject, handler_cpu=handler_cpu, points=points)
         self._live: dict[int, Any] = {}  # live snapshot id -> the view of its destination
+        super().__init__(memory, None, engine=engine, inject=inject, handler_cpu=handler_cpu, points=points)
 
     @property
     def live(self) -> list[int]:
@@ -458,9 +458,9 @@ class WpSnapshots(EngineObject):
                              bulk_pages=int(s.bulk_pages), shared_fault_pages=int(s.shared_fault_pages),
                              live=bool(s.live))
 
-    def release(self, timeout: float = 5.0) -> None:
-        self._live.clear()
-        super().release(timeout)
+    def _drop_views(self) -> None:
+        self._live.clear()  # released, or its handler died: no snapshot is live any more
+        super()._drop_views()
 
     def evidence(self) -> dict[str, Any]:
         out = super().evidence()
