@@ -149,6 +149,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         config.hook.pytest_deselected(items=unwanted)
         items[:] = [i for i in items if i not in unwanted]
     deselect_unavailable(config, items)
+    deselect_for_engine(config, items)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -275,17 +276,36 @@ def deselect_unavailable(config: pytest.Config, items: list[pytest.Item]) -> Non
         return
     from native.host import probe
 
-    host, policy, session = probe(), _session(config).host_policy(), _session(config)
-    dropped = []
+    host, policy = probe(), _session(config).host_policy()
+    why = {}
     for item, needs in needing:
         required, unavailable = policy.sort(host, needs)
         if unavailable and not required:
-            session.record_deselected(item, "; ".join(unavailable))
-            dropped.append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        gone = set(dropped)
-        items[:] = [i for i in items if i not in gone]
+            why[item] = "; ".join(unavailable)
+    _deselect(config, items, why)
+
+
+def deselect_for_engine(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect each case whose ``engine_offers`` capability the engine under test does not offer (an optional
+    part of the engine ABI, native.engine.CAPABILITIES), recording why: not a pass, and no host's fault."""
+    wanting = [(i, [str(c) for m in i.iter_markers("engine_offers") for c in m.args]) for i in items]
+    wanting = [(i, caps) for i, caps in wanting if caps]
+    if not wanting:
+        return
+    engine = engine_under_test(config)
+    lacking = {item: [why for c in caps if (why := engine.lacks(c))] for item, caps in wanting}
+    _deselect(config, items, {item: "; ".join(reasons) for item, reasons in lacking.items() if reasons})
+
+
+def _deselect(config: pytest.Config, items: list[pytest.Item], why: dict[pytest.Item, str]) -> None:
+    """Leave out each case ``why`` names, its reason in the run record and the terminal summary."""
+    if not why:
+        return
+    session = _session(config)
+    for item, reason in why.items():
+        session.record_deselected(item, reason)
+    config.hook.pytest_deselected(items=list(why))
+    items[:] = [i for i in items if i not in why]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -502,19 +522,38 @@ def make_wp(request: pytest.FixtureRequest, make_memory: Any, inject: Any, engin
     require("uffd")
     from native.wp import WpSnapshot
 
+    yield from _engine_objects(request, inject, engine, WpSnapshot)
+
+
+@pytest.fixture
+def make_wp_snapshots(request: pytest.FixtureRequest, make_memory: Any, inject: Any, engine: Any,
+                      require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
+    """Factory: ``make_wp_snapshots(memory, points=None)`` -> a WpSnapshots: one engine object of the engine under
+    test taking several snapshots, each armed with its own destination (overlapping, consecutive); closed at
+    teardown like ``make_wp``'s. The cases that use it carry ``engine_offers`` markers."""
+    require("uffd")
+    from native.wp import WpSnapshots
+
+    yield from _engine_objects(request, inject, engine, WpSnapshots)
+
+
+def _engine_objects(request: pytest.FixtureRequest, inject: Any, engine: Any,
+                    build: Callable[..., Any]) -> Iterator[Callable[..., Any]]:
+    """The factory behind make_wp and make_wp_snapshots: this run's switches and engine, each object closed at
+    teardown, newest first, and its evidence in the record of a failure."""
     made: list[Any] = []
 
-    def _make(memory: Any, destination: Any, **kw: Any) -> Any:
+    def _make(*args: Any, **kw: Any) -> Any:
         kw.setdefault("inject", inject)
         kw.setdefault("engine", engine)
-        snap = WpSnapshot(memory, destination, **kw)
-        made.append(snap)
-        _live(request.node).append(snap)
-        return snap
+        obj = build(*args, **kw)
+        made.append(obj)
+        _live(request.node).append(obj)
+        return obj
 
     yield _make
-    for snap in reversed(made):
-        snap.close()
+    for obj in reversed(made):
+        obj.close()
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 ``load_engine(path)`` opens a library, checks the ABI version it implements before calling anything
 else, checks it exports every function of the ABI, and says what it is (``Engine``: name, version, ABI
-version, the library's sha256). ``builtin_engine()`` is snapproof's own engine, built by ``python3 -m
+version, the library's sha256, and the optional capabilities it offers: more than one snapshot per engine
+object, overlapping or consecutive). ``builtin_engine()`` is snapproof's own engine, built by ``python3 -m
 native.build`` into native/engines/ and loaded exactly the same way; ``repo_engine(name)`` is any engine
 of native/_engines_build.py. native.wp.WpSnapshot drives whichever it is given; ``pytest --engine PATH``
 makes one the engine under test. Linux only.
@@ -28,6 +29,9 @@ ABI_HEADER = Path(__file__).resolve().parent / "snapproof_engine.h"
 ENGINE_FUNCTIONS = ("spe_abi_version", "spe_engine_name", "spe_engine_version", "spe_create", "spe_arm", "spe_disarm",
                     "spe_rearm", "spe_bulk_copy", "spe_finalize", "spe_release", "spe_get_stats", "spe_close",
                     "spe_last_error")
+# ABI 1's optional extension, more than one snapshot per engine object: an engine whose spe_capabilities() (itself
+# optional: absent, no capability) offers any exports all of these.
+SNAPSHOT_FUNCTIONS = ("spe_snapshot_arm", "spe_snapshot_bulk_copy", "spe_snapshot_finalize", "spe_snapshot_get_stats")
 
 
 def _cdef_text() -> str:
@@ -40,7 +44,14 @@ def _cdef_text() -> str:
 ffi = FFI()
 ffi.cdef(_cdef_text())
 # The C namespace of the process: the header's constants, before any engine is loaded.
-ABI_VERSION: int = ffi.dlopen(None).SPE_ABI_VERSION
+_C = ffi.dlopen(None)
+ABI_VERSION: int = _C.SPE_ABI_VERSION
+# The optional capabilities (spe_capabilities() bits), by the name phases ask for them and reports show.
+CAPABILITIES: dict[str, int] = {"overlapping": _C.SPE_CAP_OVERLAPPING, "consecutive": _C.SPE_CAP_CONSECUTIVE}
+CAPABILITY_MEANING = {
+    "overlapping": "a snapshot armed while an earlier one is still live (its bulk copy running)",
+    "consecutive": "a snapshot armed again on an engine object that finalized one",
+}
 
 
 class EngineError(Exception):
@@ -57,6 +68,21 @@ class Engine:
         self.abi_version = int(lib.spe_abi_version())
         self.name = _text(lib.spe_engine_name())
         self.version = _text(lib.spe_engine_version())
+        self.capability_bits = int(lib.spe_capabilities()) if _exports(lib, "spe_capabilities") else 0
+
+    @property
+    def capabilities(self) -> list[str]:
+        """The optional capabilities this engine offers (``CAPABILITIES``), by name."""
+        return [name for name, bit in CAPABILITIES.items() if self.capability_bits & bit]
+
+    def lacks(self, capability: str) -> str | None:
+        """None when the engine offers ``capability``; else why not, naming the engine and how it said so."""
+        if capability in self.capabilities:
+            return None
+        said = (f"spe_capabilities() = {self.capability_bits:#x}, no SPE_CAP_{capability.upper()}"
+                if _exports(self.lib, "spe_capabilities") else "it does not export spe_capabilities()")
+        return (f"engine {self.label()} does not offer {capability} snapshots "
+                f"({CAPABILITY_MEANING[capability]}): {said}")
 
     @property
     def builtin(self) -> bool:
@@ -73,7 +99,8 @@ class Engine:
     def describe(self) -> dict[str, Any]:
         """The run record's ``engine``: name, version, ABI version, the library and its sha256."""
         return {"name": self.name, "version": self.version, "abi_version": self.abi_version,
-                "library": str(self.path), "sha256": self.sha256, "builtin": self.builtin}
+                "library": str(self.path), "sha256": self.sha256, "builtin": self.builtin,
+                "capabilities": self.capabilities}
 
     def __repr__(self) -> str:
         return f"Engine({self.label()})"
@@ -123,6 +150,10 @@ def _load(p: Path, digest: str) -> Engine:
         raise EngineError(f"engine library {p} (ABI {abi}) does not export {', '.join(missing)}: every function "
                           "of native/snapproof_engine.h is part of the ABI")
     engine = Engine(p, lib, digest)
+    if engine.capability_bits and (short := [name for name in SNAPSHOT_FUNCTIONS if not _exports(lib, name)]):
+        raise EngineError(f"engine library {p} offers {', '.join(engine.capabilities) or 'capabilities'} snapshots "
+                          f"(spe_capabilities() = {engine.capability_bits:#x}) but does not export "
+                          f"{', '.join(short)}: an engine offering any exports every spe_snapshot_* function")
     _loaded[(p, digest)] = engine
     return engine
 

@@ -1,8 +1,9 @@
 """The engine's fault-injection switches: named real bugs, so every phase can be shown to fail.
 
 Platform-neutral (imported by the pytest plugin on every host). The low byte and
-the top byte of 32 bits are the C engine's ``enum sp_inject`` (native/linux/snapproof.h;
-a self-test pins the values); the rest are protocol-level switches the Python layer honours.
+the top byte of 32 bits and bit 23 (``C_SWITCHES``) are the C engine's ``enum sp_inject``
+(native/linux/snapproof.h; a self-test pins the values); the rest are protocol-level switches the Python
+layer honours.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ class FaultInjection(enum.Flag):
     # is closed, as a handler process that dies mid-restore drops it; the loader must fail closed, naming it.
     LAZY_UFFD_CLOSES_MID_RESTORE = 1 << 3
     LAZY_UFFD_UNGUARDED = 1 << 4    # its fail-closed guard removed (no fence, no LoaderDied): the guest reads zeros
+    # Overlapping snapshots (phase 2): a fault capturing a page for one live snapshot copies it into every other live
+    # one too, over the bytes an earlier snapshot froze at its own arm (mitos's epochs, done wrong).
+    OVERLAP_CAPTURE_OVERWRITES = 1 << 5
     # Two races a microsecond wide, lined up on purpose by phase 2's races (native/races.py):
     UNPROTECT_DURING_CAPTURE = 1 << 6  # the copier un-protects its batch while the handler still captures a page
     WAKE_BEFORE_COPY = 1 << 7       # the handler makes the page writable, waking the writer, before its copy
@@ -44,6 +48,9 @@ class FaultInjection(enum.Flag):
     # The lazy loader into THP-backed memory keeps huge pages off (MADV_NOHUGEPAGE) while pages are missing, so
     # no collapse can fill a not-yet-restored neighbour with zeros (cloud-hypervisor #8663); this drops that.
     LAZY_UFFD_THP_UNGUARDED = 1 << 22
+    # Consecutive snapshots by one engine object (phase 2): the next arm keeps the last round's captured marks, so the
+    # new snapshot skips those pages and they keep whatever its destination held (C, the built-in engine).
+    CONSECUTIVE_KEEPS_CAPTURED = 1 << 23
     # Performance regressions inside the C engine (the top byte: the low one is full): every snapshot stays
     # right, so the phases pass; only the release gate, judging their figures, can fail them.
     UNPROTECT_PER_PAGE = 1 << 24    # the bulk copier un-protects page by page, not a batch per ioctl
@@ -51,9 +58,9 @@ class FaultInjection(enum.Flag):
     ARM_PER_PAGE = 1 << 26          # the arm protects page by page, one ioctl each
 
 
-# The switches implemented inside the C engine and the C lazy loader (SP_INJECT_*): the low byte and the top
-# byte of 32 bits (the built-in engine's BUILTIN_SWITCHES is the same mask).
-C_SWITCHES = 0xFF0000FF
+# The switches implemented inside the C engine and the C lazy loader (SP_INJECT_*): the low byte, bit 23 and
+# the top byte of 32 bits (the C layer's SP_INJECT_ALL is the same mask).
+C_SWITCHES = 0xFF8000FF
 
 # The switches that only make the engine slower (the gate's teeth are measured with them: results/ab.py).
 PERFORMANCE = FaultInjection.UNPROTECT_PER_PAGE | FaultInjection.EXTRA_COPY_PER_FAULT | FaultInjection.ARM_PER_PAGE

@@ -16,14 +16,15 @@ if sys.platform == "win32":
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from native.errors import GuestTimeout
 from native.inject import FaultInjection
 from native.kvm import Exit, ExitReason, Vcpu
-from native.memory import copy_timed
-from native.wp import BULK_BATCH, WpSnapshot, WpStats
+from native.memory import GuestMemory, copy_timed
+from native.wp import BULK_BATCH, EngineObject, WpSnapshot, WpStats
 
 
 class VcpuRunner:
@@ -171,8 +172,9 @@ class LiveSnapshot:
         return self.pause_ns + self.bulk_ns + self.finalize_ns
 
 
-def _wait_for_faults(runner: VcpuRunner, snap: WpSnapshot, faults: int, timeout: float) -> None:
-    """Until the running guest has taken ``faults`` WP faults, it finished, or ``timeout`` passed."""
+def wait_for_faults(runner: VcpuRunner, snap: EngineObject, faults: int, timeout: float) -> None:
+    """Until the running guest has taken ``faults`` WP faults (the engine's count since it was created), it
+    finished, or ``timeout`` passed."""
     end = time.monotonic() + timeout
     while time.monotonic() < end and not runner.finished:
         s = snap.stats()
@@ -180,6 +182,44 @@ def _wait_for_faults(runner: VcpuRunner, snap: WpSnapshot, faults: int, timeout:
         if s.faults >= faults or s.handler_died:
             return
         time.sleep(0.0002)
+
+
+@dataclass
+class LiveArm:
+    """One arm under the live protocol: what ``arm()`` returned, the pause around it and what was saved in it."""
+
+    armed: Any
+    pause_ns: int       # kick -> resumed, less the test-only reference copy; 0 when the arm did not pause
+    stop_ns: int        # kick -> every vCPU stopped
+    reference_ns: int
+    vcpu_states: list[bytes]
+    paused: bool
+
+
+def arm_live(runner: VcpuRunner, arm: Callable[[], Any], memory: GuestMemory, reference: object | None = None,
+             timeout: float = 10.0, paused: bool = True, settle: Callable[[], None] | None = None) -> LiveArm:
+    """Pause the vCPUs, save their state, ``arm()``, (copy memory into ``reference``,) resume them.
+
+    ``reference``, a writable buffer, receives guest memory as it is while paused: the exact oracle of a snapshot
+    armed here. Unpaused (the ARM_WHILE_RUNNING bug), ``settle()`` runs between the arm and the reference copy.
+    """
+    clock = time.perf_counter_ns
+    reference_ns = 0
+    t0 = clock()
+    stop_ns = runner.pause(timeout) if paused else 0
+    states = [v.save_state() for v in runner.vcpus] if paused else []
+    armed = arm()
+    if settle is not None and not paused:
+        settle()
+    if reference is not None:
+        # After the arm, never before: reading a never-populated page maps the zero page into it, and
+        # an arm after that would protect a page the engine itself might have skipped.
+        reference_ns = copy_timed(reference, memory)
+    if paused:
+        runner.resume()
+    pause_ns = clock() - t0 - reference_ns if paused else 0
+    return LiveArm(armed=armed, pause_ns=pause_ns, stop_ns=stop_ns, reference_ns=reference_ns, vcpu_states=states,
+                   paused=paused)
 
 
 def take_live_snapshot(runner: VcpuRunner, snap: WpSnapshot, reference: object | None = None,
@@ -193,29 +233,18 @@ def take_live_snapshot(runner: VcpuRunner, snap: WpSnapshot, reference: object |
     without pausing, the bug of arming under running vCPUs.
     """
     clock = time.perf_counter_ns
-    reference_ns = 0
     paused = not (snap.inject & FaultInjection.ARM_WHILE_RUNNING)
-    t0 = clock()
-    stop_ns = runner.pause(timeout) if paused else 0
-    states = [v.save_state() for v in runner.vcpus] if paused else []
-    arm_ns = snap.arm()
-    if not paused:
-        # The bug's window held open on purpose: a running guest may write between the arm and the reference
-        # read at any speed, so wait (bounded) until it has, and the bug shows on every run, loaded or not.
-        _wait_for_faults(runner, snap, 1, timeout)
-    if reference is not None:
-        # After the arm, never before: reading a never-populated page maps the zero page into it, and
-        # an arm after that would protect a page the engine itself might have skipped.
-        reference_ns = copy_timed(reference, snap.memory)
-    if paused:
-        runner.resume()
-    pause_ns = clock() - t0 - reference_ns if paused else 0
+    # Unpaused, the bug's window is held open on purpose: a running guest may write between the arm and the
+    # reference read at any speed, so wait (bounded) until it has, and the bug shows on every run, loaded or not.
+    arm = arm_live(runner, snap.arm, snap.memory, reference, timeout, paused=paused,
+                   settle=lambda: wait_for_faults(runner, snap, 1, timeout))
     if overlap_faults:
-        _wait_for_faults(runner, snap, overlap_faults, timeout)
+        wait_for_faults(runner, snap, overlap_faults, timeout)
     t1 = clock()
     snap.bulk_copy(batch=batch)
     t2 = clock()
     stats = snap.finalize(timeout)
     t3 = clock()
-    return LiveSnapshot(pause_ns=pause_ns, stop_ns=stop_ns, arm_ns=arm_ns, reference_ns=reference_ns,
-                        bulk_ns=t2 - t1, finalize_ns=t3 - t2, vcpu_states=states, stats=stats, paused=paused)
+    return LiveSnapshot(pause_ns=arm.pause_ns, stop_ns=arm.stop_ns, arm_ns=arm.armed, reference_ns=arm.reference_ns,
+                        bulk_ns=t2 - t1, finalize_ns=t3 - t2, vcpu_states=arm.vcpu_states, stats=stats,
+                        paused=paused)

@@ -25,6 +25,13 @@
  * - Calls on one engine come from one thread at a time, except that spe_get_stats() may run while
  *   spe_bulk_copy() runs on another thread (the suite watches progress) and the handler thread is the
  *   engine's own.
+ * - More than one snapshot per engine object is an optional extension of ABI 1 (the spe_snapshot_*
+ *   functions, at the end): an engine says what it offers in spe_capabilities(), an optional export
+ *   (none: no capability). An engine object is driven either by spe_arm/spe_bulk_copy/spe_finalize
+ *   (one snapshot, into cfg->dst) or by the spe_snapshot_* calls (each snapshot into its own
+ *   destination; cfg->dst may then be 0), never by both. Calls for different snapshots may come from
+ *   different threads at once: a copier thread per snapshot, and an arm while another one's bulk copy
+ *   runs, as a live-fork VMM takes forks in quick succession.
  * - Named points (enum spe_point): at each, an engine calls cfg->point(cfg->point_ctx, point, first,
  *   n) when cfg->point is not NULL. The suite uses them to hold one thread of the engine at one page
  *   and line a race up deterministically (a write, a fault capture and the bulk copier on one page);
@@ -80,7 +87,8 @@ struct spe_config {
     int32_t mem_fd;            /* the fd behind the mapping (a memfd), or -1 (anonymous memory) */
     int32_t handler_cpu;       /* pin the fault handler thread to this CPU; -1: anywhere */
     uint64_t mem_fd_offset;    /* where the mapping starts in mem_fd */
-    uint64_t dst;              /* the destination: mem_size writable bytes, page i at dst + i * page_size */
+    uint64_t dst;              /* the destination: mem_size writable bytes, page i at dst + i * page_size;
+                                  0 for an engine object driven by the spe_snapshot_* calls */
     uint64_t dst_size;         /* bytes at dst (>= mem_size) */
     /* UFFDIO_API features to ask for: the kernel offers each (WP on shmem, thread ids, and
      * WP_UNPOPULATED where the kernel has it; without it the suite populated every page before create,
@@ -159,6 +167,43 @@ void spe_get_stats(struct spe_engine *e, struct spe_stats *out);
 void spe_close(struct spe_engine *e);
 /* The message of the last failure on the calling thread ("" if none). */
 const char *spe_last_error(void);
+
+/* ---- optional: more than one snapshot per engine object (spe_capabilities() says which) ---- */
+
+/* spe_capabilities() bits. */
+#define SPE_CAP_OVERLAPPING 1 /* a snapshot may be armed while earlier ones are still live (copying) */
+#define SPE_CAP_CONSECUTIVE 2 /* after spe_snapshot_finalize(), spe_snapshot_arm() again, same engine */
+
+struct spe_snapshot_stats {
+    uint64_t arm_ns;             /* its arm: the whole region protected again, every page uncaptured for it */
+    uint64_t fault_pages;        /* its pages captured by the fault handler */
+    uint64_t bulk_pages;         /* its pages captured by its bulk copy */
+    uint64_t shared_fault_pages; /* of fault_pages: faults that captured the page into another snapshot too */
+    uint32_t live;               /* 1 from its arm until its finalize */
+    uint32_t reserved;
+};
+
+/* SPE_CAP_* bits this engine offers (an engine that does not export it offers none). An engine that
+ * offers any exports every spe_snapshot_* function below. */
+uint64_t spe_capabilities(void);
+/* A new snapshot of guest memory as it is now, into dst (dst_size >= mem_size bytes, page i at
+ * dst + i * page_size): protect the whole region again, every page uncaptured for this snapshot, while
+ * every snapshot still live keeps what it holds. Returns the snapshot's id (>= 0); -EBUSY when the
+ * engine cannot hold one more live snapshot. The suite calls it with the vCPUs paused. From then on a
+ * write to a page is caught until every live snapshot holds the page: a fault copies the page into
+ * each live snapshot that does not hold it yet, then un-protects it once; no capture ever writes a
+ * page a snapshot already holds. The engine may write to dst until spe_snapshot_finalize(id) (or
+ * spe_release) returns, and never after. */
+int spe_snapshot_arm(struct spe_engine *e, uint64_t dst, uint64_t dst_size);
+/* Capture into snapshot id every page of [first, first + n) it does not hold yet (as spe_bulk_copy),
+ * and un-protect those every live snapshot now holds. Returns the pages this call copied. */
+int64_t spe_snapshot_bulk_copy(struct spe_engine *e, int id, uint64_t first_page, uint64_t npages, uint64_t batch);
+/* 0 only when snapshot id holds every page: it is no longer live and its destination no longer touched;
+ * once no snapshot is live the region is un-protected. The handler keeps running (the next
+ * spe_snapshot_arm needs it). A capture in flight is waited for up to timeout_ns; -EAGAIN: pages
+ * missing (complete it and finalize again). */
+int spe_snapshot_finalize(struct spe_engine *e, int id, int64_t timeout_ns);
+void spe_snapshot_get_stats(struct spe_engine *e, int id, struct spe_snapshot_stats *out);
 /* CDEF-END */
 
 #if defined(__GNUC__)

@@ -33,6 +33,10 @@ def test_abi_version_and_layouts_are_pinned():
     assert ffi.offsetof("struct spe_config", "dst") == 48 and ffi.offsetof("struct spe_config", "point") == 80
     # Ten u64 counters and four 32-bit words, the histogram, the per-CPU counts, then the fault log.
     assert ffi.offsetof("struct spe_stats", "log") == 10 * 8 + 4 * 4 + 1024 * 8 + 64 * 8
+    # The optional extension's (several snapshots per engine object): four u64 counters, then live.
+    assert ffi.sizeof("struct spe_snapshot_stats") == 40 and ffi.offsetof("struct spe_snapshot_stats", "live") == 32
+    c = ffi.dlopen(None)
+    assert (c.SPE_CAP_OVERLAPPING, c.SPE_CAP_CONSECUTIVE) == (1, 2)
 
 
 def test_named_points_are_the_same_numbers_in_the_abi_and_the_suite():
@@ -97,6 +101,27 @@ def test_a_library_short_of_a_function_is_refused_naming_it(tmp_path):
                                         "const char *spe_engine_name(void) { return \"partial\"; }\n")
     with pytest.raises(EngineError, match=r"does not export spe_engine_version, spe_create, spe_arm, .*spe_last_error"):
         load_engine(lib)
+
+
+def test_an_engine_offering_capabilities_without_their_functions_is_refused(tmp_path):
+    """An engine whose spe_capabilities() offers several snapshots per engine object must export every
+    spe_snapshot_* function; one that does not is refused, naming what it lacks. The built-in engine offers both
+    capabilities; naive, which has no spe_capabilities(), offers none and says so."""
+    from native.engine import ENGINE_FUNCTIONS, EngineError, builtin_engine, load_engine, repo_engine
+
+    stubs = "".join(f"void {name}(void) {{}}\n" for name in ENGINE_FUNCTIONS if name != "spe_abi_version")
+    lib = _library(tmp_path, "boastful", "unsigned spe_abi_version(void) { return 1; }\n" + stubs +
+                   "unsigned long long spe_capabilities(void) { return 1; }\n"
+                   "int spe_snapshot_arm(void) { return 0; }\n")
+    with pytest.raises(EngineError, match=r"offers overlapping snapshots \(spe_capabilities\(\) = 0x1\) but does "
+                                          r"not export spe_snapshot_bulk_copy, spe_snapshot_finalize, spe_snapshot_"):
+        load_engine(lib)
+    assert builtin_engine().capabilities == ["overlapping", "consecutive"]
+    naive = repo_engine("naive-fixed")
+    assert naive.capabilities == [] and naive.describe()["capabilities"] == []
+    assert "does not offer overlapping snapshots" in (naive.lacks("overlapping") or "")
+    assert "it does not export spe_capabilities()" in (naive.lacks("consecutive") or "")
+    assert builtin_engine().lacks("overlapping") is None
 
 
 def test_a_library_that_is_no_engine_or_no_library_is_refused(tmp_path):

@@ -17,6 +17,11 @@ SMALL = "test_live_snapshot_of_memfd_is_memory_at_the_arm_instant[1MiB-2vcpus]"
 MEDIUM = "test_live_snapshot_of_memfd_is_memory_at_the_arm_instant[64MiB-1vcpu]"
 FIRST_TOUCH_ANON = "test_live_snapshot_during_first_touch_is_memory_at_the_arm_instant[anonymous]"
 ORACLE_FAILURE = ("[stage 4] instant oracle", "[stage 5] exact oracle")
+# Several snapshots by one engine object: overlapping (the storm, and host writes page by page) and consecutive.
+OVERLAPPING = "test_overlapping_live_snapshots_each_equal_memory_at_their_own_arm_instant[1MiB]"
+TWO_LIVE = "test_a_write_under_two_live_snapshots_goes_into_each_that_lacks_its_page"
+CONSECUTIVE = "test_consecutive_live_snapshots_by_one_engine_object_share_nothing[1MiB]"
+SEVERAL_K = "overlapping_live or two_live or consecutive_live"
 ATTEMPTS = 5
 
 
@@ -36,10 +41,10 @@ def _caught(test: str, inject: str, record_property) -> int:
 
 
 def test_phase2_passes_without_injection():
-    """The control: the same cases pass with no switch set."""
-    run = run_phase(PHASE2, "-k", "1MiB-2vcpus or 64MiB-1vcpu or first_touch")
+    """The control: the same cases pass with no switch set, the several-snapshot ones too."""
+    run = run_phase(PHASE2, "-k", f"1MiB-2vcpus or 64MiB-1vcpu or first_touch or {SEVERAL_K}")
     assert run.returncode == 0, run.output
-    for test in (SMALL, MEDIUM, FIRST_TOUCH_ANON):
+    for test in (SMALL, MEDIUM, FIRST_TOUCH_ANON, OVERLAPPING, TWO_LIVE, CONSECUTIVE):
         assert run.outcome(test) == "passed", run.failure(test)
 
 
@@ -88,3 +93,25 @@ def test_each_race_window_fails_its_engine_bug_on_the_first_run(inject, window):
         assert "[stage 4] snapshot vs memory at the arm" in failure and window.bug in failure, failure
         assert any(f"saw {value}" in failure for value in early), f"not the racing write: {failure}"
         print(f"{inject}, {writer}: {failure}")
+
+
+# -- several snapshots by one engine object: one run each, the bug lined up by guest conditions --------------------
+
+@pytest.mark.parametrize(("inject", "failures"), [
+    # A fault capturing a page for B also copies it into A, over what A froze: A is no longer its own instant.
+    ("overlap-capture-overwrites", {OVERLAPPING: ("oracle of snapshot A:",),
+                                    TWO_LIVE: ("A: ", "a later snapshot wrote over a page A had frozen")}),
+    # Round 2 keeps round 1's captured marks: it copies nothing, its destination stays empty.
+    ("consecutive-keeps-captured", {CONSECUTIVE: ("instant oracle of round 2:", "consistent but stale")}),
+], ids=["overlap-capture-overwrites", "consecutive-keeps-captured"])
+def test_several_snapshots_fail_their_engine_bug_on_the_first_run(inject, failures):
+    """Each bug of several snapshots per engine object fails its cases on their only run, at the oracle of the
+    snapshot it damaged; the other snapshot of the same run is still judged its own instant."""
+    run = run_phase(PHASE2, "-k", SEVERAL_K, inject=inject)
+    for case, words in failures.items():
+        assert run.outcome(case) == "failed", f"{inject}: {case} passed: {run.output[-2000:]}"
+        failure = run.failure(case)
+        assert all(w in failure for w in words), f"{inject}: {case} failed, but not naming {words}: {failure}"
+        print(f"{inject}: {failure}")
+    for case in {OVERLAPPING, TWO_LIVE, CONSECUTIVE} - set(failures):
+        assert run.outcome(case) == "passed", f"{inject} is not the bug of {case}: {run.failure(case)}"

@@ -33,6 +33,7 @@ _Static_assert(SPE_FAULT_LOG == SP_FAULT_LOG && SPE_HIST_BUCKETS == SP_HIST_BUCK
 
 struct spe_engine {
     struct sp_wp *w;
+    uint64_t mem_size;
     uint64_t features_requested;
     uint64_t features_granted;
 };
@@ -53,8 +54,9 @@ int spe_create(const struct spe_config *cfg, struct spe_engine **out)
     *out = NULL;
     if (cfg->abi_version != SPE_ABI_VERSION || cfg->struct_size < sizeof(*cfg))
         return refuse("spe_create(a configuration of another ABI version)");
-    if (!cfg->dst || cfg->dst_size < cfg->mem_size)
-        return refuse("spe_create(destination missing or smaller than guest memory)");
+    /* No destination: the engine object takes its snapshots with spe_snapshot_arm(), each into its own. */
+    if (cfg->dst && cfg->dst_size < cfg->mem_size)
+        return refuse("spe_create(destination smaller than guest memory)");
     if (cfg->switches & ~(uint64_t)SP_INJECT_ALL) /* the C-level switches: native/inject.py C_SWITCHES */
         return refuse("spe_create(unknown switches)");
     struct spe_engine *e = calloc(1, sizeof(*e));
@@ -70,6 +72,7 @@ int spe_create(const struct spe_config *cfg, struct spe_engine **out)
         return r;
     }
     e->features_requested = cfg->uffd_features;
+    e->mem_size = cfg->mem_size;
     sp_wp_set_destination(e->w, cfg->dst);
     sp_wp_set_points(e->w, cfg->point, cfg->point_ctx); /* before the arm: no fault can call it yet */
     *out = e;
@@ -89,15 +92,25 @@ int64_t spe_bulk_copy(struct spe_engine *e, uint64_t first_page, uint64_t npages
     return sp_wp_bulk_copy(e->w, first_page, npages, batch ? batch : SP_BULK_BATCH);
 }
 
-/* A capture still in flight (a page COPYING) is waited for, up to the time-out, as the ABI asks; the
- * engine's own finalize refuses at once while one is. Once the handler is joined nothing copies any more:
- * the destination is the caller's again. */
+/* Wait, up to the deadline, until snapshot `id` (-1: the single snapshot) has no capture in flight (no page
+ * COPYING), as the ABI asks of a finalize; the engine's own finalize refuses at once while one is. */
+static void wait_captures(struct spe_engine *e, int id, int64_t deadline)
+{
+    struct timespec pause = {.tv_sec = 0, .tv_nsec = FINALIZE_POLL_NS};
+    for (;;) {
+        int64_t copying = id < 0 ? sp_wp_pages_in_state(e->w, SP_PAGE_COPYING)
+                                 : sp_wp_snap_pages_in_state(e->w, id, SP_PAGE_COPYING);
+        if (copying == 0 || sp_now_ns() >= deadline)
+            return;
+        nanosleep(&pause, NULL);
+    }
+}
+
+/* Once the handler is joined nothing copies any more: the destination is the caller's again. */
 int spe_finalize(struct spe_engine *e, int64_t timeout_ns)
 {
     int64_t deadline = sp_now_ns() + timeout_ns;
-    struct timespec pause = {.tv_sec = 0, .tv_nsec = FINALIZE_POLL_NS};
-    while (sp_wp_pages_in_state(e->w, SP_PAGE_COPYING) > 0 && sp_now_ns() < deadline)
-        nanosleep(&pause, NULL);
+    wait_captures(e, -1, deadline);
     int64_t left = deadline - sp_now_ns();
     int r = sp_wp_finalize(e->w, left > 0 ? left : 0);
     if (r == 0)
@@ -140,6 +153,40 @@ void spe_get_stats(struct spe_engine *e, struct spe_stats *out)
         out->log[i].handler_cpu = s.log[i].handler_cpu;
         out->log[i].copied = s.log[i].copied;
     }
+}
+
+/* ---- several snapshots per engine object: overlapping and consecutive (uffd_wp.c, sp_wp_snap_*) ---- */
+
+uint64_t spe_capabilities(void) { return SPE_CAP_OVERLAPPING | SPE_CAP_CONSECUTIVE; }
+
+int spe_snapshot_arm(struct spe_engine *e, uint64_t dst, uint64_t dst_size)
+{
+    if (!dst || dst_size < e->mem_size)
+        return refuse("spe_snapshot_arm(destination missing or smaller than guest memory)");
+    return sp_wp_snap_arm(e->w, dst);
+}
+
+int64_t spe_snapshot_bulk_copy(struct spe_engine *e, int id, uint64_t first_page, uint64_t npages, uint64_t batch)
+{
+    return sp_wp_snap_bulk_copy(e->w, id, first_page, npages, batch ? batch : SP_BULK_BATCH);
+}
+
+int spe_snapshot_finalize(struct spe_engine *e, int id, int64_t timeout_ns)
+{
+    wait_captures(e, id, sp_now_ns() + timeout_ns);
+    return sp_wp_snap_finalize(e->w, id);
+}
+
+void spe_snapshot_get_stats(struct spe_engine *e, int id, struct spe_snapshot_stats *out)
+{
+    struct sp_wp_snap_stats s;
+    sp_wp_snap_get_stats(e->w, id, &s);
+    memset(out, 0, sizeof(*out));
+    out->arm_ns = s.arm_ns;
+    out->fault_pages = s.fault_pages;
+    out->bulk_pages = s.bulk_pages;
+    out->shared_fault_pages = s.shared_fault_pages;
+    out->live = (uint32_t)s.live;
 }
 
 void spe_close(struct spe_engine *e)

@@ -156,18 +156,25 @@ enum sp_inject {
     SP_INJECT_LAZY_UFFD_CLOSES_MID_RESTORE = 8,
     /* The lazy loader fails open: it never fences missing pages (and native/restore.py never names its death). */
     SP_INJECT_LAZY_UFFD_UNGUARDED = 16,
+    /* Overlapping snapshots: a fault that captures a page into one live snapshot copies it into every
+     * other live one too, over the bytes an earlier snapshot already froze (one WP bit says "first write
+     * since the latest arm", not since each snapshot's own). */
+    SP_INJECT_OVERLAP_CAPTURE_OVERWRITES = 32,
     /* The copier un-protects its batch without waiting for a page the handler is still capturing. */
     SP_INJECT_UNPROTECT_DURING_CAPTURE = 64,
     /* The handler un-protects the faulting page, waking the writer, before its copy of the page ends. */
     SP_INJECT_WAKE_BEFORE_COPY = 128,
+    /* Consecutive snapshots: a snapshot armed on an engine object that took one before keeps that round's
+     * captured marks: its bulk copy and faults skip those pages, which keep whatever the destination held. */
+    SP_INJECT_CONSECUTIVE_KEEPS_CAPTURED = 0x800000,
     /* Performance regressions (the snapshot stays right, only slower): the gate must catch them. The low
-     * byte is full; these take the top byte (native/inject.py C_SWITCHES: both bytes). */
+     * byte is full; these take the top byte (native/inject.py C_SWITCHES). */
     SP_INJECT_UNPROTECT_PER_PAGE = 0x1000000,   /* the bulk copier un-protects page by page, not a batch per ioctl */
     SP_INJECT_EXTRA_COPY_PER_FAULT = 0x2000000, /* a fault stages its page through a freshly mapped bounce page */
     SP_INJECT_ARM_PER_PAGE = 0x4000000          /* the arm protects page by page, one ioctl each */
 };
 /* The bits of every switch above: an engine configuration with any other bit set is refused. */
-#define SP_INJECT_ALL 0xFF0000FF
+#define SP_INJECT_ALL 0xFF8000FF
 
 /* Pages the bulk copier copies and then un-protects with one UFFDIO_WRITEPROTECT (2 MiB of 4 KiB pages). */
 #define SP_BULK_BATCH 512
@@ -232,6 +239,22 @@ int sp_wp_release(struct sp_wp *w, int64_t timeout_ns);
 void sp_wp_destroy(struct sp_wp *w);
 void sp_wp_get_stats(struct sp_wp *w, struct sp_wp_stats *out);
 int sp_wp_uffd(struct sp_wp *w);
+/* Several snapshots of one region (the engine ABI's spe_snapshot_* calls): each has an id, its own
+ * destination and page states; a fault captures into every live one lacking the page before one
+ * un-protect. sp_wp_arm & co. above drive snapshot 0 alone. */
+struct sp_wp_snap_stats {
+    uint64_t arm_ns;
+    uint64_t fault_pages;
+    uint64_t bulk_pages;
+    uint64_t shared_fault_pages; /* faults that captured the page into another snapshot too */
+    int32_t live;
+    int32_t pad;
+};
+int sp_wp_snap_arm(struct sp_wp *w, uint64_t dst);
+int64_t sp_wp_snap_bulk_copy(struct sp_wp *w, int id, uint64_t first_page, uint64_t npages, uint64_t batch);
+int64_t sp_wp_snap_pages_in_state(struct sp_wp *w, int id, int state);
+int sp_wp_snap_finalize(struct sp_wp *w, int id);
+int sp_wp_snap_get_stats(struct sp_wp *w, int id, struct sp_wp_snap_stats *out);
 
 /* ---- named points held by a test (slow_points.c) ------------------ */
 /* The suite's side of the engines' named points: sp_points_hook is the spe_point_fn an engine gets

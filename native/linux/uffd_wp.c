@@ -167,6 +167,23 @@ int64_t sp_pagemap_scan(uint64_t start, uint64_t end, uint64_t flags, uint64_t c
     return r;
 }
 
+/* Snapshots one engine object holds live at once (the ABI's spe_snapshot_* calls): a live-fork VMM's forks
+ * in quick succession. Slot 0 is also the one snapshot sp_wp_arm & co. drive. */
+#define SP_MAX_SNAPSHOTS 4
+
+/* One snapshot: where its pages go and which of them it holds. */
+struct sp_snap {
+    uint8_t *dst;   /* NULL: none (never armed, or finalized) */
+    uint8_t *state; /* enum sp_page_state per page, __atomic builtins; allocated at the slot's first arm */
+    int live;       /* faults capture into it, from its arm to its finalize (__atomic, seq_cst) */
+    int users;      /* handler captures into it in flight: its finalize waits for none (__atomic, seq_cst) */
+    /* __atomic: the handler and the copier count them while an arm of the slot may reset them */
+    uint64_t arm_ns;
+    uint64_t fault_pages;
+    uint64_t shared_fault_pages;
+    uint64_t bulk_pages;
+};
+
 struct sp_wp {
     uint64_t page; /* the WP granule: 4 KiB, or the huge page size on hugetlb */
     int uffd;
@@ -174,8 +191,13 @@ struct sp_wp {
     uint8_t *mem;
     uint64_t size;
     uint64_t npages;
-    uint8_t *dst;
-    uint8_t *state; /* enum sp_page_state, accessed with __atomic builtins */
+    struct sp_snap snap[SP_MAX_SNAPSHOTS];
+    /* Held by every change of protection that depends on which snapshots hold a page: an arm (a snapshot
+     * made live, the region protected), and each un-protect by the handler or a copier, decided under it.
+     * So no page is un-protected while a live snapshot lacks it, whatever is armed in between. */
+    pthread_mutex_t prot_mu;
+    int mu_ready;
+    uint64_t arm_seq; /* bumped by each arm, under prot_mu (__atomic) */
     uint32_t inject;
     uint64_t race_window_ns;
     int handler_cpu;
@@ -215,30 +237,32 @@ static void sleep_ns(uint64_t ns)
         ;
 }
 
-static void copy_page(struct sp_wp *w, uint64_t page)
+static int is_live(const struct sp_snap *s) { return __atomic_load_n(&s->live, __ATOMIC_SEQ_CST); }
+
+static void copy_page(struct sp_wp *w, struct sp_snap *s, uint64_t page)
 {
-    memcpy(w->dst + page * w->page, w->mem + page * w->page, w->page);
+    memcpy(s->dst + page * w->page, w->mem + page * w->page, w->page);
 }
 
 /* SP_INJECT_EXTRA_COPY_PER_FAULT: the page goes through a staging page mapped for this fault alone (mmap,
  * first touch, copy in, copy out, munmap), as a handler that allocates a bounce buffer per fault does.
  * The snapshot is the same; each fault costs a mapping, a page fault and a second copy more. */
-static void copy_page_staged(struct sp_wp *w, uint64_t page)
+static void copy_page_staged(struct sp_wp *w, struct sp_snap *s, uint64_t page)
 {
     uint8_t *bounce = mmap(NULL, w->page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (bounce == MAP_FAILED) {
-        copy_page(w, page); /* the regression is the extra work; a failed mapping must not break the copy */
+        copy_page(w, s, page); /* the regression is the extra work; a failed mapping must not break the copy */
         return;
     }
     memcpy(bounce, w->mem + page * w->page, w->page);
-    memcpy(w->dst + page * w->page, bounce, w->page);
+    memcpy(s->dst + page * w->page, bounce, w->page);
     munmap(bounce, w->page);
 }
 
-/* Capture one page for a fault; returns 1 if this call copied it. */
-static int capture_for_fault(struct sp_wp *w, uint64_t page)
+/* Capture one page into one snapshot for a fault; returns 1 if this call copied it. */
+static int capture_for_fault(struct sp_wp *w, struct sp_snap *s, uint64_t page)
 {
-    uint8_t *st = &w->state[page];
+    uint8_t *st = &s->state[page];
     if (w->inject & SP_INJECT_NO_COPY_BEFORE_WRITE)
         return 0; /* the bug: let the write land, whatever the copier does later */
     if (w->inject & SP_INJECT_SINGLE_FLAG_RACE) {
@@ -246,16 +270,16 @@ static int capture_for_fault(struct sp_wp *w, uint64_t page)
         if (__atomic_exchange_n(st, SP_PAGE_CAPTURED, __ATOMIC_ACQ_REL) == SP_PAGE_CAPTURED)
             return 0;
         at_point(w, SP_POINT_FAULT_CAPTURE, page, 1);
-        copy_page(w, page);
+        copy_page(w, s, page);
         return 1;
     }
     uint8_t expect = SP_PAGE_CLEAN;
     if (__atomic_compare_exchange_n(st, &expect, SP_PAGE_COPYING, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
         at_point(w, SP_POINT_FAULT_CAPTURE, page, 1);
         if (w->inject & SP_INJECT_EXTRA_COPY_PER_FAULT)
-            copy_page_staged(w, page);
+            copy_page_staged(w, s, page);
         else
-            copy_page(w, page);
+            copy_page(w, s, page);
         __atomic_store_n(st, SP_PAGE_CAPTURED, __ATOMIC_RELEASE);
         return 1;
     }
@@ -268,14 +292,41 @@ static int capture_for_fault(struct sp_wp *w, uint64_t page)
     return 0;
 }
 
-static void record_fault(struct sp_wp *w, const struct uffd_msg *msg, uint64_t offset, int copied,
+/* Capture the faulting page into every live snapshot that does not hold it yet; returns the snapshots (a bit
+ * each) this call copied it into. A snapshot that holds the page already keeps its copy: the WP bit says
+ * "first write since the latest arm", and an earlier snapshot froze the page at its own. Every snapshot is
+ * counted in as a user throughout, before live is read: a finalize clears live, then waits for no users, so
+ * it never returns while this capture may still write into its destination or count it. */
+static uint32_t capture_for_live(struct sp_wp *w, uint64_t page)
+{
+    uint32_t copied = 0;
+    for (int i = 0; i < SP_MAX_SNAPSHOTS; i++)
+        __atomic_add_fetch(&w->snap[i].users, 1, __ATOMIC_SEQ_CST);
+    for (int i = 0; i < SP_MAX_SNAPSHOTS; i++)
+        if (is_live(&w->snap[i]) && capture_for_fault(w, &w->snap[i], page))
+            copied |= 1U << i;
+    for (int i = 0; copied && (w->inject & SP_INJECT_OVERLAP_CAPTURE_OVERWRITES) && i < SP_MAX_SNAPSHOTS; i++)
+        if (!(copied & (1U << i)) && is_live(&w->snap[i]))
+            copy_page(w, &w->snap[i], page); /* the bug: over the bytes this snapshot froze at its own arm */
+    int shared = __builtin_popcount(copied) > 1;
+    for (int i = 0; i < SP_MAX_SNAPSHOTS; i++) {
+        if (copied & (1U << i)) {
+            __atomic_add_fetch(&w->snap[i].fault_pages, 1, __ATOMIC_RELAXED);
+            __atomic_add_fetch(&w->snap[i].shared_fault_pages, (uint64_t)shared, __ATOMIC_RELAXED);
+        }
+        __atomic_sub_fetch(&w->snap[i].users, 1, __ATOMIC_SEQ_CST);
+    }
+    return copied;
+}
+
+static void record_fault(struct sp_wp *w, const struct uffd_msg *msg, uint64_t offset, uint32_t copied,
                          int64_t t0)
 {
     struct sp_wp_stats *s = &w->stats;
     uint64_t ns = (uint64_t)(sp_now_ns() - t0);
     int cpu = sched_getcpu();
     s->faults++;
-    s->fault_pages += (uint64_t)copied;
+    s->fault_pages += (uint64_t)__builtin_popcount(copied);
     s->service_ns_total += ns;
     if (ns > s->service_ns_max)
         s->service_ns_max = ns;
@@ -290,7 +341,7 @@ static void record_fault(struct sp_wp *w, const struct uffd_msg *msg, uint64_t o
         r->service_ns = ns;
         r->tid = msg->arg.pagefault.feat.ptid;
         r->handler_cpu = cpu;
-        r->copied = (uint32_t)copied;
+        r->copied = copied != 0;
     }
 }
 
@@ -304,22 +355,37 @@ static int serve(struct sp_wp *w, const struct uffd_msg *msg)
         return sp_fail("handler: fault outside the region");
     }
     uint64_t page = (addr - base) / w->page;
-    int copied = 0;
+    uint32_t copied = 0;
     if (w->inject & SP_INJECT_WAKE_BEFORE_COPY) {
         /* The bug: the page is writable and its writer woken before the copy below has read it. */
         int r = sp_uffd_writeprotect(w->uffd, addr, w->page, 0);
         if (r < 0)
             return r;
     }
-    if (msg->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)
-        copied = capture_for_fault(w, page);
+    if (msg->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
+        for (;;) {
+            uint64_t seq = __atomic_load_n(&w->arm_seq, __ATOMIC_ACQUIRE);
+            copied |= capture_for_live(w, page);
+            pthread_mutex_lock(&w->prot_mu);
+            if (__atomic_load_n(&w->arm_seq, __ATOMIC_ACQUIRE) == seq)
+                break; /* every live snapshot holds the page: the one un-protect below, under prot_mu */
+            pthread_mutex_unlock(&w->prot_mu); /* a snapshot was armed meanwhile: the page goes into it too */
+        }
+    } else {
+        pthread_mutex_lock(&w->prot_mu);
+    }
     /* Un-protect without waking, record, then wake: whoever the write unblocks sees
      * the fault in the stats already. */
     struct uffdio_writeprotect wp = {
         .range = {.start = addr, .len = w->page}, .mode = UFFDIO_WRITEPROTECT_MODE_DONTWAKE,
     };
-    if (ioctl(w->uffd, UFFDIO_WRITEPROTECT, &wp) < 0)
+    int r = ioctl(w->uffd, UFFDIO_WRITEPROTECT, &wp);
+    int e = errno;
+    pthread_mutex_unlock(&w->prot_mu);
+    if (r < 0) {
+        errno = e;
         return sp_fail("UFFDIO_WRITEPROTECT(un-protect)");
+    }
     record_fault(w, msg, addr - base, copied, t0);
     struct uffdio_range range = {.start = addr, .len = w->page};
     if (ioctl(w->uffd, UFFDIO_WAKE, &range) < 0)
@@ -416,8 +482,14 @@ int sp_wp_create(uint64_t mem, uint64_t size, uint64_t page_size, uint64_t featu
     w->handler_cpu = handler_cpu;
     int r, via_devnode;
     uint64_t ioctls = 0;
-    w->state = calloc(w->npages, 1);
-    if (!w->state) {
+    if ((r = pthread_mutex_init(&w->prot_mu, NULL)) != 0) {
+        errno = r;
+        r = sp_fail("pthread_mutex_init");
+        goto fail;
+    }
+    w->mu_ready = 1;
+    w->snap[0].state = calloc(w->npages, 1);
+    if (!w->snap[0].state) {
         errno = ENOMEM;
         r = sp_fail("calloc(page states)");
         goto fail;
@@ -456,7 +528,7 @@ fail:
 
 int sp_wp_set_destination(struct sp_wp *w, uint64_t dst)
 {
-    w->dst = (uint8_t *)(uintptr_t)dst;
+    w->snap[0].dst = (uint8_t *)(uintptr_t)dst;
     return 0;
 }
 
@@ -467,27 +539,47 @@ int sp_wp_set_points(struct sp_wp *w, sp_point_fn fn, void *ctx)
     return 0;
 }
 
+/* With prot_mu held: snapshot s live and pages [first, first + n) protected. The bumped arm_seq sends a fault
+ * being served back to capture into s too before it un-protects. */
+/* Protect (or un-protect) pages [first, end) with one ioctl; SP_INJECT_ARM_PER_PAGE (protect) and
+ * SP_INJECT_UNPROTECT_PER_PAGE (un-protect) are the regressions that issue one ioctl, and one walk of the
+ * page tables, per page instead. */
+static int writeprotect_pages(struct sp_wp *w, uint64_t first, uint64_t end, int protect)
+{
+    if (w->inject & (protect ? SP_INJECT_ARM_PER_PAGE : SP_INJECT_UNPROTECT_PER_PAGE)) {
+        int r = 0;
+        for (uint64_t p = first; p < end && r == 0; p++)
+            r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + p * w->page), w->page, protect);
+        return r;
+    }
+    return sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + first * w->page), (end - first) * w->page,
+                                protect);
+}
+
+static int protect_for(struct sp_wp *w, struct sp_snap *s, uint64_t first, uint64_t n)
+{
+    __atomic_store_n(&s->live, 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&w->arm_seq, 1, __ATOMIC_RELEASE);
+    int r = writeprotect_pages(w, first, first + n, 1);
+    if (r == 0)
+        w->armed = 1;
+    return r;
+}
+
 int sp_wp_arm(struct sp_wp *w)
 {
-    if (!w->dst) {
+    if (!w->snap[0].dst) {
         errno = EINVAL;
         return sp_fail("sp_wp_arm(no destination)");
     }
     if (refuse_if_dead(w, "sp_wp_arm(fault handler died)") < 0)
         return -EOWNERDEAD; /* nobody would serve the faults: writers would block until release */
     int64_t t0 = sp_now_ns();
-    memset(w->state, SP_PAGE_CLEAN, w->npages);
-    int r = 0;
-    if (w->inject & SP_INJECT_ARM_PER_PAGE) {
-        /* The regression: one ioctl (and one walk of the page tables) per page instead of one for the region. */
-        for (uint64_t p = 0; p < w->npages && r == 0; p++)
-            r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + p * w->page), w->page, 1);
-    } else {
-        r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)w->mem, w->size, 1);
-    }
-    w->stats.arm_ns = (uint64_t)(sp_now_ns() - t0);
-    if (r == 0)
-        w->armed = 1;
+    pthread_mutex_lock(&w->prot_mu);
+    memset(w->snap[0].state, SP_PAGE_CLEAN, w->npages);
+    int r = protect_for(w, &w->snap[0], 0, w->npages);
+    pthread_mutex_unlock(&w->prot_mu);
+    w->stats.arm_ns = w->snap[0].arm_ns = (uint64_t)(sp_now_ns() - t0);
     return r;
 }
 
@@ -498,35 +590,79 @@ int sp_wp_rearm_range(struct sp_wp *w, uint64_t first_page, uint64_t npages)
         errno = EINVAL;
         return sp_fail("sp_wp_rearm_range(range)");
     }
-    if (!w->dst) {
+    if (!w->snap[0].dst) {
         errno = EINVAL;
         return sp_fail("sp_wp_rearm_range(no destination)");
     }
     if (refuse_if_dead(w, "sp_wp_rearm_range(fault handler died)") < 0)
         return -EOWNERDEAD;
-    memset(w->state + first_page, SP_PAGE_CLEAN, npages);
-    int r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + first_page * w->page), npages * w->page, 1);
-    if (r == 0)
-        w->armed = 1;
+    pthread_mutex_lock(&w->prot_mu);
+    memset(w->snap[0].state + first_page, SP_PAGE_CLEAN, npages);
+    int r = protect_for(w, &w->snap[0], first_page, npages);
+    pthread_mutex_unlock(&w->prot_mu);
     return r;
 }
 
 /* Un-protect the whole region but keep the handler: the engine can be armed again. */
 int sp_wp_disarm(struct sp_wp *w)
 {
+    pthread_mutex_lock(&w->prot_mu);
     int r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)w->mem, w->size, 0);
-    if (r == 0)
+    if (r == 0) {
         w->armed = 0;
+        __atomic_store_n(&w->snap[0].live, 0, __ATOMIC_SEQ_CST);
+    }
+    pthread_mutex_unlock(&w->prot_mu);
     return r;
 }
 
-int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, uint64_t batch)
+static int held_by_all(struct sp_wp *w, uint32_t snaps, uint64_t page)
 {
+    for (int i = 0; i < SP_MAX_SNAPSHOTS; i++)
+        if ((snaps & (1U << i)) && __atomic_load_n(&w->snap[i].state[page], __ATOMIC_ACQUIRE) != SP_PAGE_CAPTURED)
+            return 0;
+    return 1;
+}
+
+/* The copier of snapshot `id` un-protects what it copied: under prot_mu, and only the pages every live
+ * snapshot holds. A page another live snapshot still lacks stays protected, so its next write is caught for
+ * that one too. The only live snapshot un-protects its whole range at once: its copier made sure it holds it
+ * (SP_INJECT_UNPROTECT_DURING_CAPTURE is the bug of not making sure). */
+static int unprotect_held(struct sp_wp *w, int id, uint64_t first, uint64_t end)
+{
+    pthread_mutex_lock(&w->prot_mu);
+    uint32_t others = 0;
+    for (int i = 0; i < SP_MAX_SNAPSHOTS; i++)
+        if (i != id && is_live(&w->snap[i]))
+            others |= 1U << i;
+    int r = 0;
+    if (!others) {
+        r = writeprotect_pages(w, first, end, 0);
+    } else {
+        uint32_t all = others | 1U << id;
+        for (uint64_t p = first; p < end && r == 0;) {
+            while (p < end && !held_by_all(w, all, p))
+                p++;
+            uint64_t q = p;
+            while (q < end && held_by_all(w, all, q))
+                q++;
+            if (q > p)
+                r = writeprotect_pages(w, p, q, 0);
+            p = q;
+        }
+    }
+    pthread_mutex_unlock(&w->prot_mu);
+    return r;
+}
+
+static int64_t bulk_copy(struct sp_wp *w, int id, uint64_t first_page, uint64_t npages, uint64_t batch)
+{
+    struct sp_snap *s = &w->snap[id];
     if (first_page > w->npages || npages > w->npages - first_page || batch == 0) {
         errno = EINVAL;
         return sp_fail("sp_wp_bulk_copy(range)");
     }
-    if (!w->dst) {
+    if (!s->dst) {
         errno = EINVAL; /* finalized or released: the destination is no longer ours to write */
         return sp_fail("sp_wp_bulk_copy(no destination)");
     }
@@ -542,7 +678,7 @@ int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, u
             uint64_t mine[SP_BULK_BATCH];
             uint64_t nmine = 0;
             for (uint64_t p = b; p < bend; p++) {
-                if (__atomic_exchange_n(&w->state[p], SP_PAGE_CAPTURED, __ATOMIC_ACQ_REL) != SP_PAGE_CAPTURED &&
+                if (__atomic_exchange_n(&s->state[p], SP_PAGE_CAPTURED, __ATOMIC_ACQ_REL) != SP_PAGE_CAPTURED &&
                     nmine < SP_BULK_BATCH)
                     mine[nmine++] = p;
             }
@@ -550,7 +686,7 @@ int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, u
                 if (w->race_window_ns)
                     sleep_ns(w->race_window_ns);
                 at_point(w, SP_POINT_BULK_CAPTURE, mine[i], 1);
-                copy_page(w, mine[i]);
+                copy_page(w, s, mine[i]);
             }
             copied += (int64_t)nmine;
         } else {
@@ -561,7 +697,7 @@ int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, u
                 uint64_t run = 0;
                 while (p + run < bend && run < SP_COPY_RUN) {
                     uint8_t expect = SP_PAGE_CLEAN;
-                    if (!__atomic_compare_exchange_n(&w->state[p + run], &expect, SP_PAGE_COPYING, 0,
+                    if (!__atomic_compare_exchange_n(&s->state[p + run], &expect, SP_PAGE_COPYING, 0,
                                                      __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
                         break;
                     run++;
@@ -571,18 +707,18 @@ int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, u
                     continue;
                 }
                 at_point(w, SP_POINT_BULK_CAPTURE, p, run);
-                memcpy(w->dst + p * w->page, w->mem + p * w->page, run * w->page);
+                memcpy(s->dst + p * w->page, w->mem + p * w->page, run * w->page);
                 for (uint64_t q = p; q < p + run; q++)
-                    __atomic_store_n(&w->state[q], SP_PAGE_CAPTURED, __ATOMIC_RELEASE);
+                    __atomic_store_n(&s->state[q], SP_PAGE_CAPTURED, __ATOMIC_RELEASE);
                 copied += (int64_t)run;
                 p += run;
             }
             /* A page the handler is copying must be captured before the batch is un-protected
              * (SP_INJECT_UNPROTECT_DURING_CAPTURE leaves it out: the bug). */
             for (uint64_t p = b; p < bend && !(w->inject & SP_INJECT_UNPROTECT_DURING_CAPTURE); p++) {
-                if (__atomic_load_n(&w->state[p], __ATOMIC_ACQUIRE) == SP_PAGE_COPYING)
+                if (__atomic_load_n(&s->state[p], __ATOMIC_ACQUIRE) == SP_PAGE_COPYING)
                     at_point(w, SP_POINT_BULK_WAIT, p, 1);
-                while (__atomic_load_n(&w->state[p], __ATOMIC_ACQUIRE) == SP_PAGE_COPYING) {
+                while (__atomic_load_n(&s->state[p], __ATOMIC_ACQUIRE) == SP_PAGE_COPYING) {
                     if (refuse_if_dead(w, "sp_wp_bulk_copy(fault handler died mid-copy)") < 0)
                         return -EOWNERDEAD; /* its page stays COPYING forever */
                     cpu_relax();
@@ -591,38 +727,45 @@ int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, u
         }
         /* Captured pages need no protection: un-protecting them now spares the guest a fault each. */
         at_point(w, SP_POINT_BULK_UNPROTECT, b, bend - b);
-        if (w->inject & SP_INJECT_UNPROTECT_PER_PAGE) {
-            /* The regression: one ioctl per page of the batch instead of one for the batch. */
-            for (uint64_t p = b; p < bend; p++)
-                if (sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + p * w->page), w->page, 0) < 0)
-                    return -errno;
-        } else if (sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)(w->mem + b * w->page), (bend - b) * w->page,
-                                        0) < 0) {
+        if (unprotect_held(w, id, b, bend) < 0)
             return -errno;
-        }
     }
     __atomic_fetch_add(&w->stats.bulk_pages, (uint64_t)copied, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&s->bulk_pages, (uint64_t)copied, __ATOMIC_RELAXED);
     return copied;
 }
 
-int64_t sp_wp_pages_in_state(struct sp_wp *w, int state)
+int64_t sp_wp_bulk_copy(struct sp_wp *w, uint64_t first_page, uint64_t npages, uint64_t batch)
+{
+    return bulk_copy(w, 0, first_page, npages, batch);
+}
+
+static int64_t pages_in_state(struct sp_wp *w, struct sp_snap *s, int state)
 {
     int64_t n = 0;
     for (uint64_t p = 0; p < w->npages; p++)
-        n += __atomic_load_n(&w->state[p], __ATOMIC_ACQUIRE) == state;
+        n += __atomic_load_n(&s->state[p], __ATOMIC_ACQUIRE) == state;
     return n;
 }
 
-/* Un-protect everything (waking any faulting thread) and stop the handler. */
+int64_t sp_wp_pages_in_state(struct sp_wp *w, int state) { return pages_in_state(w, &w->snap[0], state); }
+
+/* Un-protect everything (waking any faulting thread) and stop the handler: every snapshot is void. */
 int sp_wp_release(struct sp_wp *w, int64_t timeout_ns)
 {
     int r = 0;
+    if (w->mu_ready)
+        pthread_mutex_lock(&w->prot_mu);
+    for (int i = 0; i < SP_MAX_SNAPSHOTS; i++)
+        __atomic_store_n(&w->snap[i].live, 0, __ATOMIC_SEQ_CST);
     if (w->armed) {
         /* The whole region is un-protected before the uffd may be dropped. */
         r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)w->mem, w->size, 0);
         if (r == 0)
             w->armed = 0;
     }
+    if (w->mu_ready)
+        pthread_mutex_unlock(&w->prot_mu);
     int s = stop_handler(w, timeout_ns);
     return r ? r : s;
 }
@@ -637,6 +780,131 @@ int sp_wp_finalize(struct sp_wp *w, int64_t timeout_ns)
         return sp_fail("sp_wp_finalize(pages not captured)");
     }
     return sp_wp_release(w, timeout_ns);
+}
+
+/* ---- several snapshots: the engine ABI's spe_snapshot_* calls ---- */
+
+int sp_wp_snap_arm(struct sp_wp *w, uint64_t dst)
+{
+    if (!dst) {
+        errno = EINVAL;
+        return sp_fail("sp_wp_snap_arm(no destination)");
+    }
+    if (refuse_if_dead(w, "sp_wp_snap_arm(fault handler died)") < 0)
+        return -EOWNERDEAD;
+    if (!w->thread_started) {
+        errno = ESRCH; /* a single snapshot's finalize or a release stopped it */
+        return sp_fail("sp_wp_snap_arm(no fault handler: the engine was released)");
+    }
+    int64_t t0 = sp_now_ns();
+    pthread_mutex_lock(&w->prot_mu);
+    int id = 0;
+    while (id < SP_MAX_SNAPSHOTS && is_live(&w->snap[id]))
+        id++;
+    int r;
+    if (id == SP_MAX_SNAPSHOTS) {
+        errno = EBUSY;
+        r = sp_fail("sp_wp_snap_arm(every snapshot slot is live)");
+        goto out;
+    }
+    struct sp_snap *s = &w->snap[id];
+    if (!s->state && !(s->state = calloc(w->npages, 1))) {
+        errno = ENOMEM;
+        r = sp_fail("calloc(page states)");
+        goto out;
+    }
+    /* A slot used before holds its last round's marks: every page uncaptured again (the injected bug keeps
+     * them, so the new round skips what the old one captured). */
+    if (!(w->inject & SP_INJECT_CONSECUTIVE_KEEPS_CAPTURED))
+        memset(s->state, SP_PAGE_CLEAN, w->npages);
+    __atomic_store_n(&s->fault_pages, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->shared_fault_pages, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->bulk_pages, 0, __ATOMIC_RELAXED);
+    s->dst = (uint8_t *)(uintptr_t)dst;
+    r = protect_for(w, s, 0, w->npages);
+    if (r < 0) {
+        __atomic_store_n(&s->live, 0, __ATOMIC_SEQ_CST);
+        s->dst = NULL;
+    } else {
+        r = id;
+    }
+out:
+    pthread_mutex_unlock(&w->prot_mu);
+    if (r >= 0)
+        __atomic_store_n(&w->snap[id].arm_ns, (uint64_t)(sp_now_ns() - t0), __ATOMIC_RELAXED);
+    return r;
+}
+
+static struct sp_snap *live_snapshot(struct sp_wp *w, int id, const char *op)
+{
+    if (id < 0 || id >= SP_MAX_SNAPSHOTS || !is_live(&w->snap[id])) {
+        errno = EINVAL;
+        sp_fail(op);
+        return NULL;
+    }
+    return &w->snap[id];
+}
+
+int64_t sp_wp_snap_bulk_copy(struct sp_wp *w, int id, uint64_t first_page, uint64_t npages, uint64_t batch)
+{
+    if (!live_snapshot(w, id, "sp_wp_snap_bulk_copy(no live snapshot of that id)"))
+        return -EINVAL;
+    return bulk_copy(w, id, first_page, npages, batch);
+}
+
+int64_t sp_wp_snap_pages_in_state(struct sp_wp *w, int id, int state)
+{
+    if (id < 0 || id >= SP_MAX_SNAPSHOTS || !w->snap[id].state)
+        return 0;
+    return pages_in_state(w, &w->snap[id], state);
+}
+
+/* Snapshot `id` complete: no longer live, its destination no longer touched once this returns; the last live
+ * snapshot done, the region is un-protected. The handler keeps running for the next arm. */
+int sp_wp_snap_finalize(struct sp_wp *w, int id)
+{
+    struct sp_snap *s = live_snapshot(w, id, "sp_wp_snap_finalize(no live snapshot of that id)");
+    if (!s)
+        return -EINVAL;
+    if (refuse_if_dead(w, "sp_wp_snap_finalize(fault handler died)") < 0)
+        return -EOWNERDEAD;
+    if (pages_in_state(w, s, SP_PAGE_CAPTURED) != (int64_t)w->npages) {
+        errno = EAGAIN;
+        return sp_fail("sp_wp_snap_finalize(pages not captured)");
+    }
+    int r = 0;
+    pthread_mutex_lock(&w->prot_mu);
+    __atomic_store_n(&s->live, 0, __ATOMIC_SEQ_CST);
+    int others = 0;
+    for (int i = 0; i < SP_MAX_SNAPSHOTS; i++)
+        others |= is_live(&w->snap[i]);
+    if (!others && w->armed) {
+        r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)w->mem, w->size, 0);
+        if (r == 0)
+            w->armed = 0;
+    }
+    pthread_mutex_unlock(&w->prot_mu);
+    /* A capture that saw it live before the store above copies one page: wait for it, then let go of dst. */
+    while (__atomic_load_n(&s->users, __ATOMIC_SEQ_CST))
+        cpu_relax();
+    s->dst = NULL;
+    return r;
+}
+
+int sp_wp_snap_get_stats(struct sp_wp *w, int id, struct sp_wp_snap_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (id < 0 || id >= SP_MAX_SNAPSHOTS) {
+        errno = EINVAL;
+        return sp_fail("sp_wp_snap_get_stats(id)");
+    }
+    struct sp_snap *s = &w->snap[id];
+    out->arm_ns = __atomic_load_n(&s->arm_ns, __ATOMIC_RELAXED);
+    out->fault_pages = __atomic_load_n(&s->fault_pages, __ATOMIC_RELAXED);
+    out->shared_fault_pages = __atomic_load_n(&s->shared_fault_pages, __ATOMIC_RELAXED);
+    out->bulk_pages = __atomic_load_n(&s->bulk_pages, __ATOMIC_RELAXED);
+    out->live = is_live(s);
+    return 0;
 }
 
 /* Teardown order, on purpose: un-protect the whole region (which wakes every waiter), join the
@@ -658,7 +926,10 @@ void sp_wp_destroy(struct sp_wp *w)
         close(w->uffd);
     if (w->stop_fd >= 0)
         close(w->stop_fd);
-    free(w->state);
+    for (int i = 0; i < SP_MAX_SNAPSHOTS; i++)
+        free(w->snap[i].state);
+    if (w->mu_ready)
+        pthread_mutex_destroy(&w->prot_mu);
     free(w);
 }
 
