@@ -458,8 +458,8 @@ def only_mthp_size(request: pytest.FixtureRequest, require: Callable[..., None])
     """``only_mthp_size(size)``: anonymous MADV_HUGEPAGE faults of this test get folios of that mTHP size alone.
 
     With --thp the per-size knobs are set for the test and put back at teardown; without it the size must be
-    enabled already (other sizes may be too: the kernel then picks the largest that fits, and the test reports
-    the folio it got). Skips (fails under --strict-host) naming the knob otherwise.
+    the largest enabled already (the kernel picks the largest that fits). Skips (fails under --strict-host)
+    naming the knobs otherwise.
     """
     from native import thp
 
@@ -471,6 +471,11 @@ def only_mthp_size(request: pytest.FixtureRequest, require: Callable[..., None])
             thp.only_mthp_size(changes, size)
         elif (why := thp.mthp_missing(size)) is not None:
             skip_or_fail(request.config, f"anonymous mTHP of {size >> 10} KiB: {why}; --thp enables it for the run")
+        elif larger := thp.mthp_larger_on(size):
+            on = ", ".join(f"{s >> 10} KiB" for s in larger)
+            skip_or_fail(request.config, f"anonymous mTHP of {size >> 10} KiB: larger folios are on too ({on}), so "
+                                         "the kernel gives a fault the largest that fits; --thp singles out each size "
+                                         "for its case")
 
     yield _only
     changes.restore()

@@ -105,6 +105,15 @@ def mthp_missing(size: int) -> str | None:
     return f"{_knob_text(path)} (needs madvise or always, or inherit with {_knob_text(ENABLED)})"
 
 
+def mthp_larger_on(size: int) -> list[int]:
+    """The folio sizes above ``size`` (mTHP sizes and the PMD size) a MADV_HUGEPAGE fault may get here: with
+    any of them on, the kernel picks the largest that fits and a fault gets no ``size`` folio."""
+    larger = [s for s in mthp_sizes() if s > size and mthp_missing(s) is None]
+    if size < PMD_SIZE and anonymous_missing() is None:
+        larger.append(PMD_SIZE)
+    return larger
+
+
 def _write_knob(path: Path, value: str) -> None:
     path.write_text(f"{value}\n")
 
