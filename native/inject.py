@@ -56,6 +56,9 @@ class FaultInjection(enum.Flag):
     UNPROTECT_PER_PAGE = 1 << 24    # the bulk copier un-protects page by page, not a batch per ioctl
     EXTRA_COPY_PER_FAULT = 1 << 25  # a fault stages its page through a freshly mapped bounce page
     ARM_PER_PAGE = 1 << 26          # the arm protects page by page, one ioctl each
+    # Overlapping snapshots (phase 2): a bulk copier un-protects its whole batch, pages another live snapshot still
+    # lacks included, so writes to them land unseen by it (C, the built-in engine; in the top byte, not a slowdown).
+    UNPROTECT_WHAT_OTHERS_LACK = 1 << 27
 
 
 # The switches implemented inside the C engine and the C lazy loader (SP_INJECT_*): the low byte, bit 23 and

@@ -24,12 +24,13 @@ def test_c_engine_switch_values_match_python():
     assert FaultInjection.WAKE_BEFORE_COPY.value == lib.SP_INJECT_WAKE_BEFORE_COPY
     assert FaultInjection.OVERLAP_CAPTURE_OVERWRITES.value == lib.SP_INJECT_OVERLAP_CAPTURE_OVERWRITES
     assert FaultInjection.CONSECUTIVE_KEEPS_CAPTURED.value == lib.SP_INJECT_CONSECUTIVE_KEEPS_CAPTURED
+    assert FaultInjection.UNPROTECT_WHAT_OTHERS_LACK.value == lib.SP_INJECT_UNPROTECT_WHAT_OTHERS_LACK
     assert FaultInjection.UNPROTECT_PER_PAGE.value == lib.SP_INJECT_UNPROTECT_PER_PAGE
     assert FaultInjection.EXTRA_COPY_PER_FAULT.value == lib.SP_INJECT_EXTRA_COPY_PER_FAULT
     assert FaultInjection.ARM_PER_PAGE.value == lib.SP_INJECT_ARM_PER_PAGE
     assert C_SWITCHES == lib.SP_INJECT_ALL, f"C_SWITCHES {C_SWITCHES:#x}, the C layer's {lib.SP_INJECT_ALL:#x}"
     in_c = [m for m in FaultInjection if m.value & C_SWITCHES]
-    assert len(in_c) == 12, f"a new C-level switch needs a line above: {in_c}"
+    assert len(in_c) == 13, f"a new C-level switch needs a line above: {in_c}"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the C engine is the Linux backend")

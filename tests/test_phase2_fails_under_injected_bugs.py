@@ -103,7 +103,10 @@ def test_each_race_window_fails_its_engine_bug_on_the_first_run(inject, window):
                                     TWO_LIVE: ("A: ", "a later snapshot wrote over a page A had frozen")}),
     # Round 2 keeps round 1's captured marks: it copies nothing, its destination stays empty.
     ("consecutive-keeps-captured", {CONSECUTIVE: ("instant oracle of round 2:", "consistent but stale")}),
-], ids=["overlap-capture-overwrites", "consecutive-keeps-captured"])
+    # A's copier un-protects pages B still lacks: the pagemap check sees them writable. (The storm case may miss
+    # it: whether the guest writes such a page before B's copier reaches it is the guest's timing.)
+    ("unprotect-what-others-lack", {TWO_LIVE: ("pages still carrying PM_UFFD_WP once A holds them all",)}),
+], ids=["overlap-capture-overwrites", "consecutive-keeps-captured", "unprotect-what-others-lack"])
 def test_several_snapshots_fail_their_engine_bug_on_the_first_run(inject, failures):
     """Each bug of several snapshots per engine object fails its cases on their only run, at the oracle of the
     snapshot it damaged; the other snapshot of the same run is still judged its own instant."""
@@ -113,5 +116,6 @@ def test_several_snapshots_fail_their_engine_bug_on_the_first_run(inject, failur
         failure = run.failure(case)
         assert all(w in failure for w in words), f"{inject}: {case} failed, but not naming {words}: {failure}"
         print(f"{inject}: {failure}")
-    for case in {OVERLAPPING, TWO_LIVE, CONSECUTIVE} - set(failures):
+    timing_dependent = {OVERLAPPING} if inject == "unprotect-what-others-lack" else set()
+    for case in {OVERLAPPING, TWO_LIVE, CONSECUTIVE} - set(failures) - timing_dependent:
         assert run.outcome(case) == "passed", f"{inject} is not the bug of {case}: {run.failure(case)}"

@@ -167,6 +167,9 @@ enum sp_inject {
     /* Consecutive snapshots: a snapshot armed on an engine object that took one before keeps that round's
      * captured marks: its bulk copy and faults skip those pages, which keep whatever the destination held. */
     SP_INJECT_CONSECUTIVE_KEEPS_CAPTURED = 0x800000,
+    /* Overlapping snapshots: a snapshot's bulk copier un-protects its batch whole, pages another live snapshot
+     * still lacks included: writes to them land unseen by that snapshot. */
+    SP_INJECT_UNPROTECT_WHAT_OTHERS_LACK = 0x8000000,
     /* Performance regressions (the snapshot stays right, only slower): the gate must catch them. The low
      * byte is full; these take the top byte (native/inject.py C_SWITCHES). */
     SP_INJECT_UNPROTECT_PER_PAGE = 0x1000000,   /* the bulk copier un-protects page by page, not a batch per ioctl */

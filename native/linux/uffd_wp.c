@@ -636,7 +636,7 @@ static int unprotect_held(struct sp_wp *w, int id, uint64_t first, uint64_t end)
         if (i != id && is_live(&w->snap[i]))
             others |= 1U << i;
     int r = 0;
-    if (!others) {
+    if (!others || (w->inject & SP_INJECT_UNPROTECT_WHAT_OTHERS_LACK)) {
         r = writeprotect_pages(w, first, end, 0);
     } else {
         uint32_t all = others | 1U << id;
