@@ -117,7 +117,11 @@ def build_module(verbose: bool = False) -> Path:
     built = Path(out)
     target = NATIVE_DIR / built.name
     if built.resolve() != target.resolve():
-        shutil.copy2(built, target)
+        # A new file renamed over the old, never the old rewritten: a process that has it mapped keeps its copy
+        # (rewriting a loaded library in place crashes whoever runs it, seen with a suite running beside a build).
+        staged = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        shutil.copy2(built, staged)
+        os.replace(staged, target)
     _stamp_path(module).write_text(_digest(inputs) + "\n")
     return target
 
