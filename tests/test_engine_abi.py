@@ -178,3 +178,12 @@ def test_an_engine_error_names_the_engine_and_its_message(make_memory):
             pytest.raises(NativeError, match=r"engine naive: bulk copy: spe_bulk_copy: pages 0x100\+0x1 outside "
                                              r"guest memory failed .*errno 22"):
         snap.bulk_copy(snap.npages, 1)
+
+
+def test_the_record_schema_knows_every_engine_capability():
+    """The run record's engine capabilities are the engine module's names (results/schema.py cannot import it)."""
+    from native.engine import CAPABILITIES
+    from results.schema import _ENGINE
+
+    described = next(form for form in _ENGINE["anyOf"] if "capabilities" in form.get("properties", {}))
+    assert described["properties"]["capabilities"]["items"]["enum"] == list(CAPABILITIES)

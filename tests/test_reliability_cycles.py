@@ -5,8 +5,8 @@ snapshot file (SnapshotImage writer), the guest's write caught, bulk copy, final
 sealed; then a fresh VM over a MAP_PRIVATE mapping of the file re-runs the guest; everything is
 closed and the file deleted. 100 cycles by default, 1,000 with --long.
 
-Held memory is judged by what a leak grows and allocator caching does not (C heap in use, Python's blocks,
-guest-memory mappings; ``HeldMemory``); VmRSS only by a coarse ceiling. The gauges' own teeth are shown by
+Held memory is judged by what a leak grows and allocator caching does not (C heap in use, Python objects
+the suite's code allocated, guest-memory mappings; ``HeldMemory``); VmRSS only by a coarse ceiling. The gauges' own teeth are shown by
 cycles that leak one of each on purpose.
 """
 
@@ -34,13 +34,12 @@ MEM_SIZE = 1 << 20
 RUN_TIMEOUT_S = 5.0
 WARMUP_CYCLES = 10      # allocator arenas, caches and lazy imports settle in these
 # Measured with nothing leaking: over 3,000 cycles alone, C heap in use moved by under 1 KiB, except for a
-# rare single step of about 940 KiB (seen under pytest, once in 1,000 cycles, never again after it); Python's
-# blocks by about 50 alone and by up to about 150 a half inside the whole suite (caches of earlier tests
-# filled and freed). A leak grows in every stretch of cycles, a step in one: so held memory is judged over
-# the two halves of the measured cycles, and a gauge leaks only if it grew in both. At 100 cycles that
-# catches 1 KiB of C heap or about 12 Python objects kept each cycle; --long's 1,000 ten times less.
+# rare single step of about 940 KiB (seen under pytest, once in 1,000 cycles, never again after it). A leak
+# grows in every stretch of cycles, a step in one: so held memory is judged over the two halves of the
+# measured cycles, and a gauge leaks only if it grew in both. At 100 cycles that catches 1 KiB of C heap or
+# 200 bytes of Python objects (a dozen small objects) kept each cycle; --long's 1,000 ten times less.
 C_HEAP_SLACK = 32 << 10       # each half
-PYTHON_BLOCKS_SLACK = 512     # each half
+PYTHON_SLACK = 8 << 10        # each half
 RSS_SLACK = 4 << 20
 
 
@@ -84,7 +83,7 @@ def snapshot_cycle(workdir: Path) -> None:
 def run_cycles(workdir: Path, cycles: int, record_property=None, leak: Callable[[], None] | None = None) -> list[str]:
     """``cycles`` snapshot cycles (``leak()`` after each, for the gauges' own test); what grew, in words."""
     # Where THP is "always", khugepaged collapsing the Python heap moves VmRSS by megabytes nobody newly used.
-    with disabled_for_process():
+    with disabled_for_process(), HeldMemory.traced():
         start = Gauges.now()
         t0 = time.perf_counter()
         for _ in range(WARMUP_CYCLES):
@@ -105,7 +104,7 @@ def run_cycles(workdir: Path, cycles: int, record_property=None, leak: Callable[
     c_heap = ("C heap in use: not measured (no mallinfo2)" if None in heap
               else "C heap in use " + " -> ".join(f"{h >> 10}" for h in heap if h is not None) + " KiB")
     figures = (f"{cycles} cycles, {per_cycle_ms:.2f} ms each: fds {start.fds} -> {warm.fds} -> {end.fds}; {c_heap}; "
-               "Python blocks " + " -> ".join(str(h.python_blocks) for h in held) + "; guest mappings "
+               "Python objects of the suite " + " -> ".join(f"{h.python_bytes >> 10}" for h in held) + " KiB; guest mappings "
                f"{len(warm_held.mappings)} -> {len(end_held.mappings)}; RSS {start.rss >> 10} -> {warm.rss >> 10} -> "
                f"{end.rss >> 10} KiB; threads {start.threads} -> {threads} (Python {start.python_threads} -> "
                f"{end.python_threads}); uffds {end.uffds}")
@@ -125,10 +124,10 @@ def run_cycles(workdir: Path, cycles: int, record_property=None, leak: Callable[
         if min(h1 - h0, h2 - h1) > C_HEAP_SLACK:
             grew.append(f"C heap in use grew {both}: {h0 >> 10} -> {h1 >> 10} -> {h2 >> 10} KiB, "
                         f"at most {C_HEAP_SLACK >> 10} KiB a half expected")
-    blocks = [h.python_blocks for h in held]
-    if min(blocks[1] - blocks[0], blocks[2] - blocks[1]) > PYTHON_BLOCKS_SLACK:
-        grew.append(f"Python's allocated blocks grew {both}: {blocks[0]} -> {blocks[1]} -> {blocks[2]}, "
-                    f"at most {PYTHON_BLOCKS_SLACK} a half expected")
+    py = [h.python_bytes for h in held]
+    if min(py[1] - py[0], py[2] - py[1]) > PYTHON_SLACK:
+        grew.append(f"Python objects allocated by the suite's code grew {both}: {py[0]} -> {py[1]} -> {py[2]} bytes, "
+                    f"at most {PYTHON_SLACK >> 10} KiB a half expected")
     if left := sorted(set(end_held.mappings) - set(warm_held.mappings)):
         grew.append(f"{len(left)} guest-memory mappings left {over}, first: {left[0]}")
     if end.rss - warm.rss > RSS_SLACK:
@@ -185,6 +184,6 @@ def test_the_gauges_catch_a_small_leak_of_each_kind(tmp_path):
         for ptr in kept_heap:
             libc.free(ptr)
     said = "; ".join(grew)
-    for kind in ("C heap in use grew in both halves", "Python's allocated blocks grew in both halves",
+    for kind in ("C heap in use grew in both halves", "Python objects allocated by the suite's code grew in both halves",
                  "guest-memory mappings left"):
         assert kind in said, f"the gauges missed a leak: expected {kind!r} among: {said or 'nothing grew'}"
