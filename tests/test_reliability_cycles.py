@@ -6,7 +6,8 @@ sealed; then a fresh VM over a MAP_PRIVATE mapping of the file re-runs the guest
 closed and the file deleted. 100 cycles by default, 1,000 with --long.
 
 Held memory is judged by what a leak grows and allocator caching does not (C heap in use, Python objects
-the suite's code allocated, guest-memory mappings; ``HeldMemory``); VmRSS only by a coarse ceiling. The gauges' own teeth are shown by
+the suite's code allocated, guest-memory mappings; ``HeldMemory``); VmRSS only by a coarse ceiling. The
+gauges' own teeth are shown by
 cycles that leak one of each on purpose.
 """
 
@@ -104,7 +105,8 @@ def run_cycles(workdir: Path, cycles: int, record_property=None, leak: Callable[
     c_heap = ("C heap in use: not measured (no mallinfo2)" if None in heap
               else "C heap in use " + " -> ".join(f"{h >> 10}" for h in heap if h is not None) + " KiB")
     figures = (f"{cycles} cycles, {per_cycle_ms:.2f} ms each: fds {start.fds} -> {warm.fds} -> {end.fds}; {c_heap}; "
-               "Python objects of the suite " + " -> ".join(f"{h.python_bytes >> 10}" for h in held) + " KiB; guest mappings "
+               "Python objects of the suite " + " -> ".join(f"{h.python_bytes >> 10}" for h in held) + " KiB; "
+               "guest mappings "
                f"{len(warm_held.mappings)} -> {len(end_held.mappings)}; RSS {start.rss >> 10} -> {warm.rss >> 10} -> "
                f"{end.rss >> 10} KiB; threads {start.threads} -> {threads} (Python {start.python_threads} -> "
                f"{end.python_threads}); uffds {end.uffds}")
@@ -184,6 +186,6 @@ def test_the_gauges_catch_a_small_leak_of_each_kind(tmp_path):
         for ptr in kept_heap:
             libc.free(ptr)
     said = "; ".join(grew)
-    for kind in ("C heap in use grew in both halves", "Python objects allocated by the suite's code grew in both halves",
-                 "guest-memory mappings left"):
+    for kind in ("C heap in use grew in both halves",
+                 "Python objects allocated by the suite's code grew in both halves", "guest-memory mappings left"):
         assert kind in said, f"the gauges missed a leak: expected {kind!r} among: {said or 'nothing grew'}"
