@@ -7,8 +7,7 @@ closed and the file deleted. 100 cycles by default, 1,000 with --long.
 
 Held memory is judged by what a leak grows and allocator caching does not (C heap in use, Python objects
 the suite's code allocated, guest-memory mappings; ``HeldMemory``); VmRSS only by a coarse ceiling. The
-gauges' own teeth are shown by
-cycles that leak one of each on purpose.
+gauges' own teeth are shown by cycles that leak one of each on purpose.
 """
 
 from __future__ import annotations
