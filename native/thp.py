@@ -137,22 +137,32 @@ class KnobChanges:
             raise failed
 
 
-def enable_for_run(changes: KnobChanges) -> list[str]:
-    """What ``--thp`` does: anonymous THP and shmem THP on for MADV_HUGEPAGE mappings, where they are off.
-    Returns one line per knob set. The mTHP sizes are left as they are: a test that wants one size alone
-    sets it for its own duration (``only_mthp_size``)."""
-    done = []
+def knobs_to_turn_on() -> list[tuple[Path, str]]:
+    """What ``--thp`` sets, where it is off: anonymous THP and its PMD size, and shmem THP, on for MADV_HUGEPAGE
+    mappings; (knob, value) each. The mTHP sizes are left as they are: a test that wants one size alone sets it
+    for its own duration (``only_mthp_size``)."""
+    todo = []
     if read_knob(ENABLED) not in ANON_ON:
-        changes.set(ENABLED, "madvise")
-        done.append(f"{ENABLED} = madvise")
-    pmd = mthp_knob(PMD_SIZE)
-    if read_knob(pmd) == "never":
-        changes.set(pmd, "inherit")
-        done.append(f"{pmd} = inherit")
+        todo.append((ENABLED, "madvise"))
+    if read_knob(mthp_knob(PMD_SIZE)) == "never":
+        todo.append((mthp_knob(PMD_SIZE), "inherit"))
     if read_knob(SHMEM_ENABLED) not in SHMEM_ON:
-        changes.set(SHMEM_ENABLED, "advise")
-        done.append(f"{SHMEM_ENABLED} = advise")
+        todo.append((SHMEM_ENABLED, "advise"))
+    return todo
+
+
+def enable_for_run(changes: KnobChanges) -> list[str]:
+    """What ``--thp`` does (``knobs_to_turn_on``); returns one line per knob set."""
+    done = []
+    for path, value in knobs_to_turn_on():
+        changes.set(path, value)
+        done.append(f"{path} = {value}")
     return done
+
+
+def knobs_writable() -> bool:
+    """Whether this process may set the THP knobs (root, and /sys writable): --thp acts only then."""
+    return os.access(ENABLED, os.W_OK)
 
 
 def only_mthp_size(changes: KnobChanges, size: int) -> None:
