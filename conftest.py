@@ -12,7 +12,6 @@ results/plugin.py.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -21,18 +20,10 @@ from typing import Any
 
 import pytest
 
+from native.host import parse_size  # (--sizes and --max-size; python3 -m native.host --sizes too)
+
 ROOT = Path(__file__).resolve().parent
 pytest_plugins = ("results.interrupts", "results.hostload", "results.plugin")
-_SIZE_RE = re.compile(r"^(\d+)([KMG]?)(i?B)?$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """'64M', '1G', '4096' -> bytes (binary units)."""
-    m = _SIZE_RE.match(text.strip())
-    if not m:
-        raise ValueError(f"size {text!r} is not a number with an optional K/M/G suffix")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
 # -- options --------------------------------------------------------------------------------------
@@ -68,18 +59,32 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 
 
+def setting_not_made(config: pytest.Config, what: str, fix: str) -> None:
+    """--thp or --reserve-hugepages could not change the host (not root) and the host is not so already: under
+    --strict-host a usage error before anything runs, naming what to paste as root; otherwise a warning, and the
+    cases that need the setting skip naming it."""
+    text = f"{what}; {fix}"
+    if config.getoption("strict_host"):
+        raise pytest.UsageError(f"{text}\n(what else this host lacks: {sys.executable} -m native.host --quiet)")
+    import warnings
+
+    warnings.warn(pytest.PytestWarning(text), stacklevel=2)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    from native import fixes, host
+
+    host.ask_sizes([parse_size(t) for t in config.getoption("sizes").split(",") if t.strip()])
     if config.getoption("thp") and not hasattr(config, "workerinput"):
         from native import thp
 
         changes = thp.KnobChanges()
         config._snapproof_thp = changes  # type: ignore[attr-defined]
+        todo = [(str(path), value) for path, value in thp.knobs_to_turn_on()]
         try:
             thp.enable_for_run(changes)
-        except OSError as e:  # not fatal either: the THP cases skip naming the knob (fail under --strict-host)
-            import warnings
-
-            warnings.warn(pytest.PytestWarning(f"--thp: cannot set a THP knob: {e}"), stacklevel=1)
+        except OSError as e:
+            setting_not_made(config, f"--thp: cannot set a THP knob: {e}", fixes.thp_knobs(todo))
     if config.getoption("engine"):
         engine_under_test(config)  # a library that cannot be judged is a usage error, before anything runs
     want = config.getoption("reserve_hugepages")
@@ -89,11 +94,11 @@ def pytest_configure(config: pytest.Config) -> None:
         try:
             NR_HUGEPAGES.write_text(f"{before + want}\n")
         except OSError as e:
-            # Not fatal: the hugetlb cases then skip naming the missing hugepages (fail under --strict-host).
-            import warnings
-
-            warnings.warn(pytest.PytestWarning(f"--reserve-hugepages {want}: cannot write {NR_HUGEPAGES}: {e}"),
-                          stacklevel=1)
+            mi = host.meminfo()
+            free, total = mi.get("HugePages_Free", 0), mi.get("HugePages_Total", 0)
+            if free < want:  # reserved by root already (the fix below): nothing to add
+                setting_not_made(config, f"--reserve-hugepages {want}: cannot write {NR_HUGEPAGES}: {e}",
+                                 fixes.hugepages(want, free, total))
             return
         config._snapproof_hugepages_before = before  # type: ignore[attr-defined]
 
@@ -434,10 +439,13 @@ def only_mthp_size(request: pytest.FixtureRequest, require: Callable[..., None])
     changes = thp.KnobChanges()
 
     def _only(size: int) -> None:
-        if request.config.getoption("thp"):
+        if request.config.getoption("thp") and thp.knobs_writable():
             thp.only_mthp_size(changes, size)
         elif (why := thp.mthp_missing(size)) is not None:
-            skip_or_fail(request.config, f"anonymous mTHP of {size >> 10} KiB: {why}; --thp enables it for the run")
+            from native.fixes import thp_knobs
+
+            skip_or_fail(request.config, f"anonymous mTHP of {size >> 10} KiB: {why}; "
+                                         f"{thp_knobs([(str(thp.mthp_knob(size)), 'madvise')])}")
 
     yield _only
     changes.restore()
