@@ -38,7 +38,7 @@ WINE_TIMEOUT = 900
 def _missing_cross_tool() -> str | None:
     for tool, package in (("x86_64-w64-mingw32-gcc", "gcc-mingw-w64-x86-64"), ("wine", "wine wine64")):
         if shutil.which(tool) is None:
-            return f"{tool} not on PATH (Debian: apt-get install {package}; or run native/windows/ci.sh --install)"
+            return f"{tool} not on PATH: `./setup --tests` installs it (as root; Debian/Ubuntu: {package})"
     return None
 
 
@@ -347,12 +347,14 @@ def test_shared_module_imports_without_linux_only_modules(module: str) -> None:
 
 def test_whp_modules_type_check_for_win32() -> None:
     """mypy --platform win32 accepts native/, phases/ and every shared module."""
-    if shutil.which("mypy") is None:
-        raise CapabilityMissing("mypy not on PATH (pip install -e .[dev])")
+    import importlib.util
+
+    if importlib.util.find_spec("mypy") is None:  # this interpreter's: a venv's tools are not on PATH unless activated
+        raise CapabilityMissing(f"mypy is not installed for {sys.executable} (./setup, or pip install -e '.[dev]')")
     # Everything shared, and the Linux-only modules too: they raise ImportError on win32 before their code.
     files = ["native", "phases", "conftest.py", "guests", "results"]
-    proc = subprocess.run(["mypy", "--platform", "win32", *files], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--platform", "win32", *files], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
