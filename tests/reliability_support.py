@@ -115,6 +115,10 @@ class HeldMemory:
     def now(cls) -> HeldMemory:
         import gc
 
+        # CPython's type attribute cache holds the names it last looked up: a run's earlier tests (hypothesis
+        # builds many, e.g. f"draw_{kind}") leave theirs, released one by one as the cycles' own lookups evict
+        # them, which hid a 4-object-a-cycle leak in the block count. Emptied at each reading, it is the same.
+        sys._clear_type_cache()
         gc.collect()
         return cls(c_heap_in_use(), sys.getallocatedblocks(), tuple(guest_mappings()))
 
