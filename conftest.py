@@ -59,32 +59,42 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 
 
-def setting_not_made(config: pytest.Config, what: str, fix: str) -> None:
+def settings_not_made(config: pytest.Config, not_made: list[str]) -> None:
     """--thp or --reserve-hugepages could not change the host (not root) and the host is not so already: under
     --strict-host a usage error before anything runs, naming what to paste as root; otherwise a warning, and the
-    cases that need the setting skip naming it."""
-    text = f"{what}; {fix}"
+    cases that need the settings skip naming them."""
+    if not not_made:
+        return
     if config.getoption("strict_host"):
-        raise pytest.UsageError(f"{text}\n(what else this host lacks: {sys.executable} -m native.host --quiet)")
+        raise pytest.UsageError("\n".join([*not_made, f"(what else this host lacks: {sys.executable} -m native.host "
+                                                       "--quiet)"]))
     import warnings
 
-    warnings.warn(pytest.PytestWarning(text), stacklevel=2)
+    for text in not_made:
+        warnings.warn(pytest.PytestWarning(text), stacklevel=2)
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    import os
+
     from native import fixes, host
 
     host.ask_sizes([parse_size(t) for t in config.getoption("sizes").split(",") if t.strip()])
+    not_made = []
     if config.getoption("thp") and not hasattr(config, "workerinput"):
         from native import thp
 
         changes = thp.KnobChanges()
         config._snapproof_thp = changes  # type: ignore[attr-defined]
-        todo = [(str(path), value) for path, value in thp.knobs_to_turn_on()]
-        try:
-            thp.enable_for_run(changes)
-        except OSError as e:
-            setting_not_made(config, f"--thp: cannot set a THP knob: {e}", fixes.thp_knobs(todo))
+        todo = [(str(path), value) for path, value in thp.knobs_the_thp_cases_need()]
+        if thp.knobs_writable():
+            try:
+                thp.enable_for_run(changes)
+            except OSError as e:
+                not_made.append(f"--thp: cannot set a THP knob: {e}; {fixes.thp_knobs(todo)}")
+        elif todo:  # set by root already (the fix below): nothing to do
+            not_made.append(f"--thp: uid {os.geteuid()} cannot set the THP knobs, and these are off; "
+                            f"{fixes.thp_knobs(todo)}")
     if config.getoption("engine"):
         engine_under_test(config)  # a library that cannot be judged is a usage error, before anything runs
     want = config.getoption("reserve_hugepages")
@@ -93,14 +103,14 @@ def pytest_configure(config: pytest.Config) -> None:
         before = int(NR_HUGEPAGES.read_text())
         try:
             NR_HUGEPAGES.write_text(f"{before + want}\n")
+            config._snapproof_hugepages_before = before  # type: ignore[attr-defined]
         except OSError as e:
             mi = host.meminfo()
             free, total = mi.get("HugePages_Free", 0), mi.get("HugePages_Total", 0)
             if free < want:  # reserved by root already (the fix below): nothing to add
-                setting_not_made(config, f"--reserve-hugepages {want}: cannot write {NR_HUGEPAGES}: {e}",
-                                 fixes.hugepages(want, free, total))
-            return
-        config._snapproof_hugepages_before = before  # type: ignore[attr-defined]
+                not_made.append(f"--reserve-hugepages {want}: cannot write {NR_HUGEPAGES} ({e.strerror}), and "
+                                f"{free} are free; {fixes.hugepages(want, free, total)}")
+    settings_not_made(config, not_made)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

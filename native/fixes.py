@@ -84,8 +84,8 @@ def join_group(group: str, what: str) -> str:
 def udev_rule(kernel: str, group: str) -> str:
     """A node to a group, mode 0660, now and at every boot (udev's rule, and chgrp/chmod for the node as it is)."""
     node, rules = f"/dev/{kernel}", f"{UDEV_RULES}/60-snapproof-{kernel}.rules"
-    return (f"echo 'KERNEL==\"{kernel}\", GROUP=\"{group}\", MODE=\"0660\"' | sudo tee {rules} && "
-            f"sudo chgrp {group} {node} && sudo chmod 0660 {node}")
+    return (f"sudo mkdir -p {UDEV_RULES} && echo 'KERNEL==\"{kernel}\", GROUP=\"{group}\", MODE=\"0660\"' | "
+            f"sudo tee {rules} && sudo chgrp {group} {node} && sudo chmod 0660 {node}")
 
 
 def kvm_access() -> str:
@@ -136,8 +136,11 @@ def hugepages(want_free: int, free: int, total: int) -> str:
 
 
 def thp_knobs(settings: list[tuple[str, str]]) -> str:
-    """How to set /sys/kernel/mm/transparent_hugepage knobs, (path, value) each, until reboot."""
-    command = " && ".join(f"echo {value} | sudo tee {path}" for path, value in settings)
+    """How to set /sys/kernel/mm/transparent_hugepage knobs, (path, value) each, until reboot: one tee a value."""
+    by_value: dict[str, list[str]] = {}
+    for path, value in settings:
+        by_value.setdefault(value, []).append(path)
+    command = " && ".join(f"echo {value} | sudo tee {' '.join(paths)} >/dev/null" for value, paths in by_value.items())
     what = "set the knob" if len(settings) == 1 else "set the knobs"
     return either(fix(f"{what} (for MADV_HUGEPAGE mappings, until reboot)", command),
                   "as root, for the run only: `--thp`")

@@ -160,6 +160,12 @@ def enable_for_run(changes: KnobChanges) -> list[str]:
     return done
 
 
+def knobs_the_thp_cases_need() -> list[tuple[Path, str]]:
+    """What a run that may not set the knobs needs set already for the THP cases: ``knobs_to_turn_on``, and
+    every mTHP size on (with root, each mTHP case turns its own size on alone for its duration)."""
+    return knobs_to_turn_on() + [(mthp_knob(s), "madvise") for s in mthp_sizes() if mthp_missing(s) is not None]
+
+
 def knobs_writable() -> bool:
     """Whether this process may set the THP knobs (root, and /sys writable): --thp acts only then."""
     return os.access(ENABLED, os.W_OK)
