@@ -75,9 +75,8 @@ def settings_not_made(config: pytest.Config, not_made: list[str]) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    import os
-
     from native import fixes, host
+    from native.errors import uid
 
     host.ask_sizes([parse_size(t) for t in config.getoption("sizes").split(",") if t.strip()])
     not_made = []
@@ -93,7 +92,7 @@ def pytest_configure(config: pytest.Config) -> None:
             except OSError as e:
                 not_made.append(f"--thp: cannot set a THP knob: {e}; {fixes.thp_knobs(todo)}")
         elif todo:  # set by root already (the fix below): nothing to do
-            not_made.append(f"--thp: uid {os.geteuid()} cannot set the THP knobs, and these are off; "
+            not_made.append(f"--thp: uid {uid()} cannot set the THP knobs, and these are off; "
                             f"{fixes.thp_knobs(todo)}")
     if config.getoption("engine"):
         engine_under_test(config)  # a library that cannot be judged is a usage error, before anything runs
