@@ -438,11 +438,14 @@ def make_memory(require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
 def only_mthp_size(request: pytest.FixtureRequest, require: Callable[..., None]) -> Iterator[Callable[[int], None]]:
     """``only_mthp_size(size)``: anonymous MADV_HUGEPAGE faults of this test get folios of that mTHP size alone.
 
-    With --thp the per-size knobs are set for the test and put back at teardown; without it the size must be
-    enabled already (other sizes may be too: the kernel then picks the largest that fits, and the test reports
-    the folio it got). Skips (fails under --strict-host) naming the knob otherwise.
+    With --thp (and root) the per-size knobs are set for the test and put back at teardown; otherwise the size
+    must be enabled already. Then larger sizes may be too, and the kernel picks the largest that fits: without
+    root the folio cannot be read and the test notes so; as root (which reads it) that skips naming them. Skips
+    (fails under --strict-host) naming the knob otherwise.
     """
     from native import thp
+    from native.errors import uid
+    from native.fixes import thp_knobs
 
     require("thp.mthp")
     changes = thp.KnobChanges()
@@ -451,10 +454,12 @@ def only_mthp_size(request: pytest.FixtureRequest, require: Callable[..., None])
         if request.config.getoption("thp") and thp.knobs_writable():
             thp.only_mthp_size(changes, size)
         elif (why := thp.mthp_missing(size)) is not None:
-            from native.fixes import thp_knobs
-
             skip_or_fail(request.config, f"anonymous mTHP of {size >> 10} KiB: {why}; "
                                          f"{thp_knobs([(str(thp.mthp_knob(size)), 'madvise')])}")
+        elif uid() == 0 and (larger := thp.larger_sizes_on(size)):
+            skip_or_fail(request.config, f"anonymous mTHP of {size >> 10} KiB alone: {', '.join(larger)} on too, and "
+                                         "the kernel picks the largest that fits; --thp sets each size alone for its "
+                                         "case")
 
     yield _only
     changes.restore()

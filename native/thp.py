@@ -160,6 +160,14 @@ def enable_for_run(changes: KnobChanges) -> list[str]:
     return done
 
 
+def larger_sizes_on(size: int) -> list[str]:
+    """The anonymous THP sizes above ``size`` a MADV_HUGEPAGE fault may get now (the PMD size too), as knob
+    settings: the kernel tries the largest first, so with any of them on, a folio of ``size`` is not what a
+    fault gets."""
+    on = [_knob_text(mthp_knob(s)) for s in mthp_sizes() if s > size and mthp_missing(s) is None]
+    return on + ([_knob_text(ENABLED)] if anonymous_missing() is None else [])
+
+
 def knobs_the_thp_cases_need() -> list[tuple[Path, str]]:
     """What a run that may not set the knobs needs set already for the THP cases: ``knobs_to_turn_on``, and
     every mTHP size on (with root, each mTHP case turns its own size on alone for its duration)."""
