@@ -12,7 +12,6 @@ plugin results/plugin.py.
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -21,18 +20,10 @@ from typing import Any
 
 import pytest
 
+from native.host import parse_size  # (--sizes and --max-size; python3 -m native.host --sizes too)
+
 ROOT = Path(__file__).resolve().parent
 pytest_plugins = ("results.interrupts", "results.hostload", "results.plugin")
-_SIZE_RE = re.compile(r"^(\d+)([KMG]?)(i?B)?$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """'64M', '1G', '4096' -> bytes (binary units)."""
-    m = _SIZE_RE.match(text.strip())
-    if not m:
-        raise ValueError(f"size {text!r} is not a number with an optional K/M/G suffix")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
 # -- options --------------------------------------------------------------------------------------
@@ -72,7 +63,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
 
 
+def settings_not_made(config: pytest.Config, not_made: list[str]) -> None:
+    """--thp or --reserve-hugepages could not change the host (not root) and the host is not so already: under
+    --strict-host a usage error before anything runs, naming what to paste as root; otherwise a warning, and the
+    cases that need the settings skip naming them."""
+    if not not_made:
+        return
+    if config.getoption("strict_host"):
+        raise pytest.UsageError("\n".join([*not_made, f"(what else this host lacks: {sys.executable} -m native.host "
+                                                       "--quiet)"]))
+    import warnings
+
+    for text in not_made:
+        warnings.warn(pytest.PytestWarning(text), stacklevel=2)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    from native import fixes, host
+    from native.errors import uid
+
+    host.ask_sizes([parse_size(t) for t in config.getoption("sizes").split(",") if t.strip()])
+    not_made = []
     if config.getoption("thp") and not hasattr(config, "workerinput"):
         from native import thp
         from results.hostlock import hold_host_settings
@@ -80,12 +91,15 @@ def pytest_configure(config: pytest.Config) -> None:
         hold_host_settings(config, "--thp")
         changes = thp.KnobChanges()
         config._snapproof_thp = changes  # type: ignore[attr-defined]
-        try:
-            thp.enable_for_run(changes)
-        except OSError as e:  # not fatal either: the THP cases skip naming the knob (fail under --strict-host)
-            import warnings
-
-            warnings.warn(pytest.PytestWarning(f"--thp: cannot set a THP knob: {e}"), stacklevel=1)
+        todo = [(str(path), value) for path, value in thp.knobs_the_thp_cases_need()]
+        if thp.knobs_writable():
+            try:
+                thp.enable_for_run(changes)
+            except OSError as e:
+                not_made.append(f"--thp: cannot set a THP knob: {e}; {fixes.thp_knobs(todo)}")
+        elif todo:  # set by root already (the fix below): nothing to do
+            not_made.append(f"--thp: uid {uid()} cannot set the THP knobs, and these are off; "
+                            f"{fixes.thp_knobs(todo)}")
     if config.getoption("engine"):
         engine_under_test(config)  # a library that cannot be judged is a usage error, before anything runs
     want = config.getoption("reserve_hugepages")
@@ -97,14 +111,14 @@ def pytest_configure(config: pytest.Config) -> None:
         before = int(NR_HUGEPAGES.read_text())
         try:
             NR_HUGEPAGES.write_text(f"{before + want}\n")
+            config._snapproof_hugepages_before = before  # type: ignore[attr-defined]
         except OSError as e:
-            # Not fatal: the hugetlb cases then skip naming the missing hugepages (fail under --strict-host).
-            import warnings
-
-            warnings.warn(pytest.PytestWarning(f"--reserve-hugepages {want}: cannot write {NR_HUGEPAGES}: {e}"),
-                          stacklevel=1)
-            return
-        config._snapproof_hugepages_before = before  # type: ignore[attr-defined]
+            mi = host.meminfo()
+            free, total = mi.get("HugePages_Free", 0), mi.get("HugePages_Total", 0)
+            if free < want:  # reserved by root already (the fix below): nothing to add
+                not_made.append(f"--reserve-hugepages {want}: cannot write {NR_HUGEPAGES} ({e.strerror}), and "
+                                f"{free} are free; {fixes.hugepages(want, free, total)}")
+    settings_not_made(config, not_made)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -457,25 +471,28 @@ def make_memory(require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
 def only_mthp_size(request: pytest.FixtureRequest, require: Callable[..., None]) -> Iterator[Callable[[int], None]]:
     """``only_mthp_size(size)``: anonymous MADV_HUGEPAGE faults of this test get folios of that mTHP size alone.
 
-    With --thp the per-size knobs are set for the test and put back at teardown; without it the size must be
-    the largest enabled already (the kernel picks the largest that fits). Skips (fails under --strict-host)
-    naming the knobs otherwise.
+    With --thp (and root) the per-size knobs are set for the test and put back at teardown; otherwise the size
+    must be enabled already. Then larger sizes may be too, and the kernel picks the largest that fits: without
+    root the folio cannot be read and the test notes so; as root (which reads it) that skips naming them. Skips
+    (fails under --strict-host) naming the knob otherwise.
     """
     from native import thp
+    from native.errors import uid
+    from native.fixes import thp_knobs
 
     require("thp.mthp")
     changes = thp.KnobChanges()
 
     def _only(size: int) -> None:
-        if request.config.getoption("thp"):
+        if request.config.getoption("thp") and thp.knobs_writable():
             thp.only_mthp_size(changes, size)
         elif (why := thp.mthp_missing(size)) is not None:
-            skip_or_fail(request.config, f"anonymous mTHP of {size >> 10} KiB: {why}; --thp enables it for the run")
-        elif larger := thp.mthp_larger_on(size):
-            on = ", ".join(f"{s >> 10} KiB" for s in larger)
-            skip_or_fail(request.config, f"anonymous mTHP of {size >> 10} KiB: larger folios are on too ({on}), so "
-                                         "the kernel gives a fault the largest that fits; --thp singles out each size "
-                                         "for its case")
+            skip_or_fail(request.config, f"anonymous mTHP of {size >> 10} KiB: {why}; "
+                                         f"{thp_knobs([(str(thp.mthp_knob(size)), 'madvise')])}")
+        elif uid() == 0 and (larger := thp.larger_sizes_on(size)):
+            skip_or_fail(request.config, f"anonymous mTHP of {size >> 10} KiB alone: {', '.join(larger)} on too, and "
+                                         "the kernel picks the largest that fits; --thp sets each size alone for its "
+                                         "case")
 
     yield _only
     changes.restore()

@@ -71,6 +71,19 @@ def is_fresh() -> bool:
     return _module_is_fresh() and not _stale_engines()
 
 
+def describe() -> str:
+    """What is built, for the host probe's row: the module and the engines, each current with its sources."""
+    module, _ = _platform_parts()
+    built = _built_module(module)
+    shown = built.relative_to(NATIVE_DIR.parent) if built else f"native/{module} (not built)"
+    engines = ""
+    if sys.platform.startswith("linux"):
+        from native._engines_build import ENGINES
+
+        engines = f" and {len(ENGINES)} engines"
+    return f"{shown}{engines}, {'each current with its sources' if is_fresh() else 'older than its sources'}"
+
+
 def _check_compiler() -> None:
     if sys.platform == "win32":
         return  # setuptools finds MSVC itself and says so when it is missing
@@ -78,7 +91,15 @@ def _check_compiler() -> None:
     if shutil.which(cc) is None and shutil.which("gcc") is None:
         raise BuildError(
             f"no C compiler found (looked for {cc!r} and 'gcc'): snapproof's native layer is C. "
-            "Install one, e.g. 'apt-get install build-essential' (Debian/Ubuntu) or 'dnf install gcc'."
+            "Install one: `sudo apt-get install build-essential python3-dev` (Debian/Ubuntu; ./setup does it), "
+            "or `sudo dnf install gcc python3-devel`."
+        )
+    include = sysconfig.get_paths()["include"]
+    if not os.path.exists(os.path.join(include, "Python.h")):
+        raise BuildError(
+            f"no Python.h in {include}: cffi compiles the native layer as an extension of this Python "
+            f"({sys.executable}). Install its headers: `sudo apt-get install python3-dev` (Debian/Ubuntu; ./setup "
+            "does it), or `sudo dnf install python3-devel`."
         )
 
 

@@ -26,10 +26,15 @@ class CapabilityMissing(Exception):
 
     ``capabilities`` names the missing ones as native.host does (``uffd.WP_ASYNC``) when the raiser knows
     them: the plugin then fails it under --strict-host only if the host's class requires one of them.
+
+    ``reason`` says what is missing and how it was probed, ``fix`` what to paste to get it (native.fixes); the
+    message is both.
     """
 
-    def __init__(self, reason: str, capabilities: tuple[str, ...] = ()) -> None:
-        super().__init__(reason)
+    def __init__(self, reason: str, capabilities: tuple[str, ...] = (), fix: str = "") -> None:
+        super().__init__(f"{reason}; {fix}" if fix else reason)
+        self.reason = reason
+        self.fix = fix
         self.capabilities = capabilities
 
 
@@ -98,7 +103,8 @@ def has_capability(bit: int) -> bool:
 
 
 def uffd_denied(err_name: str) -> str:
-    """Why userfaultfd with kernel-mode faults was refused, naming each way in and its state here."""
+    """Why userfaultfd with kernel-mode faults was refused, naming each way in and its state here (the
+    commands that open one are native.fixes.uffd_access)."""
     try:
         with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
             sysctl = f.read().strip()
@@ -112,5 +118,4 @@ def uffd_denied(err_name: str) -> str:
         ok = os.access(node, os.R_OK | os.W_OK)
         dev = f"{node} {'readable+writable' if ok else 'not readable+writable'} ({device_node(node)})"
     return (f"userfaultfd for kernel-mode faults denied ({err_name}) for uid {uid()}: "
-            f"vm.unprivileged_userfaultfd = {sysctl}, {ptrace} CAP_SYS_PTRACE, {dev}; needs root, CAP_SYS_PTRACE, "
-            "vm.unprivileged_userfaultfd=1, or access to /dev/userfaultfd")
+            f"vm.unprivileged_userfaultfd = {sysctl}, {ptrace} CAP_SYS_PTRACE, {dev}; root or CAP_SYS_PTRACE has it")

@@ -1,8 +1,11 @@
 """What this host can do, probed for real: a virt-host-validate style table.
 
 Only this module probes; phases ask it by capability name and skip with the
-exact reason it gives. ``python -m native.host`` prints the table and exits
-non-zero only when a row FAILs.
+exact reason it gives. A row that is not PASS names what was seen and, where
+a person can fix it, the command to paste (native.fixes). The table has the
+same rows on every host of a platform: a row that cannot be probed because
+another is missing says so. ``python -m native.host`` prints it (``--json``,
+``--quiet``, ``--sizes``; ``--help``) and exits non-zero only when a row FAILs.
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
+from native import fixes
+
 # Message builders live in native.errors, where the native layer imports them without importing the probe.
-from native.errors import device_node, uid
+from native.errors import CAP_SYS_PTRACE, device_node, has_capability, uid
 
 
 class Status(enum.Enum):
     PASS = "PASS"
+    INFO = "INFO"  # a fact about the host that the suite does not use: never a reason to act
     WARN = "WARN"
     FAIL = "FAIL"
 
@@ -31,7 +37,7 @@ class Capability:
     what: str       # "Checking for ..." text
     status: Status
     detail: str     # what was seen
-    hint: str = ""  # one line: what to do when it is not PASS
+    hint: str = ""  # what to do when it is not PASS: native.fixes' "why: `command`", alternatives joined by "; or "
     fallback: str = ""  # when absent: what the suite does instead (or leaves out), so "unavailable" is never a pass
 
     @property
@@ -61,7 +67,8 @@ class HostReport:
         """None when the capability is there; otherwise the skip reason naming it and how it was probed."""
         c = self.get(name)
         if c is None:
-            return f"capability {name!r} was not probed on this platform ({sys.platform})"
+            rows = "linux" if sys.platform.startswith("linux") else sys.platform
+            return f"capability {name!r} is no row of the host probe on {rows} (python3 -m native.host lists them)"
         if c.available:
             return None
         return f"{c.what}: {c.detail}{c.advice}"
@@ -70,17 +77,37 @@ class HostReport:
     def failed(self) -> bool:
         return any(c.status is Status.FAIL for c in self.capabilities)
 
-    def table(self) -> str:
+    def table(self, quiet: bool = False) -> str:
+        """The rows, one line each; under a row that is not PASS, what was seen, the fallback and each fix on a
+        line of its own. ``quiet``: only the WARN and FAIL rows."""
         lines = []
         for c in self.capabilities:
-            lines.append(f"{c.area:>5}: Checking {c.what:<52}: {c.status.value}")
-            if c.status is not Status.PASS:
-                lines.append(f"{'':>7}({c.detail}{c.advice})")
+            if quiet and c.status in (Status.PASS, Status.INFO):
+                continue
+            head = f"{c.area:>5}: Checking {c.what:<52}: {c.status.value}"
+            if c.status is Status.INFO:  # one line: what it is, nothing to do
+                lines.append(f"{head} ({c.detail})")
+                continue
+            lines.append(head)
+            if c.status is Status.PASS:
+                continue
+            lines.append(f"{'':>7}{c.detail}")
+            if c.fallback:
+                lines.append(f"{'':>7}fallback: {c.fallback}")
+            for n, way in enumerate(filter(None, c.hint.split("; or "))):
+                lines.append(f"{'':>7}{'fix' if n == 0 else 'or'}: {way}")
         return "\n".join(lines)
+
+    def to_json(self) -> dict[str, object]:
+        return {"host": self.facts, "failed": self.failed,
+                "rows": [{"name": c.name, "area": c.area, "what": c.what, "status": c.status.value,
+                          "detail": c.detail, "hint": c.hint, "fallback": c.fallback, "available": c.available}
+                         for c in self.capabilities]}
 
 
 # Which uffd features the phases use: "required" ones the WP engine cannot work without (the row FAILs);
-# without a "used" one the suite falls back to the second text, or leaves out (deselects) what needs it.
+# without a "used" one the suite falls back to the second text, or leaves out (deselects) what needs it (WARN).
+# The kernel's other features are INFO rows: facts about the host, never a reason to act.
 _FEATURE_ROLE = {
     "PAGEFAULT_FLAG_WP": ("required", "WP faults cannot be told from missing faults"),
     "WP_HUGETLBFS_SHMEM": ("required", "no WP on memfd/shmem guest memory (phases 1-3, 5)"),
@@ -94,41 +121,61 @@ _FEATURE_ROLE = {
 }
 
 
-def _kvm_rows(rep: HostReport) -> None:
-    path = "/dev/kvm"
-    if not os.path.exists(path):
-        rep.capabilities.append(Capability("kvm", "KVM", "for /dev/kvm", Status.FAIL, "absent: /dev/kvm does not exist",
-                                           "load kvm_intel/kvm_amd, or enable nested virtualization"))
-        return
-    if not os.access(path, os.R_OK | os.W_OK):
-        rep.capabilities.append(Capability("kvm", "KVM", "for /dev/kvm", Status.FAIL,
-                                           f"absent: /dev/kvm: permission denied for uid {uid()} "
-                                           f"(os.access R+W; the node is {device_node(path)})",
-                                           "join the node's group or run as root"))
-        return
-    from native.errors import CapabilityMissing, NativeError
-    from native.kvm import KVM_API_VERSION, KVM_CAP_NR_MEMSLOTS, KVM_CAP_READONLY_MEM, Vm
+def _unprobed(name: str, area: str, what: str, status: Status, because: str, fallback: str = "") -> Capability:
+    """A row that cannot be probed because another row is missing: it keeps its place in the table, absent."""
+    return Capability(name, area, what, status, f"absent: not probed, {because}", fallback=fallback)
 
-    try:
-        with Vm.create() as vm:
-            readonly_mem = vm.check_extension(KVM_CAP_READONLY_MEM)
-            nr_memslots = vm.check_extension(KVM_CAP_NR_MEMSLOTS)
-    except (CapabilityMissing, NativeError) as e:
-        rep.capabilities.append(Capability("kvm", "KVM", "for a working /dev/kvm", Status.FAIL, f"absent: {e}"))
-        return
-    rep.capabilities.append(Capability("kvm", "KVM", "for /dev/kvm (KVM_CREATE_VM)", Status.PASS, "accessible"))
-    rep.capabilities.append(Capability("kvm.api", "KVM", "for KVM API version", Status.PASS,
-                                       f"KVM_GET_API_VERSION = {KVM_API_VERSION}"))
-    rep.facts["kvm_nr_memslots"] = nr_memslots
-    probed = (f"KVM_CHECK_EXTENSION(KVM_CAP_READONLY_MEM) = {readonly_mem} on /dev/kvm; "
-              f"KVM_CAP_NR_MEMSLOTS = {nr_memslots}")
-    if readonly_mem:
-        rep.capabilities.append(Capability("kvm.readonly_mem", "KVM", "for read-only memslots (KVM_MEM_READONLY)",
-                                           Status.PASS, probed))
+
+KVM_WHAT = {"kvm": "for /dev/kvm (KVM_CREATE_VM)", "kvm.api": "for KVM API version",
+            "kvm.readonly_mem": "for read-only memslots (KVM_MEM_READONLY)"}
+READONLY_MEM_FALLBACK = "the hypervisor-level copy-on-write load (phase 4) is left out"
+
+
+def _kvm_rows(rep: HostReport, blocked: str | None) -> None:
+    """/dev/kvm, its API and read-only memslots (each needs the one before); then which KVM it is, read from
+    sysfs and CPUID whatever /dev/kvm says."""
+    path = "/dev/kvm"
+    problem: Capability | None = None
+    if blocked:
+        problem = _unprobed("kvm", "KVM", KVM_WHAT["kvm"], Status.FAIL, blocked)
+    elif not os.path.exists(path):
+        problem = Capability("kvm", "KVM", KVM_WHAT["kvm"], Status.FAIL, "absent: /dev/kvm does not exist",
+                             fixes.kvm_module())
+    elif not os.access(path, os.R_OK | os.W_OK):
+        problem = Capability("kvm", "KVM", KVM_WHAT["kvm"], Status.FAIL,
+                             f"absent: /dev/kvm: permission denied for uid {uid()} (os.access R+W; the node is "
+                             f"{device_node(path)})", fixes.kvm_access())
     else:
-        rep.capabilities.append(Capability("kvm.readonly_mem", "KVM", "for read-only memslots (KVM_MEM_READONLY)",
-                                           Status.WARN, f"absent: {probed}", "",
-                                           "the hypervisor-level copy-on-write load (phase 4) is left out"))
+        from native.errors import CapabilityMissing, NativeError
+        from native.kvm import KVM_API_VERSION, KVM_CAP_NR_MEMSLOTS, KVM_CAP_READONLY_MEM, Vm
+
+        try:
+            with Vm.create() as vm:
+                readonly_mem = vm.check_extension(KVM_CAP_READONLY_MEM)
+                nr_memslots = vm.check_extension(KVM_CAP_NR_MEMSLOTS)
+        except CapabilityMissing as e:
+            problem = Capability("kvm", "KVM", KVM_WHAT["kvm"], Status.FAIL, f"absent: {e.reason}", e.fix)
+        except NativeError as e:
+            problem = Capability("kvm", "KVM", KVM_WHAT["kvm"], Status.FAIL, f"absent: {e}")
+    if problem is not None:
+        rep.capabilities.append(problem)
+        because = "/dev/kvm is unavailable (row kvm)"
+        rep.capabilities.append(_unprobed("kvm.api", "KVM", KVM_WHAT["kvm.api"], Status.FAIL, because))
+        rep.capabilities.append(_unprobed("kvm.readonly_mem", "KVM", KVM_WHAT["kvm.readonly_mem"], Status.WARN,
+                                          because, READONLY_MEM_FALLBACK))
+    else:
+        rep.capabilities.append(Capability("kvm", "KVM", KVM_WHAT["kvm"], Status.PASS, "accessible"))
+        rep.capabilities.append(Capability("kvm.api", "KVM", KVM_WHAT["kvm.api"], Status.PASS,
+                                           f"KVM_GET_API_VERSION = {KVM_API_VERSION}"))
+        rep.facts["kvm_nr_memslots"] = nr_memslots
+        probed = (f"KVM_CHECK_EXTENSION(KVM_CAP_READONLY_MEM) = {readonly_mem} on /dev/kvm; "
+                  f"KVM_CAP_NR_MEMSLOTS = {nr_memslots}")
+        if readonly_mem:
+            rep.capabilities.append(Capability("kvm.readonly_mem", "KVM", KVM_WHAT["kvm.readonly_mem"], Status.PASS,
+                                               probed))
+        else:
+            rep.capabilities.append(Capability("kvm.readonly_mem", "KVM", KVM_WHAT["kvm.readonly_mem"], Status.WARN,
+                                               f"absent: {probed}", "", READONLY_MEM_FALLBACK))
     facts = rep.facts
     module = str(facts.get("kvm_module"))
     described = f"{module} {facts.get('kvm_module_version')}"
@@ -137,14 +184,14 @@ def _kvm_rows(rep: HostReport) -> None:
                                            described))
     else:
         rep.capabilities.append(Capability(
-            "kvm.module", "KVM", "for a hardware KVM module (VMX/SVM)", Status.WARN, f"{described} (not VMX/SVM)",
-            "figures from a software KVM are not hardware figures"))
+            "kvm.module", "KVM", "for a hardware KVM module (VMX/SVM)", Status.WARN,
+            f"{described} (not VMX/SVM): figures from a software KVM are not hardware figures"))
     paging = str(facts.get("kvm_paging"))
     rep.capabilities.append(Capability(
         "kvm.paging", "KVM", "for two-dimensional paging (NPT/EPT)",
-        Status.PASS if paging.startswith(("NPT", "EPT")) else Status.WARN, paging,
-        "" if paging.startswith(("NPT", "EPT")) else
-        "KVM shadows the guest's page tables: WP faults still reach uffd, figures are not NPT/EPT figures"))
+        Status.PASS if paging.startswith(("NPT", "EPT")) else Status.WARN,
+        paging if paging.startswith(("NPT", "EPT")) else
+        f"{paging}: KVM shadows the guest's page tables; WP faults still reach uffd, figures are not NPT/EPT figures"))
     if facts.get("virtualization") == "bare metal":
         rep.capabilities.append(Capability(
             "kvm.bare_metal", "KVM", "for bare metal (no hypervisor below)", Status.PASS,
@@ -153,8 +200,8 @@ def _kvm_rows(rep: HostReport) -> None:
         rep.capabilities.append(Capability(
             "kvm.bare_metal", "KVM", "for bare metal (no hypervisor below)", Status.WARN,
             f"nested under {facts.get('hypervisor')}: CPUID hypervisor bit set, signature "
-            f"{facts.get('hypervisor_signature')!r} ({facts.get('hypervisor_probe')})",
-            "figures from a nested host are not bare-metal figures"))
+            f"{facts.get('hypervisor_signature')!r} ({facts.get('hypervisor_probe')}): figures from a nested host "
+            "are not bare-metal figures"))
 
 
 # -- what this host is: bare metal or a guest, and which KVM --------------------------------------
@@ -298,38 +345,59 @@ def _virtualization_facts(rep: HostReport) -> None:
     facts["host_class"] = host_class(facts) or "unknown"
 
 
-def _uffd_rows(rep: HostReport) -> None:
+UFFD_WHAT = "for userfaultfd with kernel-mode faults"
+_ROLE_STATUS = {"required": Status.FAIL, "used": Status.WARN, "unused": Status.INFO}
+
+
+def _feature_row(name: str, bit: int, mask: int | None, because: str) -> Capability:
+    """One uffd feature's row: offered or not in ``mask``, or not probed (``because``) when there is none."""
+    from native import uffd
+
+    role, cost = _FEATURE_ROLE.get(name, ("unused", ""))
+    status, what = _ROLE_STATUS[role], f"for UFFD_FEATURE_{name}"
+    unused = ", not used by snapproof" if role == "unused" else ""
+    fallback = cost if role == "used" else ""
+    if mask is None:
+        return _unprobed(f"uffd.{name}", "UFFD", what, status, because + unused, fallback)
+    if mask & bit:
+        return Capability(f"uffd.{name}", "UFFD", what, Status.INFO if unused else Status.PASS,
+                          f"bit {bit:#x} offered{unused}")
+    since = uffd.SINCE.get(name)
+    detail = (f"absent: bit {bit:#x} not in the kernel's mask {mask:#x}" + (f" (kernel {since}+)" if since else "")
+              + (f": {cost}" if role == "required" else unused))
+    return Capability(f"uffd.{name}", "UFFD", what, status, detail, fallback=fallback)
+
+
+def _uffd_rows(rep: HostReport, blocked: str | None) -> None:
+    """userfaultfd for kernel-mode faults, then a row per feature bit the kernel can name (each the same whether
+    the kernel offers it, lacks it, or userfaultfd itself is missing)."""
     from native import uffd
     from native.errors import CapabilityMissing, NativeError
-    from native.uffd import supported_features
 
-    try:
-        mask = supported_features()
-    except (CapabilityMissing, NativeError) as e:
-        rep.capabilities.append(Capability("uffd", "UFFD", "for userfaultfd with kernel-mode faults", Status.FAIL,
-                                           f"absent: {e}"))
-        return
-    rep.facts["uffd_features"] = f"{mask:#x}"
-    rep.facts["uffd_feature_names"] = uffd.feature_names(mask)
-    rep.capabilities.append(Capability("uffd", "UFFD", "for userfaultfd with kernel-mode faults", Status.PASS,
-                                       f"{_uffd_privilege()}; UFFDIO_API features {mask:#x}"))
+    mask: int | None = None
+    because = blocked
+    if blocked:
+        rep.capabilities.append(_unprobed("uffd", "UFFD", UFFD_WHAT, Status.FAIL, blocked))
+    else:
+        try:
+            mask = uffd.supported_features()
+        except CapabilityMissing as e:
+            rep.capabilities.append(Capability("uffd", "UFFD", UFFD_WHAT, Status.FAIL, f"absent: {e.reason}", e.fix))
+        except NativeError as e:
+            rep.capabilities.append(Capability("uffd", "UFFD", UFFD_WHAT, Status.FAIL, f"absent: {e}"))
+    if mask is not None:
+        rep.facts["uffd_features"] = f"{mask:#x}"
+        rep.facts["uffd_feature_names"] = uffd.feature_names(mask)
+        rep.capabilities.append(Capability("uffd", "UFFD", UFFD_WHAT, Status.PASS,
+                                           f"{_uffd_privilege()}; UFFDIO_API features {mask:#x}"))
+    elif not blocked:
+        because = "userfaultfd is unavailable (row uffd)"
     for name, bit in uffd.FEATURES.items():
-        role, cost = _FEATURE_ROLE.get(name, ("unused", "not used by snapproof"))
-        since = uffd.SINCE.get(name)
-        what = f"for UFFD_FEATURE_{name}"
-        if mask & bit:
-            rep.capabilities.append(Capability(f"uffd.{name}", "UFFD", what, Status.PASS, f"bit {bit:#x} offered"))
-        else:
-            required = role == "required"
-            rep.capabilities.append(Capability(
-                f"uffd.{name}", "UFFD", what, Status.FAIL if required else Status.WARN,
-                f"absent: bit {bit:#x} not in the kernel's mask {mask:#x}",
-                "; ".join(filter(None, [cost if role != "used" else "", f"needs kernel {since}+" if since else ""])),
-                fallback=cost if role == "used" else ""))
-    _pagemap_scan_row(rep)
+        rep.capabilities.append(_feature_row(name, bit, mask, because or ""))
 
 
 def _uffd_privilege() -> str:
+    """What lets this process handle kernel-mode faults (the first that applies)."""
     if uid() == 0:
         return "root"
     try:
@@ -338,36 +406,49 @@ def _uffd_privilege() -> str:
                 return "vm.unprivileged_userfaultfd=1"
     except OSError:
         pass
-    return "CAP_SYS_PTRACE or /dev/userfaultfd"
+    if has_capability(CAP_SYS_PTRACE):
+        return "CAP_SYS_PTRACE"
+    return f"/dev/userfaultfd ({device_node('/dev/userfaultfd')})"
 
 
-def _pagemap_scan_row(rep: HostReport) -> None:
+PAGEMAP_SCAN_WHAT = "for the PAGEMAP_SCAN ioctl"
+
+
+def _pagemap_scan_row(rep: HostReport, blocked: str | None) -> None:
     import errno
 
+    fallback = _FEATURE_ROLE["WP_ASYNC"][1]
+    if blocked:
+        rep.capabilities.append(_unprobed("pagemap_scan", "MEM", PAGEMAP_SCAN_WHAT, Status.WARN, blocked, fallback))
+        return
     from native.errors import NativeError
     from native.pagemap import pagemap_scan_probe
 
     try:
         pagemap_scan_probe()
-        rep.capabilities.append(Capability("pagemap_scan", "MEM", "for the PAGEMAP_SCAN ioctl", Status.PASS,
+        rep.capabilities.append(Capability("pagemap_scan", "MEM", PAGEMAP_SCAN_WHAT, Status.PASS,
                                            "answers on /proc/self/pagemap"))
     except NativeError as e:
         detail = "absent: ENOTTY (kernel before 6.7)" if e.errno == errno.ENOTTY else f"absent: {e}"
-        rep.capabilities.append(Capability("pagemap_scan", "MEM", "for the PAGEMAP_SCAN ioctl", Status.WARN, detail,
-                                           "needs kernel 6.7+", fallback=_FEATURE_ROLE["WP_ASYNC"][1]))
+        rep.capabilities.append(Capability("pagemap_scan", "MEM", PAGEMAP_SCAN_WHAT, Status.WARN, detail,
+                                           fallback=fallback))
 
 
-def _soft_dirty_row(rep: HostReport) -> None:
+def _soft_dirty_row(rep: HostReport, blocked: str | None) -> None:
+    what = "for soft-dirty bits (pagemap bit 55)"
+    fallback = "the soft-dirty tracker of incremental snapshots (phase 6) is skipped"
+    if blocked:
+        rep.capabilities.append(_unprobed("soft_dirty", "MEM", what, Status.WARN, blocked, fallback))
+        return
     from native.dirty import soft_dirty_absent
 
-    what = "for soft-dirty bits (pagemap bit 55)"
     reason = soft_dirty_absent()
     if reason is None:
         rep.capabilities.append(Capability("soft_dirty", "MEM", what, Status.PASS,
                                            "a page written after clear_refs shows bit 55, one left alone does not"))
     else:
         rep.capabilities.append(Capability("soft_dirty", "MEM", what, Status.WARN, f"absent: {reason}",
-                                           "the soft-dirty tracker of incremental snapshots (phase 6) is skipped"))
+                                           fallback=fallback))
 
 
 def meminfo() -> dict[str, int]:
@@ -383,19 +464,23 @@ def meminfo() -> dict[str, int]:
     return out
 
 
+# Phase 2's hugetlb case maps 16 MiB of 2 MiB pages: the README's --reserve-hugepages 8.
+HUGETLB_PAGES = 8
+
+
 def _hugepage_rows(rep: HostReport) -> None:
     mi = meminfo()
     total, free, size = mi.get("HugePages_Total", 0), mi.get("HugePages_Free", 0), mi.get("Hugepagesize", 0)
     rep.facts["hugepages_total"] = total
     rep.facts["hugepages_free"] = free
-    if free > 0:
+    if free >= HUGETLB_PAGES:
         rep.capabilities.append(Capability("hugepages", "MEM", "for reserved hugepages", Status.PASS,
                                            f"{free} of {total} free, {size >> 10} KiB each"))
     else:
+        why = f"phase 2's hugetlb case maps {HUGETLB_PAGES} of them"
         rep.capabilities.append(Capability(
             "hugepages", "MEM", "for reserved hugepages", Status.WARN,
-            f"absent: HugePages_Free = {free} (total {total})",
-            "reserve with --reserve-hugepages N or vm.nr_hugepages",
+            f"absent: HugePages_Free = {free} (total {total}); {why}", fixes.hugepages(HUGETLB_PAGES, free, total),
             fallback="hugetlb-backed cases are left out"))
 
 
@@ -409,14 +494,19 @@ def _thp_rows(rep: HostReport) -> None:
     rep.facts["thp_defrag"] = thp.read_knob(thp.KNOB_DIR / "defrag") or "absent"
     sizes = thp.mthp_sizes()
     rep.facts["thp_mthp"] = {f"{s >> 10}kB": thp.read_knob(thp.mthp_knob(s)) for s in sizes}
-    hint = "the THP cases skip; --thp sets it for the run and restores it at exit"
-    for name, what, missing in (("thp.anonymous", "for anonymous THP (MADV_HUGEPAGE)", thp.anonymous_missing()),
-                                ("thp.shmem", "for shmem THP (memfd, MADV_HUGEPAGE)", thp.shmem_missing())):
+    fallback = "the THP cases skip"
+    turn_on = thp.knobs_to_turn_on()
+    for name, what, missing, knobs in (
+            ("thp.anonymous", "for anonymous THP (MADV_HUGEPAGE)", thp.anonymous_missing(),
+             (thp.ENABLED, thp.mthp_knob(thp.PMD_SIZE))),
+            ("thp.shmem", "for shmem THP (memfd, MADV_HUGEPAGE)", thp.shmem_missing(), (thp.SHMEM_ENABLED,))):
         if missing is None:
-            knob = thp.ENABLED if name == "thp.anonymous" else thp.SHMEM_ENABLED
-            rep.capabilities.append(Capability(name, "MEM", what, Status.PASS, f"{knob} = {thp.read_knob(knob)}"))
+            rep.capabilities.append(Capability(name, "MEM", what, Status.PASS,
+                                               f"{knobs[0]} = {thp.read_knob(knobs[0])}"))
         else:
-            rep.capabilities.append(Capability(name, "MEM", what, Status.WARN, f"absent: {missing}", hint))
+            settings = [(str(path), value) for path, value in turn_on if path in knobs]
+            rep.capabilities.append(Capability(name, "MEM", what, Status.WARN, f"absent: {missing}",
+                                               fixes.thp_knobs(settings) if settings else "", fallback))
     if sizes:
         on = [f"{s >> 10}kB" for s in sizes if thp.mthp_missing(s) is None]
         rep.capabilities.append(Capability("thp.mthp", "MEM", "for anonymous multi-size THP (mTHP)", Status.PASS,
@@ -425,7 +515,72 @@ def _thp_rows(rep: HostReport) -> None:
     else:
         rep.capabilities.append(Capability("thp.mthp", "MEM", "for anonymous multi-size THP (mTHP)", Status.WARN,
                                            f"absent: no {thp.KNOB_DIR}/hugepages-<size>kB below 2048kB (kernel "
-                                           "before 6.8)", "the mTHP cases skip"))
+                                           "before 6.8)", fallback="the mTHP cases skip"))
+
+
+# The largest guest a phase runs without --sizes (phases 1, 2 and 5 at 1 GiB), and how many copies of a guest's
+# memory the sized phases hold at once (phases 2 and 5: guest memory, the snapshot, the reference image).
+PHASE_LARGEST_SIZE = 1 << 30
+COPIES_HELD = 3
+_asked_sizes: tuple[int, ...] = ()
+
+
+def ask_sizes(sizes: list[int] | tuple[int, ...]) -> None:
+    """The guest sizes a run adds (--sizes): the memory row judges the largest. A change forgets the last probe."""
+    global _asked_sizes, _cached
+    if tuple(sizes) != _asked_sizes:
+        _asked_sizes, _cached = tuple(sizes), None
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def _memory_row(rep: HostReport) -> None:
+    """Memory against the largest guest this run asks for (MemTotal: what the host can hold at all; what is
+    free at a given moment is the run's own business)."""
+    largest = max((PHASE_LARGEST_SIZE, *_asked_sizes))
+    need, total = COPIES_HELD * largest, meminfo().get("MemTotal", 0)
+    asked = " (--sizes)" if largest > PHASE_LARGEST_SIZE else ""
+    detail = (f"MemTotal {_gib(total)}; the largest guest, {_gib(largest)}{asked}, needs {_gib(need)} "
+              f"({COPIES_HELD} copies held at once by phases 2 and 5)")
+    what = "for memory for the guest sizes asked"
+    if total >= need:
+        rep.capabilities.append(Capability("memory", "MEM", what, Status.PASS, detail))
+        return
+    fits = 1 << max(20, (total // COPIES_HELD).bit_length() - 1)  # the largest power of two this host holds 3 of
+    rep.capabilities.append(Capability("memory", "MEM", what, Status.WARN, detail,
+                                       fixes.fix("leave out the sizes this host cannot hold",
+                                                 f"--max-size {fits >> 20}M")))
+
+
+def _cpu_row(rep: HostReport) -> None:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    detail = f"{usable} usable by this process, {os.cpu_count()} online"
+    what = "for 2 or more CPUs"
+    if usable >= 2:
+        rep.capabilities.append(Capability("cpus", "CPU", what, Status.PASS, detail))
+    else:
+        rep.capabilities.append(Capability(
+            "cpus", "CPU", what, Status.WARN, f"{detail}: phase 2's two vCPUs, the fault handler and the bulk copier "
+            "take turns on one CPU; its races are lined up by named points, not by time, so they still run, slower"))
+
+
+def _native_row(rep: HostReport) -> str | None:
+    """The native build (the C module and the engines), built first where it is missing or older than its
+    sources, as every import of it does; None when it is there, else why the rows that need it are not probed."""
+    from native import build
+
+    what = "for the native build (C layer, engines)"
+    try:
+        build.ensure_built()
+    except Exception as e:  # BuildError, and setuptools' compiler errors: one row, not every test's traceback
+        rep.capabilities.append(Capability("native", "BUILD", what, Status.FAIL, f"absent: {e}",
+                                           fixes.fix("install what it needs, build and set up everything",
+                                                     "./setup")))
+        return "the native build failed (row native)"
+    rep.capabilities.append(Capability("native", "BUILD", what, Status.PASS, build.describe()))
+    return None
 
 
 def _common_facts(rep: HostReport) -> None:
@@ -459,6 +614,10 @@ WHP_BUILD_HINT = ("a 64-bit x64 Python with the MSVC C build tools (Visual Studi
                   "with C++\"), then `py -m native.build`")
 
 
+PARTIAL_UNMAP_WHAT = "for WHP partial unmap (PartialUnmap)"
+PARTIAL_UNMAP_FALLBACK = "the hypervisor-level copy-on-write load (phase 4) skips"
+
+
 def _whp_rows(rep: HostReport) -> None:
     """WHP: usable (a throwaway partition made, set up, deleted), and the features phase 4 leans on.
 
@@ -469,11 +628,30 @@ def _whp_rows(rep: HostReport) -> None:
     """
     from native import whp
 
+    if not _whp_row(rep):
+        rep.capabilities.append(_unprobed("whp.partial_unmap", "WHP", PARTIAL_UNMAP_WHAT, Status.WARN,
+                                          "WHP is unavailable (row whp)", PARTIAL_UNMAP_FALLBACK))
+        return
+    features = whp.whp_features()
+    rep.facts["whp_features"] = f"{int(features):#x}"
+    missing = whp.partial_unmap_missing()
+    if missing is None:
+        rep.capabilities.append(Capability("whp.partial_unmap", "WHP", PARTIAL_UNMAP_WHAT,
+                                           Status.PASS, "WHvCapabilityCodeFeatures.PartialUnmap = 1"))
+    else:
+        rep.capabilities.append(Capability("whp.partial_unmap", "WHP", PARTIAL_UNMAP_WHAT,
+                                           Status.WARN, f"absent: {missing}", fallback=PARTIAL_UNMAP_FALLBACK))
+
+
+def _whp_row(rep: HostReport) -> bool:
+    """The row ``whp``; whether WHP is usable."""
+    from native import whp
+
     problem = whp.unsupported_interpreter()
     if problem is not None:
         rep.capabilities.append(Capability("whp", "WHP", WHP_WHAT, Status.FAIL, f"wrong interpreter: {problem}",
                                            WHP_BUILD_HINT))
-        return
+        return False
     try:
         reason = whp.whp_absent_reason()
         probe = whp.whp_probe()
@@ -481,7 +659,7 @@ def _whp_rows(rep: HostReport) -> None:
         rep.capabilities.append(Capability("whp", "WHP", WHP_WHAT, Status.FAIL,
                                            f"the WHP layer did not build or load: {type(e).__name__}: {e}",
                                            WHP_BUILD_HINT))
-        return
+        return False
     rep.facts["whp_probe"] = probe.name if probe is not None else None
     if reason is not None:
         hresult = whp.whp_probe_hresult()
@@ -489,19 +667,10 @@ def _whp_rows(rep: HostReport) -> None:
             rep.facts["whp_probe_hresult"] = f"{hresult:#010x}"
         # The reason names what was probed and the fix; no hint to add.
         rep.capabilities.append(Capability("whp", "WHP", WHP_WHAT, Status.FAIL, f"absent: {reason}"))
-        return
+        return False
     rep.capabilities.append(Capability("whp", "WHP", WHP_WHAT, Status.PASS,
                                        "HypervisorPresent, and a partition was created, set up and deleted"))
-    features = whp.whp_features()
-    rep.facts["whp_features"] = f"{int(features):#x}"
-    missing = whp.partial_unmap_missing()
-    if missing is None:
-        rep.capabilities.append(Capability("whp.partial_unmap", "WHP", "for WHP partial unmap (PartialUnmap)",
-                                           Status.PASS, "WHvCapabilityCodeFeatures.PartialUnmap = 1"))
-    else:
-        rep.capabilities.append(Capability("whp.partial_unmap", "WHP", "for WHP partial unmap (PartialUnmap)",
-                                           Status.WARN, f"absent: {missing}",
-                                           "the hypervisor-level copy-on-write load (phase 4) skips"))
+    return True
 
 
 _cached: HostReport | None = None
@@ -515,12 +684,16 @@ def probe(refresh: bool = False) -> HostReport:
     rep = HostReport()
     _common_facts(rep)
     if sys.platform.startswith("linux"):
+        blocked = _native_row(rep)
         _virtualization_facts(rep)
-        _kvm_rows(rep)
-        _uffd_rows(rep)
-        _soft_dirty_row(rep)
+        _kvm_rows(rep, blocked)
+        _uffd_rows(rep, blocked)
+        _pagemap_scan_row(rep, blocked)
+        _soft_dirty_row(rep, blocked)
         _hugepage_rows(rep)
         _thp_rows(rep)
+        _memory_row(rep)
+        _cpu_row(rep)
     elif sys.platform == "win32":
         rep.facts["host_class"] = host_class(rep.facts) or "unknown"
         _whp_rows(rep)
@@ -537,14 +710,51 @@ def describe_host(facts: dict[str, object]) -> str:
             f"{facts.get('virtualization')}{under}, {facts.get('kvm_paging')}")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python3 -m native.host", description=(
+        "What this host offers snapproof, probed for real: PASS, INFO (a fact the suite does not use), WARN (the "
+        "suite leaves something out, or its figures mean less) or FAIL, with the command to paste for each row that "
+        "is not PASS. Exits 1 when a row FAILs, else 0."))
+    p.add_argument("--json", action="store_true", help="print the host facts and every row as JSON instead")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="print only the WARN and FAIL rows (nothing when there are none); the exit status is the same")
+    p.add_argument("--sizes", default="", metavar="LIST",
+                   help="judge memory against these guest sizes too, as pytest's --sizes (e.g. 1G,4G)")
+    a = p.parse_args(argv)
+    try:
+        sizes = [parse_size(s) for s in a.sizes.split(",") if s.strip()]
+    except ValueError as e:
+        p.error(f"--sizes: {e}")
+    ask_sizes(sizes)
     rep = probe()
-    facts = rep.facts
-    print(f"snapproof host check: {facts.get('hostname')} {facts.get('platform')} {facts.get('kernel')} "
-          f"({facts.get('cpu_model')}, {facts.get('cpus')} CPUs)")
-    print(describe_host(facts))
-    print(rep.table())
+    if a.json:
+        print(json.dumps({"class": describe_host(rep.facts), **rep.to_json()}, indent=2, default=str))
+    elif a.quiet:
+        if table := rep.table(quiet=True):
+            print(table)
+    else:
+        facts = rep.facts
+        print(f"snapproof host check: {facts.get('hostname')} {facts.get('platform')} {facts.get('kernel')} "
+              f"({facts.get('cpu_model')}, {facts.get('cpus')} CPUs)")
+        print(describe_host(facts))
+        print(rep.table())
     return 1 if rep.failed else 0
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '4096' -> bytes (binary units): what --sizes and --max-size take."""
+    import re
+
+    m = re.match(r"^(\d+)([KMG]?)(i?B)?$", text.strip(), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"size {text!r} is not a number with an optional K/M/G suffix")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
 
 
 if __name__ == "__main__":

@@ -602,12 +602,14 @@ def _kvm_open_error(err: int) -> Exception:
     import errno
     import os
 
+    from native import fixes
+
     if err == errno.ENOENT:
-        return CapabilityMissing("/dev/kvm does not exist (KVM module not loaded, or no virtualization support)")
+        return CapabilityMissing("/dev/kvm does not exist (KVM module not loaded, or no virtualization support)",
+                                 fix=fixes.kvm_module())
     if err in (errno.EACCES, errno.EPERM):
         from native.errors import device_node
 
         return CapabilityMissing(f"/dev/kvm: permission denied for uid {os.geteuid()} ({errno.errorcode[err]} from "
-                                 f"open O_RDWR; the node is {device_node('/dev/kvm')}): join the node's group or "
-                                 "run as root")
+                                 f"open O_RDWR; the node is {device_node('/dev/kvm')})", fix=fixes.kvm_access())
     return NativeError("open(/dev/kvm)", err)

@@ -105,15 +105,6 @@ def mthp_missing(size: int) -> str | None:
     return f"{_knob_text(path)} (needs madvise or always, or inherit with {_knob_text(ENABLED)})"
 
 
-def mthp_larger_on(size: int) -> list[int]:
-    """The folio sizes above ``size`` (mTHP sizes and the PMD size) a MADV_HUGEPAGE fault may get here: with
-    any of them on, the kernel picks the largest that fits and a fault gets no ``size`` folio."""
-    larger = [s for s in mthp_sizes() if s > size and mthp_missing(s) is None]
-    if size < PMD_SIZE and anonymous_missing() is None:
-        larger.append(PMD_SIZE)
-    return larger
-
-
 def _write_knob(path: Path, value: str) -> None:
     path.write_text(f"{value}\n")
 
@@ -146,22 +137,46 @@ class KnobChanges:
             raise failed
 
 
-def enable_for_run(changes: KnobChanges) -> list[str]:
-    """What ``--thp`` does: anonymous THP and shmem THP on for MADV_HUGEPAGE mappings, where they are off.
-    Returns one line per knob set. The mTHP sizes are left as they are: a test that wants one size alone
-    sets it for its own duration (``only_mthp_size``)."""
-    done = []
+def knobs_to_turn_on() -> list[tuple[Path, str]]:
+    """What ``--thp`` sets, where it is off: anonymous THP and its PMD size, and shmem THP, on for MADV_HUGEPAGE
+    mappings; (knob, value) each. The mTHP sizes are left as they are: a test that wants one size alone sets it
+    for its own duration (``only_mthp_size``)."""
+    todo = []
     if read_knob(ENABLED) not in ANON_ON:
-        changes.set(ENABLED, "madvise")
-        done.append(f"{ENABLED} = madvise")
-    pmd = mthp_knob(PMD_SIZE)
-    if read_knob(pmd) == "never":
-        changes.set(pmd, "inherit")
-        done.append(f"{pmd} = inherit")
+        todo.append((ENABLED, "madvise"))
+    if read_knob(mthp_knob(PMD_SIZE)) == "never":
+        todo.append((mthp_knob(PMD_SIZE), "inherit"))
     if read_knob(SHMEM_ENABLED) not in SHMEM_ON:
-        changes.set(SHMEM_ENABLED, "advise")
-        done.append(f"{SHMEM_ENABLED} = advise")
+        todo.append((SHMEM_ENABLED, "advise"))
+    return todo
+
+
+def enable_for_run(changes: KnobChanges) -> list[str]:
+    """What ``--thp`` does (``knobs_to_turn_on``); returns one line per knob set."""
+    done = []
+    for path, value in knobs_to_turn_on():
+        changes.set(path, value)
+        done.append(f"{path} = {value}")
     return done
+
+
+def larger_sizes_on(size: int) -> list[str]:
+    """The anonymous THP sizes above ``size`` a MADV_HUGEPAGE fault may get now (the PMD size too), as knob
+    settings: the kernel tries the largest first, so with any of them on, a folio of ``size`` is not what a
+    fault gets."""
+    on = [_knob_text(mthp_knob(s)) for s in mthp_sizes() if s > size and mthp_missing(s) is None]
+    return on + ([_knob_text(ENABLED)] if anonymous_missing() is None else [])
+
+
+def knobs_the_thp_cases_need() -> list[tuple[Path, str]]:
+    """What a run that may not set the knobs needs set already for the THP cases: ``knobs_to_turn_on``, and
+    every mTHP size on (with root, each mTHP case turns its own size on alone for its duration)."""
+    return knobs_to_turn_on() + [(mthp_knob(s), "madvise") for s in mthp_sizes() if mthp_missing(s) is not None]
+
+
+def knobs_writable() -> bool:
+    """Whether this process may set the THP knobs (root, and /sys writable): --thp acts only then."""
+    return os.access(ENABLED, os.W_OK)
 
 
 def only_mthp_size(changes: KnobChanges, size: int) -> None:

@@ -104,9 +104,10 @@ def open_uffd(features: int) -> Iterator[tuple[int, int]]:
 def uffd_open_error(err: int) -> Exception:
     """What a failed userfaultfd(2) (and /dev/userfaultfd) means: a missing capability, named, or an error."""
     from native.errors import CapabilityMissing, NativeError, uffd_denied
+    from native.fixes import uffd_access
 
     if err in (errno.EPERM, errno.EACCES):
-        return CapabilityMissing(uffd_denied(errno.errorcode[err]))
+        return CapabilityMissing(uffd_denied(errno.errorcode[err]), fix=uffd_access())
     if err == errno.ENOSYS:
         return CapabilityMissing("userfaultfd(2) not available (kernel built without CONFIG_USERFAULTFD)")
     return NativeError("userfaultfd", err)

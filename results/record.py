@@ -286,6 +286,9 @@ def render_phase(phase: dict[str, Any], verbose: bool = True) -> str:
             continue
         for s in c["stages"]:
             label = f"    [stage {s['stage']}] {s['name']}"
+            if not s["checks"] and c["outcome"] == "skipped":  # stopped by the skip itself: not a failed stage
+                lines.append(f"{label:<34} skipped")
+                continue
             checks = s["checks"] or [{"ok": s["ok"] is not False, "text": "done"}]
             for i, chk in enumerate(checks):
                 mark = OK_MARK if chk["ok"] else FAIL_MARK

@@ -98,7 +98,7 @@ _RUN = _strict(
 _RUN["if"] = {"required": ["status"], "properties": {"status": {"const": "interrupted"}}}
 _RUN["then"] = {"required": ["interrupted"]}
 
-_CAPABILITY = _strict(["name", "status"], name=_TEXT, status={"enum": ["PASS", "WARN", "FAIL"]}, detail=_TEXT,
+_CAPABILITY = _strict(["name", "status"], name=_TEXT, status={"enum": ["PASS", "INFO", "WARN", "FAIL"]}, detail=_TEXT,
                       required={"type": "boolean"}, fallback=_TEXT)
 
 RECORD = _strict(

@@ -198,13 +198,15 @@ def interrupted_capture(path: str) -> int:
 
 
 def probe() -> int:
+    from native import fixes
     from native.errors import CapabilityMissing
     from native.host import probe as host_probe
     from native.kvm import Vm
     from native.wp import supported_features
 
     rep = host_probe()
-    out: dict[str, Any] = {"missing_kvm": rep.missing("kvm"), "missing_uffd": rep.missing("uffd")}
+    out: dict[str, Any] = {"missing_kvm": rep.missing("kvm"), "missing_uffd": rep.missing("uffd"),
+                           "kvm_fix": fixes.kvm_access(), "uffd_fix": fixes.uffd_access()}
     try:
         Vm.create().close()
         out["vm_create"] = "ok"

@@ -38,7 +38,7 @@ def test_no_option_changes_no_host_setting(tmp_path):
     assert not changed, f"settings changed (before, during, after): {changed}"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="writing vm.nr_hugepages needs root (the option only warns)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="writing vm.nr_hugepages needs root (without it the option only checks)")
 def test_reserve_hugepages_raises_nr_hugepages_for_the_run_and_restores_it(tmp_path):
     """--reserve-hugepages 2: vm.nr_hugepages is 2 higher while the run's tests see it, and as before once it ends."""
     before = host_settings()
@@ -64,7 +64,7 @@ def _chosen(value: str) -> str:
     return value.split("[", 1)[1].split("]", 1)[0] if "[" in value else value
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="writing the THP knobs needs root (the option only warns)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="writing the THP knobs needs root (without it the option only checks)")
 def test_thp_turns_huge_pages_on_for_the_run_and_restores_every_knob(tmp_path):
     """--thp: anonymous and shmem THP are on for MADV_HUGEPAGE memory while the run's tests see them, and every THP
     knob, the per-size mTHP ones a case sets for itself included, is as before once the run ends."""

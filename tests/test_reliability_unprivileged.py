@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from native import fixes as native_fixes
 from native.host import device_node
 from native.kvm import Vm
 from tests.reliability_support import (
@@ -40,27 +41,46 @@ def _others_can(path: str) -> bool:
     return os.path.exists(path) and os.stat(path).st_mode & (stat.S_IROTH | stat.S_IWOTH) == stat.S_IROTH | stat.S_IWOTH
 
 
-def expected_kvm_reason() -> str | None:
+def expected_kvm_reason(fix: str = "") -> str | None:
+    """The kvm row's skip reason for uid 65534, ending in ``fix`` (the commands as the child worked them out);
+    without it, the reason up to the fix."""
     if _others_can("/dev/kvm"):
         return None
-    return (f"for /dev/kvm: absent: /dev/kvm: permission denied for uid {NOBODY} (os.access R+W; the node is "
-            f"{device_node('/dev/kvm')}); join the node's group or run as root")
+    return (f"for /dev/kvm (KVM_CREATE_VM): absent: /dev/kvm: permission denied for uid {NOBODY} (os.access R+W; the "
+            f"node is {device_node('/dev/kvm')})" + (f"; {fix}" if fix else ""))
 
 
-def expected_uffd_reason() -> str | None:
+def expected_uffd_reason(fix: str = "") -> str | None:
     sysctl = Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip()
     if sysctl == "1" or _others_can("/dev/userfaultfd"):
         return None
     node = "/dev/userfaultfd"
     dev = f"{node} not readable+writable ({device_node(node)})" if os.path.exists(node) else f"{node} absent"
     return (f"for userfaultfd with kernel-mode faults: absent: userfaultfd for kernel-mode faults denied (EPERM) for "
-            f"uid {NOBODY}: vm.unprivileged_userfaultfd = {sysctl}, without CAP_SYS_PTRACE, {dev}; needs root, "
-            "CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=1, or access to /dev/userfaultfd")
+            f"uid {NOBODY}: vm.unprivileged_userfaultfd = {sysctl}, without CAP_SYS_PTRACE, {dev}; root or "
+            "CAP_SYS_PTRACE has it" + (f"; {fix}" if fix else ""))
+
+
+def check_fixes(kvm_fix: str, uffd_fix: str) -> None:
+    """Each fix is a command to paste, for this user: join /dev/kvm's group (or give /dev/kvm a group first); give
+    /dev/userfaultfd that group (kernel 6.1+), or the sysctl."""
+    group = native_fixes.node_group("/dev/kvm")
+    group = group if group and group != "root" else native_fixes.KVM_GROUP
+    want = f"sudo usermod -aG {group} nobody"
+    assert want in kvm_fix and kvm_fix.count("`") >= 2, f"kvm fix: expected a command with {want!r}, saw {kvm_fix!r}"
+    want = "`sudo sysctl -w vm.unprivileged_userfaultfd=1`"
+    assert want in uffd_fix, f"uffd fix: expected {want!r} in {uffd_fix!r}"
+    if os.path.exists("/dev/userfaultfd"):
+        want = f"sudo chgrp {group} /dev/userfaultfd && sudo chmod 0660 /dev/userfaultfd"
+        assert want in uffd_fix and 'KERNEL==\"userfaultfd\"' in uffd_fix, (
+            f"uffd fix: expected the udev rule and {want!r}, saw {uffd_fix!r}")
 
 
 @pytest.fixture
 def nobody_dir(tmp_path):
     """(HOME, an output directory) both writable by uid 65534."""
+    if os.geteuid() != 0:  # a user in group kvm runs the suite too: it cannot become another user
+        pytest.skip(f"dropping to uid {NOBODY} (nobody) needs root; this run is uid {os.geteuid()}")
     with nobody_home(tmp_path) as home:
         out = home / "out"
         out.mkdir()
@@ -84,16 +104,17 @@ def test_unprivileged_probe_names_dev_kvm_permission_and_the_uffd_privilege(nobo
     assert who == [NOBODY, NOBODY, [], 1 << CAP_DAC_READ_SEARCH], f"child identity: expected uid/gid {NOBODY}, " \
                                                                   f"no groups, CapEff 0x4; saw {who}"
     probe = run.json_line("PROBE")
-    want_kvm, want_uffd = expected_kvm_reason(), expected_uffd_reason()
+    want_kvm, want_uffd = expected_kvm_reason(probe["kvm_fix"]), expected_uffd_reason(probe["uffd_fix"])
     print(f"unprivileged skip reasons:\n  kvm:  {probe['missing_kvm']}\n  uffd: {probe['missing_uffd']}\n"
           f"  Vm.create(): {probe['vm_create']}\n  uffd open: {probe['uffd_open']}")
+    check_fixes(probe["kvm_fix"], probe["uffd_fix"])
     assert probe["missing_kvm"] == want_kvm, f"kvm skip reason:\n expected {want_kvm!r}\n saw      " \
                                              f"{probe['missing_kvm']!r}"
     assert probe["missing_uffd"] == want_uffd, f"uffd skip reason:\n expected {want_uffd!r}\n saw      " \
                                                f"{probe['missing_uffd']!r}"
     if want_kvm is not None:
         want = (f"/dev/kvm: permission denied for uid {NOBODY} (EACCES from open O_RDWR; the node is "
-                f"{device_node('/dev/kvm')}): join the node's group or run as root")
+                f"{device_node('/dev/kvm')}); {probe['kvm_fix']}")
         assert probe["vm_create"] == want, f"Vm.create(): expected {want!r}, saw {probe['vm_create']!r}"
     if want_uffd is not None:
         want = want_uffd.split("absent: ", 1)[1]
@@ -129,15 +150,16 @@ def _child_pytest(home: Path, out: Path, *extra: str):
 
 
 def test_unprivileged_pytest_skips_naming_the_missing_capability(nobody_dir):
-    """As nobody, phase 1 and the kvm/uffd-only cases skip, each reason the probe's exact text."""
+    """As nobody, phase 1 and the kvm/uffd-only cases skip, each reason the probe's exact text, then its fix."""
     home, out = nobody_dir
     want_kvm, want_uffd = expected_kvm_reason(), expected_uffd_reason()
     _require_denied(want_kvm, want_uffd)
     run, phase_cases, outcomes = _child_pytest(home, out)
     assert run.returncode == 0, f"child pytest: expected exit 0 (all skipped), saw {run.returncode}:\n{run.stdout}"
     case = phase_cases[PHASE1_CASE]
-    assert case["outcome"] == "skipped" and case["skip_reason"] == want_kvm, (
-        f"phase 1 as nobody: expected skipped with {want_kvm!r}, saw {case['outcome']} {case.get('skip_reason')!r}")
+    assert case["outcome"] == "skipped" and case["skip_reason"].startswith(f"{want_kvm}; "), (
+        f"phase 1 as nobody: expected skipped with {want_kvm!r} and its fix, saw {case['outcome']} "
+        f"{case.get('skip_reason')!r}")
     for name, want in (("test_needs_kvm", want_kvm), ("test_needs_uffd", want_uffd)):
         kind, text = outcomes[name]
         assert kind == "skipped" and want in text, f"{name}: expected skipped with {want!r}, saw {kind}: {text!r}"

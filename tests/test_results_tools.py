@@ -446,6 +446,17 @@ def test_committed_policy_and_baseline_gate_the_committed_baseline():
 # -- matrix, A/B, show, plots --------------------------------------------------------------------------------
 
 
+def test_a_stage_stopped_by_a_skip_is_drawn_skipped_not_failed():
+    from results.record import FAIL_MARK, render_phase
+
+    rec = _record()
+    case = rec["phases"][0]["cases"][0]
+    case.update(outcome="skipped", skip_reason="for /dev/kvm (KVM_CREATE_VM): absent: ...",
+                stages=[{"stage": 1, "name": "probe kvm", "ok": False, "checks": [], "timings": [], "notes": []}])
+    text = render_phase(rec["phases"][0])
+    assert "[stage 1] probe kvm" in text and FAIL_MARK not in text and "skipped" in text.split("probe kvm")[1], text
+
+
 def test_matrix_has_a_row_per_host_and_a_column_per_phase(tmp_path):
     a, b = _record(), _record("kvm_intel")
     b["host"]["hostname"] = "h2"
@@ -513,6 +524,7 @@ def test_show_prints_the_phase_report_from_the_record():
 
 
 def test_plots_are_written_or_skipped_with_a_reason(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib draws the plots: it is in the [dev] extra (./setup)")
     from results.plots import write_plots
 
     rec = _record()

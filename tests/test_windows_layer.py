@@ -38,7 +38,7 @@ WINE_TIMEOUT = 900
 def _missing_cross_tool() -> str | None:
     for tool, package in (("x86_64-w64-mingw32-gcc", "gcc-mingw-w64-x86-64"), ("wine", "wine wine64")):
         if shutil.which(tool) is None:
-            return f"{tool} not on PATH (Debian: apt-get install {package}; or run native/windows/ci.sh --install)"
+            return f"{tool} not on PATH: `./setup --tests` installs it (as root; Debian/Ubuntu: {package})"
     return None
 
 
@@ -347,12 +347,14 @@ def test_shared_module_imports_without_linux_only_modules(module: str) -> None:
 
 def test_whp_modules_type_check_for_win32() -> None:
     """mypy --platform win32 accepts native/, phases/ and every shared module."""
-    if shutil.which("mypy") is None:
-        raise CapabilityMissing("mypy not on PATH (pip install -e .[dev])")
+    import importlib.util
+
+    if importlib.util.find_spec("mypy") is None:  # this interpreter's: a venv's tools are not on PATH unless activated
+        raise CapabilityMissing(f"mypy is not installed for {sys.executable} (./setup, or pip install -e '.[dev]')")
     # Everything shared, and the Linux-only modules too: they raise ImportError on win32 before their code.
     files = ["native", "phases", "conftest.py", "guests", "results"]
-    proc = subprocess.run(["mypy", "--platform", "win32", *files], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--platform", "win32", *files], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -792,14 +794,14 @@ def _whp_rows() -> list:
 
 
 def test_host_row_names_a_wrong_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 32-bit or ARM64 Python is one FAIL row naming the interpreter, and nothing is built or loaded."""
+    """A 32-bit or ARM64 Python is a FAIL row naming the interpreter, and nothing is built or loaded."""
     def must_not_load() -> None:
         raise AssertionError("the WHP layer was loaded for an interpreter it cannot run on")
 
     monkeypatch.setattr(whp, "_load", must_not_load)
     monkeypatch.setattr(whp.platform, "machine", lambda: "ARM64")
     rows = _whp_rows()
-    assert [(r.name, r.status.value) for r in rows] == [("whp", "FAIL")], rows
+    assert [(r.name, r.status.value) for r in rows] == [("whp", "FAIL"), ("whp.partial_unmap", "WARN")], rows
     assert "64-bit ARM64 interpreter" in rows[0].detail and "x64 only" in rows[0].detail, rows[0].detail
     monkeypatch.setattr(whp.platform, "machine", lambda: "AMD64")
     monkeypatch.setattr(whp, "sys", SimpleNamespace(platform="win32", maxsize=2**31 - 1, executable="python.exe"))
@@ -809,7 +811,7 @@ def test_host_row_names_a_wrong_interpreter(monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.mark.parametrize("error", ["BuildError", "ImportError", "OSError"])
 def test_host_row_names_a_failed_build(monkeypatch: pytest.MonkeyPatch, error: str) -> None:
-    """No MSVC, a failed compile, a DLL that does not load: one FAIL row naming the error, with the fix."""
+    """No MSVC, a failed compile, a DLL that does not load: a FAIL row naming the error, with the fix."""
     from native.build import BuildError
 
     exc = {"BuildError": BuildError("building native._windows failed: Microsoft Visual C++ 14.0 or greater is "
@@ -823,21 +825,22 @@ def test_host_row_names_a_failed_build(monkeypatch: pytest.MonkeyPatch, error: s
     monkeypatch.setattr(whp, "unsupported_interpreter", lambda: None)
     monkeypatch.setattr(whp, "whp_absent_reason", broken)
     rows = _whp_rows()
-    assert [(r.name, r.status.value) for r in rows] == [("whp", "FAIL")], rows
+    assert [(r.name, r.status.value) for r in rows] == [("whp", "FAIL"), ("whp.partial_unmap", "WARN")], rows
     assert rows[0].detail.startswith(f"the WHP layer did not build or load: {error}: "), rows[0].detail
     assert "MSVC" in rows[0].hint, rows[0].hint
 
 
 def test_host_rows_when_whp_is_absent_present_and_without_partial_unmap(fake_windows,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Absent: one FAIL row with the C reason. Present: PASS, plus the PartialUnmap row the COW load needs."""
+    """Absent: a FAIL row with the C reason, the PartialUnmap row not probed. Present: PASS, plus the PartialUnmap
+    row the COW load needs."""
     from native import host
 
     install, _ = fake_windows
     monkeypatch.setattr(whp, "unsupported_interpreter", lambda: None)
     install(absent="WHP absent: the probe's throwaway partition: (as C says it)")
     rows = _whp_rows()
-    assert [(r.name, r.status.value) for r in rows] == [("whp", "FAIL")], rows
+    assert [(r.name, r.status.value) for r in rows] == [("whp", "FAIL"), ("whp.partial_unmap", "WARN")], rows
     assert rows[0].detail == "absent: WHP absent: the probe's throwaway partition: (as C says it)", rows[0].detail
 
     install()

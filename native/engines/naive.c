@@ -271,6 +271,18 @@ int spe_create(const struct spe_config *cfg, struct spe_engine **out)
         goto out;
     }
     e->uffd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+    if (e->uffd < 0 && (errno == EPERM || errno == EACCES)) {
+        /* Without root the kernel-mode faults KVM raises need /dev/userfaultfd (6.1+): a group may own it. */
+        int sys_errno = errno, dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+        if (dev >= 0) {
+            e->uffd = ioctl(dev, _IO(0xAA, 0x00) /* USERFAULTFD_IOC_NEW */, O_CLOEXEC | O_NONBLOCK);
+            int err = errno;
+            close(dev);
+            errno = err;
+        } else {
+            errno = sys_errno; /* the syscall's answer: the node is only the second way in */
+        }
+    }
     if (e->uffd < 0) {
         r = fail(errno, "userfaultfd(2)");
         goto out;
