@@ -13,7 +13,7 @@ import pytest
 from native.engine import engine_path
 from native.wp import ENGINE_NEEDS
 from results.gate import evaluate, load_policy
-from results.record import LIMIT_SLACK, MEASUREMENT_ERRORS, SCHEMA, CaseReport, render_phase
+from results.record import MEASUREMENT_ERRORS, SCHEMA, CaseReport, render_phase
 from results.schema import POLICY_SCHEMA, RECORD, problems
 from tests.phase_runner import run_phase
 
@@ -57,7 +57,7 @@ def test_a_measurement_error_is_shown_recorded_and_refused_by_the_gate(tmp_path)
 @pytest.mark.needs("kvm", *ENGINE_NEEDS)
 def test_a_bulk_copy_benchmark_that_stops_copying_is_caught():
     """An engine whose second arm leaves every page captured copies nothing in the benchmark's later rounds: the
-    case fails naming the rounds that timed no work, and marks the impossible copy rate a measurement error."""
+    case fails naming the rounds that timed no work, and marks its copy rate a measurement error."""
     run = run_phase("test_phase2_live_consistency.py", "-k", "bulk_copy_rate and 64MiB", benchmarks=True,
                     engine=str(engine_path("naive-fixed-arm-keeps-captured")))
     assert run.outcome(BULK) == "failed", run.output[-3000:]
@@ -65,6 +65,9 @@ def test_a_bulk_copy_benchmark_that_stops_copying_is_caught():
     # The first round copies every page; the arm that follows leaves them captured, so no later round copies any.
     assert "pages copied per round: [16384, 0, 0, 0, 0, 0, 0, 0, 0, 0], expected 16384 each: a round timed less " \
            "than the copy" in failure, failure
+    # Marked by the rounds' own count, not by how fast they ran: on a loaded host the empty rounds' un-protect
+    # ioctls can take long enough that the rate no longer looks past memcpy (seen under --background-load).
     errors = run.cases()[BULK]["facts"][MEASUREMENT_ERRORS]
-    assert errors[0]["figure"] == "copy_rate_ratio_to_memcpy" and errors[0]["value"] > LIMIT_SLACK, errors
+    assert errors[0]["figure"] == "copy_rate_ratio_to_memcpy", errors
+    assert "copied fewer than the 16384 pages they timed" in errors[0]["why"], errors
     print(f"{failure}\nmeasurement error: {errors[0]}")
