@@ -47,6 +47,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--long", action="store_true", help="run the opt-in long runs (marked slow)")
     g.addoption("--nested", action="store_true",
                 help="also run the suite on kvm_amd nested under QEMU TCG (tests/test_nested_kvm_amd.py)")
+    g.addoption("--nested-kernel", default="", metavar="PACKAGE|DEB",
+                help="the nested host's Debian kernel: a versioned package (linux-image-6.1.0-50-amd64) or a .deb of "
+                     "one, e.g. your fleet's point release (default: the one linux-image-amd64 points at)")
     g.addoption("--max-size", default="", metavar="SIZE",
                 help="deselect sized cases above SIZE, e.g. 64M (slow emulated hosts: the nested kvm_amd run)")
     g.addoption("--fuzz-examples", type=int, default=500, help="hypothesis examples for the file fuzzers")

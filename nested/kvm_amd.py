@@ -96,9 +96,22 @@ def _kernel_package_name() -> str:
                       "with its package lists reachable?")
 
 
-def fetch_kernel(cache: Path = CACHE) -> Kernel:
-    """Debian's kernel, downloaded and unpacked once into the cache (never installed on this host)."""
-    package = _kernel_package_name()
+def fetch_kernel(cache: Path = CACHE, package: str = "") -> Kernel:
+    """Debian's kernel, downloaded and unpacked once into the cache (never installed on this host).
+
+    ``package``: a versioned kernel package (``linux-image-6.1.0-50-amd64``) or a downloaded ``.deb`` of
+    one, to run a fleet's own point release; by default the one Debian's meta package points at now.
+    """
+    deb = Path(package) if package.endswith(".deb") else None
+    if deb is not None:
+        if not deb.is_file():
+            raise NestedError(f"kernel package {deb}: no such file")
+        package = subprocess.run(["dpkg-deb", "-f", str(deb), "Package"], capture_output=True, text=True,
+                                 timeout=60).stdout.strip()
+    package = package or _kernel_package_name()
+    if not re.fullmatch(r"linux-image-[0-9][^\s/]*-amd64", package):
+        raise NestedError(f"kernel package {package!r}: expected a versioned Debian kernel such as "
+                          "linux-image-6.1.0-57-amd64 (or a .deb of one)")
     version = package.removeprefix("linux-image-")
     root = cache / version
     vmlinuz = root / "boot" / f"vmlinuz-{version}"
@@ -106,14 +119,16 @@ def fetch_kernel(cache: Path = CACHE) -> Kernel:
     if not vmlinuz.exists():
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            # apt's sandbox user cannot write into root's cache: download where it may, then unpack.
-            os.chmod(tmp, 0o777)
-            r = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True,
-                               timeout=900)
-            debs = list(Path(tmp).glob("*.deb"))
-            if r.returncode != 0 or not debs:
-                raise NestedError(f"apt-get download {package} failed: {r.stderr.strip()[-400:]}")
-            subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(root)], check=True, timeout=600)
+            if deb is None:
+                # apt's sandbox user cannot write into root's cache: download where it may, then unpack.
+                os.chmod(tmp, 0o777)
+                r = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True,
+                                   timeout=900)
+                debs = list(Path(tmp).glob("*.deb"))
+                if r.returncode != 0 or not debs:
+                    raise NestedError(f"apt-get download {package} failed: {r.stderr.strip()[-400:]}")
+                deb = debs[0]
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True, timeout=600)
     for m in MODULES:
         if not (modules / f"{m}.ko").exists():
             raise NestedError(f"{package} has no {m}.ko under {modules}: a kernel built differently from "
@@ -156,18 +171,19 @@ def _sh_quote(s: str) -> str:
 
 
 def run(argv: list[str], out: Path, npt: bool = True, timeout: float = 1800.0, cwd: Path = REPO,
-        echo: bool = True) -> NestedRun:
+        echo: bool = True, kernel_package: str = "") -> NestedRun:
     """Boot the nested host, run ``argv`` in ``cwd`` there, and bring back its exit status.
 
     ``out`` is shared read-write: the job may write its records there (as ``/out``). A run that does
-    not finish within ``timeout`` is killed and raises, naming the last console lines.
+    not finish within ``timeout`` is killed and raises, naming the last console lines. ``kernel_package``
+    as fetch_kernel's ``package``.
     """
     if why := kvm_svm_available():
         raise NestedError(why)
     if need := missing_host_tools():
         raise NestedError(f"the nested run needs {', '.join(need)}: apt-get install -y {' '.join(need)} "
                           "(or python3 -m nested --install)")
-    kernel = fetch_kernel()
+    kernel = fetch_kernel(package=kernel_package)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("rc", "console.log"):
         (out / stale).unlink(missing_ok=True)
@@ -246,6 +262,9 @@ def main(args: list[str] | None = None) -> int:
     p.add_argument("--cwd", type=Path, default=REPO, help="the checkout to run in (default: this one)")
     p.add_argument("--install", action="store_true", help="apt-get install what the nested run needs first")
     p.add_argument("--prepare", action="store_true", help="only install (with --install) and fetch the kernel")
+    p.add_argument("--kernel", default="", metavar="PACKAGE|DEB",
+                   help="the nested host's kernel: a versioned Debian package (linux-image-6.1.0-50-amd64) or a .deb "
+                        "of one, e.g. your fleet's point release (default: the one linux-image-amd64 points at)")
     p.add_argument("command", nargs=argparse.REMAINDER,
                    help="after --: the command to run there (default: python3 -m pytest phases --strict-host)")
     a = p.parse_args(args)
@@ -254,11 +273,11 @@ def main(args: list[str] | None = None) -> int:
         if a.install:
             install_host_tools()
         if a.prepare:
-            kernel = fetch_kernel()
+            kernel = fetch_kernel(package=a.kernel)
             print(f"nested: kernel {kernel.version} ready in {kernel.vmlinuz.parent.parent}")
             return 0
         out = a.out or Path(tempfile.mkdtemp(prefix="snapproof-nested-"))
-        r = run(command, out, npt=bool(a.npt), timeout=a.timeout, cwd=a.cwd.resolve())
+        r = run(command, out, npt=bool(a.npt), timeout=a.timeout, cwd=a.cwd.resolve(), kernel_package=a.kernel)
     except NestedError as e:
         print(f"nested: {e}", file=sys.stderr)
         return 2

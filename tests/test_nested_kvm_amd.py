@@ -67,7 +67,8 @@ def test_phases_pass_strictly_on_the_real_kvm_amd_module(request, record_propert
     out = Path(request.config.getoption("results_dir") or "results/runs") / f"nested-kvm_amd-npt{npt}"
     shutil.rmtree(out, ignore_errors=True)
 
-    run = nested.run(nested_pytest(npt), out, npt=bool(npt), timeout=NESTED_TIMEOUT_S[npt])
+    run = nested.run(nested_pytest(npt), out, npt=bool(npt), timeout=NESTED_TIMEOUT_S[npt],
+                     kernel_package=request.config.getoption("nested_kernel"))
     record_property("nested_seconds", round(run.seconds))
     records = sorted((out / "runs").glob("*.yaml"))
     record_property("nested_record", str(records[-1]) if records else "")

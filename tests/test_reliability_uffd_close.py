@@ -3,10 +3,16 @@
 What the kernel does (kernel 6.18.44, kvm_pvm, measured here with a uffd nobody reads): closing
 the last fd releases the context (userfaultfd_release), which wakes every waiter, pending or read,
 and un-registers the range. A vCPU inside KVM_RUN and a host thread both resume in well under a
-millisecond, their writes land (never captured: the snapshot would be torn), and no page keeps
-PM_UFFD_WP. The engine's close path does not depend on that: sp_wp_destroy() un-protects the
-whole region first (which alone wakes every waiter), joins the handler, un-registers, and only
-then closes the uffd. Both orders are tested.
+millisecond, and their writes land (never captured: the snapshot would be torn).
+
+Whether the release also clears the pages' write-protect bits depends on the kernel: only since
+"mm/userfaultfd: reset ptes when close() for wr-protected ones" (Linux 6.9, backported to stable
+6.1 between Debian's 6.1.0-50 (6.1.176), where all 256 pages of the 1 MiB test range keep
+PM_UFFD_WP after the close, and 6.1.0-57 (6.1.192), where none do; measured on kvm_amd nested). So
+the bare close is judged on the wake alone and reports what it left; the engine's close path does
+not depend on the kernel for either: sp_wp_destroy() un-protects the whole region first (which
+alone wakes every waiter and clears every bit), joins the handler, un-registers, and only then
+closes the uffd. Both orders are tested, and the engine's leaves no bit on every kernel.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ def _blocked_vcpu(make_memory, make_marker16_vm):
 
 
 def test_closing_the_uffd_wakes_a_vcpu_waiting_on_a_wp_fault(make_memory, make_marker16_vm, record_property):
-    """close(uffd) alone frees a vCPU on an unread WP fault: HLT, the write landed, no WP left."""
+    """close(uffd) alone frees a vCPU on an unread WP fault: HLT, the write landed (the WP bits it leaves are the
+    kernel's to clear, and only kernels with the 2024 fix do: reported, not judged)."""
     mem, vcpu = _blocked_vcpu(make_memory, make_marker16_vm)
     with UnservedWp(mem) as wp:
         runner = VcpuThread(vcpu, 5.0).start()
@@ -57,9 +64,12 @@ def test_closing_the_uffd_wakes_a_vcpu_waiting_on_a_wp_fault(make_memory, make_m
         assert mem.byte(guests.MARKER_GPA) == guests.MARKER_AFTER, (
             f"mem[0x1000]: expected {guests.MARKER_AFTER:#04x}, saw {mem.byte(guests.MARKER_GPA):#04x}")
         left = wp.wp_pages()
-    assert left == 0, f"expected the release to clear PM_UFFD_WP everywhere, {left} pages keep it"
     record_property("vcpu_woken_by_close_ms", round(woke_ms, 3))
-    print(f"close(uffd) -> vCPU out of KVM_RUN in {woke_ms:.3f} ms; write landed; 0 pages keep PM_UFFD_WP")
+    record_property("wp_pages_left_by_bare_close", left)
+    kept = (f"{left} pages keep PM_UFFD_WP: this kernel lacks \"mm/userfaultfd: reset ptes when close() for "
+            "wr-protected ones\" (6.9; stable 6.1 after 6.1.176); the engine un-protects before it closes"
+            if left else "0 pages keep PM_UFFD_WP")
+    print(f"close(uffd) -> vCPU out of KVM_RUN in {woke_ms:.3f} ms; write landed; {kept}")
 
 
 def test_closing_the_uffd_wakes_a_host_thread_waiting_on_a_wp_fault(make_memory, record_property):
