@@ -394,6 +394,31 @@ def _uffd_rows(rep: HostReport, blocked: str | None) -> None:
         because = "userfaultfd is unavailable (row uffd)"
     for name, bit in uffd.FEATURES.items():
         rep.capabilities.append(_feature_row(name, bit, mask, because or ""))
+    rep.capabilities.append(_release_row(rep, mask, because or ""))
+
+
+RELEASE_WHAT = "for close(uffd) clearing the WP bits it set"
+
+
+def _release_row(rep: HostReport, mask: int | None, because: str) -> Capability:
+    """What a bare close(uffd) leaves behind: a kernel fact the engine does not rely on (it un-protects first)."""
+    from native import uffd
+    from native.errors import NativeError
+
+    name = "uffd.release_clears_wp"
+    if mask is None:
+        return _unprobed(name, "UFFD", RELEASE_WHAT, Status.INFO, because)
+    try:
+        clears = uffd.release_clears_wp()
+    except (NativeError, OSError) as e:
+        return Capability(name, "UFFD", RELEASE_WHAT, Status.INFO, f"not probed: {e}")
+    rep.facts["uffd_release_clears_wp"] = clears
+    if clears:
+        return Capability(name, "UFFD", RELEASE_WHAT, Status.INFO, "yes: the release resets the PTEs it protected")
+    return Capability(name, "UFFD", RELEASE_WHAT, Status.INFO,
+                      "no: the PTEs keep PM_UFFD_WP after the close (this kernel lacks \"mm/userfaultfd: reset ptes "
+                      "when close() for wr-protected ones\", Linux 6.9, stable 6.1 after 6.1.176); snapproof's "
+                      "engine un-protects before it closes, so no snapshot relies on it")
 
 
 def _uffd_privilege() -> str:

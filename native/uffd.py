@@ -101,6 +101,30 @@ def open_uffd(features: int) -> Iterator[tuple[int, int]]:
         os.close(fd)
 
 
+def release_clears_wp() -> bool:
+    """Whether closing a uffd clears the write-protect bits it set, probed on one page of anonymous memory.
+
+    Only kernels with "mm/userfaultfd: reset ptes when close() for wr-protected ones" (Linux 6.9; stable 6.1
+    after 6.1.176) do. Elsewhere a process that closes its uffd without un-protecting first keeps those pages
+    marked (pagemap's PM_UFFD_WP; khugepaged warns on such PTEs): an engine must un-protect before it closes,
+    as snapproof's does.
+    """
+    from native._lib import check, ffi, lib
+    from native.memory import GuestMemory
+    from native.pagemap import write_protected
+
+    with GuestMemory.anonymous(4096) as page:
+        page.populate()  # WP needs a present page where WP_UNPOPULATED is absent (6.1)
+        with open_uffd(mask_of("PAGEFAULT_FLAG_WP")) as (fd, _):
+            ioctls = ffi.new("uint64_t *")
+            check(lib.sp_uffd_register(fd, page.addr, page.size, REGISTER_MODE_WP, ioctls), "UFFDIO_REGISTER")
+            check(lib.sp_uffd_writeprotect(fd, page.addr, page.size, 1), "UFFDIO_WRITEPROTECT")
+            armed = write_protected(page.addr)
+        if not armed:  # the probe itself would be void
+            raise AssertionError("release_clears_wp: the probe page was not write-protected after UFFDIO_WRITEPROTECT")
+        return not write_protected(page.addr)
+
+
 def uffd_open_error(err: int) -> Exception:
     """What a failed userfaultfd(2) (and /dev/userfaultfd) means: a missing capability, named, or an error."""
     from native.errors import CapabilityMissing, NativeError, uffd_denied
