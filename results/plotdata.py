@@ -154,6 +154,11 @@ class Point:
     floor: float | None = None     # the floor figure's median in the same case of the same run (its unit)
     absolute: float | None = None  # the median of the figure the ratio is of, same case (its unit)
 
+    @property
+    def spread(self) -> tuple[float, float]:
+        """The middle half of the rounds; the value itself when there are no rounds."""
+        return (self.value if self.low is None else self.low, self.value if self.high is None else self.high)
+
 
 @dataclass
 class Series(Generic[T]):
@@ -182,7 +187,7 @@ def measurement_error(case: dict[str, Any], figure: str) -> str | None:
 
 def gather(rec: dict[str, Any], phase: int, functions: Collection[str],
            value: Callable[[dict[str, Any]], T | str]) -> list[Series[T]]:
-    """Series of ``phase``'s cases of the test ``functions``, in record order: each passed case's ``value`` (or,
+    """Series of ``phase``'s cases of the test ``functions``, in ``WORDS`` order: each passed case's ``value`` (or,
     as a string, why it has none), and why each case that did not pass, or was deselected, has no point."""
     out: dict[tuple[str, str], Series[T]] = {}
     params = _params(rec)
@@ -206,7 +211,15 @@ def gather(rec: dict[str, Any], phase: int, functions: Collection[str],
             key = case_key(d["test"])
             if key.function in functions:
                 series(key).missing[key.size] = f"left out: {d['reason']}"
-    return list(out.values())
+    return sorted(out.values(), key=_word_order)
+
+
+def _word_order(series: Series[Any]) -> tuple[int, int]:
+    """Series in the order ``WORDS`` names their tests and parameters (a strategy keeps its colour whether or
+    not the host could run the ones before it); names it lacks last, in record order (the sort is stable)."""
+    order = {name: i for i, name in enumerate(WORDS)}
+    function, variant = series.key
+    return (order.get(function, len(order)), order.get(variant, len(order)))
 
 
 def past_limit(name: str, value: float, limit: float | None) -> str | None:
@@ -272,16 +285,21 @@ def _short(text: str, limit: int = 170) -> str:
 
 
 def missing_notes(series: list[Series[Any]], what: str = "", kind: str = "series") -> list[str]:
-    """One note per (size, reason): which series lack a point there, and why (``what``: the measure, when a plot
-    shows more than one; ``kind``: what its series are, to say "all 3 loaders")."""
-    grouped: dict[tuple[int, str], list[str]] = {}
+    """One note per reason and the series it keeps out: which series lack a point, at which sizes, and why
+    (``what``: the measure, when a plot shows more than one; ``kind``: what its series are, to say "all 3
+    loaders"). In size order, then legend order."""
+    by_size: dict[tuple[int, str], list[str]] = {}
     for x in series:
         for size, why in x.missing.items():
-            grouped.setdefault((-1 if size is None else size, why), []).append(x.label)
-    notes = []
-    for (size, why), labels in sorted(grouped.items(), key=lambda kv: kv[0][0]):   # by size, then legend order
-        where = "" if size < 0 else f" at {fmt_bytes(size)}"
+            by_size.setdefault((-1 if size is None else size, why), []).append(x.label)
+    merged: dict[tuple[str, str], list[int]] = {}
+    for (size, why), labels in sorted(by_size.items(), key=lambda kv: kv[0][0]):
         who = f"all {len(labels)} {kind}" if len(labels) > 1 and len(labels) == len(series) else "; ".join(labels)
+        merged.setdefault((who, why), []).append(size)
+    notes = []
+    for (who, why), sizes in merged.items():
+        named = [fmt_bytes(s) for s in sizes if s >= 0]
+        where = f" at {', '.join(named[:-1])} and {named[-1]}" if len(named) > 1 else f" at {named[0]}" if named else ""
         notes.append(f"{what}{who}{where}: {_short(why)}")
     return notes
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,11 @@ class Sources:
     base: dict[str, Any] | None = None
     run_name: str | None = None
     base_name: str | None = None
-    notes: list[str] = field(default_factory=list)   # the plot being drawn: what its footer says is missing
 
-    def footer(self) -> list[tuple[str, str]]:
-        """The footer's lines, wrapped, each with its colour: what is missing first, then the run and baseline."""
-        lines = [(f"missing: {n}", "firebrick") for n in self.notes]
+    def footer(self, notes: list[str]) -> list[tuple[str, str]]:
+        """A plot's footer lines, wrapped, each with its colour: what is missing (``notes``), then the run and
+        the baseline."""
+        lines = [(f"missing: {n}", "firebrick") for n in notes]
         lines.append((f"run: {describe(self.run, self.run_name)}", "0.2"))
         lines.append((f"baseline: {describe(self.base, self.base_name)}" if self.base is not None
                       else "baseline: none given (python -m results plots RUN.yaml --baseline BASE.yaml draws one)",
@@ -70,14 +70,15 @@ class Sources:
         return [(w, color) for line, color in lines for w in textwrap.wrap(line, NOTE_WIDTH, subsequent_indent="    ")]
 
 
-def _figure(src: Sources, title: str, nrows: int = 1, ncols: int = 1, height: float = 5.0, width: float = 10.0,
-            **kw: Any) -> tuple[Any, Any]:
+def _figure(src: Sources, notes: list[str], title: str, nrows: int = 1, ncols: int = 1, height: float = 5.0,
+            width: float = 10.0, **kw: Any) -> tuple[Any, Any]:
+    """A figure with room under its axes for the footer (``notes``, then which run and baseline)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    footer = len(src.footer())
+    footer = len(src.footer(notes))
     fig, axes = plt.subplots(nrows, ncols, figsize=(width, height + footer * LINE_IN + 0.2), dpi=110,
                              squeeze=False, **kw)
     fig.suptitle(title, fontsize=12)
@@ -86,10 +87,10 @@ def _figure(src: Sources, title: str, nrows: int = 1, ncols: int = 1, height: fl
     return fig, axes
 
 
-def _save(fig: Any, src: Sources, path: Path) -> Path:
+def _save(fig: Any, src: Sources, notes: list[str], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    lines = src.footer()
+    lines = src.footer(notes)
     height = fig.get_size_inches()[1]
     bottom = (len(lines) * LINE_IN + 0.25) / height
     fig.tight_layout(rect=(0, bottom, 1, 1))
@@ -115,21 +116,21 @@ def _sizes(*groups: list[Series[Point]]) -> set[int]:
     return {s for g in groups for x in g for s in [*x.points, *x.missing] if s is not None}
 
 
-def _plot_series(ax: Any, series: Series[Point], color: str, base: Series[Point] | None, style: str = "o-",
-                 label: str | None = None) -> list[tuple[int, Point]]:
-    """The run's points of a series with their rounds' range, the baseline's beside them; the run's points."""
+def _plot_series(ax: Any, series: Series[Point], color: str, base: Series[Point] | None,
+                 style: str = "o-") -> list[tuple[int, Point]]:
+    """The run's points of a series, bars over the middle half of their rounds, the baseline's beside them;
+    returns the run's points."""
     pts = sorted((s, p) for s, p in series.points.items() if s is not None)
     if not pts:   # still in the legend, so a baseline point of it has a name
-        ax.plot([], [], style, color=color, label=f"{label or series.label} (none in this run: see below)")
-    for marker_at, got, kw in ((1.0, pts, {"fmt": style, "label": label or series.label}),
+        ax.errorbar([], [], fmt=style, color=color, label=f"{series.label} (none in this run: see below)")
+    for marker_at, got, kw in ((1.0, pts, {"fmt": style, "label": series.label}),
                                (BASE_SHIFT, sorted((s, p) for s, p in (base.points if base else {}).items()
                                                    if s is not None), {"fmt": style[0], **BASE_STYLE})):
         if not got:
             continue
         xs = [s * marker_at for s, _ in got]
         ys = [p.value for _, p in got]
-        err = [[p.value - (p.low if p.low is not None else p.value) for _, p in got],
-               [(p.high if p.high is not None else p.value) - p.value for _, p in got]]
+        err = [[p.value - p.spread[0] for _, p in got], [p.spread[1] - p.value for _, p in got]]
         ax.errorbar(xs, ys, yerr=err, color=color, capsize=3, markersize=7, **kw)
     return pts
 
@@ -172,35 +173,35 @@ def _skip_reason(what: str, notes: list[str]) -> str:
 
 def arm_cost(src: Sources, out: Path) -> Path | str:
     run, base = arm_series(src.run), arm_series(src.base) if src.base else None
-    src.notes = missing_notes(run) + baseline_only(run, base or [])
+    notes = missing_notes(run) + baseline_only(run, base or [])
     if _no_points(run):
         return _skip_reason("no arm-cost figures (phase 1, test_benchmark_arm_cost: arm_ratio_to_raw_ioctl) in the "
-                            "record", src.notes)
-    fig, axes = _figure(src, "Arm cost over the bare UFFDIO_WRITEPROTECT ioctl of the same run")
+                            "record", notes)
+    fig, axes = _figure(src, notes, "Arm cost over the bare UFFDIO_WRITEPROTECT ioctl of the same run")
     ax = axes[0][0]
     bases = _base_by_key(base)
     top = 1.5
     for i, x in enumerate(run):
         for size, p in _plot_series(ax, x, f"C{i}", bases.get(x.key)):
-            top = max(top, (p.high or p.value) * 1.15)
+            top = max(top, p.spread[1] * 1.15)
             floor = f"\nioctl {fmt_ns(p.floor)}" if p.floor is not None else ""
-            ax.annotate(f"{p.value:.2f}x{floor}", (size, p.high or p.value), textcoords="offset points",
+            ax.annotate(f"{p.value:.2f}x{floor}", (size, p.spread[1]), textcoords="offset points",
                         xytext=(0, 8), ha="center", fontsize=8)
     ax.axhline(1, color="0.3", linestyle=":", label="1 = the bare ioctl on the same range, same run")
     _size_axis(ax, _sizes(run, base or []))
     ax.set_ylim(0, top)
     ax.set_ylabel(f"{words('arm_ratio_to_raw_ioctl')}\n(median; bars: middle half of the rounds)")
     _legend(ax, src, loc="upper left")
-    return _save(fig, src, out / "arm_cost_vs_size.png")
+    return _save(fig, src, notes, out / "arm_cost_vs_size.png")
 
 
 def copy_rate(src: Sources, out: Path) -> Path | str:
     run, base = copy_series(src.run), copy_series(src.base) if src.base else None
-    src.notes = missing_notes(run) + baseline_only(run, base or [])
+    notes = missing_notes(run) + baseline_only(run, base or [])
     if _no_points(run):
-        return _skip_reason("no copy-rate figures (phase 2: copy_rate_ratio_to_memcpy) in the record", src.notes)
-    fig, axes = _figure(src, "Copy rate over warm memcpy of the same run: bulk copy (guest idle) and live captures",
-                        width=12)
+        return _skip_reason("no copy-rate figures (phase 2: copy_rate_ratio_to_memcpy) in the record", notes)
+    fig, axes = _figure(src, notes, "Copy rate over warm memcpy of the same run: bulk copy (guest idle) and live "
+                        "captures", width=12)
     ax = axes[0][0]
     bases = _base_by_key(base)
     top = 1.2
@@ -208,7 +209,7 @@ def copy_rate(src: Sources, out: Path) -> Path | str:
     for i, x in enumerate(run):
         style = f"{markers[i % len(markers)]}{'-' if x.key[0] == BULK_COPY else ':'}"
         for size, p in _plot_series(ax, x, f"C{i}", bases.get(x.key), style=style):
-            top = max(top, (p.high or p.value) * 1.1)
+            top = max(top, p.spread[1] * 1.1)
             if p.floor is not None and size:
                 ax.annotate(f"memcpy {size / p.floor:.1f} GB/s", (size, p.value), textcoords="offset points",
                             xytext=(0, 10), ha="center", fontsize=7)
@@ -219,18 +220,18 @@ def copy_rate(src: Sources, out: Path) -> Path | str:
                  fontsize=9)
     ax.set_ylabel(words(COPY_RATIO))
     _legend(ax, src, outside=True)
-    return _save(fig, src, out / "copy_rate_vs_size.png")
+    return _save(fig, src, notes, out / "copy_rate_vs_size.png")
 
 
 def fault_latency(src: Sources, out: Path) -> Path | str:
     run, notes = latency_panels(src.run)
     base = {b.label: b for b in latency_panels(src.base)[0]} if src.base else {}
     have = {p.label for p in run}
-    src.notes = notes + [f"{label}: in the baseline, not in this run" for label in base if label not in have]
+    notes = notes + [f"{label}: in the baseline, not in this run" for label in base if label not in have]
     if not run:
         return _skip_reason("no fault service histograms (fact fault_service_hist_us, phases 1 and 2) in the record",
-                            src.notes)
-    fig, axes = _figure(src, f"{words('fault_service_hist_us')}", nrows=len(run), height=1.2 + 2.3 * len(run),
+                            notes)
+    fig, axes = _figure(src, notes, words("fault_service_hist_us"), nrows=len(run), height=1.2 + 2.3 * len(run),
                         sharex=True)
     step = 2 ** 0.25
     for i, (ax, panel) in enumerate(zip(axes[:, 0], run, strict=True)):
@@ -261,7 +262,7 @@ def fault_latency(src: Sources, out: Path) -> Path | str:
     ax.minorticks_off()
     ax.set_xlabel(f"service time, µs: log-spaced buckets, 4 per doubling (under 8 µs each is the engine's 1 µs bucket; "
                   f"the last holds >= {OVERFLOW_US} µs)", fontsize=9)
-    return _save(fig, src, out / "fault_service_latency.png")
+    return _save(fig, src, notes, out / "fault_service_latency.png")
 
 
 def _faults(panel: Latency) -> str:
@@ -282,24 +283,21 @@ def _hist(ax: Any, panel: Latency, color: str, outline: bool = False) -> None:
 def restore(src: Sources, out: Path) -> Path | str:
     first, ws = restore_series(src.run)
     base_first, base_ws = restore_series(src.base) if src.base else ([], [])
-    src.notes = (missing_notes(first, "first instruction, ", "loaders")
-                 + missing_notes(ws, "full working set, ", "loaders")
-                 + baseline_only(first, base_first) + baseline_only(ws, base_ws))
+    notes = (missing_notes(first, "first instruction, ", "loaders") + missing_notes(ws, "full working set, ", "loaders")
+             + baseline_only(first, base_first) + baseline_only(ws, base_ws))
     if _no_points(first) and _no_points(ws):
         return _skip_reason("no restore figures in the record (phase 3: first_instruction_ratio_to_fresh_vm, fact "
-                            "restore_to_working_set_ns)", src.notes)
-    fig, axes = _figure(src, "Restore into a fresh VM, per loader", ncols=2, height=5.2, width=13)
+                            "restore_to_working_set_ns)", notes)
+    fig, axes = _figure(src, notes, "Restore into a fresh VM, per loader", ncols=2, height=5.2, width=13)
     sizes = _sizes(first, ws, base_first, base_ws)
     colors = {loader: f"C{i}" for i, loader in enumerate(dict.fromkeys(x.key[1] for x in [*first, *ws]))}
     ax = axes[0][0]
-    floors = []
     for x in first:
-        for _, p in _plot_series(ax, x, colors[x.key[1]], _base_by_key(base_first).get(x.key)):
-            if p.floor is not None:
-                floors.append(p.floor)
-    floor = (f" ({fmt_ns(min(floors))}" + (f" to {fmt_ns(max(floors))}" if max(floors) > min(floors) * 1.05 else "")
-             + ")") if floors else ""
-    ax.axhline(1, color="0.3", linestyle=":", label=f"1 = a fresh VM over memory in place, same run{floor}")
+        _plot_series(ax, x, colors[x.key[1]], _base_by_key(base_first).get(x.key))
+    floor = _floor_range(first)
+    if src.base is not None and (base_floor := _floor_range(base_first)):
+        floor += f", baseline's {base_floor}"
+    ax.axhline(1, color="0.3", linestyle=":", label=f"1 = a fresh VM over memory in place, same run ({floor})")
     ax.set_yscale("log")
     ax.set_title("time to first instruction / fresh VM\n(median; bars: middle half of the rounds)", fontsize=10)
     ax.set_ylabel(words("first_instruction_ratio_to_fresh_vm"))
@@ -315,7 +313,16 @@ def restore(src: Sources, out: Path) -> Path | str:
     _size_axis(ax, sizes)
     # One legend for both panels (a loader has one colour in each): right of them, clear of the points.
     ax.legend(handles=handles + _baseline_legend(src), fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    return _save(fig, src, out / "restore_vs_size.png")
+    return _save(fig, src, notes, out / "restore_vs_size.png")
+
+
+def _floor_range(series: list[Series[Point]]) -> str:
+    """The floor's median over a plot's cases (a range when they differ by more than 5%), or ''."""
+    floors = [p.floor for x in series for p in x.points.values() if p.floor is not None]
+    if not floors:
+        return ""
+    lo, hi = min(floors), max(floors)
+    return fmt_ns(lo) + (f" to {fmt_ns(hi)}" if hi > lo * 1.05 else "")
 
 
 def _scaled(factor: float) -> Any:
@@ -326,13 +333,13 @@ def _scaled(factor: float) -> Any:
 
 def pause_windows(src: Sources, out: Path) -> Path | str:
     run, base = pause_series(src.run), pause_series(src.base) if src.base else None
-    src.notes = missing_notes(run) + baseline_only(run, base or [])
+    notes = missing_notes(run) + baseline_only(run, base or [])
     if _no_points(run):
         return _skip_reason("no pause-window figures (phase 5, test_benchmark_pause_window: pause_ratio_to_memcpy) "
-                            "in the record", src.notes)
+                            "in the record", notes)
     sizes = sorted(_sizes(run))
-    fig, axes = _figure(src, "Pause window over a warm memcpy of all guest memory (same run), storm guest writing",
-                        height=5.5, width=11)
+    fig, axes = _figure(src, notes, "Pause window over a warm memcpy of all guest memory (same run), storm guest "
+                        "writing", height=5.5, width=11)
     ax = axes[0][0]
     bases = _base_by_key(base)
     width = 0.8 / len(run)
@@ -346,12 +353,11 @@ def pause_windows(src: Sources, out: Path) -> Path | str:
                 ax.annotate("missing\n(below)", (at, 0), xycoords=("data", "axes fraction"), xytext=(0, 4),
                             textcoords="offset points", ha="center", fontsize=6, color="firebrick")
                 continue
-            ax.bar(at, p.value, width, color=f"C{i}", label=x.label if size == next(iter(x.points)) else None,
-                   yerr=[[p.value - (p.low or p.value)], [(p.high or p.value) - p.value]], capsize=2,
-                   error_kw={"elinewidth": 0.8})
-            top = max(top, p.high or p.value)
+            ax.bar(at, p.value, width, color=f"C{i}", yerr=[[p.value - p.spread[0]], [p.spread[1] - p.value]],
+                   capsize=2, error_kw={"elinewidth": 0.8})
+            top = max(top, p.spread[1])
             text = fmt_ns(p.absolute) if p.absolute is not None else f"{p.value:.2g}x"
-            ax.annotate(text, (at, p.high or p.value), xytext=(0, 2), textcoords="offset points", ha="center",
+            ax.annotate(text, (at, p.spread[1]), xytext=(0, 2), textcoords="offset points", ha="center",
                         fontsize=7)
             if b is not None and (bp := b.points.get(size)) is not None:
                 ax.plot(at + width * 0.3, bp.value, "D", color="0.25", markerfacecolor="white", markersize=5)
@@ -360,10 +366,16 @@ def pause_windows(src: Sources, out: Path) -> Path | str:
     ax.set_xticklabels([fmt_bytes(z) for z in sizes])
     ax.set_xlabel("guest memory (bar labels: the pause window's median)")
     ax.set_yscale("log")
-    ax.set_ylim(top=top * 12)   # room above the bars for the legend
+    ax.set_ylim(top=top * 40)   # room above the bars for the legend
     ax.set_ylabel(f"{words('pause_ratio_to_memcpy')}\n(median; bars: middle half of the snapshots)")
-    _legend(ax, src, marker="D", linestyle="none", loc="upper left", ncols=3)
-    return _save(fig, src, out / "pause_window_per_strategy.png")
+    # Each strategy's legend entry, whether or not it has a bar (a strategy the host lacks is named below).
+    from matplotlib.patches import Patch
+
+    handles = [*ax.get_legend_handles_labels()[0],
+               *[Patch(color=f"C{i}", label=x.label if x.points else f"{x.label} (none in this run: see below)")
+                 for i, x in enumerate(run)], *_baseline_legend(src, "D", "none")]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", ncols=2)
+    return _save(fig, src, notes, out / "pause_window_per_strategy.png")
 
 
 PLOTS: tuple[Callable[[Sources, Path], Path | str], ...] = (arm_cost, copy_rate, fault_latency, restore, pause_windows)

@@ -179,12 +179,21 @@ def test_each_missing_point_gets_a_note_naming_the_reason_the_record_gives():
     notes = missing_notes(pause_series(rec))
     assert notes == [
         "WP copy-before-write at 64 MiB: failed: [stage 2] pause",
-        "pre-copy, KVM dirty log at 64 MiB: " + NOT_SELECTED,
         "pre-copy, WP_ASYNC dirty tracking at 64 MiB: left out: uffd.WP_ASYNC unavailable, not required by host "
         "class 'kvm-software'",
+        "pre-copy, KVM dirty log at 64 MiB: " + NOT_SELECTED,
         "WP copy-before-write at 1 GiB: skipped: for uffd.WP: absent",
         "pre-copy, WP_ASYNC dirty tracking at 1 GiB: " + NOT_SELECTED,
     ]
+
+
+def test_one_reason_at_many_sizes_is_one_note_naming_every_size():
+    why = "uffd.WP_ASYNC unavailable"
+    rec = _record({5: [_pause(size, "stop-and-copy") for size in ("64MiB", "256MiB", "1GiB")]},
+                  deselected={5: [{"test": f"test_benchmark_pause_window[{size}-precopy-wp-async]", "nodeid": "n",
+                                   "reason": why} for size in ("64MiB", "256MiB", "1GiB")]})
+    assert missing_notes(pause_series(rec)) == [
+        f"pre-copy, WP_ASYNC dirty tracking at 64 MiB, 256 MiB and 1 GiB: left out: {why}"]
 
 
 def test_the_baselines_missing_1GiB_restore_lines_each_get_a_note():
