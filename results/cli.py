@@ -6,7 +6,8 @@
                        [--host-class NAME] [--json] [--junit-xml PATH]
     python -m results ab --a REF --b REF [--pairs N] [--json]  build or setting B against A, interleaved
     python -m results teeth [--reruns 5]                      measure what the gate catches on this host
-    python -m results plots RUN.yaml [--out results/plots]    the PNG plots of one record
+    python -m results plots RUN.yaml [--baseline BASE.yaml] [--out results/plots]
+                                                              the PNG plots of a record, its baseline beside it
 
 Exit status: 0 fine, 1 the gate (or A/B) found a regression, 2 a file could not be used (the message says
 which file, which key and why).
@@ -146,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                                                "judge B against A; exit 1 on a regression"))
     add_teeth_arguments(sub.add_parser("teeth", help="measure the gate's false failures and catches on this "
                                                      "host (clean reruns, each performance switch)"))
-    p = sub.add_parser("plots", help="write the PNG plots of a run record")
+    p = sub.add_parser("plots", help="write the PNG plots of a run record, a baseline's values beside its own")
     p.add_argument("record")
+    p.add_argument("--baseline", help="a baseline run record of the same host class, drawn beside the run "
+                                      "(e.g. results/baselines/kvm_pvm.yaml)")
     p.add_argument("--out", default="results/plots", help="folder for the PNGs (default results/plots)")
     args = ap.parse_args(argv)
 
@@ -180,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "plots":
             from results.plots import write_plots
 
-            for name, got in write_plots(load_record(args.record), args.out):
+            base = load_record(args.baseline) if args.baseline else None
+            for name, got in write_plots(load_record(args.record), args.out, base, run_name=args.record,
+                                         baseline_name=args.baseline):
                 print(f"{name}: {got}" if isinstance(got, str) else f"{name}: wrote {got}")
     except (RecordError, PolicyError, ABError) as e:
         print(f"python -m results {args.cmd}: {e}", file=sys.stderr)

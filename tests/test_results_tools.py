@@ -524,12 +524,15 @@ def test_show_prints_the_phase_report_from_the_record():
 
 
 def test_plots_are_written_or_skipped_with_a_reason(tmp_path):
+    """Each plot is a PNG when the record has its figures, else the reason it is not; the baseline's record, with
+    itself beside it, has every plot's figures. What a plot shows is checked as data in tests/test_plots.py."""
     pytest.importorskip("matplotlib", reason="matplotlib draws the plots: it is in the [dev] extra (./setup)")
-    from results.plots import write_plots
+    from results.plots import PLOTS, write_plots
 
-    rec = _record()
-    rec["phases"][0]["cases"][1]["facts"]["strategies"] = [
-        {"strategy": s, "size": 1 << 30, "pause_ns": ns} for s, ns in (("stop-and-copy", 5e7), ("precopy", 5e5))]
-    got = dict(write_plots(rec, tmp_path))
+    got = dict(write_plots(_record(), tmp_path / "phase5"))
     assert isinstance(got["pause_windows"], Path) and got["pause_windows"].stat().st_size > 1000
     assert isinstance(got["arm_cost"], str) and "no arm-cost" in got["arm_cost"]
+    base = load_record(ROOT / "results" / "baselines" / "kvm_pvm.yaml")
+    got = dict(write_plots(base, tmp_path / "baseline", base, run_name="run.yaml", baseline_name="base.yaml"))
+    assert list(got) == [fn.__name__ for fn in PLOTS]
+    assert [name for name, path in got.items() if not (isinstance(path, Path) and path.stat().st_size > 1000)] == []
