@@ -68,6 +68,7 @@ STORM_REGION_GPA = 0x10_0000
 STORM_SEED = 0x5EED
 FILL_BYTE = 0xA5                   # never a page of zeros; and 0xA5A5A5A5 is no generation a storm reaches
 TERMINAL_STATES = ("completed", "failed", "cancelled")
+UNCAPPED_BANDWIDTH = 1 << 40       # bytes/s: far past any memory copy, so QEMU's rate limit never applies
 LOG_TAIL_LINES = 12
 LOG_TAIL_BYTES = 16 << 10
 HUNG_UP_WAIT_S = 2.0
@@ -407,6 +408,9 @@ class QemuGuest:
         if not self._capabilities.get(BACKGROUND_SNAPSHOT):
             self.set_capability("events")  # MIGRATION events: completion is seen when it happens
             self.set_capability(BACKGROUND_SNAPSHOT)
+            # A migration is capped at 128 MiB/s by default (a network's share); a snapshot into memory is not.
+            self._qmp().execute("migrate-set-parameters", {"max-bandwidth": UNCAPPED_BANDWIDTH},
+                                timeout=self.timeout)
         return self.migrate(timeout)
 
     def migrate(self, timeout: float | None = None) -> QemuSnapshot:
