@@ -45,6 +45,21 @@ def load(name: str) -> bytes:
     return path.read_bytes()
 
 
+# reset16 (guests/reset16.S) as the firmware ROM of a QEMU PC: a PC's ROM is a whole number of 64 KiB.
+ROM_SIZE = 0x10000
+RESET_VECTOR_SIZE = 16  # the ROM's last 16 bytes: where a PC starts (CS base 0xFFFF0000, IP 0xFFF0)
+
+
+def rom_image(name: str = "reset16", size: int = ROM_SIZE) -> bytes:
+    """Guest ``name`` as a firmware ROM of ``size`` bytes: at its end, so its last 16 bytes are the reset
+    vector; `hlt` before it, so a stray jump into the padding halts."""
+    code = load(name)
+    if len(code) > size or len(code) % RESET_VECTOR_SIZE:
+        raise ValueError(f"guest {name!r} is {len(code)} bytes: a ROM's code must fit {size:#x} bytes and end on a "
+                         f"{RESET_VECTOR_SIZE}-byte reset vector")
+    return b"\xf4" * (size - len(code)) + code
+
+
 def names() -> list[str]:
     return sorted(p.stem for p in GUEST_DIR.glob("*.S"))
 

@@ -27,7 +27,7 @@ import bisect
 import math
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from guests import DATA_REGION_GPA
@@ -178,6 +178,34 @@ class StormProgress:
 def read_progress(block: bytes) -> StormProgress:
     cur, done = struct.unpack_from("<2I", block, OFF_CUR_GEN)
     return StormProgress(cur, done)
+
+
+def live_position(params: StormParams, block_gpa: int, read_u32: Callable[[int], int], tries: int = 3) -> int:
+    """The instant (slot writes done) a guest running right now has reached, read from its memory with
+    ``read_u32(gpa)`` while it runs; its parameter block is at ``block_gpa``.
+
+    Sweep g stamps g into slot 0 of its pages in sweep order, so the pages of the sweep already holding g are
+    a prefix of it, found by binary search (19 reads at 1 GiB). A guest that moves on to the next sweep
+    meanwhile is read again; after ``tries`` the answer is the start of its newest sweep: never past what it
+    wrote."""
+    n = params.npages
+    g = read_u32(block_gpa + OFF_CUR_GEN)
+    for _ in range(tries):
+        if g == 0:  # not started
+            return 0
+        start = params.start(g)
+        lo, hi = 0, n  # the first page of the sweep not yet holding g lies in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if read_u32(params.page_gpa((start + mid * params.stride) % n)) == g:
+                lo = mid + 1
+            else:
+                hi = mid
+        now = read_u32(block_gpa + OFF_CUR_GEN)
+        if now == g:  # slot 0 of the lo-th page is written; its slot 1 may not be yet
+            return 2 * ((g - 1) * n + lo) - (lo > 0)
+        g = now
+    return 2 * (g - 1) * n
 
 
 def write_order(params: StormParams, g: int) -> list[int]:

@@ -591,6 +591,24 @@ def _cpu_row(rep: HostReport) -> None:
             "take turns on one CPU; its races are lined up by named points, not by time, so they still run, slower"))
 
 
+QEMU_WHAT = "for QEMU with background-snapshot (6.0+)"
+QEMU_FALLBACK = ("phase 5 leaves out QEMU's background snapshot: its QEMU case is deselected and the strategy "
+                 "table has no QEMU row")
+
+
+def _qemu_row(rep: HostReport) -> None:
+    """QEMU, the peer phase 5 runs beside snapproof's strategies: on PATH and new enough (its --version)."""
+    from native.qemu import QEMU_PACKAGE, QemuError, find_qemu
+
+    try:
+        binary = find_qemu()
+    except QemuError as e:
+        rep.capabilities.append(Capability("qemu", "QEMU", QEMU_WHAT, Status.WARN, f"absent: {e}",
+                                           fixes.apt_install(QEMU_PACKAGE, why="install QEMU"), QEMU_FALLBACK))
+        return
+    rep.capabilities.append(Capability("qemu", "QEMU", QEMU_WHAT, Status.PASS, binary.describe()))
+
+
 def _native_row(rep: HostReport) -> str | None:
     """The native build (the C module and the engines), built first where it is missing or older than its
     sources, as every import of it does; None when it is there, else why the rows that need it are not probed."""
@@ -719,6 +737,7 @@ def probe(refresh: bool = False) -> HostReport:
         _thp_rows(rep)
         _memory_row(rep)
         _cpu_row(rep)
+        _qemu_row(rep)
     elif sys.platform == "win32":
         rep.facts["host_class"] = host_class(rep.facts) or "unknown"
         _whp_rows(rep)

@@ -22,6 +22,15 @@ host without one that its class does not require (WP_ASYNC and PAGEMAP_SCAN
 before kernel 6.7), that strategy's benchmark cases are deselected naming it,
 and the comparison leaves it out of its table, saying why, while the others,
 the WP engine's included, are judged as everywhere.
+
+Beside them, QEMU's own live snapshot (native/qemu.py: the background-snapshot
+migration capability, copy-before-write in another VMM) of the same storm32
+guest over a memfd of the same size, on KVM: the table's QEMU row (QEMU's
+downtime as its pause, its total time, the RAM bytes it sent) and snapproof's
+total time over QEMU's, measured in the same case. QEMU's stream is its own
+format: no oracle reads it; that it completed, sent every byte of RAM and that
+the guest wrote while it ran are checked. Where QEMU is missing (row ``qemu``),
+its case is deselected naming it and the table has no QEMU row, saying why.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from native.compare import exact_oracle
 from native.kvm import KVM_MEM_LOG_DIRTY_PAGES, ExitReason
 from native.live import VcpuRunner
 from native.memory import copy_timed
+from native.qemu import QEMU_ROW, QemuError, QemuGuest, QemuSnapshot
 from native.strategies import (
     PRECOPY_KVM_DIRTY_LOG,
     PRECOPY_WP_ASYNC,
@@ -57,6 +67,9 @@ WARM_PAGES = 4096
 # Snapshots per strategy and size in the pause-window benchmark: the gate's rank test needs at least 5 a side to
 # reach p < 0.01 at all (3 against 3: p >= 0.05), and one more leaves it room for a tie.
 BENCH_ROUNDS = 6
+# snapproof's strategies whose total time is put over QEMU's background snapshot's: the whole-copy floor, and the
+# design QEMU's shares (copy-before-write under userfaultfd WP).
+BESIDE_QEMU = (STOP_AND_COPY, WP_COPY_BEFORE_WRITE)
 
 
 @pytest.fixture
@@ -74,6 +87,25 @@ def snapshotters(engine):
     yield _make
     for s in reversed(made):
         s.close()
+
+
+@pytest.fixture
+def qemu_guests():
+    """Factory: ``qemu_guests(size)``: storm32 running in QEMU on KVM over a memfd of ``size`` made for it
+    (native.qemu), past WARM_PAGES pages of its first sweep; ``close()`` ends QEMU and frees its memory,
+    teardown whatever is left."""
+    made = []
+
+    def _make(size):
+        guest = QemuGuest.with_memory(size, accel="kvm")
+        made.append(guest)
+        guest.resume()
+        guest.wait_for_writes(2 * min(WARM_PAGES, guest.params.npages), timeout=GUEST_TIMEOUT_S)
+        return guest
+
+    yield _make
+    for guest in reversed(made):
+        guest.close()
 
 
 def start_storm(st, make_storm_vm, make_memory, size: int, with_reference: bool = True, before_start=None):
@@ -155,19 +187,58 @@ def strategy_stage(report, strategy, storm_vm, runner, snapshot, reference, snap
             st.check(bool(v), f"instant oracle, vCPU {i}: {v.message}", f"instant oracle, vCPU {i}: {v.message}")
 
 
+def qemu_checks(st, snap: QemuSnapshot, mem_size: int, label: str = "") -> None:
+    """What is checked of QEMU's snapshot (its stream is QEMU's format): every byte of RAM sent, the guest running."""
+    st.check(snap.transferred >= mem_size, f"{label}QEMU sent {snap.transferred / (1 << 20):.1f} MiB of RAM = "
+             f"{snap.bytes_ratio(mem_size):.3f}x memory ({snap.normal_pages} pages whole, {snap.zero_pages} of zeros)",
+             f"{label}QEMU sent {snap.transferred:#x} bytes of RAM, less than memory {mem_size:#x}: some page never "
+             "reached its stream")
+    st.check(snap.guest_writes > 0, f"{label}the guest wrote during it: {snap.guest_writes} stamps from migrate to "
+             "completion", f"{label}the guest made no write from migrate to completion: QEMU held it stopped")
+
+
+def qemu_stage(report, qemu_guests, mem_size: int, floor: float) -> dict:
+    """QEMU's background snapshot of storm32 over the same size of memfd: the table's QEMU row, in QEMU's figures."""
+    with report.stage(QEMU_ROW) as st:
+        qemu = qemu_guests(mem_size)
+        snap = qemu.background_snapshot(timeout=GUEST_TIMEOUT_S)
+        qemu.close()  # its memory is freed before snapproof's guest is made
+        st.note(f"{qemu.binary.describe()}, -accel {snap.accel}; the stream into a memfd (QMP getfd, migrate fd:)")
+        st.timing("pause window", snap.pause_ns, f"QEMU's downtime (whole ms), {snap.pause_ns / floor:.3f}x a warm "
+                  f"memcpy of {fmt_bytes(mem_size)}")
+        st.timing("total", snap.total_ns, f"QEMU's total-time (whole ms), {snap.total_ns / floor:.2f}x a warm memcpy; "
+                  f"{fmt_ns(snap.wall_ns)} migrate -> completed on this process's clock")
+        qemu_checks(st, snap, mem_size)
+    return {"strategy": QEMU_ROW, "size": mem_size, "pause_ns": snap.pause_ns, "total_ns": snap.total_ns,
+            "wall_ns": snap.wall_ns, "bytes_copied": snap.transferred,
+            "bytes_ratio": round(snap.bytes_ratio(mem_size), 4), "guest_writes": snap.guest_writes,
+            "accel": snap.accel}
+
+
 @pytest.mark.sizes(64 << 20, 256 << 20, 1 << 30)
 def test_every_strategy_snapshots_the_running_guest_consistently(report, unavailable, make_storm_vm, make_memory,
-                                                                   snapshotters, inject, host_limits, mem_size):
+                                                                   snapshotters, qemu_guests, inject, host_limits,
+                                                                   mem_size):
     """Stop-and-copy, WP copy-before-write and both pre-copies each snapshot the writing guest at one instant."""
     left_out = {s: why for s in STRATEGIES if (why := unavailable(*STRATEGY_NEEDS[s]))}
     compared = [s for s in STRATEGIES if s not in left_out]
+    floor = memcpy_ns(mem_size, host_limits)
+    failures = []
+    qemu_row = None
+    # QEMU first, and gone before snapproof's guest starts: the two guests never share the CPUs or the memory.
+    if qemu_left_out := unavailable("qemu"):
+        report.fact("qemu_left_out", qemu_left_out)
+    else:
+        try:
+            qemu_row = qemu_stage(report, qemu_guests, mem_size, floor)
+        except (AssertionError, QemuError) as e:  # the table is still printed; the test fails below
+            failures.append(f"{QEMU_ROW}: {e}")
     raw_arm: list[int] = []
     with report.stage("storm guest running") as st:
         # The bare ioctl is timed on the guest's populated memory before it runs: no strategy's uffd is there yet.
         storm_vm, runner, snapshot, reference = start_storm(
             st, make_storm_vm, make_memory, mem_size,
             before_start=lambda mem: raw_arm.extend(sorted(raw_writeprotect_samples(mem, rounds=5))))
-        floor = memcpy_ns(mem_size, host_limits)
         st.timing("warm memcpy of all memory", floor, f"{host_limits['memcpy_bytes_per_s'] / 1e9:.1f} GB/s, "
                   "this host's copy limit")
         st.timing("bare UFFDIO_WRITEPROTECT", raw_arm[2], "median of 5 on the guest's memory before it ran")
@@ -175,9 +246,10 @@ def test_every_strategy_snapshots_the_running_guest_consistently(report, unavail
             st.note(f"{strategy}: left out, this host lacks what it needs: {why}")
         if left_out:
             report.fact("strategies_left_out", left_out)
+        if qemu_left_out:
+            st.note(f"{QEMU_ROW}: left out, this host lacks what it needs: {qemu_left_out}")
 
     rows = []
-    failures = []
     try:
         for strategy in compared:
             try:
@@ -195,6 +267,14 @@ def test_every_strategy_snapshots_the_running_guest_consistently(report, unavail
             copied = f"{r['bytes_copied'] / (1 << 20):.1f} MiB ({r['bytes_ratio']:.3f}x)"
             st.note(f"{r['strategy']:<24}{fmt_ns(r['pause_ns']):>10}{fmt_ns(r['total_ns']):>11}{copied:>22}"
                     f"  {mark[r['exact']]:^5}  {mark[r['instant']]:^7}")
+        if qemu_row is not None:
+            copied = f"{qemu_row['bytes_copied'] / (1 << 20):.1f} MiB ({qemu_row['bytes_ratio']:.3f}x)"
+            st.note(f"{QEMU_ROW:<24}{fmt_ns(qemu_row['pause_ns']):>10}{fmt_ns(qemu_row['total_ns']):>11}{copied:>22}"
+                    f"  {'-':^5}  {'-':^7}  (QEMU's own figures; its stream is not read)")
+            over_qemu = {r["strategy"]: round(r["total_ns"] / max(qemu_row["total_ns"], 1), 4) for r in rows}
+            st.note("total time over QEMU's: " + ", ".join(f"{s} {x:.2f}x" for s, x in over_qemu.items()))
+            report.fact("qemu", qemu_row)
+            report.fact("total_ratio_to_qemu", over_qemu)
         by = {r["strategy"]: r for r in rows}
         report.fact("strategies", rows)
         report.fact("pause_ns", {r["strategy"]: r["pause_ns"] for r in rows})
@@ -208,7 +288,8 @@ def test_every_strategy_snapshots_the_running_guest_consistently(report, unavail
         if precopies:
             st.note(f"target: pre-copy bytes within 1.5x of memory: {max(precopies):.3f}x at worst")
         st.check(not failures, f"all {len(compared)} snapshots passed both oracles"
-                 + (f" ({', '.join(left_out)} left out: see stage 1)" if left_out else ""), "; ".join(failures))
+                 + (f" ({', '.join(left_out)} left out: see stage 1)" if left_out else "")
+                 + (f"; {QEMU_ROW} completed, every byte of RAM sent" if qemu_row else ""), "; ".join(failures))
         st.check(all(ex.reason is ExitReason.KICKED for ex in exits.values()),
                  f"the guest wrote throughout all {len(compared)} snapshots (still running when stopped)",
                  f"the guest ended early: {[ex.describe() for ex in exits.values()]}")
@@ -280,3 +361,69 @@ def test_benchmark_pause_window(report, benchmark, make_storm_vm, make_memory, s
                    f"{fmt_bytes(mem_size)} ({fmt_ns(floor)}, same run), which it contains (limit {LIMIT_SLACK}x)")
             st.note(f"MEASUREMENT ERROR: {why}")
             report.measurement_error("total_median_ns", total, why)
+
+
+@pytest.mark.sizes(64 << 20, 256 << 20, 1 << 30)
+@pytest.mark.needs("qemu", *STRATEGY_NEEDS[STOP_AND_COPY], *STRATEGY_NEEDS[WP_COPY_BEFORE_WRITE])
+def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make_storm_vm, make_memory, snapshotters,
+                                            inject, host_limits, mem_size):
+    """QEMU's background snapshot of the writing guest (pause, total, bytes), and the total time of snapproof's
+    stop-and-copy and WP copy-before-write over QEMU's, on the same guest and size in the same case."""
+    floor = memcpy_ns(mem_size, host_limits)
+    with report.stage("QEMU: storm32 running") as st:
+        qemu = qemu_guests(mem_size)
+        st.check(qemu.status() == "running", f"{qemu.binary.describe()}, -accel {qemu.accel}, storm32 writing over "
+                 f"{fmt_bytes(mem_size)} memfd ({qemu.params.npages} pages from {qemu.params.region_gpa:#x})",
+                 f"QEMU's run state is {qemu.status()}, not running")
+
+    with report.stage(f"QEMU: {BENCH_ROUNDS} background snapshots") as st:
+        snaps: list[QemuSnapshot] = []
+        benchmark.pedantic(lambda: snaps.append(qemu.background_snapshot(timeout=GUEST_TIMEOUT_S)),
+                           rounds=BENCH_ROUNDS)
+        qemu.close()  # its memory is freed before snapproof's guest is made; the guests never share the CPUs
+        for i, snap in enumerate(snaps, 1):
+            qemu_checks(st, snap, mem_size, label=f"round {i}: ")
+        st.note("total per round: " + ", ".join(fmt_ns(s.total_ns) for s in snaps)
+                + "; pause per round: " + ", ".join(fmt_ns(s.pause_ns) for s in snaps))
+        pauses = report.figure("qemu_pause_ns", [s.pause_ns for s in snaps], "ns",
+                               what="QEMU's downtime (query-migrate, whole ms): the guest stopped while QEMU "
+                                    "write-protected RAM and saved device state")
+        totals = report.figure("qemu_total_ns", [s.total_ns for s in snaps], "ns",
+                               what="QEMU's total-time (query-migrate, whole ms): migrate -> completed")
+        report.figure("qemu_wall_ns", [s.wall_ns for s in snaps], "ns",
+                      what="migrate sent -> completion seen, on this process's clock")
+        report.figure("qemu_bytes_ratio", [s.bytes_ratio(mem_size) for s in snaps], "number",
+                      what="RAM bytes QEMU sent (pages and their headers) over memory size")
+        qemu_total = median(totals.samples)
+        st.timing("pause window median", median(pauses.samples), "QEMU's downtime")
+        st.timing("total median", qemu_total, f"{qemu_total / floor:.2f}x a warm memcpy of {fmt_bytes(mem_size)}")
+        if qemu_total * LIMIT_SLACK < floor:
+            why = (f"QEMU's whole snapshot in {fmt_ns(qemu_total)}, {floor / max(qemu_total, 1):.2f}x as fast as this "
+                   f"host's warm memcpy of {fmt_bytes(mem_size)} ({fmt_ns(floor)}), which it contains (limit "
+                   f"{LIMIT_SLACK}x)")
+            st.note(f"MEASUREMENT ERROR: {why}")
+            report.measurement_error("qemu_total_ns", qemu_total, why)
+
+    with report.stage("snapproof: the same guest, the same size") as st:
+        storm_vm, runner, snapshot, _ = start_storm(st, make_storm_vm, make_memory, mem_size, with_reference=False)
+    try:
+        for strategy in BESIDE_QEMU:
+            with report.stage(f"{strategy}: {BENCH_ROUNDS} snapshots, total time over QEMU's") as st:
+                snapper = snapshotters(strategy, storm_vm, runner, snapshot.mm, inject)
+                ours = []
+                for i in range(1, BENCH_ROUNDS + 1):
+                    snap = snapper.take()
+                    ours.append(snap)
+                    st.check(snap.bytes_copied >= mem_size, f"round {i}: copied {snap.bytes_ratio:.3f}x memory",
+                             f"round {i}: copied {snap.bytes_copied:#x} bytes, less than memory {mem_size:#x}")
+                    verdict = instant(storm_vm, 0, snapshot, snap.vcpu_states)
+                    st.check(bool(verdict), f"round {i}: one instant", f"round {i}: {verdict.message}")
+                key = strategy.replace("-", "_")
+                ratio = report.figure(f"{key}_total_ratio_to_qemu", [s.total_ns / max(qemu_total, 1) for s in ours],
+                                      "x", what="each snapshot's total time over the median of QEMU's background "
+                                                "snapshot's total-time, same guest and size, same case")
+                pause = median([s.pause_ns for s in ours])
+                st.timing("total median", median([s.total_ns for s in ours]), f"{median(ratio.samples):.2f}x QEMU's; "
+                          f"pause median {fmt_ns(pause)} against QEMU's {fmt_ns(median(pauses.samples))}")
+    finally:
+        runner.stop()

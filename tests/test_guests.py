@@ -191,6 +191,68 @@ def test_oracle_accepts_any_simulated_instant(seed: int, npages: int, generation
     assert v.ok and (v.lo, v.hi) == (t, t), f"{p} at instant {t}: {v}"
 
 
+def _live_reader(p: StormParams, t: int, cur_gen: int):
+    """read_u32(gpa) over the block (at PARAM_BLOCK_GPA, naming ``cur_gen``) and the region at instant t."""
+    region = simulate(p, t)
+    block = bytearray(p.pack())
+    struct.pack_into("<I", block, storm.OFF_CUR_GEN, cur_gen)
+
+    def read(gpa: int) -> int:
+        if guests.PARAM_BLOCK_GPA <= gpa < guests.PARAM_BLOCK_GPA + len(block):
+            return struct.unpack_from("<I", block, gpa - guests.PARAM_BLOCK_GPA)[0]
+        return struct.unpack_from("<I", region, gpa - p.region_gpa)[0]
+
+    return read
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_live_position_reads_the_instant_from_memory(seed: int) -> None:
+    """At every instant of three sweeps, the position read from memory alone is the instant, or one write
+    short of it (a page whose last stamp is not written yet reads as if its first were not either)."""
+    p = StormParams.from_seed(seed, region_gpa=0x100000, npages=13, generations=0)
+    for t in range(3 * 2 * p.npages):
+        seen = storm.live_position(p, guests.PARAM_BLOCK_GPA, _live_reader(p, t, t // (2 * p.npages) + 1))
+        assert t - 1 <= seen <= t, f"instant {t}: live_position says {seen}"
+    assert storm.live_position(p, guests.PARAM_BLOCK_GPA, _live_reader(p, 0, 0)) == 0, "a guest not started"
+
+
+def test_live_position_of_a_guest_that_moves_on_is_the_start_of_its_newest_sweep() -> None:
+    """A guest that starts a new sweep while it is read each time: the answer is never past what it wrote."""
+    p = StormParams.from_seed(7, region_gpa=0x100000, npages=13, generations=0)
+    reads = {"n": 0}
+    inner = _live_reader(p, 2 * p.npages + 9, 2)
+
+    def moving(gpa: int) -> int:
+        if gpa == guests.PARAM_BLOCK_GPA + storm.OFF_CUR_GEN:
+            reads["n"] += 1
+            return 1 + reads["n"]  # a sweep further at each look
+        return inner(gpa)
+
+    seen = storm.live_position(p, guests.PARAM_BLOCK_GPA, moving, tries=3)
+    newest = 1 + reads["n"]
+    assert seen == 2 * (newest - 1) * p.npages, f"cur_gen {newest} at the last look: live_position says {seen}"
+
+
+def test_reset16_rom_ends_in_the_reset_vector_and_enters_the_flat32_contract() -> None:
+    """The ROM is 64 KiB, its last 16 bytes a jmp back to the code's start; the code names the guests' entry and
+    parameter block."""
+    rom, code = guests.rom_image("reset16"), guests.load("reset16")
+    assert len(rom) == guests.ROM_SIZE and rom.endswith(code), f"ROM of {len(rom):#x} bytes"
+    vector = rom[-guests.RESET_VECTOR_SIZE:]
+    assert vector[0] == 0xE9, f"reset vector: expected a near jmp (e9), saw {vector.hex(' ')}"
+    target = (guests.ROM_SIZE - guests.RESET_VECTOR_SIZE + 3 + struct.unpack_from("<h", vector, 1)[0]) % 0x10000
+    assert target == guests.ROM_SIZE - len(code), f"reset vector jumps to {target:#x}, the code starts at " \
+                                                  f"{guests.ROM_SIZE - len(code):#x}"
+    consts = _set_constants("reset16")
+    assert (consts["ENTRY_GPA"], consts["BLOCK_GPA"]) == (guests.FLAT32_LOAD_GPA, guests.PARAM_BLOCK_GPA), consts
+
+
+def test_rom_image_refuses_code_that_does_not_end_on_a_reset_vector() -> None:
+    """A guest whose length is no whole number of 16-byte vectors cannot be a ROM: refused naming it."""
+    with pytest.raises(ValueError, match="'marker16' is 6 bytes"):
+        guests.rom_image("marker16")
+
+
 def test_oracle_names_the_torn_page_in_flight() -> None:
     """Between a page's first and last stamp, that page is torn and the verdict says so."""
     p = StormParams.from_seed(1, npages=16, generations=2)

@@ -136,3 +136,21 @@ def test_quiet_prints_only_warn_and_fail_rows():
 def test_help_names_every_option():
     proc = _native_host("--help")
     assert proc.returncode == 0 and all(o in proc.stdout for o in ("--json", "--quiet", "--sizes")), proc.stdout
+
+
+def test_qemu_row_names_what_is_missing_and_what_phase5_leaves_out(fresh_probe, monkeypatch, tmp_path):
+    """No QEMU on PATH: row qemu is WARN (never FAIL: the phases run without it) naming the binary, phase 5's
+    fallback and the package to install; with QEMU there, it names the binary and its version."""
+    normal = fresh_probe()
+    row = normal.get("qemu")
+    assert row is not None, "no row qemu"
+    if row.status is host.Status.PASS:
+        assert "qemu-system-x86_64" in row.detail and "version" in row.detail, row
+    monkeypatch.setenv("PATH", str(tmp_path))
+    rep = fresh_probe()
+    assert _shape(rep) == _shape(normal), f"rows differ:\n{_shape(rep)}\n{_shape(normal)}"
+    row = rep.get("qemu")
+    assert row is not None and row.status is host.Status.WARN and not row.available, row
+    assert "qemu-system-x86_64 is not on PATH" in row.detail, row
+    assert "phase 5" in row.fallback and "`sudo apt-get install qemu-system-x86`" in row.hint, row
+    assert rep.missing("qemu") is not None and "install QEMU" in (rep.missing("qemu") or "")

@@ -55,6 +55,22 @@ def test_phase5_names_each_strategy_it_left_out(control, host, unavailable):
     assert sorted(compared + list(left_out)) == sorted(STRATEGIES), f"compared {compared}, left out {list(left_out)}"
 
 
+def test_phase5_puts_qemu_beside_the_strategies_or_says_why_not(control, unavailable):
+    """Where QEMU runs, the comparison has its row (every byte of RAM sent) and each strategy's total over QEMU's;
+    where it does not, the comparison names what is missing, and has no QEMU row."""
+    facts = control.cases()[COMPARISON]["facts"]
+    why = unavailable("qemu")
+    if why is not None:
+        assert "qemu" not in facts and "qemu" in facts.get("qemu_left_out", ""), facts.get("qemu_left_out")
+        print(f"QEMU left out by the child: {facts['qemu_left_out']}")
+        return
+    row = facts.get("qemu")
+    assert row is not None, f"this host runs QEMU, the child's comparison has no QEMU row: {sorted(facts)}"
+    assert row["strategy"] == "qemu-background-snapshot" and row["bytes_ratio"] >= 1 and row["guest_writes"] > 0, row
+    compared = [r["strategy"] for r in facts["strategies"]]
+    assert sorted(facts["total_ratio_to_qemu"]) == sorted(compared), facts["total_ratio_to_qemu"]
+
+
 def test_phase5_catches_a_wp_engine_without_copy_before_write():
     """no-copy-before-write: the WP strategy's stage fails at an oracle, the other strategies' stages pass."""
     run = run_phase(PHASE5, "-k", "consistently and 64MiB", inject="no-copy-before-write")
