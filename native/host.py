@@ -421,16 +421,21 @@ def _release_row(rep: HostReport, mask: int | None, because: str) -> Capability:
                       "engine un-protects before it closes, so no snapshot relies on it")
 
 
+def _unprivileged_userfaultfd() -> bool:
+    """vm.unprivileged_userfaultfd=1: every user's userfaultfd(2) handles kernel-mode faults."""
+    try:
+        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def _uffd_privilege() -> str:
     """What lets this process handle kernel-mode faults (the first that applies)."""
     if uid() == 0:
         return "root"
-    try:
-        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
-            if f.read().strip() == "1":
-                return "vm.unprivileged_userfaultfd=1"
-    except OSError:
-        pass
+    if _unprivileged_userfaultfd():
+        return "vm.unprivileged_userfaultfd=1"
     if has_capability(CAP_SYS_PTRACE):
         return "CAP_SYS_PTRACE"
     return f"/dev/userfaultfd ({device_node('/dev/userfaultfd')})"
@@ -606,7 +611,30 @@ def _qemu_row(rep: HostReport) -> None:
         rep.capabilities.append(Capability("qemu", "QEMU", QEMU_WHAT, Status.WARN, f"absent: {e}",
                                            fixes.apt_install(QEMU_PACKAGE, why="install QEMU"), QEMU_FALLBACK))
         return
+    if why := _qemu_uffd_denied(binary.version):
+        rep.capabilities.append(Capability(
+            "qemu", "QEMU", QEMU_WHAT, Status.WARN, f"absent: {why} ({binary.describe()})",
+            fixes.fix("let every user's userfaultfd handle kernel-mode faults",
+                      "sudo sysctl -w vm.unprivileged_userfaultfd=1"), QEMU_FALLBACK))
+        return
     rep.capabilities.append(Capability("qemu", "QEMU", QEMU_WHAT, Status.PASS, binary.describe()))
+
+
+# QEMU opens /dev/userfaultfd when the syscall is refused only from 8.1 on ("util/userfaultfd: Support
+# /dev/userfaultfd"); before, its background snapshot gets kernel-mode faults only where the syscall gives them.
+QEMU_DEV_USERFAULTFD_SINCE = (8, 1)
+
+
+def _qemu_uffd_denied(version: tuple[int, int, int]) -> str | None:
+    """Why this QEMU's background snapshot would be refused userfaultfd here, or None."""
+    if uid() == 0 or has_capability(CAP_SYS_PTRACE) or _unprivileged_userfaultfd():
+        return None
+    if version[:2] >= QEMU_DEV_USERFAULTFD_SINCE and os.access("/dev/userfaultfd", os.R_OK | os.W_OK):
+        return None
+    dev = "" if version[:2] >= QEMU_DEV_USERFAULTFD_SINCE else (
+        f" (QEMU before {'.'.join(map(str, QEMU_DEV_USERFAULTFD_SINCE))} does not try /dev/userfaultfd)")
+    return ("its background snapshot needs userfaultfd for kernel-mode faults, which the syscall gives only to root, "
+            f"CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1{dev}")
 
 
 def _native_row(rep: HostReport) -> str | None:

@@ -154,3 +154,27 @@ def test_qemu_row_names_what_is_missing_and_what_phase5_leaves_out(fresh_probe, 
     assert "qemu-system-x86_64 is not on PATH" in row.detail, row
     assert "phase 5" in row.fallback and "`sudo apt-get install qemu-system-x86`" in row.hint, row
     assert rep.missing("qemu") is not None and "install QEMU" in (rep.missing("qemu") or "")
+
+
+def test_qemu_row_warns_where_its_background_snapshot_would_be_refused_userfaultfd(fresh_probe, monkeypatch):
+    """Not root, no CAP_SYS_PTRACE, the sysctl off: QEMU 7.2 gets no userfaultfd (8.1+ may use /dev/userfaultfd), so
+    row qemu is WARN with the sysctl to paste, and phase 5's QEMU case is left out rather than failed."""
+    from native.qemu import QemuError, find_qemu
+
+    try:
+        binary = find_qemu()
+    except QemuError as e:
+        pytest.skip(f"needs QEMU on PATH: {e}")
+    monkeypatch.setattr(host, "uid", lambda: 1000)
+    monkeypatch.setattr(host, "has_capability", lambda bit: False)
+    monkeypatch.setattr(host, "_unprivileged_userfaultfd", lambda: False)
+    monkeypatch.setattr(host.os, "access", lambda path, mode: path != "/dev/userfaultfd")
+    rep = fresh_probe()
+    row = rep.get("qemu")
+    assert row is not None and row.status is host.Status.WARN and not row.available, row
+    assert "vm.unprivileged_userfaultfd=1" in row.detail and binary.path in row.detail, row
+    assert "`sudo sysctl -w vm.unprivileged_userfaultfd=1`" in row.hint and "phase 5" in row.fallback, row
+    assert host._qemu_uffd_denied((8, 1, 0)) is not None, "8.1 without access to /dev/userfaultfd was let through"
+    monkeypatch.setattr(host.os, "access", lambda path, mode: True)
+    assert host._qemu_uffd_denied((8, 1, 0)) is None, "8.1 with /dev/userfaultfd was refused"
+    assert host._qemu_uffd_denied((7, 2, 0)) is not None, "7.2 let through on /dev/userfaultfd, which it never opens"
