@@ -57,6 +57,11 @@ WARM_PAGES = 4096
 # Snapshots per strategy and size in the pause-window benchmark: the gate's rank test needs at least 5 a side to
 # reach p < 0.01 at all (3 against 3: p >= 0.05), and one more leaves it room for a tie.
 BENCH_ROUNDS = 6
+# Performance targets (never assertions: a miss is drawn MISSED in the report): from 1 GiB up, WP's pause window
+# at least 20x shorter than stop-and-copy's; a pre-copy copying at most 1.5x memory's bytes.
+WP_PAUSE_TARGET_X = 20
+WP_PAUSE_TARGET_FROM = 1 << 30
+PRECOPY_BYTES_TARGET_X = 1.5
 
 
 @pytest.fixture
@@ -189,24 +194,29 @@ def test_every_strategy_snapshots_the_running_guest_consistently(report, unavail
         exits = runner.stop()
 
     with report.stage("comparison") as st:
-        st.note(f"{'strategy':<24}{'pause':>10}{'total':>11}{'bytes copied':>22}  exact  instant")
+        # 66 columns: the table stays aligned in an 80-column report.
+        st.note(f"{'strategy':<22}{'pause':>9}{'total':>9}{'bytes/mem':>10}  exact  instant")
         for r in rows:
             mark = {True: "\u2713", False: "\u2717"}
-            copied = f"{r['bytes_copied'] / (1 << 20):.1f} MiB ({r['bytes_ratio']:.3f}x)"
-            st.note(f"{r['strategy']:<24}{fmt_ns(r['pause_ns']):>10}{fmt_ns(r['total_ns']):>11}{copied:>22}"
-                    f"  {mark[r['exact']]:^5}  {mark[r['instant']]:^7}")
+            st.note(f"{r['strategy']:<22}{fmt_ns(r['pause_ns']):>9}{fmt_ns(r['total_ns']):>9}"
+                    f"{r['bytes_ratio']:>9.3f}x  {mark[r['exact']]:^5}  {mark[r['instant']]:^7}")
         by = {r["strategy"]: r for r in rows}
         report.fact("strategies", rows)
         report.fact("pause_ns", {r["strategy"]: r["pause_ns"] for r in rows})
         report.fact("bytes_ratio", {r["strategy"]: r["bytes_ratio"] for r in rows})
         if STOP_AND_COPY in by and WP_COPY_BEFORE_WRITE in by:
             factor = by[STOP_AND_COPY]["pause_ns"] / by[WP_COPY_BEFORE_WRITE]["pause_ns"]
-            st.note(f"target: WP pause window >= 20x shorter than stop-and-copy (at 1 GiB): "
-                    f"{factor:.1f}x at {fmt_bytes(mem_size)}")
+            if mem_size >= WP_PAUSE_TARGET_FROM:
+                st.target("stop-and-copy's pause window over WP copy-before-write's", factor, WP_PAUSE_TARGET_X, "x",
+                          better="higher")
+            else:
+                st.note(f"WP's pause window {factor:.1f}x shorter than stop-and-copy's (the {WP_PAUSE_TARGET_X}x "
+                        f"target is for {fmt_bytes(WP_PAUSE_TARGET_FROM)} and more)")
             report.fact("wp_pause_shorter_than_stop_and_copy_x", round(factor, 2))
         precopies = [by[s]["bytes_ratio"] for s in (PRECOPY_WP_ASYNC, PRECOPY_KVM_DIRTY_LOG) if s in by]
         if precopies:
-            st.note(f"target: pre-copy bytes within 1.5x of memory: {max(precopies):.3f}x at worst")
+            st.target("bytes a pre-copy copied over memory (the worse pre-copy)", max(precopies),
+                      PRECOPY_BYTES_TARGET_X, "x")
         st.check(not failures, f"all {len(compared)} snapshots passed both oracles"
                  + (f" ({', '.join(left_out)} left out: see stage 1)" if left_out else ""), "; ".join(failures))
         st.check(all(ex.reason is ExitReason.KICKED for ex in exits.values()),
