@@ -27,7 +27,7 @@ if sys.platform == "win32":
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from native.engine import Engine
@@ -62,13 +62,14 @@ class FileCapture:
 
 def capture_to_file(path: str | os.PathLike[str], memory: GuestMemory, *, vcpus: Sequence[Vcpu] = (),
                     runner: VcpuRunner | None = None, inject: FaultInjection = FaultInjection.NONE,
-                    handler_cpu: int | None = None, timeout: float = 10.0, engine: Engine | None = None) -> FileCapture:
+                    handler_cpu: int | None = None, timeout: float = 10.0, engine: Engine | None = None,
+                    progress: Callable[[int], None] | None = None) -> FileCapture:
     """Snapshot ``memory`` (and the vCPUs' states) into a new snapshot file at ``path``.
 
     Without ``runner`` the vCPUs in ``vcpus`` must be stopped; with it, its vCPUs are paused, saved
     and resumed by the live protocol and ``vcpus`` is ignored. ``engine`` takes the snapshot (the
-    built-in one by default). A failure leaves the file marked incomplete (the writer's abort), never a
-    file that loads.
+    built-in one by default); ``progress`` is told the bytes of the file's content hash as they are hashed. A
+    failure leaves the file marked incomplete (the writer's abort), never a file that loads.
     """
     clock = time.perf_counter_ns
     t0 = clock()
@@ -96,7 +97,7 @@ def capture_to_file(path: str | os.PathLike[str], memory: GuestMemory, *, vcpus:
             snap.close()
         t2 = clock()
         written = [] if inject & FaultInjection.DROP_VCPU_STATE else states
-        image = writer.finalize(written)
+        image = writer.finalize(written, progress=progress)
         t3 = clock()
     return FileCapture(image=image, stats=stats, live=live, vcpu_states_taken=len(states),
                        vcpu_states_written=len(written), create_ns=t1 - t0, engine_ns=t2 - t1, arm_ns=arm_ns,

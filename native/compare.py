@@ -10,6 +10,7 @@ Each has known-answer self-tests (tests/test_judges.py).
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,13 +20,16 @@ PAGE_SIZE = 4096
 _CHUNK = 1 << 20
 
 
-def differing_pages(a: Any, b: Any, page: int = PAGE_SIZE) -> list[int]:
-    """Indexes of the ``page``-sized pages where two equal-sized images differ."""
+def differing_pages(a: Any, b: Any, page: int = PAGE_SIZE, progress: Callable[[int], None] | None = None) -> list[int]:
+    """Indexes of the ``page``-sized pages where two equal-sized images differ; ``progress`` is told the bytes
+    compared after each chunk (a report's progress over GiB images)."""
     va, vb = memoryview(a).cast("B"), memoryview(b).cast("B")
     if len(va) != len(vb):
         raise ValueError(f"images differ in size: {len(va):#x} and {len(vb):#x} bytes")
     pages: list[int] = []
     for c in range(0, len(va), _CHUNK):
+        if progress is not None:
+            progress(min(_CHUNK, len(va) - c))
         if va[c:c + _CHUNK] == vb[c:c + _CHUNK]:
             continue
         for p in range(c, min(c + _CHUNK, len(va)), page):

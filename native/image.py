@@ -105,7 +105,7 @@ import mmap
 import os
 import struct
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import NoReturn
 
 MAGIC = b"SNAPPROF"
@@ -456,8 +456,9 @@ def _check_create_args(memory_size: int, arch, hypervisor: str) -> Arch:
 _ZEROS = bytes(64 << 10)  # what a hole reads as, hashed in blocks; made once, not per call
 
 
-def _hash_file_range(f, offset: int, size: int) -> bytes:
-    """sha256 of size bytes at offset, read through one fixed-size buffer.
+def _hash_file_range(f, offset: int, size: int, progress: Callable[[int], None] | None = None) -> bytes:
+    """sha256 of size bytes at offset, read through one fixed-size buffer; ``progress`` is called with the bytes
+    hashed after each buffer (a report's progress on a GiB image).
 
     Holes (SEEK_HOLE, where the platform has it) hash as the zeros they read as, without being read:
     a sparse image's untouched pages cost neither I/O nor page cache."""
@@ -473,6 +474,8 @@ def _hash_file_range(f, offset: int, size: int) -> bytes:
                 n = min(len(zeros), data_start - pos)
                 h.update(zeros[:n])
                 pos += n
+                if progress is not None:
+                    progress(n)
             f.seek(pos)
             while pos < data_end:
                 n = f.readinto(view[:min(data_end - pos, len(buf))])
@@ -482,6 +485,8 @@ def _hash_file_range(f, offset: int, size: int) -> bytes:
                                               getattr(f, "name", None), prefix="snapshot file truncated")
                 h.update(view[:n])
                 pos += n
+                if progress is not None:
+                    progress(n)
     finally:
         view.release()
     return h.digest()
@@ -568,10 +573,11 @@ class SnapshotWriter:
             self.memory = memoryview(self._mm)[MEMORY_OFFSET:]  # stay usable for a retry
             raise in_use from None
 
-    def finalize(self, vcpu_states: Iterable[bytes] = (), *, vcpu_kind: int | None = None) -> SnapshotImage:
+    def finalize(self, vcpu_states: Iterable[bytes] = (), *, vcpu_kind: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> SnapshotImage:
         """Hash the memory, write the header with COMPLETE set, close, and
         return the image as the loader sees it. vCPU states are opaque bytes,
-        all tagged ``vcpu_kind`` (default: the hypervisor's kind)."""
+        all tagged ``vcpu_kind`` (default: the hypervisor's kind); ``progress`` is told the bytes hashed."""
         if self.closed:
             raise ValueError(f"{self.path}: snapshot writer already closed")
         states = [bytes(s) for s in vcpu_states]
@@ -584,7 +590,7 @@ class SnapshotWriter:
             # Data durable before the header says COMPLETE: a power cut in between
             # leaves an incomplete file, never a complete one with stale pages.
             os.fsync(f.fileno())
-            digest = _hash_file_range(f, MEMORY_OFFSET, self.memory_size)
+            digest = _hash_file_range(f, MEMORY_OFFSET, self.memory_size, progress)
             # The vCPU section after the image, durable before the header that describes it.
             f.seek(MEMORY_OFFSET + self.memory_size)
             f.write(section)
@@ -655,15 +661,17 @@ class SnapshotImage:
             return w.finalize(vcpu_states)
 
     @classmethod
-    def open(cls, path, verify: bool = True, *, allow_incomplete: bool = False) -> SnapshotImage:
+    def open(cls, path, verify: bool = True, *, allow_incomplete: bool = False,
+             progress: Callable[[int], None] | None = None) -> SnapshotImage:
         """Load and check a snapshot header. verify=False skips only the content
-        hash (it reads the whole image); allow_incomplete is for diagnostics."""
+        hash (it reads the whole image; ``progress`` is told the bytes hashed); allow_incomplete is for
+        diagnostics."""
         with open(path, "rb", buffering=0) as f:
             length = os.fstat(f.fileno()).st_size
             header = f.read(HEADER_SIZE)
             img = cls._parse(os.fspath(path), header, length, allow_incomplete, f)
             if verify:
-                img._verify_with(f)
+                img._verify_with(f, progress)
         return img
 
     @classmethod
@@ -814,11 +822,11 @@ class SnapshotImage:
                              "not KVM x86 parts")
         return split_kvm_x86_state(self.vcpu_states[index], f"vcpu[{index}]", self.path)
 
-    def _verify_with(self, f) -> None:
+    def _verify_with(self, f, progress: Callable[[int], None] | None = None) -> None:
         if not self.complete:
             raise SnapshotFormatError("content_hash", "a complete file to verify", "an incomplete file",
                                       self.path, "snapshot incomplete")
-        seen = _hash_file_range(f, self.memory_offset, self.memory_size)
+        seen = _hash_file_range(f, self.memory_offset, self.memory_size, progress)
         if seen != self.content_hash:
             raise SnapshotFormatError("content_hash", f"{self.content_hash.hex()} (from header)",
                                       f"{seen.hex()} (of the memory image)", self.path)

@@ -363,8 +363,9 @@ class RestoredMemory:
         return f"RestoredMemory({self.loader}, {self.memory!r}, from {self.image.path!r})"
 
 
-def _read_copy(image: SnapshotImage, memory: GuestMemory) -> None:
-    """read(2) the memory image into ``memory``: the kernel copies it, first-touching each page."""
+def _read_copy(image: SnapshotImage, memory: GuestMemory, progress: Callable[[int], None] | None = None) -> None:
+    """read(2) the memory image into ``memory``: the kernel copies it, first-touching each page; ``progress`` is
+    told the bytes read after each read."""
     fd = os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with memoryview(memory.mm) as view:
@@ -377,14 +378,17 @@ def _read_copy(image: SnapshotImage, memory: GuestMemory) -> None:
                                               f"the file end {done:#x} bytes in (file shrank after open)",
                                               image.path, prefix="snapshot file truncated")
                 done += n
+                if progress is not None:
+                    progress(n)
     finally:
         os.close(fd)
 
 
 def restore_memory(image: SnapshotImage, loader: str, *, lazy_backing: str = "memfd", thp: bool = False,
-                   handler_cpu: int | None = None, inject: FaultInjection = FaultInjection.NONE) -> RestoredMemory:
+                   handler_cpu: int | None = None, inject: FaultInjection = FaultInjection.NONE,
+                   progress: Callable[[int], None] | None = None) -> RestoredMemory:
     """Fresh guest memory holding ``image``'s memory, by ``loader`` (one of ``LOADERS``). ``inject``: the
-    lazy loader's switches (LAZY_UFFD_*) act there.
+    lazy loader's switches (LAZY_UFFD_*) act there; ``progress`` is told the bytes read-copy has read.
 
     ``thp``: the destination backed by transparent huge pages (memfd or anonymous, ``GuestMemory(thp=True)``);
     for map-private the file mapping is marked MADV_HUGEPAGE, and the kernel maps the page cache's huge
@@ -404,7 +408,7 @@ def restore_memory(image: SnapshotImage, loader: str, *, lazy_backing: str = "me
             lazy_backing == "memfd" else GuestMemory.anonymous(size, thp=thp)
         try:
             if loader == "read-copy":
-                _read_copy(image, memory)
+                _read_copy(image, memory, progress)
             else:
                 lazy = LazyUffd(memory, image.path, image.memory_offset, handler_cpu=handler_cpu, inject=inject)
         except BaseException:

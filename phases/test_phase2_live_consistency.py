@@ -38,6 +38,7 @@ import guests
 from guests import storm
 from native.compare import describe_difference, differing_pages, exact_oracle
 from native.kvm import ExitReason
+from native.layout import offset_of
 from native.live import VcpuRunner, arm_live, take_live_snapshot, wait_for_faults
 from native.memory import PAGE_SIZE
 from native.points import Point, SlowPoints, first_of
@@ -62,6 +63,31 @@ def every_vcpu_swept_once(storm_vm) -> bool:
     return all(storm_vm.progress(i).done_gen >= 1 for i in range(len(storm_vm.params)))
 
 
+def captured_bytes(snap) -> int:
+    """Bytes the engine has captured so far, by its own count (the engine ABI lets stats be read during a bulk copy)."""
+    s = snap.stats()
+    return (s.bulk_pages + s.fault_pages) * snap.page_size
+
+
+def first_sweep_bytes(storm_vm) -> int:
+    """Bytes the storm's first sweep has stamped so far, over every vCPU: each stamps its pages in its write order,
+    so a binary search over that order finds where it is (20 reads of a stamp for a GiB). A progress figure, read
+    while the guest runs; only over populated memory (a read of a never-populated page would populate it)."""
+    done = 0
+    for p in storm_vm.params:
+        lo, hi = 0, p.npages
+        while lo < hi:
+            mid = (lo + hi) // 2
+            write = storm.stream_point(p, 2 * mid)  # the first stamp of the mid-th page of generation 1
+            if write is None:  # past the last write of a finite run
+                break
+            gpa = p.region_gpa + write.page * PAGE_SIZE
+            gen = int.from_bytes(storm_vm.memory.read(offset_of(gpa), 4), "little")
+            lo, hi = (mid + 1, hi) if gen >= 1 else (lo, mid)
+        done += lo * PAGE_SIZE
+    return done
+
+
 def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host_limits, at_marks: bool = False,
                             alongside: Callable[[], Any] = contextlib.nullcontext):
     """The phase's procedure, shared by every backing and size: run, snapshot live, stop, judge.
@@ -82,6 +108,7 @@ def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host
     runner = storm_running_stage(report, storm_vm, at_marks)
 
     with report.stage("live snapshot") as st:
+        st.progress(size, "captured", poll=lambda: captured_bytes(snap))
         try:
             # The copy starts once the resumed guest has taken two WP faults a vCPU (the first may be the page
             # it was paused in): copy and guest writes overlap at any size.
@@ -119,7 +146,7 @@ def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host
 
     with report.stage("the guest kept writing") as st:
         check_still_running(st, exits)
-        changed = differing_pages(mem.mm, reference.mm)
+        changed = differing_pages(mem.mm, reference.mm, progress=st.progress(size, "compared"))
         st.check(len(changed) > 0, f"{len(changed)} pages changed after the arm instant",
                  "no page changed after the arm: the guest wrote nothing during the snapshot, nothing was proved")
 
@@ -147,7 +174,11 @@ def storm_running_stage(report, storm_vm, at_marks: bool = False) -> VcpuRunner:
     """The stage that starts every vCPU's storm (``live_snapshot_procedure`` says what ``at_marks`` does); returns
     the runner, the guest writing."""
     nvcpus = len(storm_vm.params)
+    mem = storm_vm.memory
     with report.stage("storm guest running") as st:
+        if mem.rss_bytes() >= mem.size:
+            st.progress(sum(p.region_size for p in storm_vm.params), "first sweep",
+                        poll=lambda: first_sweep_bytes(storm_vm))
         if at_marks:
             for i, (p, ex) in enumerate(zip(storm_vm.params, storm_vm.run_to_marks(GUEST_TIMEOUT_S), strict=True)):
                 st.check(ex.reason is ExitReason.SYNC and ex.last_sync == p.mark_sync,
@@ -160,7 +191,6 @@ def storm_running_stage(report, storm_vm, at_marks: bool = False) -> VcpuRunner:
             runner = VcpuRunner(storm_vm.vm.vcpus, timeout=GUEST_TIMEOUT_S).start()
             started = "every vCPU completed its first sweep"
             storm_vm.wait(lambda: every_vcpu_swept_once(storm_vm), started, timeout=GUEST_TIMEOUT_S)
-        mem = storm_vm.memory
         st.check(not runner.finished, f"{nvcpus} storm vCPU(s) over {fmt_bytes(mem.size)} {mem.backing}: {started}",
                  f"a vCPU stopped early: {runner.exits}")
     return runner

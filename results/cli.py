@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from results.load import RecordError, fact_values, figure_median, host_label, incompleteness, load_record
-from results.record import fmt_ns, render_phase
+from results.record import fmt_ns, render_phase, terminal_width, wrap
 
 
 def _ratio(v: float) -> str:
@@ -52,22 +52,25 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def show(rec: dict[str, Any], verbose: bool = True, only: int | None = None) -> str:
+def show(rec: dict[str, Any], verbose: bool = True, only: int | None = None, width: int | None = None) -> str:
+    """The record's reports as the run printed them, ``width`` columns wide (default: this terminal's, 120 when
+    the output is not a terminal)."""
+    width = terminal_width() if width is None else width
     run, host = rec.get("run", {}), rec.get("host", {})
-    lines = [f"snapproof run {run.get('started', '?')} ({run.get('duration_s', '?')} s, commit "
+    heads = [f"snapproof run {run.get('started', '?')} ({run.get('duration_s', '?')} s, commit "
              f"{run.get('git_commit') or '?'}, inject {run.get('inject', 'none')}"
              f"{', --strict-host' if run.get('strict_host') else ''})",
              f"host {host_label(rec)}: {host.get('cpu_model', '?')}, {host.get('cpus', '?')} CPUs, "
              f"{int(host.get('memory_bytes', 0)) / (1 << 30):.1f} GiB memory, "
              f"uffd features {host.get('uffd_features', '?')}",
-             *([f"NOT A WHOLE RUN: {why}"] if (why := incompleteness(rec)) else []),
-             ""]
+             *([f"NOT A WHOLE RUN: {why}"] if (why := incompleteness(rec)) else [])]
+    lines = [line for head in heads for line in wrap(head, width)] + [""]
     for p in rec["phases"]:
         if only is None or p["phase"] == only:
-            lines += [render_phase(p, verbose=verbose), ""]
+            lines += [render_phase(p, verbose=verbose, width=width), ""]
     if rec.get("benchmarks"):
-        lines.append(f"{len(rec['benchmarks'])} pytest-benchmark results in the record "
-                     "(python -m results gate compares them with a baseline)")
+        lines += wrap(f"{len(rec['benchmarks'])} pytest-benchmark results in the record "
+                      "(python -m results gate compares them with a baseline)", width)
     return "\n".join(lines).rstrip()
 
 

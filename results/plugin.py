@@ -1,9 +1,10 @@
 """snapproof's run-record plugin: case reports per phase, the PASS reports at the end, the YAML run record.
 
 The root conftest.py loads it (``pytest_plugins``). A test of a phase (``@pytest.mark.phase(n, title)``)
-gets its case report from the ``report`` fixture; each outcome pytest reports lands in it; at the end
-the reports are printed (``--reports``), the run record is written (schema in results/README.md and
-results/schema.py), and ``--plots`` draws it.
+gets its case report from the ``report`` fixture; each outcome pytest reports lands in it (a failure with what
+its evidence says, results/explain.py); while a test runs long, what runs is shown on the terminal
+(results/progress.py); at the end the reports are printed (``--reports``, pytest's width), the run record is
+written (schema in results/README.md and results/schema.py), and ``--plots`` draws it.
 
 The record can never be mistaken for another run's, nor for a whole run when it is not one:
 
@@ -36,10 +37,12 @@ from typing import Any
 import pytest
 import yaml
 
+from results.explain import explain
 from results.hostload import describe as describe_load
 from results.hostpolicy import HostPolicy
 from results.interrupts import interruption
-from results.record import SCHEMA, CaseReport, PhaseReport, render_phase
+from results.progress import ProgressDisplay
+from results.record import MIN_WIDTH, SCHEMA, CaseReport, PhaseReport, render_phase, wrap, wrap_name
 
 RESULTS = Path(__file__).resolve().parent
 ROOT = RESULTS.parent
@@ -91,8 +94,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     run.select(session.items)
     if run.phases and run.path is not None and not session.config.option.collectonly:
         run.write()
-        _say(session.config, f"run record: {shown(run.path)} (written now as incomplete; complete when "
-                             "the run ends)")
+        for line in _path_line(f"run record: {shown(run.path)}",
+                               "(written now as incomplete; complete when the run ends)", _width(session.config)):
+            _say(session.config, line)
 
 
 def shown(path: Path) -> str:
@@ -152,6 +156,7 @@ class RunRecorder:
         self.deselected: dict[str, str] = {}  # node id -> why: a capability the host lacks, its class does not require
         self._host_policy: HostPolicy | None = None
         self._engine: dict[str, Any] | None = None
+        self.display: ProgressDisplay | None = None  # what runs now, on the terminal (from the session's start)
         self.path = self._path()
 
     def _path(self) -> Path | None:
@@ -171,6 +176,34 @@ class RunRecorder:
             return None
         stamp = self.started.strftime("%Y%m%dT%H%M%SZ")
         return (Path(folder) / f"{stamp}-{socket.gethostname()}-{os.getpid()}.yaml").resolve()
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.display = _progress_display(self.config)
+        for case in self.cases.values():
+            case.display = self.display
+
+    # What runs now, for the display: each test's set-up, call (its stages say more) and tear-down, and nothing
+    # once pytest reports on it (our line is erased before pytest writes its own).
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        self._now_running(item, "setting up")
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> None:
+        self._now_running(item, "running")
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> None:
+        self._now_running(item, "tearing down")
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.display is not None:
+            self.display.idle()
+
+    def _now_running(self, item: pytest.Item, what: str) -> None:
+        if self.display is not None:
+            self.display.now_running(item.name, what)
 
     def pytest_runtest_logfinish(self, nodeid: str) -> None:
         """A test is done, its teardown reported too: rewrite the record if it is a phase case, so what
@@ -207,7 +240,7 @@ class RunRecorder:
         case = self.cases.get(item.nodeid)
         if case is None:
             doc = (getattr(item, "function", None).__doc__ or "").strip() if hasattr(item, "function") else ""
-            case = CaseReport(item.nodeid, item.name, doc=" ".join(doc.split()))
+            case = CaseReport(item.nodeid, item.name, doc=" ".join(doc.split()), display=self.display)
             self.cases[item.nodeid] = case
             phase = self.phases.setdefault(ph[0], PhaseReport(ph[0], ph[1]))
             phase.cases.append(case)
@@ -228,6 +261,10 @@ class RunRecorder:
         elif rep.failed:
             case.outcome = "failed" if rep.when == "call" else "error"
             case.failure = _short_failure(rep)
+            if why := explain(case.to_dict()):
+                width = _width(self.config)
+                _add_section(rep, "snapproof: what the evidence says",
+                             "\n".join(line for w in why for line in wrap(f"why: {w}", width)))
         elif rep.when == "call":
             case.outcome = "passed"
 
@@ -411,6 +448,53 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _progress_display(config: pytest.Config) -> ProgressDisplay | None:
+    """The display of what runs now, writing where pytest's terminal output goes through a handle of its own (pytest
+    captures the tests' own); none without pytest's terminal reporter, in an xdist worker, with ``-s`` (the tests
+    write to the terminal themselves), or without a real stdout (pytest run inside another program)."""
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is None or hasattr(config, "workerinput") or config.option.collectonly or \
+            config.getoption("capture", "fd") == "no":
+        return None
+    try:
+        fd = os.dup(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    config.add_cleanup(lambda: os.close(fd))
+
+    def write(text: str) -> None:
+        data = text.encode(encoding, "replace")
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError:  # the terminal went away (a closed pipe): a progress line must never fail a test
+            pass
+
+    # ANSI cursor movement only where it works: a terminal that is not "dumb", and not Windows' console.
+    tty = os.isatty(fd) and os.environ.get("TERM") != "dumb" and sys.platform != "win32"
+    tw = tr._tw
+    display = ProgressDisplay(write, tty, width=lambda: max(MIN_WIDTH, tw.fullwidth),
+                              column=lambda: tw.width_of_current_line)
+    config.add_cleanup(display.stop)  # runs before the fd's close (cleanups run last in, first out)
+    return display.start()
+
+
+def _width(config: pytest.Config) -> int:
+    """pytest's terminal width (what its own output is wrapped to), at least MIN_WIDTH."""
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    return max(MIN_WIDTH, tr._tw.fullwidth) if tr is not None else MIN_WIDTH
+
+
+def _add_section(rep: pytest.TestReport, title: str, text: str) -> None:
+    """A section of the failure's own report (so pytest's summary and JUnit's <failure> show it too)."""
+    add = getattr(rep.longrepr, "addsection", None)
+    if callable(add):
+        add(title, text)
+    else:
+        rep.sections.append((title, text))
+
+
 def _short_failure(rep: pytest.TestReport) -> str:
     crash = getattr(rep.longrepr, "reprcrash", None)
     if crash is not None:
@@ -435,11 +519,17 @@ def _git_commit() -> str:
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     run = recorder(config)
+    width = _width(config)  # pytest's own: the report lines up with its output
+
+    def say(lines: list[str], **markup: bool) -> None:
+        for line in lines:
+            terminalreporter.write_line(line, **markup)
+
     if run.deselected:
         # Printed whatever --reports says: a case left out for the host is part of the verdict, never a pass.
         terminalreporter.section(f"deselected for this host: {run.host_policy().label()}")
         for nodeid, reason in run.deselected.items():
-            terminalreporter.write_line(f"{nodeid}\n    {reason}")
+            say(wrap_name(nodeid, width) + wrap(reason, width, "    "))
     if not run.phases or config.option.collectonly:  # --collect-only ran nothing: no record of it
         return
     mode = config.getoption("reports")
@@ -447,28 +537,37 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if mode != "none":
         terminalreporter.section("snapproof phase reports")
         if (engine := record["run"].get("engine")) and "name" in engine:
-            terminalreporter.write_line(f"engine under test: {engine['name']} {engine['version']} (ABI "
-                                        f"{engine['abi_version']}, {engine['library']}, sha256 {engine['sha256']})")
+            say(wrap(f"engine under test: {engine['name']} {engine['version']} (ABI {engine['abi_version']}, "
+                     f"{engine['library']}, sha256 {engine['sha256']})", width))
             terminalreporter.write_line("")
         for phase in record["phases"]:
-            terminalreporter.write_line(render_phase(phase, verbose=(mode == "full")))
+            terminalreporter.write_line(render_phase(phase, verbose=(mode == "full"), width=width))
             terminalreporter.write_line("")
     path = run.write(record)  # the record just printed, not a second gathering of it
     status = record["run"]
     if status["status"] != "complete":
         why = f": {status['interrupted']['signal']} during {status['interrupted']['during']}" \
             if "interrupted" in status else ""
-        terminalreporter.write_line(f"run {status['status']}{why}; {status['tests']['finished']} of "
-                                    f"{status['tests']['selected']} tests finished; the gate refuses this record",
-                                    red=True, bold=True)
+        say(wrap(f"run {status['status']}{why}; {status['tests']['finished']} of {status['tests']['selected']} tests "
+                 "finished; the gate refuses this record", width), red=True, bold=True)
     if path is not None:
-        latest = f" (results {LATEST!r} points here)" if status["status"] == "complete" else ""
-        terminalreporter.write_line(f"run record: {shown(path)}{latest}")
+        # The path whole on its line, to be pasted; what follows it wraps.
+        latest = f"(results {LATEST!r} points here)" if status["status"] == "complete" else ""
+        say(_path_line(f"run record: {shown(path)}", latest, width))
     if config.getoption("plots"):
         from results.plots import write_plots
 
         for name, got in write_plots(record, config.getoption("plots_dir")):
             terminalreporter.write_line(f"plot {name}: {got if isinstance(got, str) else os.path.relpath(got)}")
+
+
+def _path_line(head: str, tail: str, width: int) -> list[str]:
+    """``head`` (ending in a path, never broken) and ``tail`` on one line when they fit, else ``tail`` wrapped below."""
+    if not tail:
+        return [head]
+    if len(head) + 1 + len(tail) <= width:
+        return [f"{head} {tail}"]
+    return [head, *wrap(tail, width, "  ")]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

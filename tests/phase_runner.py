@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from results.explain import explain
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,6 +40,14 @@ class PhaseRun:
 
     def failure(self, test: str) -> str:
         return self.cases()[test].get("failure", "")
+
+    def why(self, test: str) -> str:
+        """What the evidence in ``test``'s record says went wrong (results/explain.py), as the report prints it;
+        asserting that pytest's own failure report in the child's output said the same."""
+        said = " ".join(explain(self.cases()[test]))
+        assert said in " ".join(self.output.split()), \
+            f"{test}: the child's failure report lacks the explanation {said!r}:\n{self.output[-3000:]}"
+        return said
 
 
 def run_phase(module: str, *args: str, inject: str = "none", timeout: float = 300, engine: str = "",

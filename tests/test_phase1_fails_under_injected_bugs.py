@@ -33,6 +33,8 @@ def test_no_copy_before_write_fails_the_snapshot_check():
     assert regs["eip"] == "0x106", f"marker16 halted after its hlt at 0x105: expected EIP 0x106, saw {regs['eip']}"
     wp = next(v for k, v in facts.items() if k.endswith("_stats"))
     assert wp["faults"] == 1 and wp["fault_pages"] == 0, f"expected 1 fault that captured nothing, saw {wp}"
+    # ... and the report says what that evidence means.
+    assert "1 write-protect fault was served but no page was copied before the write" in run.why(EXACT_PAGE)
 
 
 def test_arm_without_wp_unpopulated_fails_the_hole_check():
@@ -42,6 +44,7 @@ def test_arm_without_wp_unpopulated_fails_the_hole_check():
     assert run.returncode == 1, run.output
     assert run.outcome(ANON_HOLE) == "failed"
     assert "the hole at 0x1000 is not write-protected" in run.failure(ANON_HOLE)
+    assert "(hole_protection: NONE): a never-populated page has no page table entry" in run.why(ANON_HOLE)
 
 
 def test_dead_handler_fails_phase1_naming_it_without_hanging():
@@ -50,3 +53,4 @@ def test_dead_handler_fails_phase1_naming_it_without_hanging():
     assert run.returncode == 1, run.output
     assert run.outcome(EXACT_PAGE) == "failed"
     assert "the WP fault handler thread died mid-snapshot" in run.failure(EXACT_PAGE), run.failure(EXACT_PAGE)
+    assert "the engine's fault handler thread stopped with errno 125 (ECANCELED" in run.why(EXACT_PAGE)

@@ -75,8 +75,12 @@ def test_a_run_ended_by_a_time_out_leaves_its_record_incomplete_with_what_finish
     the rest 'not run', status incomplete; no 'latest' points at it, and the gate's reader says why."""
     proc = _child(project, "--timeout", "3", "--timeout-method", "thread", "--results-dir", "runs")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    started = [line for line in proc.stdout.splitlines() if line.startswith("run record: runs/")]
-    assert len(started) == 1 and "written now as incomplete" in started[0], proc.stdout
+    lines = proc.stdout.splitlines()
+    started = [i for i, line in enumerate(lines) if line.startswith("run record: runs/")]
+    # The path whole on its line (to be pasted); what follows it on the same line or, wrapped, the next.
+    assert len(started) == 1 and "written now as incomplete" in " ".join(lines[started[0]:started[0] + 2]), \
+        proc.stdout
+    started = [lines[started[0]]]
     path = project / started[0].split()[2]
     rec = load_record(path)
     assert rec["run"]["status"] == "incomplete" and rec["run"]["tests"] == {"selected": 3, "finished": 1}
