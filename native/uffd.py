@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 from collections.abc import Iterator
 
 # include/uapi/linux/userfaultfd.h. forkd asked for 1 << 9 (MINOR_HUGETLBFS) meaning
@@ -109,6 +110,8 @@ def release_clears_wp() -> bool:
     marked (pagemap's PM_UFFD_WP; khugepaged warns on such PTEs): an engine must un-protect before it closes,
     as snapproof's does.
     """
+    if sys.platform == "win32":
+        raise NotImplementedError("userfaultfd is Linux's")
     from native._lib import check, ffi, lib
     from native.memory import GuestMemory
     from native.pagemap import write_protected
