@@ -118,6 +118,7 @@ import argparse
 import contextlib
 import enum
 import errno
+import functools
 import hashlib
 import mmap
 import os
@@ -561,21 +562,31 @@ _HASH_WAIT_BASE_S = 60.0
 _HASH_WAIT_BYTES_PER_S = 20e6
 
 
-def _writeback_starter(fd: int) -> Callable[[int, int], None] | None:
-    """``start(offset, size)``: sync_file_range(SYNC_FILE_RANGE_WRITE), which queues the range's dirty pages
-    for writeback without waiting for it; None where the platform has no such call (the final sync does it all)."""
+@functools.cache
+def _sync_file_range() -> Callable[..., int] | None:
+    """libc's sync_file_range (Linux; ctypes releases the GIL around it), looked up once; None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
 
     call = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    if call is not None:
+        call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        call.restype = ctypes.c_int
+    return call
+
+
+def _writeback_starter(fd: int) -> Callable[[int, int], None] | None:
+    """``start(offset, size)``: sync_file_range(SYNC_FILE_RANGE_WRITE), which queues the range's dirty pages
+    for writeback without waiting for it; None where the platform has no such call (the final sync does it all)."""
+    call = _sync_file_range()
     if call is None:
         return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    call.restype = ctypes.c_int
 
     def start(offset: int, size: int) -> None:
         if call(fd, offset, size, _SYNC_FILE_RANGE_WRITE) != 0:
+            import ctypes
+
             err = ctypes.get_errno()
             raise OSError(err, f"sync_file_range(offset {offset:#x}, size {size:#x}, SYNC_FILE_RANGE_WRITE): "
                                f"{os.strerror(err)}")

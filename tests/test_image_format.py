@@ -669,6 +669,53 @@ def test_what_is_never_marked_final_is_hashed_from_the_file_at_finalize(tmp_path
     assert img.content_hash == blake3.blake3(memory).digest() and SnapshotImage.open(img.path).verified
 
 
+def test_writeback_starts_for_each_hashed_piece_once_covering_the_image(tmp_path, monkeypatch):
+    """Each piece the thread hashed has its writeback started, in order, without gaps or overlaps."""
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(image, "_writeback_starter", lambda fd: lambda offset, size: started.append((offset, size)))
+    SnapshotImage.write(tmp_path / "wb.snap", pieces_pattern())
+    ends = [image.MEMORY_OFFSET]
+    for offset, size in started:
+        assert offset == ends[-1], f"writeback started at {offset:#x}, the previous piece ended at {ends[-1]:#x}"
+        ends.append(offset + size)
+    assert ends[-1] == image.MEMORY_OFFSET + PIECES_SIZE, f"writeback ranges {started} do not cover the image"
+
+
+def test_a_failed_early_writeback_is_reported_and_the_file_still_completes(tmp_path, monkeypatch):
+    """Early writeback is a head start only: its error is reported in stats, the fsyncs write everything."""
+    def fails(offset, size):
+        raise OSError(5, f"sync_file_range(offset {offset:#x}): Input/output error")
+
+    monkeypatch.setattr(image, "_writeback_starter", lambda fd: fails)
+    path = tmp_path / "wbfail.snap"
+    with SnapshotImage.create(path, MEMORY_SIZE) as w:
+        w.memory[:] = pattern(MEMORY_SIZE)
+        w.mark_final(MEMORY_SIZE)
+        w.finalize()
+    assert w.stats is not None and "sync_file_range(offset 0x1000): Input/output error" in w.stats.writeback_error
+    assert SnapshotImage.open(path).read_memory() == pattern(MEMORY_SIZE)
+
+
+def test_a_hash_that_fails_on_the_thread_fails_finalize_and_leaves_the_file_incomplete(tmp_path, monkeypatch):
+    """An error on the hashing thread is not lost: finalize raises it, naming the hasher, and nothing is sealed."""
+    class Broken:
+        def update(self, data):
+            raise MemoryError("hash state lost")
+
+        def digest(self):
+            return bytes(32)
+
+    monkeypatch.setattr(image, "content_hasher", lambda algo: Broken())
+    path = tmp_path / "broken.snap"
+    with SnapshotImage.create(path, MEMORY_SIZE) as w:
+        w.memory[:] = pattern(MEMORY_SIZE)
+        w.mark_final(MEMORY_SIZE)
+        with pytest.raises(RuntimeError, match=r"the snapshot image hasher failed after 0x0 bytes: "
+                                               r"MemoryError\('hash state lost'\)"):
+            w.finalize()
+    rejected(path, "flags", "did not finish")
+
+
 @pytest.mark.parametrize("end", [-1, MEMORY_SIZE + 1])
 def test_mark_final_refuses_a_range_outside_the_image(tmp_path, end):
     with SnapshotImage.create(tmp_path / "r.snap", MEMORY_SIZE) as w, \
