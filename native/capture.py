@@ -149,7 +149,8 @@ def capture_to_file(path: str | os.PathLike[str], memory: GuestMemory, *, vcpus:
 
 @dataclass(frozen=True)
 class DurableWrite:
-    """This host's floor for any durable capture of some memory into a new file (ns): no WP, no hash."""
+    """The plain way to make some memory durable in a new file, timed (ns): no WP, no hash, nothing overlapped.
+    A capture starts its writeback while it still copies, so it can come in under this."""
 
     copy_ns: int  # memcpy into a new file's shared mapping: the first touch of each page cache page
     sync_ns: int  # fsync: the whole image written back
@@ -159,9 +160,9 @@ class DurableWrite:
         return self.copy_ns + self.sync_ns
 
 
-def durable_write_floor(path: str | os.PathLike[str], memory: GuestMemory) -> DurableWrite:
-    """Copy ``memory`` into a new plain file at ``path`` through a shared mapping, fsync it, delete it: what a
-    capture into a snapshot file cannot beat on this host, measured the same way the capture writes."""
+def durable_write(path: str | os.PathLike[str], memory: GuestMemory) -> DurableWrite:
+    """Copy ``memory`` into a new plain file at ``path`` through a shared mapping (as the engine writes a snapshot
+    file: the first touch of each page cache page), fsync it, delete it: this host's reference for a capture."""
     with open(path, "w+b", buffering=0) as f:
         try:
             f.truncate(memory.size)
