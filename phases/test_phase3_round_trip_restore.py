@@ -177,11 +177,13 @@ def test_original_sequence_reruns_in_a_fresh_vm_from_the_file(report, make_memor
         t0 = clock()
         image = SnapshotImage.open(cap.image.path, verify=True)
         verify_ns = clock() - t0
-        st.check(image.verified, f"content hash matches the header (sha256 of {fmt_bytes(image.memory_size)})")
+        st.check(image.verified, f"content hash matches the header ({image.hash_algo.name.lower()} of "
+                 f"{fmt_bytes(image.memory_size)})")
         on_file = image.read_memory()
         st.check(on_file == at_capture, "the file's image equals source memory at the capture, byte for byte",
                  f"file vs source at the capture: {describe_difference(at_capture, on_file)}")
-        st.timing("verified open", verify_ns, "header checks + sha256 of the image; outside the restore figures")
+        st.timing("verified open", verify_ns, f"header checks + {image.hash_algo.name.lower()} of the image; outside "
+                  "the restore figures")
 
     with report.stage(f"restore ({loader}) into a fresh VM") as st:
         restored = make_restored_vm(image.path, loader, verify=False, reset=partial(enter_guest, "marker16"))
@@ -263,8 +265,10 @@ def counter32_captured_mid_run(report, make_memory, make_counter32_vm, capture_s
         t0 = clock()
         image = SnapshotImage.open(cap.image.path, verify=True)
         verify_ns = clock() - t0
-        st.check(image.verified, f"content hash matches the header (sha256 of {fmt_bytes(image.memory_size)})")
-        st.timing("verified open", verify_ns, "header checks + sha256 of the image; outside the restore figures")
+        st.check(image.verified, f"content hash matches the header ({image.hash_algo.name.lower()} of "
+                 f"{fmt_bytes(image.memory_size)})")
+        st.timing("verified open", verify_ns, f"header checks + {image.hash_algo.name.lower()} of the image; outside "
+                  "the restore figures")
         k = counter.read_progress(image.read_memory(BLOCK, counter.BLOCK_SIZE)).iteration
         st.equal(k, p.sync_at, "iteration the file was taken at (the guest's trace word)", str)
         mid = counter.expected_after(p, k)
