@@ -126,6 +126,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
@@ -614,7 +615,8 @@ class WriteStats:
 
 class _FinalHasher:
     """Hashes a writer's memory image in order on a thread of its own, as far as it is marked final, and
-    starts the writeback of each hashed range. Stopped by ``finish()`` or ``close()``; every wait is bounded."""
+    starts the writeback of each hashed range. Stopped by ``finish()`` or ``close()`` (the writer's finalize,
+    abort, or its collection), each joining the thread with a time-out."""
 
     def __init__(self, memory: memoryview, algo: HashAlgo, start_writeback: Callable[[int, int], None] | None):
         self._memory = memory
@@ -727,6 +729,8 @@ class SnapshotWriter:
         self.memory = memoryview(self._mm)[MEMORY_OFFSET:]
         self.hash_algo = HASH_ALGO_OF_VERSION[FORMAT_VERSION]
         self._hasher = _FinalHasher(self.memory, self.hash_algo, _writeback_starter(self._file.fileno()))
+        # A writer dropped without finalize() or abort() must not leave its thread waiting for work forever.
+        weakref.finalize(self, self._hasher.close)
         self.stats: WriteStats | None = None  # set by finalize()
 
     def mark_final(self, end: int) -> None:

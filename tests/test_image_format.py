@@ -716,6 +716,21 @@ def test_a_hash_that_fails_on_the_thread_fails_finalize_and_leaves_the_file_inco
     rejected(path, "flags", "did not finish")
 
 
+def test_a_writer_dropped_without_finalize_stops_its_hashing_thread(tmp_path):
+    """Forgetting both finalize() and abort() leaves no thread behind once the writer is collected."""
+    import gc
+    import threading
+
+    w = SnapshotImage.create(tmp_path / "dropped.snap", MEMORY_SIZE)
+    w.memory[:] = pattern(MEMORY_SIZE)
+    w.mark_final(MEMORY_SIZE)
+    thread = next(t for t in threading.enumerate() if t.name == "snapshot-hasher")
+    del w
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive(), "the dropped writer's hashing thread still runs"
+
+
 @pytest.mark.parametrize("end", [-1, MEMORY_SIZE + 1])
 def test_mark_final_refuses_a_range_outside_the_image(tmp_path, end):
     with SnapshotImage.create(tmp_path / "r.snap", MEMORY_SIZE) as w, \
