@@ -28,8 +28,8 @@ Header page::
     0x020      4  flags               bit 0 COMPLETE: the diff was written to its end; other bits 0
     0x024      4  hash_algo           HashAlgo: 1 = sha256
     0x028     16  hypervisor          ASCII tag, NUL-padded: "kvm" or "whp"
-    0x038     32  parent_hash         the parent's content hash: the base's content_hash (sha256 of
-                                      its memory image) or the previous diff's content_hash
+    0x038     32  parent_hash         the parent's content hash: the base's content_hash (its
+                                      hash_algo's hash of its memory image) or the previous diff's content_hash
     0x058     32  content_hash        sha256 of parent_hash, the bitmap and the pages: names this
                                       diff, and through parent_hash the whole chain before it
     0x078      8  bitmap_offset       4096
@@ -421,8 +421,9 @@ class DiffImage:
         if img.page_size != PAGE_SIZE:
             fail("page_size", _hex(PAGE_SIZE), _hex(img.page_size))
         algo = _get(header, "hash_algo")
-        if algo not in {int(a) for a in HashAlgo}:
-            fail("hash_algo", "1 (sha256)", f"{algo} (unknown)")
+        if algo != HashAlgo.SHA256:  # a diff's own hash; its parent_hash is whatever its base's content hash is
+            known = {int(a): a.name.lower() for a in HashAlgo}
+            fail("hash_algo", "1 (sha256)", f"{algo} ({known.get(algo, 'unknown')})")
         img.hash_algo = HashAlgo(algo)
         raw_tag = _get(header, "hypervisor")
         tag = raw_tag.rstrip(b"\0").decode("ascii", "replace")

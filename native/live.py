@@ -223,8 +223,12 @@ def arm_live(runner: VcpuRunner, arm: Callable[[], Any], memory: GuestMemory, re
 
 
 def take_live_snapshot(runner: VcpuRunner, snap: WpSnapshot, reference: object | None = None,
-                       batch: int = BULK_BATCH, timeout: float = 10.0, overlap_faults: int = 0) -> LiveSnapshot:
+                       batch: int = BULK_BATCH, timeout: float = 10.0, overlap_faults: int = 0,
+                       bulk_copy: Callable[[], object] | None = None) -> LiveSnapshot:
     """Pause, (reference copy,) arm, resume, bulk copy while the vCPUs run, finalize.
+
+    ``bulk_copy`` is the copy to run while the vCPUs run (default: the whole region in one engine call);
+    a capture into a file copies piece by piece, handing each to the file's hasher.
 
     Test-mode knobs: ``reference``, a writable buffer, receives guest memory as it is while paused
     (the exact oracle); ``overlap_faults`` holds the bulk copy until the resumed guest has taken that
@@ -241,7 +245,10 @@ def take_live_snapshot(runner: VcpuRunner, snap: WpSnapshot, reference: object |
     if overlap_faults:
         wait_for_faults(runner, snap, overlap_faults, timeout)
     t1 = clock()
-    snap.bulk_copy(batch=batch)
+    if bulk_copy is None:
+        snap.bulk_copy(batch=batch)
+    else:
+        bulk_copy()
     t2 = clock()
     stats = snap.finalize(timeout)
     t3 = clock()

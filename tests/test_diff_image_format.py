@@ -159,6 +159,7 @@ def test_fields_tile_the_header_page():
     ({"arch": 7}, "arch", "7 (unknown)"),
     ({"page_size": 8192}, "page_size", "0x2000"),
     ({"hash_algo": 9}, "hash_algo", "9 (unknown)"),
+    ({"hash_algo": 2}, "hash_algo", "expected 1 (sha256), saw 2 (blake3)"),  # a snapshot file's, never a diff's
     ({"hypervisor": "xen"}, "hypervisor", "xen"),
     ({"reserved": b"\x01" + bytes(3855)}, "reserved", "byte 0x01 at header offset 0xd0"),
     ({"memory_size": MEMORY_SIZE + 1}, "memory_size", hex(MEMORY_SIZE + 1)),

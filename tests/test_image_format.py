@@ -5,10 +5,12 @@ and check the error names the field and what it saw."""
 
 import ctypes
 import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import blake3
 import pytest
 
 from native import image
@@ -26,6 +28,9 @@ from native.image import (
 from tests.sample_states import kvm_x86_parts, kvm_x86_state
 
 REPO = Path(__file__).resolve().parents[1]
+# Written by the version 2 writer: 2 pages of pattern(), one KVM x86 state (kvm_x86_state(0x11)); pinned in
+# tests/test_image_tripwires.py.
+VERSION_2_FILE = REPO / "tests" / "data" / "format-v2.snap"
 MEMORY_SIZE = 4 * image.PAGE_SIZE
 STATES = [kvm_x86_state(0x11), kvm_x86_state(0x22, msrs=5, cpuid_entries=3)]
 
@@ -75,12 +80,20 @@ def test_vcpu_section_follows_the_memory_image_and_ends_the_file(snap):
 
 
 def test_header_fields_describe_the_file(snap):
-    """The header records arch, hypervisor, sizes, COMPLETE and the sha256 of the image."""
+    """The header records version 3, arch, hypervisor, sizes, COMPLETE and the blake3 of the image."""
     img = SnapshotImage.open(snap)
+    assert (img.format_version, img.hash_algo) == (3, image.HashAlgo.BLAKE3)
     assert (img.arch, img.hypervisor, img.page_size) == (Arch.X86_64, "kvm", 4096)
     assert (img.memory_offset, img.memory_size) == (0x1000, MEMORY_SIZE)
     assert img.complete and img.flags == image.FLAG_COMPLETE
-    assert img.content_hash == hashlib.sha256(pattern(MEMORY_SIZE)).digest()
+    assert img.content_hash == blake3.blake3(pattern(MEMORY_SIZE)).digest()
+
+
+def test_content_hash_is_blake3_of_the_raw_image_bytes_in_the_file(snap):
+    """What the format description promises a verifier: b3sum of the memory_size bytes at 4096 is content_hash."""
+    img = SnapshotImage.open(snap)
+    raw = snap.read_bytes()[img.memory_offset:img.memory_offset + img.memory_size]
+    assert blake3.blake3(raw).digest() == img.content_hash
     assert img.path == str(snap) and img.file_length == 0x1000 + MEMORY_SIZE + img.vcpu_size
 
 
@@ -256,14 +269,14 @@ def test_wrong_magic_rejected(snap):
 
 
 def test_wrong_format_version_rejected(snap):
-    rewrite_header(snap, format_version=3)
-    rejected(snap, "format_version", "expected 2, saw 3")
+    rewrite_header(snap, format_version=4)
+    rejected(snap, "format_version", "expected 3 or 2, saw 4")
 
 
-def test_version_1_file_is_refused_naming_both_versions(snap):
+def test_version_1_file_is_refused_naming_the_versions_read(snap):
     """A version 1 file (regs + sregs + FPU per vCPU in the header) is refused, saying why."""
     rewrite_header(snap, format_version=1)
-    err = rejected(snap, "format_version", "expected 2, saw 1 (a version 1 file holds only regs + sregs + FPU")
+    err = rejected(snap, "format_version", "expected 3 or 2, saw 1 (a version 1 file holds only regs + sregs + FPU")
     assert "capture it again" in str(err)
 
 
@@ -301,6 +314,20 @@ def test_wrong_memory_offset_rejected(snap):
 def test_unknown_hash_algo_rejected(snap):
     rewrite_header(snap, hash_algo=9)
     rejected(snap, "hash_algo", "saw 9 (unknown)")
+
+
+def test_version_3_file_claiming_sha256_rejected(snap):
+    """A version 3 header must say blake3: one claiming version 2's sha256 is refused naming hash_algo."""
+    rewrite_header(snap, hash_algo=image.HashAlgo.SHA256)
+    rejected(snap, "hash_algo", "expected 2 (blake3), the hash of format version 3, saw 1 (sha256)")
+
+
+def test_version_2_file_claiming_blake3_rejected(tmp_path):
+    """A version 2 header must say sha256: version 2 writers knew no other hash."""
+    path = tmp_path / "v2.snap"
+    shutil.copy(VERSION_2_FILE, path)
+    rewrite_header(path, hash_algo=image.HashAlgo.BLAKE3)
+    rejected(path, "hash_algo", "expected 1 (sha256), the hash of format version 2, saw 2 (blake3)")
 
 
 def test_unknown_hypervisor_rejected(snap):
@@ -527,8 +554,8 @@ def test_first_failing_check_wins_in_documented_order(snap):
     bad = {"magic": b"XXXXXXXX", "format_version": 9, "header_size": 1, "flags": 0, "arch": 9,
            "page_size": 1, "memory_offset": 1, "hash_algo": 9, "hypervisor": "x", "reserved": b"\x01",
            "memory_size": 2**63}
-    good = {"magic": image.MAGIC, "format_version": 2, "header_size": 4096, "flags": 1, "arch": 1,
-            "page_size": 4096, "memory_offset": 4096, "hash_algo": 1, "hypervisor": "kvm",
+    good = {"magic": image.MAGIC, "format_version": 3, "header_size": 4096, "flags": 1, "arch": 1,
+            "page_size": 4096, "memory_offset": 4096, "hash_algo": 2, "hypervisor": "kvm",
             "reserved": bytes(3912), "memory_size": MEMORY_SIZE}
     rewrite_header(snap, **bad)
     seen = []
@@ -549,6 +576,170 @@ def test_format_error_is_a_value_error_naming_field_expected_and_seen(snap):
     assert str(err) == f"snapshot header: page_size: expected 0x1000, saw 0x2000 ({snap})"
 
 
+# --- files of earlier versions -------------------------------------------------
+
+def test_a_version_2_file_loads_and_verifies_by_sha256():
+    """A file the version 2 writer wrote loads, its sha256 content hash verified, memory and vCPU state intact."""
+    img = SnapshotImage.open(VERSION_2_FILE)
+    assert (img.format_version, img.hash_algo, img.verified) == (2, image.HashAlgo.SHA256, True)
+    assert img.content_hash == hashlib.sha256(pattern(2 * image.PAGE_SIZE)).digest()
+    assert img.read_memory() == pattern(2 * image.PAGE_SIZE)
+    assert img.vcpu_states == (kvm_x86_state(0x11),)
+
+
+def test_a_changed_byte_in_a_version_2_image_is_caught_by_its_sha256(tmp_path):
+    """The old files' content check still bites: one flipped byte, and a verified load names content_hash."""
+    path = tmp_path / "v2.snap"
+    shutil.copy(VERSION_2_FILE, path)
+    with open(path, "r+b") as f:
+        f.seek(4096 + 0x1234)
+        f.write(b"\xff")
+    rejected(path, "content_hash", "(of the memory image)")
+
+
+# --- hashing as the image is written ------------------------------------------
+
+HASH_STEP = image._HASH_STEP
+# Two whole hashing pieces and a page: pieces meet at HASH_STEP and 2 * HASH_STEP.
+PIECES_SIZE = 2 * HASH_STEP + image.PAGE_SIZE
+
+
+def pieces_pattern() -> bytes:
+    page = bytes(range(256)) * (image.PAGE_SIZE // 256)
+    return b"".join(i.to_bytes(4, "little") + page[4:] for i in range(PIECES_SIZE // image.PAGE_SIZE))
+
+
+@pytest.fixture(scope="module")
+def pieces_file(tmp_path_factory) -> Path:
+    """A version 3 file hashed piece by piece as it was written (SnapshotImage.write marks each piece final)."""
+    path = tmp_path_factory.mktemp("pieces") / "pieces.snap"
+    SnapshotImage.write(path, pieces_pattern(), vcpu_states=[kvm_x86_state(0x11)])
+    return path
+
+
+@pytest.mark.parametrize("offset", [0, HASH_STEP - 1, HASH_STEP, 2 * HASH_STEP - 1, 2 * HASH_STEP, PIECES_SIZE - 1],
+                         ids=["first-byte", "end-of-piece-0", "start-of-piece-1", "end-of-piece-1",
+                              "start-of-the-last-page", "last-byte"])
+def test_a_changed_byte_at_a_piece_boundary_is_caught(pieces_file, tmp_path, offset):
+    """The image is hashed in pieces as it is written; a byte changed on either side of a seam is still caught."""
+    path = tmp_path / "changed.snap"
+    shutil.copy(pieces_file, path)
+    SnapshotImage.open(path)  # verifies as written
+    with open(path, "r+b") as f:
+        f.seek(4096 + offset)
+        was = f.read(1)[0]
+        f.seek(4096 + offset)
+        f.write(bytes([was ^ 0x01]))
+    rejected(path, "content_hash", "(of the memory image)")
+
+
+def test_write_hashes_each_byte_once_as_it_lands_and_never_reads_the_file(tmp_path, monkeypatch):
+    """SnapshotImage.write marks each piece final as it copies it: the thread hashes all of it, finalize reads
+    nothing back from the file (the bytes it would hash from there are counted: none)."""
+    read_back = []
+    real = image._hash_file_range
+    monkeypatch.setattr(image, "_hash_file_range",
+                        lambda f, offset, size, h, progress=None: (read_back.append(size),
+                                                                   real(f, offset, size, h, progress)))
+    memory = pieces_pattern()
+    with SnapshotImage.create(tmp_path / "w.snap", len(memory)) as w:
+        for start in range(0, len(memory), HASH_STEP):
+            w.memory[start:start + HASH_STEP] = memory[start:start + HASH_STEP]
+            w.mark_final(min(start + HASH_STEP, len(memory)))
+        img = w.finalize()
+    assert w.stats is not None
+    assert (w.stats.hashed_as_final, w.stats.hashed_at_finalize, sum(read_back)) == (len(memory), 0, 0)
+    assert img.content_hash == blake3.blake3(memory).digest() and SnapshotImage.open(img.path).verified
+
+
+def test_what_is_never_marked_final_is_hashed_from_the_file_at_finalize(tmp_path, monkeypatch):
+    """The counters are what happened: half marked final is hashed by the thread, the other half read back."""
+    read_back = []
+    real = image._hash_file_range
+    monkeypatch.setattr(image, "_hash_file_range",
+                        lambda f, offset, size, h, progress=None: (read_back.append(size),
+                                                                   real(f, offset, size, h, progress)))
+    memory = pieces_pattern()
+    half = HASH_STEP
+    with SnapshotImage.create(tmp_path / "half.snap", len(memory)) as w:
+        w.memory[:] = memory
+        w.mark_final(half)
+        img = w.finalize()
+    assert w.stats is not None
+    assert (w.stats.hashed_as_final, w.stats.hashed_at_finalize, sum(read_back)) == \
+        (half, len(memory) - half, len(memory) - half)
+    assert img.content_hash == blake3.blake3(memory).digest() and SnapshotImage.open(img.path).verified
+
+
+def test_writeback_starts_for_each_hashed_piece_once_covering_the_image(tmp_path, monkeypatch):
+    """Each piece the thread hashed has its writeback started, in order, without gaps or overlaps."""
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(image, "_writeback_starter", lambda fd: lambda offset, size: started.append((offset, size)))
+    SnapshotImage.write(tmp_path / "wb.snap", pieces_pattern())
+    ends = [image.MEMORY_OFFSET]
+    for offset, size in started:
+        assert offset == ends[-1], f"writeback started at {offset:#x}, the previous piece ended at {ends[-1]:#x}"
+        ends.append(offset + size)
+    assert ends[-1] == image.MEMORY_OFFSET + PIECES_SIZE, f"writeback ranges {started} do not cover the image"
+
+
+def test_a_failed_early_writeback_is_reported_and_the_file_still_completes(tmp_path, monkeypatch):
+    """Early writeback is a head start only: its error is reported in stats, the fsyncs write everything."""
+    def fails(offset, size):
+        raise OSError(5, f"sync_file_range(offset {offset:#x}): Input/output error")
+
+    monkeypatch.setattr(image, "_writeback_starter", lambda fd: fails)
+    path = tmp_path / "wbfail.snap"
+    with SnapshotImage.create(path, MEMORY_SIZE) as w:
+        w.memory[:] = pattern(MEMORY_SIZE)
+        w.mark_final(MEMORY_SIZE)
+        w.finalize()
+    assert w.stats is not None and "sync_file_range(offset 0x1000): Input/output error" in w.stats.writeback_error
+    assert SnapshotImage.open(path).read_memory() == pattern(MEMORY_SIZE)
+
+
+def test_a_hash_that_fails_on_the_thread_fails_finalize_and_leaves_the_file_incomplete(tmp_path, monkeypatch):
+    """An error on the hashing thread is not lost: finalize raises it, naming the hasher, and nothing is sealed."""
+    class Broken:
+        def update(self, data):
+            raise MemoryError("hash state lost")
+
+        def digest(self):
+            return bytes(32)
+
+    monkeypatch.setattr(image, "content_hasher", lambda algo: Broken())
+    path = tmp_path / "broken.snap"
+    with SnapshotImage.create(path, MEMORY_SIZE) as w:
+        w.memory[:] = pattern(MEMORY_SIZE)
+        w.mark_final(MEMORY_SIZE)
+        with pytest.raises(RuntimeError, match=r"the snapshot image hasher failed after 0x0 bytes: "
+                                               r"MemoryError\('hash state lost'\)"):
+            w.finalize()
+    rejected(path, "flags", "did not finish")
+
+
+def test_a_writer_dropped_without_finalize_stops_its_hashing_thread(tmp_path):
+    """Forgetting both finalize() and abort() leaves no thread behind once the writer is collected."""
+    import gc
+    import threading
+
+    w = SnapshotImage.create(tmp_path / "dropped.snap", MEMORY_SIZE)
+    w.memory[:] = pattern(MEMORY_SIZE)
+    w.mark_final(MEMORY_SIZE)
+    thread = next(t for t in threading.enumerate() if t.name == "snapshot-hasher")
+    del w
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive(), "the dropped writer's hashing thread still runs"
+
+
+@pytest.mark.parametrize("end", [-1, MEMORY_SIZE + 1])
+def test_mark_final_refuses_a_range_outside_the_image(tmp_path, end):
+    with SnapshotImage.create(tmp_path / "r.snap", MEMORY_SIZE) as w, \
+            pytest.raises(ValueError, match=f"mark_final: end {end:#x} outside the memory image"):
+        w.mark_final(end)
+
+
 # --- python -m native.image info ----------------------------------------------
 
 def test_info_prints_the_header_in_plain_words(snap, capsys):
@@ -557,11 +748,22 @@ def test_info_prints_the_header_in_plain_words(snap, capsys):
     out = capsys.readouterr().out
     for line in ("complete         yes", "architecture     x86_64", "hypervisor       kvm",
                  "page size        0x1000 (4 KiB)", "memory size      0x4000 (16 KiB), 4 pages",
-                 f"content hash     sha256 {hashlib.sha256(pattern(MEMORY_SIZE)).hexdigest()}",
+                 "format           snapproof snapshot, version 3",
+                 f"content hash     blake3 {blake3.blake3(pattern(MEMORY_SIZE)).hexdigest()}",
                  "vCPUs            2, state layout version 1, ",
                  f"  vCPU 0         kvm_x86 state, {len(STATES[0])} bytes: regs 144, sregs 312, xcrs 392, "
                  "vcpu_events 64, mp_state 4, debugregs 128, xsave 4096, msrs 32, cpuid 8 (2 MSRs)",
-                 "content check    verifies"):
+                 "content check    verifies (blake3 of 0x4000 (16 KiB) matches the header)"):
+        assert line in out, f"missing {line!r} in:\n{out}"
+
+
+def test_info_of_a_version_2_file_names_sha256(capsys):
+    """An old file shows its version and its algorithm, and verifies by it."""
+    assert image.main(["info", str(VERSION_2_FILE)]) == 0
+    out = capsys.readouterr().out
+    for line in ("format           snapproof snapshot, version 2",
+                 f"content hash     sha256 {hashlib.sha256(pattern(2 * image.PAGE_SIZE)).hexdigest()}",
+                 "content check    verifies (sha256 of 0x2000 (8 KiB) matches the header)"):
         assert line in out, f"missing {line!r} in:\n{out}"
 
 

@@ -25,9 +25,16 @@ INTERESTING_INTS = [0, 1, 7, 8, 0xFFF, 0x1000, 0x1001, 0x2000, MEMORY_SIZE - 0x1
                     MEMORY_SIZE + 0x1000, 2**31, 2**32 - 1, 2**32, 2**40, 2**63, 2**64 - 1]
 
 
-@pytest.fixture(scope="module")
-def valid_bytes(tmp_path_factory) -> bytes:
-    """A small valid snapshot (4 pages, two KVM x86 vCPU states) as raw bytes."""
+# Written by the version 2 writer (pinned in tests/test_image_tripwires.py): the loader's sha256 path.
+VERSION_2_FILE = Path(__file__).parent / "data" / "format-v2.snap"
+
+
+@pytest.fixture(scope="module", params=["version-3", "version-2"])
+def valid_bytes(request, tmp_path_factory) -> bytes:
+    """A small valid snapshot as raw bytes: one written now (4 pages, two KVM x86 vCPU states), and the saved
+    version 2 file (2 pages, one state)."""
+    if request.param == "version-2":
+        return VERSION_2_FILE.read_bytes()
     path = tmp_path_factory.mktemp("fuzz-seed") / "seed.snap"
     memory = bytes(range(256)) * (MEMORY_SIZE // 256)
     SnapshotImage.write(path, memory, vcpu_states=[kvm_x86_state(0x5A), kvm_x86_state(0xA5, msrs=3, cpuid_entries=2)])

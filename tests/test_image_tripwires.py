@@ -7,6 +7,7 @@ old files matter), then update the pins in the same change."""
 
 import hashlib
 import struct
+from pathlib import Path
 
 from native import image
 
@@ -21,7 +22,14 @@ def test_magic_is_pinned():
 
 def test_format_version_is_pinned():
     # 2: the vCPU states left the header page for a section after the image, as self-describing parts.
-    assert image.FORMAT_VERSION == 2, BREAKS_SAVED_SNAPSHOTS
+    # 3: the content hash is blake3, hashed while the capture copies; the layout is version 2's.
+    assert image.FORMAT_VERSION == 3, BREAKS_SAVED_SNAPSHOTS
+
+
+def test_each_readable_version_keeps_its_hash_algorithm():
+    """Version 2 files hold sha256 content hashes, version 3 files blake3: the loader reads both, each its own way."""
+    assert image.HASH_ALGO_OF_VERSION == {2: image.HashAlgo.SHA256, 3: image.HashAlgo.BLAKE3}, \
+        BREAKS_SAVED_SNAPSHOTS
 
 
 def test_vcpu_state_version_is_pinned():
@@ -100,15 +108,16 @@ def test_enum_codes_are_pinned():
     }
     assert codes == {
         "arch": {"X86_64": 1},
-        "hash_algo": {"SHA256": 1},
+        "hash_algo": {"SHA256": 1, "BLAKE3": 2},
         "vcpu_kind": {"KVM_X86": 1, "WHP_X86": 2},
         "flag_complete": 1,
         "hypervisors": ("kvm", "whp"),
     }, BREAKS_SAVED_SNAPSHOTS
 
 
-# sha256 of pack_header() and pack_vcpu_section() for the inputs below, computed when format version 2 was set.
-PINNED_HEADER_SHA256 = "f243c4fcedb3872eb5071f2758cb86dfa596f43db88dae1e0bb62a47a47ae773"
+# sha256 of pack_header() and pack_vcpu_section() for the inputs below, computed when format version 3 was set
+# (version 2's header for the same inputs, f243c4fc..., differed only in format_version, hash_algo and the checksum).
+PINNED_HEADER_SHA256 = "ea1f15d1b43ab5da88ad243cacb665e6b36bf059ba0419cd82e4018477795524"
 PINNED_SECTION_SHA256 = "4d030167a8907ff5e7cdb96186843b28092c7f735b775a5c1b8e7a2cecec4d2a"
 
 
@@ -129,6 +138,17 @@ def test_header_and_vcpu_section_bytes_for_fixed_inputs_are_pinned():
     section = image.pack_vcpu_section(states, kinds)
     assert (hashlib.sha256(header).hexdigest(), hashlib.sha256(section).hexdigest()) == \
         (PINNED_HEADER_SHA256, PINNED_SECTION_SHA256), BREAKS_SAVED_SNAPSHOTS
+
+
+# tests/data/format-v2.snap: written by the version 2 writer (2 pages, one KVM x86 vCPU state), kept as it was.
+VERSION_2_FILE = Path(__file__).parent / "data" / "format-v2.snap"
+PINNED_VERSION_2_FILE_SHA256 = "4b3f3b6e16812b5cee595d1aa91e8e11657549948e2a86d758d93cd18279efc7"
+
+
+def test_the_saved_version_2_file_is_pinned():
+    """The old file the loader's compatibility tests read must stay the one the old writer wrote."""
+    assert hashlib.sha256(VERSION_2_FILE.read_bytes()).hexdigest() == PINNED_VERSION_2_FILE_SHA256, \
+        "tests/data/format-v2.snap changed: it stands for the version 2 files already saved; never rewrite it"
 
 
 # --- invariants the pins rely on (not tripwires: these must simply hold) ------

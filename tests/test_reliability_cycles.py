@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import guests
+from native.capture import copy_into_file
 from native.image import MEMORY_OFFSET, SnapshotImage
 from native.kvm import ExitReason, Vm
 from native.memory import GuestMemory
@@ -60,7 +61,7 @@ def snapshot_cycle(workdir: Path) -> None:
                     snap.arm()
                     ex = vcpu.run(timeout=RUN_TIMEOUT_S)
                     assert ex.reason is ExitReason.HLT, f"source guest: expected HLT, saw {ex.describe()}"
-                    snap.bulk_copy()
+                    copy_into_file(snap, writer)  # the capture's copy: the writer's hashing thread runs too
                     stats = snap.finalize()
                     assert stats.fault_pages == 1, f"expected 1 page captured by fault, saw {stats.fault_pages}"
                 writer.finalize()
