@@ -302,10 +302,22 @@ def deselect_unavailable(config: pytest.Config, items: list[pytest.Item]) -> Non
     _deselect(config, items, why)
 
 
+def engine_offers(item: pytest.Item) -> list[str]:
+    """The engine capabilities a case needs: its ``engine_offers`` markers and its ``strategy`` parameter's
+    (native.strategies.STRATEGY_ENGINE_OFFERS)."""
+    caps = [str(c) for m in item.iter_markers("engine_offers") for c in m.args]
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and "strategy" in callspec.params and sys.platform != "win32":
+        from native.strategies import STRATEGY_ENGINE_OFFERS
+
+        caps += STRATEGY_ENGINE_OFFERS.get(callspec.params["strategy"], ())
+    return list(dict.fromkeys(caps))
+
+
 def deselect_for_engine(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect each case whose ``engine_offers`` capability the engine under test does not offer (an optional
-    part of the engine ABI, native.engine.CAPABILITIES), recording why: not a pass, and no host's fault."""
-    wanting = [(i, [str(c) for m in i.iter_markers("engine_offers") for c in m.args]) for i in items]
+    """Deselect each case needing a capability the engine under test does not offer (an optional part of the
+    engine ABI, native.engine.CAPABILITIES; ``engine_offers``), recording why: not a pass, and no host's fault."""
+    wanting = [(i, engine_offers(i)) for i in items]
     wanting = [(i, caps) for i, caps in wanting if caps]
     if not wanting:
         return

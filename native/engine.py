@@ -29,9 +29,10 @@ ABI_HEADER = Path(__file__).resolve().parent / "snapproof_engine.h"
 ENGINE_FUNCTIONS = ("spe_abi_version", "spe_engine_name", "spe_engine_version", "spe_create", "spe_arm", "spe_disarm",
                     "spe_rearm", "spe_bulk_copy", "spe_finalize", "spe_release", "spe_get_stats", "spe_close",
                     "spe_last_error")
-# ABI 1's optional extension, more than one snapshot per engine object: an engine whose spe_capabilities() (itself
-# optional: absent, no capability) offers any exports all of these.
+# ABI 1's optional extensions, each offered by a spe_capabilities() bit (itself optional: absent, no capability):
+# more than one snapshot per engine object (overlapping, consecutive), and a pre-armed snapshot.
 SNAPSHOT_FUNCTIONS = ("spe_snapshot_arm", "spe_snapshot_bulk_copy", "spe_snapshot_finalize", "spe_snapshot_get_stats")
+PREARM_FUNCTIONS = ("spe_prearm", "spe_arm_prearmed", "spe_prearm_get_stats")
 
 
 def _cdef_text() -> str:
@@ -47,11 +48,17 @@ ffi.cdef(_cdef_text())
 _C = ffi.dlopen(None)
 ABI_VERSION: int = _C.SPE_ABI_VERSION
 # The optional capabilities (spe_capabilities() bits), by the name phases ask for them and reports show.
-CAPABILITIES: dict[str, int] = {"overlapping": _C.SPE_CAP_OVERLAPPING, "consecutive": _C.SPE_CAP_CONSECUTIVE}
+CAPABILITIES: dict[str, int] = {"overlapping": _C.SPE_CAP_OVERLAPPING, "consecutive": _C.SPE_CAP_CONSECUTIVE,
+                                "prearmed": _C.SPE_CAP_PREARMED}
 CAPABILITY_MEANING = {
     "overlapping": "a snapshot armed while an earlier one is still live (its bulk copy running)",
     "consecutive": "a snapshot armed again on an engine object that finalized one",
+    "prearmed": "the region write-protected while the guest runs, the pause protecting again only the pages "
+                "written since",
 }
+# What an engine offering each capability must export.
+CAPABILITY_FUNCTIONS = {"overlapping": SNAPSHOT_FUNCTIONS, "consecutive": SNAPSHOT_FUNCTIONS,
+                        "prearmed": PREARM_FUNCTIONS}
 
 
 class EngineError(Exception):
@@ -150,10 +157,11 @@ def _load(p: Path, digest: str) -> Engine:
         raise EngineError(f"engine library {p} (ABI {abi}) does not export {', '.join(missing)}: every function "
                           "of native/snapproof_engine.h is part of the ABI")
     engine = Engine(p, lib, digest)
-    if engine.capability_bits and (short := [name for name in SNAPSHOT_FUNCTIONS if not _exports(lib, name)]):
-        raise EngineError(f"engine library {p} offers {', '.join(engine.capabilities) or 'capabilities'} snapshots "
-                          f"(spe_capabilities() = {engine.capability_bits:#x}) but does not export "
-                          f"{', '.join(short)}: an engine offering any exports every spe_snapshot_* function")
+    for capability in engine.capabilities:
+        if short := [name for name in CAPABILITY_FUNCTIONS[capability] if not _exports(lib, name)]:
+            raise EngineError(f"engine library {p} offers {capability} snapshots (spe_capabilities() = "
+                              f"{engine.capability_bits:#x}) but does not export {', '.join(short)}: an engine "
+                              f"offering {capability} snapshots exports {', '.join(CAPABILITY_FUNCTIONS[capability])}")
     _loaded[(p, digest)] = engine
     return engine
 

@@ -59,6 +59,13 @@ class FaultInjection(enum.Flag):
     # Overlapping snapshots (phase 2): a bulk copier un-protects its whole batch, pages another live snapshot still
     # lacks included, so writes to them land unseen by it (C, the built-in engine; in the top byte, not a slowdown).
     UNPROTECT_WHAT_OTHERS_LACK = 1 << 27
+    # A pre-armed snapshot (phase 5's wp-prearmed): the arm at the instant forgets to protect again the pages written
+    # since the pre-arm, so a write after the instant lands there uncaptured and the bulk copy reads it (C, the
+    # built-in engine; in the top byte, not a slowdown).
+    PREARM_FORGETS_WRITTEN = 1 << 28
+    # A pre-armed snapshot: the handler serves a fault read before the arm as the pre-arm's (record, un-protect, no
+    # capture) though the arm came before it served it: the fault in flight at the pause lands after the instant.
+    PREARM_DECIDES_AT_READ = 1 << 29
 
 
 # The switches implemented inside the C engine and the C lazy loader (SP_INJECT_*): the low byte, bit 23 and

@@ -32,6 +32,7 @@ class Point(enum.IntEnum):
     BULK_CAPTURE = lib.SP_POINT_BULK_CAPTURE
     BULK_WAIT = lib.SP_POINT_BULK_WAIT
     BULK_UNPROTECT = lib.SP_POINT_BULK_UNPROTECT
+    FAULT_PREARMED = lib.SP_POINT_FAULT_PREARMED
 
     @property
     def abi_name(self) -> str:
@@ -48,6 +49,7 @@ _MEANING = {
     Point.BULK_CAPTURE: "the bulk copier has claimed the page and not yet copied it",
     Point.BULK_WAIT: "the bulk copier found the page mid-capture by the fault handler and waits for that capture",
     Point.BULK_UNPROTECT: "the bulk copier is about to un-protect the page",
+    Point.FAULT_PREARMED: "the fault handler has read a write fault while pre-armed and not yet served it",
 }
 
 # A hold lasts at most this long: longer than any lined-up race needs, shorter than a test's ceiling.

@@ -71,7 +71,10 @@ enum spe_point {
     /* copier: page `first` of its batch is mid-capture by the handler; about to wait for that capture */
     SPE_POINT_BULK_WAIT = 4,
     /* copier: about to un-protect [first, first + n) */
-    SPE_POINT_BULK_UNPROTECT = 5
+    SPE_POINT_BULK_UNPROTECT = 5,
+    /* handler (SPE_CAP_PREARMED): a write fault on `first` read while pre-armed, not yet served (neither recorded
+     * nor captured); the arm may come before it is, as it does for a fault in flight when the pause begins */
+    SPE_POINT_FAULT_PREARMED = 6
 };
 
 /* Called at a named point; it may block (the suite holds the calling thread there), so an engine
@@ -173,6 +176,7 @@ const char *spe_last_error(void);
 /* spe_capabilities() bits. */
 #define SPE_CAP_OVERLAPPING 1 /* a snapshot may be armed while earlier ones are still live (copying) */
 #define SPE_CAP_CONSECUTIVE 2 /* after spe_snapshot_finalize(), spe_snapshot_arm() again, same engine */
+#define SPE_CAP_PREARMED 4    /* spe_prearm() while the guest runs, spe_arm_prearmed() at the instant (below) */
 
 struct spe_snapshot_stats {
     uint64_t arm_ns;             /* its arm: the whole region protected again, every page uncaptured for it */
@@ -204,6 +208,37 @@ int64_t spe_snapshot_bulk_copy(struct spe_engine *e, int id, uint64_t first_page
  * missing (complete it and finalize again). */
 int spe_snapshot_finalize(struct spe_engine *e, int id, int64_t timeout_ns);
 void spe_snapshot_get_stats(struct spe_engine *e, int id, struct spe_snapshot_stats *out);
+
+/* ---- optional: a pre-armed snapshot (SPE_CAP_PREARMED), whose arm does not grow with memory ---- */
+
+struct spe_prearm_stats {
+    uint64_t prearm_ns;          /* the last spe_prearm(): its pages protected, the guest running */
+    uint64_t recorded_pages;     /* pages written between the last spe_prearm() and spe_arm_prearmed(), each once */
+    uint64_t reprotected_pages;  /* spe_arm_prearmed(): pages it protected again */
+    uint64_t reprotect_calls;    /* spe_arm_prearmed(): UFFDIO_WRITEPROTECT calls that took (a run of contiguous
+                                    pages is one) */
+    uint64_t arm_ns;             /* spe_arm_prearmed(): its whole time, the pages protected again and the snapshot live */
+};
+
+/* An engine offering SPE_CAP_PREARMED exports the three functions below. They drive the one snapshot of
+ * spe_arm/spe_bulk_copy/spe_finalize (into cfg->dst): spe_prearm() and spe_arm_prearmed() together stand for
+ * spe_arm(), and bulk copy, finalize and release follow as after it.
+ *
+ * Write-protect the whole region with the guest running (its cost is not in the pause), every page uncaptured;
+ * capture nothing yet: until spe_arm_prearmed(), a write fault only records its page as written and
+ * un-protects it (the write goes on). Called again before spe_arm_prearmed(), a round, as pre-copy's: protect
+ * again the pages written since the last call, the guest running, and record anew, so that fewer are left for
+ * the pause. Returns the pages it protected (the whole region's, then each round's); -EBUSY when the engine is
+ * armed already. */
+int64_t spe_prearm(struct spe_engine *e);
+/* The snapshot instant, called with the vCPUs paused: protect again every page written since the last
+ * spe_prearm() (the engine's own record; contiguous pages in one call) and make the snapshot live: from here the
+ * engine behaves exactly as after spe_arm(), and the destination must equal guest memory as it is now. No page
+ * written before this call may stay writable, one whose fault is in flight included: a fault served before it
+ * records its page before un-protecting it, one served after it captures the page first. Returns the pages
+ * protected again; -EINVAL when the engine is not pre-armed. */
+int64_t spe_arm_prearmed(struct spe_engine *e);
+void spe_prearm_get_stats(struct spe_engine *e, struct spe_prearm_stats *out);
 /* CDEF-END */
 
 #if defined(__GNUC__)

@@ -16,6 +16,12 @@ The strategies:
 - ``wp-copy-before-write``: the engine under test (native.wp; the built-in one unless
   ``pytest --engine``): pause, arm WP,
   resume, bulk copy while the guest runs; a written page is copied first.
+- ``wp-prearmed``: the same engine, its arm split in two (an engine offering "prearmed" snapshots):
+  write-protect the whole region while the guest runs, where a write fault only makes the engine record
+  its page and un-protect it; then rounds, as pre-copy's, each protecting again the pages written since the
+  last, the guest running; the pause protects again just the pages written since the last round (the
+  engine's own record, runs of contiguous pages in one call each), so it grows with the pages written, not
+  with memory; from there as wp-copy-before-write.
 - ``precopy-wp-async``: iterative pre-copy while the guest runs: register the
   region with UFFD_FEATURE_WP_ASYNC, protect it, copy everything, then in
   rounds get-and-clear the written pages with PAGEMAP_SCAN
@@ -28,7 +34,10 @@ The strategies:
 Pre-copy stops iterating when a round finds at most ``stop_pages`` dirty pages
 (default: 1/256 of memory), when a round no longer shrinks the dirty set below
 3/4 of the previous one (the guest dirties as fast as we copy), or after
-``max_rounds``.
+``max_rounds``. The pre-armed rounds stop by the same rule, with ``stop_pages``
+1/4096 of memory by default (64 pages at 1 GiB): each page left for the pause
+can cost it a UFFDIO_WRITEPROTECT call of its own where the writes are scattered
+(about 1 us each on kvm_pvm), twice what copying a page costs pre-copy's pause.
 """
 
 from __future__ import annotations
@@ -49,13 +58,18 @@ from native.kvm import KVM_MEM_LOG_DIRTY_PAGES, Vm
 from native.live import VcpuRunner
 from native.memory import PAGE_SIZE, GuestMemory, buffer_address, copy_timed
 from native.uffd import require_features
-from native.wp import ENGINE_NEEDS, WpSnapshot, WpStats
+from native.wp import ENGINE_NEEDS, PrearmStats, WpSnapshot, WpStats
 
 STOP_AND_COPY: str = "stop-and-copy"
 WP_COPY_BEFORE_WRITE: str = "wp-copy-before-write"
 PRECOPY_WP_ASYNC: str = "precopy-wp-async"
 PRECOPY_KVM_DIRTY_LOG: str = "precopy-kvm-dirty-log"
-STRATEGIES: tuple[str, ...] = (STOP_AND_COPY, WP_COPY_BEFORE_WRITE, PRECOPY_WP_ASYNC, PRECOPY_KVM_DIRTY_LOG)
+WP_PREARMED: str = "wp-prearmed"
+STRATEGIES: tuple[str, ...] = (STOP_AND_COPY, WP_COPY_BEFORE_WRITE, WP_PREARMED, PRECOPY_WP_ASYNC,
+                               PRECOPY_KVM_DIRTY_LOG)
+# The strategies the engine under test takes (``pytest --engine``); the others need no engine.
+ENGINE_STRATEGIES: tuple[str, ...] = (WP_COPY_BEFORE_WRITE, WP_PREARMED)
+PRECOPIES: tuple[str, ...] = (PRECOPY_WP_ASYNC, PRECOPY_KVM_DIRTY_LOG)
 # What each strategy needs of the host (native.host capability names) on memfd guest memory, the one table of
 # it: the plugin reads it at collection, for a ``strategy`` parameter, and deselects a case whose strategy
 # needs what the host lacks, naming it (--strict-host fails it instead when the gate policy requires it);
@@ -67,7 +81,13 @@ STRATEGY_NEEDS: dict[str, tuple[str, ...]] = {
     PRECOPY_WP_ASYNC: ("kvm", "uffd", "uffd.PAGEFAULT_FLAG_WP", "uffd.WP_HUGETLBFS_SHMEM", "uffd.WP_ASYNC",
                        "pagemap_scan"),
     PRECOPY_KVM_DIRTY_LOG: ("kvm",),
+    WP_PREARMED: ("kvm", *ENGINE_NEEDS),
 }
+# What a strategy needs of the engine under test beyond ABI 1's required functions: an optional capability
+# (native.engine.CAPABILITIES). A need of another kind than the host's: no host class requires it, so --strict-host
+# never fails it; an engine without it has the strategy's cases deselected and the comparison leaves it out, each
+# naming the engine and what it lacks.
+STRATEGY_ENGINE_OFFERS: dict[str, tuple[str, ...]] = {WP_PREARMED: ("prearmed",)}
 
 
 @dataclass(frozen=True)
@@ -95,6 +115,9 @@ class StrategySnapshot:
     rounds: list[Round] = field(default_factory=list)  # pre-copy: round 0 is the full copy
     vcpu_states: list[bytes] = field(default_factory=list)
     wp_stats: WpStats | None = None
+    prearm: PrearmStats | None = None  # wp-prearmed: what its pause protected again
+    prearm_rounds: list[int] = field(default_factory=list)  # wp-prearmed: pages protected per pre-arm call, the
+                                                             # whole region first
 
     @property
     def bytes_ratio(self) -> float:
@@ -220,6 +243,42 @@ class WpCopyBeforeWrite(Snapshotter):
         super().close()
 
 
+def rounds_done(pages: list[int], stop_pages: int, max_rounds: int) -> bool:
+    """The rule that ends rounds (pre-copy's and the pre-arm's): the last found at most ``stop_pages``, or no longer
+    shrank below 3/4 of the one before (the guest writes as fast as a round goes), or ``max_rounds`` were run
+    after the first, whole one (``pages[0]``)."""
+    return (len(pages) > max_rounds or (len(pages) > 1 and (pages[-1] <= stop_pages
+                                                            or pages[-1] * 4 > pages[-2] * 3)))
+
+
+class WpPrearmed(WpCopyBeforeWrite):
+    """The engine's arm split around the pause: the pre-arm (the whole region protected) and its rounds while the
+    guest runs, and at the instant only the pages written since the last round protected again. Bulk copy and
+    finalize as wp-copy-before-write."""
+
+    name = WP_PREARMED
+
+    def __init__(self, memory: GuestMemory, destination: object, runner: VcpuRunner,
+                 inject: FaultInjection = FaultInjection.NONE, engine_lib: Engine | None = None,
+                 stop_pages: int | None = None, max_rounds: int = 16) -> None:
+        super().__init__(memory, destination, runner, inject=inject, engine_lib=engine_lib)
+        self.stop_pages = max(1, memory.size // PAGE_SIZE // 4096) if stop_pages is None else stop_pages
+        self.max_rounds = max_rounds
+
+    def _before_pause(self) -> None:
+        super()._before_pause()
+        engine = self.engine
+        assert engine is not None
+        rounds = self.result.prearm_rounds
+        rounds.append(engine.prearm())
+        while not rounds_done(rounds, self.stop_pages, self.max_rounds):
+            rounds.append(engine.prearm())
+
+    def _while_paused(self) -> None:
+        assert self.engine is not None
+        self.result.prearm = self.engine.arm_prearmed()
+
+
 class _PreCopy(Snapshotter):
     """Iterative pre-copy: full copy, rounds of dirty pages while the guest runs, the rest while paused."""
 
@@ -245,11 +304,8 @@ class _PreCopy(Snapshotter):
         self._start_tracking()
         # Round 0: everything. A page written from here on is dirty again and is copied in a later round.
         r.rounds.append(Round(self.npages, 0, copy_timed(self.destination, self.memory)))
-        while len(r.rounds) <= self.max_rounds:
-            rnd = self._round()
-            r.rounds.append(rnd)
-            if rnd.pages <= self.stop_pages or rnd.pages * 4 > r.rounds[-2].pages * 3:
-                break
+        while not rounds_done([x.pages for x in r.rounds], self.stop_pages, self.max_rounds):
+            r.rounds.append(self._round())
 
     def _while_paused(self) -> None:
         last = self._round()
@@ -340,6 +396,8 @@ def make_snapshotter(strategy: str, memory: GuestMemory, destination: object, ru
         return StopAndCopy(memory, destination, runner)
     if strategy == WP_COPY_BEFORE_WRITE:
         return WpCopyBeforeWrite(memory, destination, runner, inject=inject, engine_lib=engine)
+    if strategy == WP_PREARMED:
+        return WpPrearmed(memory, destination, runner, inject=inject, engine_lib=engine)
     if strategy == PRECOPY_WP_ASYNC:
         return PreCopyWpAsync(memory, destination, runner)
     if strategy == PRECOPY_KVM_DIRTY_LOG:

@@ -4,8 +4,11 @@ One ``WpSnapshot`` takes one snapshot of one GuestMemory into one destination bu
 snapproof's built-in engine unless another is given (``pytest --engine PATH``): ``arm()`` write-protects
 the region, the engine's handler thread copies a page before un-protecting it when anything writes it,
 ``bulk_copy()`` captures the rest, ``finalize()`` checks every page is captured, un-protects the region
-and joins the handler. ``close()`` always un-protects before the uffd goes. ``WpSnapshots`` takes several
-snapshots with one engine object, each into its own destination: a second armed while the first is still
+and joins the handler. ``close()`` always un-protects before the uffd goes. With an engine offering
+"prearmed" snapshots the arm takes two steps instead: ``prearm()`` write-protects the region while the
+guest runs (a write then only makes the engine record its page and un-protect it), and ``arm_prearmed()``,
+at the instant, protects again just the pages written since. ``WpSnapshots`` takes several snapshots with
+one engine object, each into its own destination: a second armed while the first is still
 copying (overlapping), or one after another (consecutive), for an engine that offers it (the ABI's optional
 spe_snapshot_* calls, ``Engine.capabilities``).
 
@@ -46,7 +49,8 @@ from native.uffd import open_uffd, require_features, supported_features
 
 # The uffd handshake lives in native.uffd and pagemap reading in native.pagemap; modules that reach them
 # through native.wp (native.restore, the reliability tests) still find them here.
-__all__ = ["BULK_BATCH", "ENGINE_NEEDS", "EngineObject", "FaultRecord", "HoleProtection", "SnapshotStats", "WpSnapshot",
+__all__ = ["BULK_BATCH", "ENGINE_NEEDS", "EngineObject", "FaultRecord", "HoleProtection", "PrearmStats",
+           "SnapshotStats", "WpSnapshot",
            "WpSnapshots", "WpStats",
            "raw_writeprotect_samples", "PM_PRESENT", "PM_SWAP", "PM_UFFD_WP", "pagemap_entry", "read_pagemap",
            "require_features", "supported_features"]
@@ -322,6 +326,35 @@ class WpSnapshot(EngineObject):
         self.armed = True
         return self.stats().arm_ns
 
+    def prearm(self) -> int:
+        """Write-protect the whole region with the guest running, capturing nothing yet: until ``arm_prearmed()``
+        a write only makes the engine record its page and un-protect it. Called again, a round: the pages written
+        since protected again, the guest running, so that fewer are left for the pause. Returns the pages protected."""
+        self._require_prearmed_engine("pre-arm WP")
+        pages = self._check(self.engine.lib.spe_prearm(self.handle), "pre-arm WP", mem=self.memory.addr,
+                            size=self.memory.size)
+        self.armed = True
+        return pages
+
+    def arm_prearmed(self) -> PrearmStats:
+        """The snapshot instant (call it with the vCPUs paused): the engine protects again the pages written since
+        ``prearm()``; from here the snapshot goes on as after ``arm()``."""
+        self._require_prearmed_engine("arm a pre-armed snapshot")
+        self._check(self.engine.lib.spe_arm_prearmed(self.handle), "arm a pre-armed snapshot")
+        return self.prearm_stats()
+
+    def prearm_stats(self) -> PrearmStats:
+        s = ffi.new("struct spe_prearm_stats *")
+        self.engine.lib.spe_prearm_get_stats(self.handle, s)
+        return PrearmStats(prearm_ns=int(s.prearm_ns), recorded_pages=int(s.recorded_pages),
+                           reprotected_pages=int(s.reprotected_pages), reprotect_calls=int(s.reprotect_calls),
+                           arm_ns=int(s.arm_ns))
+
+    def _require_prearmed_engine(self, what: str) -> None:
+        self._require_destination(what)
+        if why := self.engine.lacks("prearmed"):
+            raise ValueError(f"{what}: {why}")
+
     def rearm(self, first_page: int, npages: int = 1) -> None:
         """Protect a page range again, its pages uncaptured (the round-trip benchmark re-arms one page)."""
         self._require_destination("re-arm WP")
@@ -366,8 +399,25 @@ class WpSnapshot(EngineObject):
             self._raise(-err, "finalize WP snapshot", pages_not_captured=self.npages - stats.captured_pages)
         return self.stats()
 
+    def evidence(self) -> dict[str, Any]:
+        out = super().evidence()
+        if self._e is not None and not self.engine.lacks("prearmed"):
+            out["prearm"] = vars(self.prearm_stats())
+        return out
+
     def __enter__(self) -> WpSnapshot:
         return self
+
+
+@dataclass(frozen=True)
+class PrearmStats:
+    """A pre-armed snapshot's arm (``struct spe_prearm_stats``): what the pause protected again, and how."""
+
+    prearm_ns: int          # the whole region protected, the guest running (outside the pause)
+    recorded_pages: int     # pages written between the pre-arm and the arm, as the engine recorded them
+    reprotected_pages: int  # pages the arm protected again
+    reprotect_calls: int    # UFFDIO_WRITEPROTECT calls that took: a run of contiguous pages is one
+    arm_ns: int             # the arm at the instant, whole
 
 
 @dataclass(frozen=True)
@@ -397,7 +447,7 @@ class WpSnapshots(EngineObject):
                  inject: FaultInjection = FaultInjection.NONE, handler_cpu: int | None = None,
                  points: SlowPoints | None = None) -> None:
         engine = builtin_engine() if engine is None else engine
-        if not engine.capabilities:
+        if engine.lacks("overlapping") and engine.lacks("consecutive"):
             raise ValueError(f"{engine.lacks('consecutive')}; nor overlapping: one snapshot per engine object")
         self._live: dict[int, Any] = {}  # live snapshot id -> the view of its destination
         super().__init__(memory, None, engine=engine, inject=inject, handler_cpu=handler_cpu, points=points)

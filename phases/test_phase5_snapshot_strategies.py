@@ -1,13 +1,15 @@
-"""Phase 5 — snapshot strategies side by side: one running guest, four ways to snapshot it, the same oracles.
+"""Phase 5 — snapshot strategies side by side: one running guest, five ways to snapshot it, the same oracles.
 
 An engineer choosing a snapshot design sees the trade-offs measured on their
 own host. One storm32 vCPU writes at full speed throughout (the second core is
 the copier's); its memslots log dirty pages (KVM_MEM_LOG_DIRTY_PAGES, which
 KVM's dirty log needs from slot creation on). The same guest is snapshotted
-four times in turn (native/strategies.py):
+five times in turn (native/strategies.py):
 
 - stop-and-copy: pause, copy everything, resume;
 - wp-copy-before-write: this suite's engine: pause, arm WP, resume, copy while it runs;
+- wp-prearmed: the same engine, WP armed while the guest runs (a write only records its page and
+  un-protects it); the pause protects again just the pages written since, then as wp-copy-before-write;
 - precopy-wp-async: copy while it runs, then rounds of the pages written since
   (UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN get-and-clear), the last dirty pages in the pause;
 - precopy-kvm-dirty-log: the same rounds with KVM_GET_DIRTY_LOG, one bitmap per memslot.
@@ -15,13 +17,18 @@ four times in turn (native/strategies.py):
 Each snapshot is judged by the two oracles of phase 2: exact (it equals a
 reference copied while the vCPUs were stopped at the strategy's pause) and
 instant (guests/storm.check_instant). The report's table gives pause window,
-total time and bytes copied per strategy; timings are reported, never asserted.
+total time and bytes copied per strategy, and the pages wp-prearmed's pause
+protected again; timings are reported, never asserted. A pre-armed snapshot whose
+guest rewrote every page between the pre-arm and the pause, and writes on after
+it, is judged by the same oracles: every page it wrote must be protected again.
 
 What each strategy needs of the host is native.strategies.STRATEGY_NEEDS. On a
 host without one that its class does not require (WP_ASYNC and PAGEMAP_SCAN
 before kernel 6.7), that strategy's benchmark cases are deselected naming it,
 and the comparison leaves it out of its table, saying why, while the others,
-the WP engine's included, are judged as everywhere.
+the WP engine's included, are judged as everywhere. The same goes for an engine
+under test (--engine) that does not offer what a strategy needs of it
+(STRATEGY_ENGINE_OFFERS: wp-prearmed needs "prearmed" snapshots).
 
 Beside them, QEMU's own live snapshot (native/qemu.py: the background-snapshot
 migration capability, copy-before-write in another VMM) of the same storm32
@@ -40,16 +47,20 @@ import pytest
 from guests import storm
 from native.compare import exact_oracle
 from native.kvm import KVM_MEM_LOG_DIRTY_PAGES, ExitReason
+from native.layout import offset_of
 from native.live import VcpuRunner
 from native.memory import copy_timed
 from native.qemu import QEMU_ROW, QemuError, QemuGuest, QemuSnapshot
 from native.strategies import (
+    PRECOPIES,
     PRECOPY_KVM_DIRTY_LOG,
     PRECOPY_WP_ASYNC,
     STOP_AND_COPY,
     STRATEGIES,
+    STRATEGY_ENGINE_OFFERS,
     STRATEGY_NEEDS,
     WP_COPY_BEFORE_WRITE,
+    WP_PREARMED,
     make_snapshotter,
 )
 from native.wp import raw_writeprotect_samples
@@ -153,6 +164,13 @@ def instant(storm_vm, i, snapshot, states):
         return storm.check_instant(p, region, at=storm.instant_of_vcpu_state(p, states[i]))
 
 
+def cannot_run(strategy, unavailable, engine) -> str | None:
+    """Why this host (STRATEGY_NEEDS) or the engine under test (STRATEGY_ENGINE_OFFERS) cannot run ``strategy``;
+    None when both can."""
+    lacking = [why for c in STRATEGY_ENGINE_OFFERS.get(strategy, ()) if (why := engine.lacks(c))]
+    return unavailable(*STRATEGY_NEEDS[strategy]) or "; ".join(lacking) or None
+
+
 def memcpy_ns(size: int, host_limits) -> float:
     """What one warm memcpy of ``size`` takes at this host's rate: the floor of any full copy."""
     return size / host_limits["memcpy_bytes_per_s"] * 1e9
@@ -174,10 +192,14 @@ def strategy_stage(report, strategy, storm_vm, runner, snapshot, reference, snap
         st.check(snap.bytes_copied >= mem_size, f"copied {snap.bytes_copied / (1 << 20):.1f} MiB = "
                  f"{snap.bytes_ratio:.3f}x memory", f"copied {snap.bytes_copied:#x} bytes, less than "
                  f"memory {mem_size:#x}: some page never reached the snapshot")
-        if strategy == WP_COPY_BEFORE_WRITE and snap.wp_stats is not None:
+        if snap.wp_stats is not None:
             st.note(f"arm {fmt_ns(snap.wp_stats.arm_ns)} = {snap.wp_stats.arm_ns / raw_arm:.2f}x the bare "
                     f"ioctl on a quiet memfd; "
                     f"{snap.wp_stats.fault_pages} pages by fault, {snap.wp_stats.bulk_pages} by bulk copy")
+        if snap.prearm is not None:
+            st.note(f"pages protected per pre-arm round, the guest running: {', '.join(map(str, snap.prearm_rounds))}"
+                    f" | paused {snap.prearm.reprotected_pages} in {snap.prearm.reprotect_calls} calls "
+                    f"({snap.prearm.recorded_pages} recorded written since), {fmt_ns(snap.prearm.arm_ns)}")
         if snap.rounds:
             dirty_rate = snap.rounds[1].pages / (snap.rounds[0].copy_ns / 1e9) if len(snap.rounds) > 1 else 0
             st.note(f"pages per round: {rounds_text(snap)}; dirty rate during the full copy "
@@ -187,6 +209,7 @@ def strategy_stage(report, strategy, storm_vm, runner, snapshot, reference, snap
                      "stop_ns": snap.stop_ns, "total_ns": snap.total_ns, "bytes_copied": snap.bytes_copied,
                      "bytes_ratio": round(snap.bytes_ratio, 4), "paused_pages": snap.paused_pages,
                      "rounds": [r.pages for r in snap.rounds], "exact": exact_ok, "instant": all(verdicts),
+                     "reprotected_pages": None if snap.prearm is None else snap.prearm.reprotected_pages,
                      "pause_ratio_to_memcpy": round(snap.pause_ns / floor, 4)})
         st.check(exact_ok, "exact oracle: equals the reference copied while the vCPUs were stopped", detail)
         for i, v in enumerate(verdicts):
@@ -224,9 +247,10 @@ def qemu_stage(report, qemu_guests, mem_size: int, floor: float) -> dict:
 @pytest.mark.sizes(64 << 20, 256 << 20, 1 << 30)
 def test_every_strategy_snapshots_the_running_guest_consistently(report, unavailable, make_storm_vm, make_memory,
                                                                    snapshotters, qemu_guests, inject, host_limits,
-                                                                   mem_size):
-    """Stop-and-copy, WP copy-before-write and both pre-copies each snapshot the writing guest at one instant."""
-    left_out = {s: why for s in STRATEGIES if (why := unavailable(*STRATEGY_NEEDS[s]))}
+                                                                   engine, mem_size):
+    """Stop-and-copy, WP copy-before-write, pre-armed WP and both pre-copies each snapshot the writing guest at one
+    instant."""
+    left_out = {s: why for s in STRATEGIES if (why := cannot_run(s, unavailable, engine))}
     compared = [s for s in STRATEGIES if s not in left_out]
     floor = memcpy_ns(mem_size, host_limits)
     failures = []
@@ -249,7 +273,7 @@ def test_every_strategy_snapshots_the_running_guest_consistently(report, unavail
                   "this host's copy limit")
         st.timing("bare UFFDIO_WRITEPROTECT", raw_arm[2], "median of 5 on the guest's memory before it ran")
         for strategy, why in left_out.items():
-            st.note(f"{strategy}: left out, this host lacks what it needs: {why}")
+            st.note(f"{strategy}: left out, this host or engine lacks what it needs: {why}")
         if left_out:
             report.fact("strategies_left_out", left_out)
         if qemu_left_out:
@@ -267,15 +291,19 @@ def test_every_strategy_snapshots_the_running_guest_consistently(report, unavail
         exits = runner.stop()
 
     with report.stage("comparison") as st:
-        # 66 columns: the table stays aligned in an 80-column report.
-        st.note(f"{'strategy':<22}{'pause':>9}{'total':>9}{'bytes/mem':>10}  exact  instant")
+        # 62 columns: the table stays aligned in an 80-column report.
+        st.note(f"{'strategy':<22}{'pause':>9}{'total':>9}{'bytes':>7}{'reprot':>7}{'oracles':>8}")
+        mark = {True: "\u2713", False: "\u2717"}
         for r in rows:
-            mark = {True: "\u2713", False: "\u2717"}
+            reprotected = "-" if r["reprotected_pages"] is None else str(r["reprotected_pages"])
             st.note(f"{r['strategy']:<22}{fmt_ns(r['pause_ns']):>9}{fmt_ns(r['total_ns']):>9}"
-                    f"{r['bytes_ratio']:>9.3f}x  {mark[r['exact']]:^5}  {mark[r['instant']]:^7}")
+                    f"{r['bytes_ratio']:>6.3f}x{reprotected:>7}{mark[r['exact']] + ' ' + mark[r['instant']]:>8}")
         if qemu_row is not None:
             st.note(f"{QEMU_LABEL:<22}{fmt_ns(qemu_row['pause_ns']):>9}{fmt_ns(qemu_row['total_ns']):>9}"
-                    f"{qemu_row['bytes_ratio']:>9.3f}x  {'-':^5}  {'-':^7}")
+                    f"{qemu_row['bytes_ratio']:>6.3f}x{'-':>7}{'- -':>8}")
+        st.note("bytes: copied over memory size; reprot: pages the pause protected again (wp-prearmed); oracles: "
+                "exact, instant")
+        if qemu_row is not None:
             st.note(f"{QEMU_LABEL}: {QEMU_ROW}, QEMU's own figures; its stream is not read, so no oracle judges it")
             over_qemu = {r["strategy"]: round(r["total_ns"] / max(qemu_row["total_ns"], 1), 4) for r in rows}
             st.note("total time over QEMU's: " + ", ".join(f"{s} {x:.2f}x" for s, x in over_qemu.items()))
@@ -294,6 +322,12 @@ def test_every_strategy_snapshots_the_running_guest_consistently(report, unavail
                 st.note(f"WP's pause window {factor:.1f}x shorter than stop-and-copy's (the {WP_PAUSE_TARGET_X}x "
                         f"target is for {fmt_bytes(WP_PAUSE_TARGET_FROM)} and more)")
             report.fact("wp_pause_shorter_than_stop_and_copy_x", round(factor, 2))
+        if WP_PREARMED in by and (compared_precopies := [s for s in PRECOPIES if s in by]):
+            # The pre-armed pause over each pre-copy's, the same guest and buffers, one after the other in this run.
+            to_precopy = {s: round(by[WP_PREARMED]["pause_ns"] / by[s]["pause_ns"], 3) for s in compared_precopies}
+            st.note("target: pre-armed WP pause within 2x of the pre-copy pauses (at 1 GiB): "
+                    + ", ".join(f"{x:.2f}x {s}'s" for s, x in to_precopy.items()) + f" at {fmt_bytes(mem_size)}")
+            report.fact("prearmed_pause_to_precopy_x", to_precopy)
         precopies = [by[s]["bytes_ratio"] for s in (PRECOPY_WP_ASYNC, PRECOPY_KVM_DIRTY_LOG) if s in by]
         if precopies:
             st.target("bytes a pre-copy copied over memory (the worse pre-copy)", max(precopies),
@@ -366,6 +400,13 @@ def test_benchmark_pause_window(report, benchmark, make_storm_vm, make_memory, s
         total = median([s.total_ns for s in done])
         st.timing("total median", total)
         st.note(f"bytes copied: {max(copied.samples):.3f}x memory at most")
+        if strategy == WP_PREARMED:
+            reprotected = report.figure("reprotected_pages", [s.prearm.reprotected_pages for s in done if s.prearm],
+                                        "number", what="pages the pause protected again: written since the pre-arm")
+            # Where each pause went: stopping the vCPU (one mid-fault is served first) and the arm itself.
+            st.note(f"pages protected again per pause: {', '.join(str(int(n)) for n in reprotected.samples)}; "
+                    f"kick->stopped {', '.join(fmt_ns(s.stop_ns) for s in done)}; the arm "
+                    f"{', '.join(fmt_ns(s.prearm.arm_ns) for s in done if s.prearm)}")
         if total * LIMIT_SLACK < floor:
             # Every strategy copies all of memory at least once per snapshot (checked above, round by round).
             why = (f"a whole snapshot in {fmt_ns(total)}, {floor / total:.2f}x as fast as this host's warm memcpy of "
@@ -438,3 +479,62 @@ def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make
                           f"pause median {fmt_ns(pause)} against QEMU's {fmt_ns(median(pauses.samples))}")
     finally:
         runner.stop()
+
+
+# The pre-armed case's guest: its sweep of every page between the pre-arm and the pause is one WP fault per page.
+PREARMED_SWEEP_SIZE = 16 << 20
+
+
+@pytest.mark.sizes(PREARMED_SWEEP_SIZE, extendable=False)
+@pytest.mark.parametrize("strategy", [WP_PREARMED])
+def test_prearmed_wp_protects_again_every_page_written_since_the_prearm(report, make_storm_vm, make_memory,
+                                                                         snapshotters, inject, strategy, mem_size):
+    """A pre-armed WP snapshot whose guest rewrote every page after the pre-arm, and writes on after the pause,
+    equals memory at the pause."""
+    with report.stage("storm guest running") as st:
+        storm_vm, runner, snapshot, reference = start_storm(st, make_storm_vm, make_memory, mem_size)
+        p = storm_vm.params[0]
+        snapper = snapshotters(strategy, storm_vm, runner, snapshot.mm, inject)
+
+    try:
+        with report.stage("pre-armed, then every page of the region written") as st:
+            snapper.prepare()
+            gen = storm_vm.progress(0).cur_gen
+            # Generation gen + 1 starts after the pre-arm: once it is done, every page was written since.
+            storm_vm.wait(lambda: storm_vm.progress(0).done_gen > gen, f"sweep {gen + 1}, begun after the pre-arm",
+                          timeout=GUEST_TIMEOUT_S)
+            st.note(f"the guest swept its {p.npages} pages (generation {gen + 1}) after the pre-arm: each write's page "
+                    "made writable again and recorded")
+
+        with report.stage("the pause: the pages written since the pre-arm protected again") as st:
+            snapper.pause_window(reference=reference.mm)
+            snap, prearm = snapper.result, snapper.result.prearm
+            assert prearm is not None
+            st.timing("pause window", snap.pause_ns, f"{prearm.reprotected_pages} pages protected again in "
+                      f"{prearm.reprotect_calls} calls")
+            st.check(prearm.recorded_pages >= p.npages, f"the engine recorded {prearm.recorded_pages} pages written "
+                     f"since the pre-arm, the region's {p.npages} among them",
+                     f"the engine recorded {prearm.recorded_pages} pages written since the pre-arm; the guest wrote "
+                     f"all {p.npages} of its region")
+
+        with report.stage("the guest writes on after the pause") as st:
+            # Its next write goes to a page it wrote before the pause: one left writable lands uncaught.
+            nxt = storm.stream_point(p, storm.instant_of_vcpu_state(p, snap.vcpu_states[0]))
+            assert nxt is not None  # the storm runs forever
+            at = offset_of(p.page_gpa(nxt.page)) + 4 * storm.SLOT_WORDS[nxt.slot][0]
+            # At least its generation: a guest whose writes no longer fault sweeps on faster than this polls.
+            storm_vm.wait(lambda: int.from_bytes(storm_vm.memory.read(at, 4), "little") >= nxt.generation,
+                          f"the guest's first write after the pause ({nxt})", timeout=GUEST_TIMEOUT_S)
+            st.note(f"landed: {nxt}")
+            snap = snapper.complete()
+            assert snap.wp_stats is not None
+            st.note(f"then {snap.wp_stats.fault_pages} pages captured by fault, {snap.wp_stats.bulk_pages} by the bulk "
+                    "copy")
+    finally:
+        runner.stop()
+
+    with report.stage("both oracles") as st:
+        exact_ok, detail, verdicts = judge(storm_vm, snapshot, reference, snap.vcpu_states)
+        st.check(exact_ok, "exact oracle: equals the reference copied while the vCPUs were stopped", detail)
+        for i, v in enumerate(verdicts):
+            st.check(bool(v), f"instant oracle, vCPU {i}: {v.message}", f"instant oracle, vCPU {i}: {v.message}")

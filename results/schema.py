@@ -70,7 +70,7 @@ _ENGINE = {"anyOf": [
     _strict(["name", "version", "abi_version", "library", "sha256", "builtin"], name=_TEXT, version=_TEXT,
             abi_version={"type": "integer"}, library=_TEXT, sha256=_TEXT, builtin={"type": "boolean"},
             # native.engine.CAPABILITIES (not imported: this module is read on Windows too); absent before them
-            capabilities={"type": "array", "items": {"enum": ["overlapping", "consecutive"]}}),
+            capabilities={"type": "array", "items": {"enum": ["overlapping", "consecutive", "prearmed"]}}),
     _strict(["error"], error=_TEXT)]}
 
 # The gate policy's class for the host (results/hostpolicy.py); empty when the probe failed.

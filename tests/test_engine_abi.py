@@ -35,8 +35,10 @@ def test_abi_version_and_layouts_are_pinned():
     assert ffi.offsetof("struct spe_stats", "log") == 10 * 8 + 4 * 4 + 1024 * 8 + 64 * 8
     # The optional extension's (several snapshots per engine object): four u64 counters, then live.
     assert ffi.sizeof("struct spe_snapshot_stats") == 40 and ffi.offsetof("struct spe_snapshot_stats", "live") == 32
+    # The pre-armed snapshot's: five u64s.
+    assert ffi.sizeof("struct spe_prearm_stats") == 40 and ffi.offsetof("struct spe_prearm_stats", "arm_ns") == 32
     c = ffi.dlopen(None)
-    assert (c.SPE_CAP_OVERLAPPING, c.SPE_CAP_CONSECUTIVE) == (1, 2)
+    assert (c.SPE_CAP_OVERLAPPING, c.SPE_CAP_CONSECUTIVE, c.SPE_CAP_PREARMED) == (1, 2, 4)
 
 
 def test_named_points_are_the_same_numbers_in_the_abi_and_the_suite():
@@ -116,12 +118,28 @@ def test_an_engine_offering_capabilities_without_their_functions_is_refused(tmp_
     with pytest.raises(EngineError, match=r"offers overlapping snapshots \(spe_capabilities\(\) = 0x1\) but does "
                                           r"not export spe_snapshot_bulk_copy, spe_snapshot_finalize, spe_snapshot_"):
         load_engine(lib)
-    assert builtin_engine().capabilities == ["overlapping", "consecutive"]
+    assert builtin_engine().capabilities == ["overlapping", "consecutive", "prearmed"]
     naive = repo_engine("naive-fixed")
     assert naive.capabilities == [] and naive.describe()["capabilities"] == []
     assert "does not offer overlapping snapshots" in (naive.lacks("overlapping") or "")
     assert "it does not export spe_capabilities()" in (naive.lacks("consecutive") or "")
     assert builtin_engine().lacks("overlapping") is None
+
+
+def test_an_engine_offering_prearmed_snapshots_without_their_functions_is_refused(tmp_path):
+    """An engine offering pre-armed snapshots must export spe_prearm, spe_arm_prearmed and spe_prearm_get_stats, and
+    needs none of the several-snapshot functions; one short of them is refused naming what it lacks."""
+    from native.engine import ENGINE_FUNCTIONS, EngineError, load_engine
+
+    stubs = "".join(f"void {name}(void) {{}}\n" for name in ENGINE_FUNCTIONS if name != "spe_abi_version")
+    head = "unsigned spe_abi_version(void) { return 1; }\n" + stubs + \
+        "unsigned long long spe_capabilities(void) { return 4; }\nlong long spe_prearm(void) { return 0; }\n"
+    with pytest.raises(EngineError, match=r"offers prearmed snapshots \(spe_capabilities\(\) = 0x4\) but does not "
+                                          r"export spe_arm_prearmed, spe_prearm_get_stats: an engine offering"):
+        load_engine(_library(tmp_path, "halfarmed", head))
+    whole = load_engine(_library(tmp_path, "prearmed", head + "long long spe_arm_prearmed(void) { return 0; }\n"
+                                                              "void spe_prearm_get_stats(void) {}\n"))
+    assert whole.capabilities == ["prearmed"] and whole.lacks("overlapping") is not None
 
 
 def test_a_library_that_is_no_engine_or_no_library_is_refused(tmp_path):

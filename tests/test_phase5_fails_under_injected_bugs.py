@@ -1,5 +1,7 @@
-"""Phase 5 can fail: with the engine's copy-before-write switched off, the WP strategy's snapshot fails the
-oracles while the strategies that do not use the engine still pass, and the table says which.
+"""Phase 5 can fail: with the engine's copy-before-write switched off, the snapshots the engine takes (the WP
+strategy's and the pre-armed one's) fail the oracles while the strategies that do not use the engine still pass,
+and the table says which; with the pre-armed arm forgetting the pages written since the pre-arm, the pre-armed
+case whose guest rewrote every page fails its exact oracle, first run.
 
 A strategy this host cannot run (native.strategies.STRATEGY_NEEDS: WP_ASYNC and PAGEMAP_SCAN before kernel
 6.7) is left out of the child's comparison, which must say why; its control case here is deselected naming
@@ -10,11 +12,13 @@ from __future__ import annotations
 
 import pytest
 
-from native.strategies import STRATEGIES, STRATEGY_NEEDS, WP_COPY_BEFORE_WRITE
+from native.strategies import ENGINE_STRATEGIES, STRATEGIES, STRATEGY_NEEDS, WP_COPY_BEFORE_WRITE, WP_PREARMED
 from tests.phase_runner import PhaseRun, run_phase
 
 PHASE5 = "test_phase5_snapshot_strategies.py"
 COMPARISON = "test_every_strategy_snapshots_the_running_guest_consistently[64MiB]"
+PREARMED = f"test_prearmed_wp_protects_again_every_page_written_since_the_prearm[16MiB-{WP_PREARMED}]"
+SELECTED = "(consistently and 64MiB) or prearmed_wp_protects"
 ORACLES = ("exact oracle", "instant oracle")
 
 pytestmark = pytest.mark.needs(*STRATEGY_NEEDS[WP_COPY_BEFORE_WRITE])
@@ -22,8 +26,8 @@ pytestmark = pytest.mark.needs(*STRATEGY_NEEDS[WP_COPY_BEFORE_WRITE])
 
 @pytest.fixture(scope="module")
 def control() -> PhaseRun:
-    """The 64 MiB comparison with no switch set, run once for every strategy's control case."""
-    return run_phase(PHASE5, "-k", "consistently and 64MiB")
+    """The 64 MiB comparison and the pre-armed case with no switch set, run once for every control case."""
+    return run_phase(PHASE5, "-k", SELECTED)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -35,6 +39,11 @@ def test_phase5_passes_without_injection(control, strategy):
     rows = {r["strategy"]: r for r in facts["strategies"]}
     assert strategy in rows, f"{strategy}: not in the comparison's table; left out: {facts.get('strategies_left_out')}"
     assert (rows[strategy]["exact"], rows[strategy]["instant"]) == (True, True), rows[strategy]
+
+
+def test_phase5_prearmed_case_passes_without_injection(control):
+    """The control: the pre-armed snapshot whose guest rewrote every page since the pre-arm passes both oracles."""
+    assert control.outcome(PREARMED) == "passed", control.failure(PREARMED)
 
 
 def test_phase5_names_each_strategy_it_left_out(control, host, unavailable):
@@ -72,15 +81,27 @@ def test_phase5_puts_qemu_beside_the_strategies_or_says_why_not(control, unavail
 
 
 def test_phase5_catches_a_wp_engine_without_copy_before_write():
-    """no-copy-before-write: the WP strategy's stage fails at an oracle, the other strategies' stages pass."""
+    """no-copy-before-write: the stages of the strategies the engine takes fail at an oracle, the other strategies'
+    stages pass."""
     run = run_phase(PHASE5, "-k", "consistently and 64MiB", inject="no-copy-before-write")
     case = run.cases()[COMPARISON]
     assert case["outcome"] == "failed", run.output
     assert "wp-copy-before-write" in case["failure"] and any(o in case["failure"] for o in ORACLES), case["failure"]
     stages = {s["name"]: s["ok"] for s in case["stages"]}
-    assert stages[WP_COPY_BEFORE_WRITE] is False
     left_out = case["facts"].get("strategies_left_out", {})
-    others = [s for s in STRATEGIES if s != WP_COPY_BEFORE_WRITE and s not in left_out]
+    taken = [s for s in ENGINE_STRATEGIES if s not in left_out]
+    assert all(stages[s] is False for s in taken), stages
+    others = [s for s in STRATEGIES if s not in ENGINE_STRATEGIES and s not in left_out]
     assert all(stages[s] for s in others), stages
-    wp_row = next(r for r in case["facts"]["strategies"] if r["strategy"] == WP_COPY_BEFORE_WRITE)
-    assert not (wp_row["exact"] and wp_row["instant"]), wp_row
+    rows = {r["strategy"]: r for r in case["facts"]["strategies"]}
+    assert all(not (rows[s]["exact"] and rows[s]["instant"]) for s in taken), [rows[s] for s in taken]
+
+
+def test_phase5_catches_a_prearmed_pause_that_forgets_the_pages_written_since_the_prearm():
+    """prearm-forgets-written: the pre-armed case fails its exact oracle on the first run (the guest's write after the
+    pause lands in a page left writable, and the bulk copy reads it)."""
+    run = run_phase(PHASE5, "-k", "prearmed_wp_protects", inject="prearm-forgets-written")
+    assert run.outcome(PREARMED) == "failed", run.output[-3000:]
+    failure = run.failure(PREARMED)
+    assert "exact oracle" in failure and "differ from memory at the pause" in failure, failure
+    print(f"prearm-forgets-written: caught on the first run: {failure}")

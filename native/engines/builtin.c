@@ -26,7 +26,8 @@ _Static_assert((int)SPE_POINT_FAULT_CAPTURE == (int)SP_POINT_FAULT_CAPTURE &&
                    (int)SPE_POINT_FAULT_WAIT == (int)SP_POINT_FAULT_WAIT &&
                    (int)SPE_POINT_BULK_CAPTURE == (int)SP_POINT_BULK_CAPTURE &&
                    (int)SPE_POINT_BULK_WAIT == (int)SP_POINT_BULK_WAIT &&
-                   (int)SPE_POINT_BULK_UNPROTECT == (int)SP_POINT_BULK_UNPROTECT,
+                   (int)SPE_POINT_BULK_UNPROTECT == (int)SP_POINT_BULK_UNPROTECT &&
+                   (int)SPE_POINT_FAULT_PREARMED == (int)SP_POINT_FAULT_PREARMED,
                "the engine's named points are the ABI's");
 _Static_assert(SPE_FAULT_LOG == SP_FAULT_LOG && SPE_HIST_BUCKETS == SP_HIST_BUCKETS && SPE_MAX_CPUS == SP_MAX_CPUS,
                "the engine's stats arrays are the ABI's");
@@ -157,7 +158,7 @@ void spe_get_stats(struct spe_engine *e, struct spe_stats *out)
 
 /* ---- several snapshots per engine object: overlapping and consecutive (uffd_wp.c, sp_wp_snap_*) ---- */
 
-uint64_t spe_capabilities(void) { return SPE_CAP_OVERLAPPING | SPE_CAP_CONSECUTIVE; }
+uint64_t spe_capabilities(void) { return SPE_CAP_OVERLAPPING | SPE_CAP_CONSECUTIVE | SPE_CAP_PREARMED; }
 
 int spe_snapshot_arm(struct spe_engine *e, uint64_t dst, uint64_t dst_size)
 {
@@ -187,6 +188,25 @@ void spe_snapshot_get_stats(struct spe_engine *e, int id, struct spe_snapshot_st
     out->bulk_pages = s.bulk_pages;
     out->shared_fault_pages = s.shared_fault_pages;
     out->live = (uint32_t)s.live;
+}
+
+/* ---- a pre-armed snapshot (uffd_wp.c, sp_wp_prearm & co.) ---- */
+
+_Static_assert(sizeof(struct spe_prearm_stats) == sizeof(struct sp_wp_prearm_stats),
+               "the engine's pre-arm stats are the ABI's, field for field");
+
+int64_t spe_prearm(struct spe_engine *e) { return sp_wp_prearm(e->w); }
+int64_t spe_arm_prearmed(struct spe_engine *e) { return sp_wp_arm_prearmed(e->w); }
+
+void spe_prearm_get_stats(struct spe_engine *e, struct spe_prearm_stats *out)
+{
+    struct sp_wp_prearm_stats s;
+    sp_wp_prearm_get_stats(e->w, &s);
+    out->prearm_ns = s.prearm_ns;
+    out->recorded_pages = s.recorded_pages;
+    out->reprotected_pages = s.reprotected_pages;
+    out->reprotect_calls = s.reprotect_calls;
+    out->arm_ns = s.arm_ns;
 }
 
 void spe_close(struct spe_engine *e)

@@ -16,7 +16,7 @@
 #include "internal.h"
 
 #define SP_POINTS_SLOTS 16
-#define SP_POINTS_KINDS 8 /* enum spe_point values are 1..5; room for more */
+#define SP_POINTS_KINDS 8 /* enum spe_point values are 1..6; room for more */
 
 struct sp_points_slot {
     int used;

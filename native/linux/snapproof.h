@@ -170,6 +170,13 @@ enum sp_inject {
     /* Overlapping snapshots: a snapshot's bulk copier un-protects its batch whole, pages another live snapshot
      * still lacks included: writes to them land unseen by that snapshot. */
     SP_INJECT_UNPROTECT_WHAT_OTHERS_LACK = 0x8000000,
+    /* A pre-armed snapshot: the arm at the instant forgets to protect again the pages written since the pre-arm,
+     * so they stay writable and a write after the instant lands uncaptured, for the bulk copy to read. */
+    SP_INJECT_PREARM_FORGETS_WRITTEN = 0x10000000,
+    /* A pre-armed snapshot: the handler serves a fault it read before the arm as the pre-arm's (records and
+     * un-protects its page, no capture) even when the arm came before it served it: the fault in flight at the
+     * pause lets its write land after the instant, uncaptured. */
+    SP_INJECT_PREARM_DECIDES_AT_READ = 0x20000000,
     /* Performance regressions (the snapshot stays right, only slower): the gate must catch them. The low
      * byte is full; these take the top byte (native/inject.py C_SWITCHES). */
     SP_INJECT_UNPROTECT_PER_PAGE = 0x1000000,   /* the bulk copier un-protects page by page, not a batch per ioctl */
@@ -189,7 +196,8 @@ enum sp_point {
     SP_POINT_FAULT_WAIT = 2,     /* handler: page being copied by the copier; about to wait for it */
     SP_POINT_BULK_CAPTURE = 3,   /* copier: pages claimed, not yet copied */
     SP_POINT_BULK_WAIT = 4,      /* copier: a page of its batch mid-capture by the handler; about to wait */
-    SP_POINT_BULK_UNPROTECT = 5  /* copier: about to un-protect a range */
+    SP_POINT_BULK_UNPROTECT = 5, /* copier: about to un-protect a range */
+    SP_POINT_FAULT_PREARMED = 6  /* handler: a write fault read while pre-armed, not yet served */
 };
 typedef void (*sp_point_fn)(void *ctx, uint32_t point, uint64_t first_page, uint64_t npages);
 
@@ -258,6 +266,20 @@ int64_t sp_wp_snap_bulk_copy(struct sp_wp *w, int id, uint64_t first_page, uint6
 int64_t sp_wp_snap_pages_in_state(struct sp_wp *w, int id, int state);
 int sp_wp_snap_finalize(struct sp_wp *w, int id);
 int sp_wp_snap_get_stats(struct sp_wp *w, int id, struct sp_wp_snap_stats *out);
+/* A pre-armed snapshot (the engine ABI's spe_prearm & co.): the region protected while the guest runs, each write
+ * fault until the arm only recorded and un-protected (sp_wp_prearm again: a round, the pages recorded so far
+ * protected again, the guest running); the arm, with the vCPUs paused, protects again just the pages recorded,
+ * in runs of contiguous pages, and from there snapshot 0 is taken as after sp_wp_arm. */
+struct sp_wp_prearm_stats {
+    uint64_t prearm_ns;
+    uint64_t recorded_pages;
+    uint64_t reprotected_pages;
+    uint64_t reprotect_calls;
+    uint64_t arm_ns;
+};
+int64_t sp_wp_prearm(struct sp_wp *w);
+int64_t sp_wp_arm_prearmed(struct sp_wp *w);
+void sp_wp_prearm_get_stats(struct sp_wp *w, struct sp_wp_prearm_stats *out);
 
 /* ---- named points held by a test (slow_points.c) ------------------ */
 /* The suite's side of the engines' named points: sp_points_hook is the spe_point_fn an engine gets

@@ -210,7 +210,22 @@ struct sp_wp {
     struct sp_wp_stats stats;
     sp_point_fn point; /* the named points' hook, or NULL */
     void *point_ctx;
+    /* A pre-armed snapshot (sp_wp_prearm): from the pre-arm to the arm at the instant, `tracking` is set and a write
+     * fault records its page in `written` (once: `written_at` marks it) and un-protects it, both under prot_mu.
+     * The arm takes prot_mu too, so every page a fault made writable before the arm is in the record it reads:
+     * which is what makes the record complete at the instant without waiting for faults in flight. */
+    int tracking;         /* changed under prot_mu (__atomic: the handler reads it early, as a hint, for its point) */
+    uint8_t *written_at;  /* per page, 1: in `written`; allocated at the first pre-arm */
+    uint64_t *written;    /* the pages recorded, in the order their faults were served */
+    uint64_t nwritten;
+    uint64_t *taken;      /* a pre-arm round's record, taken out of `written` and protected again without prot_mu */
+    struct sp_wp_prearm_stats prearm;
 };
+
+/* Two runs of pages to protect again closer than this are protected in one call, the pages between them included:
+ * those are protected since the pre-arm already (only a recorded page was ever made writable), and one call costs
+ * about what walking 16 pages' entries does (kvm_pvm: 1.2 us a call, 80 ns a page of a whole-region protect). */
+#define SP_REPROTECT_BRIDGE 16ULL
 
 /* A named point (enum sp_point): a test may hold this thread here, at this page, to line a race up. */
 static inline void at_point(struct sp_wp *w, uint32_t point, uint64_t first_page, uint64_t npages)
@@ -345,6 +360,30 @@ static void record_fault(struct sp_wp *w, const struct uffd_msg *msg, uint64_t o
     }
 }
 
+/* Pre-armed, with prot_mu held: the page is about to be made writable before the snapshot instant. */
+static void record_written(struct sp_wp *w, uint64_t page)
+{
+    if (w->written_at[page])
+        return; /* a second fault on it (two writers at once): recorded already */
+    w->written_at[page] = 1;
+    w->written[w->nwritten++] = page;
+}
+
+/* With prot_mu held: the record empty (its pages' marks cleared: a fault records them again). */
+static void clear_written(struct sp_wp *w)
+{
+    for (uint64_t i = 0; i < w->nwritten; i++)
+        w->written_at[w->written[i]] = 0;
+    w->nwritten = 0;
+}
+
+/* With prot_mu held: no pre-arm any more. */
+static void forget_written(struct sp_wp *w)
+{
+    __atomic_store_n(&w->tracking, 0, __ATOMIC_RELEASE);
+    clear_written(w);
+}
+
 static int serve(struct sp_wp *w, const struct uffd_msg *msg)
 {
     int64_t t0 = sp_now_ns();
@@ -363,14 +402,25 @@ static int serve(struct sp_wp *w, const struct uffd_msg *msg)
             return r;
     }
     if (msg->arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) {
-        for (;;) {
-            uint64_t seq = __atomic_load_n(&w->arm_seq, __ATOMIC_ACQUIRE);
-            copied |= capture_for_live(w, page);
+        uint64_t seq = __atomic_load_n(&w->arm_seq, __ATOMIC_ACQUIRE);
+        int read_prearmed = __atomic_load_n(&w->tracking, __ATOMIC_ACQUIRE);
+        if (read_prearmed) /* read before the instant; the arm may yet come before it is served (the pause's race) */
+            at_point(w, SP_POINT_FAULT_PREARMED, page, 1);
+        if (read_prearmed && (w->inject & SP_INJECT_PREARM_DECIDES_AT_READ)) {
+            /* The bug: served as the pre-arm's because it was read then, the arm in between or not: no capture. */
             pthread_mutex_lock(&w->prot_mu);
-            if (__atomic_load_n(&w->arm_seq, __ATOMIC_ACQUIRE) == seq)
-                break; /* every live snapshot holds the page: the one un-protect below, under prot_mu */
-            pthread_mutex_unlock(&w->prot_mu); /* a snapshot was armed meanwhile: the page goes into it too */
+        } else {
+            for (;;) {
+                copied |= capture_for_live(w, page);
+                pthread_mutex_lock(&w->prot_mu);
+                if (__atomic_load_n(&w->arm_seq, __ATOMIC_ACQUIRE) == seq)
+                    break; /* every live snapshot holds the page: the one un-protect below, under prot_mu */
+                pthread_mutex_unlock(&w->prot_mu); /* a snapshot was armed meanwhile: the page goes into it too */
+                seq = __atomic_load_n(&w->arm_seq, __ATOMIC_ACQUIRE);
+            }
         }
+        if (w->tracking) /* pre-armed still, under prot_mu: recorded before the un-protect below, in the same hold */
+            record_written(w, page);
     } else {
         pthread_mutex_lock(&w->prot_mu);
     }
@@ -576,11 +626,137 @@ int sp_wp_arm(struct sp_wp *w)
         return -EOWNERDEAD; /* nobody would serve the faults: writers would block until release */
     int64_t t0 = sp_now_ns();
     pthread_mutex_lock(&w->prot_mu);
+    if (w->written)
+        forget_written(w); /* a whole arm after a pre-arm: every page is protected again anyway */
     memset(w->snap[0].state, SP_PAGE_CLEAN, w->npages);
     int r = protect_for(w, &w->snap[0], 0, w->npages);
     pthread_mutex_unlock(&w->prot_mu);
     w->stats.arm_ns = w->snap[0].arm_ns = (uint64_t)(sp_now_ns() - t0);
     return r;
+}
+
+/* ---- a pre-armed snapshot: the engine ABI's spe_prearm, spe_arm_prearmed ---- */
+
+static int cmp_page(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Protect again the n pages listed (sorted here), one call per run of them, runs fewer than SP_REPROTECT_BRIDGE
+ * pages apart joined: the cost follows the pages listed, not memory's size. */
+static int protect_listed(struct sp_wp *w, uint64_t *pages, uint64_t n, uint64_t *calls)
+{
+    qsort(pages, n, sizeof(*pages), cmp_page);
+    int r = 0;
+    for (uint64_t i = 0; i < n && r == 0;) {
+        uint64_t j = i + 1;
+        while (j < n && pages[j] - pages[j - 1] <= SP_REPROTECT_BRIDGE)
+            j++;
+        r = writeprotect_pages(w, pages[i], pages[j - 1] + 1, 1);
+        (*calls)++;
+        i = j;
+    }
+    return r;
+}
+
+/* A round: the pages recorded since the last call taken out of the record and protected again, the guest running.
+ * The record is swapped under prot_mu, the protect runs without it: a page of the round written before its protect
+ * lands unrecorded, but before the instant, and is protected by the time this returns; one written after is a
+ * fault again, recorded. So once this returns, every writable page is a recorded one, as after the first call. */
+static int64_t prearm_round(struct sp_wp *w)
+{
+    pthread_mutex_lock(&w->prot_mu);
+    uint64_t *round = w->written;
+    uint64_t n = w->nwritten;
+    clear_written(w);
+    w->written = w->taken;
+    w->taken = round;
+    pthread_mutex_unlock(&w->prot_mu);
+    uint64_t calls = 0;
+    int r = protect_listed(w, round, n, &calls);
+    return r < 0 ? r : (int64_t)n;
+}
+
+/* The whole region protected while the guest runs; until sp_wp_arm_prearmed() a write fault only records its page
+ * (serve, record_written) and un-protects it. The protect runs without prot_mu: a fault served meanwhile records
+ * its page whichever of the two changes that page last, so a writable page is always a recorded one. Called again
+ * before the arm, a round (prearm_round). Returns the pages protected. */
+int64_t sp_wp_prearm(struct sp_wp *w)
+{
+    if (!w->snap[0].dst) {
+        errno = EINVAL;
+        return sp_fail("sp_wp_prearm(no destination)");
+    }
+    if (refuse_if_dead(w, "sp_wp_prearm(fault handler died)") < 0)
+        return -EOWNERDEAD;
+    if (!w->written_at) {
+        w->written_at = calloc(w->npages, 1);
+        w->written = calloc(w->npages, sizeof(*w->written));
+        w->taken = calloc(w->npages, sizeof(*w->taken));
+        if (!w->written_at || !w->written || !w->taken) {
+            free(w->written_at);
+            free(w->written);
+            free(w->taken);
+            w->written_at = NULL;
+            w->written = w->taken = NULL;
+            errno = ENOMEM;
+            return sp_fail("calloc(pre-arm record)");
+        }
+    }
+    int64_t t0 = sp_now_ns();
+    pthread_mutex_lock(&w->prot_mu);
+    int again = w->tracking, busy = !again && w->armed;
+    if (!again && !busy) {
+        clear_written(w);
+        /* Every page uncaptured now, not in the pause: nothing captures before the arm (no snapshot is live). */
+        memset(w->snap[0].state, SP_PAGE_CLEAN, w->npages);
+        memset(&w->prearm, 0, sizeof(w->prearm));
+        __atomic_store_n(&w->tracking, 1, __ATOMIC_RELEASE);
+        w->armed = 1; /* a release from here on un-protects the region */
+    }
+    pthread_mutex_unlock(&w->prot_mu);
+    if (busy) {
+        errno = EBUSY;
+        return sp_fail("sp_wp_prearm(armed already: finalize or release first)");
+    }
+    int64_t r = again ? prearm_round(w) : writeprotect_pages(w, 0, w->npages, 1);
+    w->prearm.prearm_ns = (uint64_t)(sp_now_ns() - t0);
+    return r < 0 ? r : again ? r : (int64_t)w->npages;
+}
+
+/* The instant (vCPUs paused): the pages recorded since the last pre-arm call protected again, snapshot 0 live. Under
+ * prot_mu throughout: a fault served before it recorded its page (protected again here), one whose message was read
+ * before it but not yet served finds arm_seq moved and captures first (serve), as after sp_wp_arm. */
+int64_t sp_wp_arm_prearmed(struct sp_wp *w)
+{
+    if (refuse_if_dead(w, "sp_wp_arm_prearmed(fault handler died)") < 0)
+        return -EOWNERDEAD;
+    int64_t t0 = sp_now_ns();
+    pthread_mutex_lock(&w->prot_mu);
+    if (!w->tracking) {
+        pthread_mutex_unlock(&w->prot_mu);
+        errno = EINVAL;
+        return sp_fail("sp_wp_arm_prearmed(not pre-armed: sp_wp_prearm first)");
+    }
+    __atomic_store_n(&w->snap[0].live, 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&w->arm_seq, 1, __ATOMIC_RELEASE);
+    uint64_t n = w->nwritten, calls = 0;
+    int r = 0;
+    if (!(w->inject & SP_INJECT_PREARM_FORGETS_WRITTEN)) /* the bug: they stay writable, for writes to land uncaught */
+        r = protect_listed(w, w->written, n, &calls);
+    forget_written(w);
+    pthread_mutex_unlock(&w->prot_mu);
+    w->prearm.recorded_pages = n;
+    w->prearm.reprotected_pages = r < 0 || (w->inject & SP_INJECT_PREARM_FORGETS_WRITTEN) ? 0 : n;
+    w->prearm.reprotect_calls = calls;
+    w->prearm.arm_ns = w->stats.arm_ns = w->snap[0].arm_ns = (uint64_t)(sp_now_ns() - t0);
+    return r < 0 ? r : (int64_t)w->prearm.reprotected_pages;
+}
+
+void sp_wp_prearm_get_stats(struct sp_wp *w, struct sp_wp_prearm_stats *out)
+{
+    memcpy(out, &w->prearm, sizeof(*out));
 }
 
 /* Protect [first, first + n) again with its pages CLEAN: a second snapshot of part of the region. */
@@ -611,6 +787,8 @@ int sp_wp_disarm(struct sp_wp *w)
     if (r == 0) {
         w->armed = 0;
         __atomic_store_n(&w->snap[0].live, 0, __ATOMIC_SEQ_CST);
+        if (w->written)
+            forget_written(w);
     }
     pthread_mutex_unlock(&w->prot_mu);
     return r;
@@ -665,6 +843,10 @@ static int64_t bulk_copy(struct sp_wp *w, int id, uint64_t first_page, uint64_t 
     if (!s->dst) {
         errno = EINVAL; /* finalized or released: the destination is no longer ours to write */
         return sp_fail("sp_wp_bulk_copy(no destination)");
+    }
+    if (__atomic_load_n(&w->tracking, __ATOMIC_ACQUIRE)) {
+        errno = EINVAL; /* pre-armed: no instant yet, nothing to capture */
+        return sp_fail("sp_wp_bulk_copy(pre-armed, not armed: sp_wp_arm_prearmed first)");
     }
     int64_t copied = 0;
     uint64_t end = first_page + npages;
@@ -758,6 +940,7 @@ int sp_wp_release(struct sp_wp *w, int64_t timeout_ns)
         pthread_mutex_lock(&w->prot_mu);
     for (int i = 0; i < SP_MAX_SNAPSHOTS; i++)
         __atomic_store_n(&w->snap[i].live, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&w->tracking, 0, __ATOMIC_RELEASE); /* a pre-arm ends here too: nothing is recorded from now on */
     if (w->armed) {
         /* The whole region is un-protected before the uffd may be dropped. */
         r = sp_uffd_writeprotect(w->uffd, (uint64_t)(uintptr_t)w->mem, w->size, 0);
@@ -802,6 +985,11 @@ int sp_wp_snap_arm(struct sp_wp *w, uint64_t dst)
     while (id < SP_MAX_SNAPSHOTS && is_live(&w->snap[id]))
         id++;
     int r;
+    if (w->tracking) {
+        errno = EBUSY; /* the pre-armed snapshot is the engine's one snapshot (slot 0) */
+        r = sp_fail("sp_wp_snap_arm(a pre-armed snapshot is pending)");
+        goto out;
+    }
     if (id == SP_MAX_SNAPSHOTS) {
         errno = EBUSY;
         r = sp_fail("sp_wp_snap_arm(every snapshot slot is live)");
@@ -928,6 +1116,9 @@ void sp_wp_destroy(struct sp_wp *w)
         close(w->stop_fd);
     for (int i = 0; i < SP_MAX_SNAPSHOTS; i++)
         free(w->snap[i].state);
+    free(w->written_at);
+    free(w->written);
+    free(w->taken);
     if (w->mu_ready)
         pthread_mutex_destroy(&w->prot_mu);
     free(w);
