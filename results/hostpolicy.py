@@ -17,7 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
+
+# The policy snapproof ships (a checkout's results/gate.yaml, or the installed package's copy): the default of
+# pytest's --policy and of the results tools.
+DEFAULT_POLICY = Path(__file__).resolve().parent / "gate.yaml"
 
 
 class Probe(Protocol):

@@ -1,4 +1,8 @@
-"""snapproof's fixtures: options, host capabilities, guest memory, VMs, WP engines and running guests.
+"""snapproof's pytest plugin: options, host capabilities, guest memory, VMs, WP engines and running guests.
+
+An installed snapproof (a wheel, or an editable install) has pytest load this module by its ``pytest11``
+entry point, named ``snapproof.fixtures`` after the module; a checkout's conftest.py asks for it by that name
+too, which is then a no-op. It brings the results plugins with it (``pytest_plugins``).
 
 Fixtures are layered by lifecycle, after Firecracker: ``make_memory`` and
 ``make_vm`` are factories that own cleanup; ``report`` is the running test's
@@ -21,8 +25,8 @@ from typing import Any
 import pytest
 
 from native.host import parse_size  # (--sizes and --max-size; python3 -m native.host --sizes too)
+from results.hostpolicy import DEFAULT_POLICY
 
-ROOT = Path(__file__).resolve().parent
 pytest_plugins = ("results.interrupts", "results.hostload", "results.plugin")
 
 
@@ -34,7 +38,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--strict-host", action="store_true",
                 help="fail, instead of skip, every test missing a host capability its host class requires (release "
                      "gates); what the class does not require is deselected, naming it")
-    g.addoption("--policy", default=str(ROOT / "results" / "gate.yaml"), metavar="PATH",
+    g.addoption("--policy", default=str(DEFAULT_POLICY), metavar="PATH",
                 help="the gate policy whose host class says which capabilities are required ('' for none: all are)")
     g.addoption("--sizes", default="", metavar="LIST",
                 help="extra guest memory sizes for the sized phases, e.g. 1G,4G (default: the phase's own)")
@@ -140,7 +144,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 LINUX_ONLY_MODULES = ["phases/test_phase1_*.py", "phases/test_phase2_*.py", "phases/test_phase3_*.py",
                       "phases/test_phase5_*.py", "phases/test_phase6_*.py",
                       "tests/test_phase[12356]_*.py", "tests/test_guests_on_kvm.py", "tests/test_reliability*.py"]
-collect_ignore_glob = LINUX_ONLY_MODULES if sys.platform == "win32" else []
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """On Windows, leave the Linux-only modules out: matched from the right (``phases/test_phase1_*.py``), so
+    the same patterns hold for a checkout and for the phases of an install."""
+    if sys.platform == "win32" and any(collection_path.match(p) for p in LINUX_ONLY_MODULES):
+        return True
+    return None
 
 
 def on_platform(name: str) -> bool:

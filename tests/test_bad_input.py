@@ -6,8 +6,8 @@ import errno
 
 import pytest
 
-from conftest import parse_size
 from native.errors import CapabilityMissing
+from native.host import parse_size
 
 
 @pytest.mark.parametrize(("size", "shown"), [(0, "0x0"), (4097, "0x1001"), (-4096, "-0x1000")])
