@@ -6,8 +6,9 @@
 - ``naive-fixed``: the same source with -DNAIVE_FIXED, both bugs fixed;
 - ``naive-fixed-arm-keeps-captured``: naive-fixed whose second arm copies nothing (a benchmark's trap).
 
-``python3 -m native.build`` builds them beside native._linux; each carries a digest of its inputs, so
-a stale library is rebuilt instead of silently judged.
+``python3 -m native.build`` builds them beside native._linux (native/engines/ in a checkout, the per-user
+cache of an install: native/build.py); each carries a digest of its inputs, so a stale library is rebuilt
+instead of silently judged.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from native.build import output_dir
+
 NATIVE_DIR = Path(__file__).resolve().parent
-ENGINES_DIR = NATIVE_DIR / "engines"
+ENGINES_DIR = NATIVE_DIR / "engines"  # their sources
 LINUX_DIR = NATIVE_DIR / "linux"
 ABI_HEADER = NATIVE_DIR / "snapproof_engine.h"
 STAMP_SUFFIX = ".sources-sha256"
@@ -38,11 +41,11 @@ class EngineRecipe:
 
     @property
     def output(self) -> Path:
-        return ENGINES_DIR / f"libsnapproof-{self.name}.so"
+        return output_dir() / "engines" / f"libsnapproof-{self.name}.so"
 
     @property
     def stamp(self) -> Path:
-        return ENGINES_DIR / f"libsnapproof-{self.name}{STAMP_SUFFIX}"
+        return self.output.with_name(f"libsnapproof-{self.name}{STAMP_SUFFIX}")
 
     def inputs(self) -> list[Path]:
         headers = sorted(h for d in self.include_dirs for h in d.glob("*.h"))

@@ -5,10 +5,17 @@ stale build is rebuilt instead of silently running old C. On Linux the
 snapshot engines in the repository (native/_engines_build.py: the built-in
 engine, naive, naive-fixed) are built the same way, each into its own
 shared library implementing native/snapproof_engine.h.
+
+Where the build goes (``output_dir()``): in a checkout, beside the sources
+(native/, native/engines/), which CI, the nested runs and A/B worktrees rely
+on; an installed snapproof, whose package may be read-only, builds into a
+per-user cache instead, ``$XDG_CACHE_HOME/snapproof/<version>/`` (by default
+``~/.cache``; ``%LOCALAPPDATA%`` on Windows), and loads the module from there.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import os
@@ -17,8 +24,38 @@ import sys
 import sysconfig
 from pathlib import Path
 
-NATIVE_DIR = Path(__file__).resolve().parent
+from snapproof import CHECKOUT
+
+NATIVE_DIR = Path(__file__).resolve().parent  # the sources
 STAMP_SUFFIX = ".sources-sha256"
+
+
+@functools.cache
+def output_dir() -> Path:
+    """Where the compiled module and the engines' libraries are written and loaded from (see the docstring)."""
+    if CHECKOUT is not None:
+        return NATIVE_DIR
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("snapproof")
+    except PackageNotFoundError:  # a copy of the package that was not installed: still keyed, never in the package
+        release = "unversioned"
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "snapproof" / release
+
+
+def _writable_output_dir() -> Path:
+    out = output_dir()
+    try:
+        (out / "engines").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BuildError(f"cannot create the build folder {out} ({e.strerror}): an installed snapproof builds its "
+                         "C there; point XDG_CACHE_HOME at a writable folder") from e
+    return out
 
 
 class BuildError(RuntimeError):
@@ -44,12 +81,12 @@ def _digest(paths: list[Path]) -> str:
 
 
 def _stamp_path(module: str) -> Path:
-    return NATIVE_DIR / f"{module}{STAMP_SUFFIX}"
+    return output_dir() / f"{module}{STAMP_SUFFIX}"
 
 
 def _built_module(module: str) -> Path | None:
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    p = NATIVE_DIR / f"{module}{suffix}"
+    p = output_dir() / f"{module}{suffix}"
     return p if p.exists() else None
 
 
@@ -75,7 +112,7 @@ def describe() -> str:
     """What is built, for the host probe's row: the module and the engines, each current with its sources."""
     module, _ = _platform_parts()
     built = _built_module(module)
-    shown = built.relative_to(NATIVE_DIR.parent) if built else f"native/{module} (not built)"
+    shown = (built.relative_to(CHECKOUT) if CHECKOUT else built) if built else f"{output_dir() / module} (not built)"
     engines = ""
     if sys.platform.startswith("linux"):
         from native._engines_build import ENGINES
@@ -117,6 +154,7 @@ def build_engines(names: list[str] | None = None, verbose: bool = False) -> list
     from native._engines_build import ENGINES, build_engine
 
     _check_compiler()
+    _writable_output_dir()
     out = []
     for name in ENGINES if names is None else names:
         try:
@@ -129,14 +167,15 @@ def build_engines(names: list[str] | None = None, verbose: bool = False) -> list
 def build_module(verbose: bool = False) -> Path:
     module, inputs = _platform_parts()
     _check_compiler()
-    builder = importlib.import_module(f"native.{module}_build")
-    tmp = NATIVE_DIR / "_build_tmp"
+    builder = importlib.import_module(f".{module}_build", __package__)
+    out_dir = _writable_output_dir()
+    tmp = out_dir / "_build_tmp"
     try:
         out = builder.ffibuilder.compile(tmpdir=str(tmp), verbose=verbose)
     except Exception as e:  # distutils/setuptools raise several types; all mean the same here
-        raise BuildError(f"building native.{module} failed: {e}") from e
+        raise BuildError(f"building {__package__}.{module} failed: {e}") from e
     built = Path(out)
-    target = NATIVE_DIR / built.name
+    target = out_dir / built.name
     if built.resolve() != target.resolve():
         # A new file renamed over the old, never the old rewritten: a process that has it mapped keeps its copy
         # (rewriting a loaded library in place crashes whoever runs it, seen with a suite running beside a build).
@@ -148,15 +187,25 @@ def build_module(verbose: bool = False) -> Path:
 
 
 def ensure_built() -> None:
-    """Build the native module and the engines that are missing or older than their sources."""
+    """Build the native module and the engines that are missing or older than their sources, and make the
+    compiled module importable from where it was built (``native._linux``, ``native._windows``)."""
     if not _module_is_fresh():
         build_module()
     if stale := _stale_engines():
         build_engines(stale)
+    package = sys.modules[__package__]
+    if str(output_dir()) not in package.__path__:  # the per-user cache of an install: searched after the sources
+        package.__path__.append(str(output_dir()))
 
 
-def main() -> int:
-    verbose = "-v" in sys.argv
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    unknown = [a for a in args if a != "-v"]
+    if unknown:
+        print(f"native build: unknown argument {unknown[0]!r} (only -v, to show the compiler's commands)",
+              file=sys.stderr)
+        return 2
+    verbose = "-v" in args
     try:
         path = build_module(verbose)
         engines = build_engines(verbose=verbose)

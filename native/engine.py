@@ -4,9 +4,9 @@
 else, checks it exports every function of the ABI, and says what it is (``Engine``: name, version, ABI
 version, the library's sha256, and the optional capabilities it offers: more than one snapshot per engine
 object, overlapping or consecutive). ``builtin_engine()`` is snapproof's own engine, built by ``python3 -m
-native.build`` into native/engines/ and loaded exactly the same way; ``repo_engine(name)`` is any engine
-of native/_engines_build.py. native.wp.WpSnapshot drives whichever it is given; ``pytest --engine PATH``
-makes one the engine under test. Linux only.
+native.build`` into native/engines/ (an install: its per-user cache) and loaded exactly the same way;
+``repo_engine(name)`` is any engine of native/_engines_build.py. native.wp.WpSnapshot drives whichever it is
+given; ``pytest --engine PATH`` makes one the engine under test. Linux only.
 """
 
 from __future__ import annotations
