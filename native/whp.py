@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from native.errors import CapabilityMissing, NativeError
+from snapproof import IMPORT_ROOT
 
 # The snapshot file's memory image starts after one header page (native/image.py).
 IMAGE_OFFSET = 4096
@@ -60,7 +61,6 @@ STATUS_ACCESS_VIOLATION = 0xC0000005
 PROTECTION_NAMES = {0x01: "PAGE_NOACCESS", 0x02: "PAGE_READONLY", 0x04: "PAGE_READWRITE",
                     0x08: "PAGE_WRITECOPY", 0x20: "PAGE_EXECUTE_READ", 0x40: "PAGE_EXECUTE_READWRITE",
                     0x80: "PAGE_EXECUTE_WRITECOPY"}
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # Values of the C enums in snapproof_win.h. Spelled out so this module imports where the
@@ -751,8 +751,8 @@ def readonly_load_in_child(path: str | os.PathLike[str], offset: int = IMAGE_OFF
            "--run-timeout", str(run_timeout)]
     if size is not None:
         cmd += ["--size", str(size)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=env)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(IMPORT_ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=IMPORT_ROOT, env=env)
     report = None
     for line in proc.stdout.splitlines():
         if line.startswith("readonly-child: "):
@@ -785,7 +785,9 @@ def _readonly_child(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m native.whp``: WHP status and commit charge; ``readonly-child`` is for readonly_load_in_child."""
+    """``python -m native.whp``: WHP status and commit charge.
+
+    ``readonly-child`` is the child of readonly_load_in_child."""
     parser = argparse.ArgumentParser(prog="python -m native.whp")
     sub = parser.add_subparsers(dest="command")
     child = sub.add_parser("readonly-child")

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from results.hostpolicy import DEFAULT_POLICY
 from results.load import RecordError, figures, incompleteness, load_record
+from snapproof import CHECKOUT
 
 ROOT = Path(__file__).resolve().parent.parent
 # The timed phases: every benchmark of every phase (each gated figure is one of them).
@@ -82,7 +84,8 @@ def prepare(side: Side, workdir: Path) -> Side:
         add = _run(["git", "worktree", "add", "--detach", str(tree), commit], ROOT, 120, "git worktree add")
         if add.returncode != 0:
             raise ABError(f"side {side.label}: git worktree add {tree} {commit[:12]}: {add.stderr.strip()}")
-    build = _run([sys.executable, "-m", "native.build"], tree, BUILD_CEILING_S, f"side {side.label}: native build")
+    build = _run([sys.executable, "-m", "native.build"], tree, BUILD_CEILING_S,
+                 f"side {side.label}: native build")
     if build.returncode != 0:
         raise ABError(f"side {side.label}: python -m native.build in {tree} failed:\n{build.stdout[-2000:]}"
                       f"{build.stderr[-2000:]}")
@@ -195,7 +198,7 @@ def add_ab_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", type=int, default=3, help="A, B runs to interleave (default 3: A B A B A B)")
     p.add_argument("--select", default=TIMED_SELECTION, metavar="ARGS",
                    help=f"the pytest selection both sides run (default: {TIMED_SELECTION!r})")
-    p.add_argument("--policy", default=str(ROOT / "results" / "gate.yaml"), help="whose class's figures are judged")
+    p.add_argument("--policy", default=str(DEFAULT_POLICY), help="whose class's figures are judged")
     p.add_argument("--host-class", help="apply this class of the policy instead of matching on host facts")
     p.add_argument("--out", help="folder for the records and worktrees (default results/ab/<UTC time>)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
@@ -208,8 +211,16 @@ def _out(given: str | None, kind: str) -> Path:
     return out.resolve()
 
 
+def _need_checkout(command: str) -> None:
+    if CHECKOUT is None:
+        raise ABError(f"{command} builds and runs git checkouts of snapproof side by side: run it in a checkout "
+                      f"(this snapproof is installed, in {ROOT})")
+
+
 def ab_main(args: argparse.Namespace) -> int:
     from results.gate import load_policy
+
+    _need_checkout("ab")
 
     policy = load_policy(args.policy)
     if args.pairs < 1:
@@ -256,7 +267,7 @@ def add_teeth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--switch-select", default=TIMED_SELECTION, metavar="ARGS",
                    help="the selection of the runs with a switch: only their figures are looked at "
                         f"(default: {TIMED_SELECTION!r})")
-    p.add_argument("--policy", default=str(ROOT / "results" / "gate.yaml"))
+    p.add_argument("--policy", default=str(DEFAULT_POLICY))
     p.add_argument("--baseline", help="an existing baseline record of this host (default: take one first)")
     p.add_argument("--out", help="folder for the records (default results/teeth/<UTC time>)")
     p.add_argument("--json", action="store_true", help="print the measurement as JSON")
@@ -294,6 +305,7 @@ def smallest_caught(base: dict[str, Any], policy: dict[str, Any], reruns: list[d
 def teeth_main(args: argparse.Namespace) -> int:
     from results.gate import evaluate, load_policy
 
+    _need_checkout("teeth")
     policy = load_policy(args.policy)
     out = _out(args.out, "teeth")
     selection = shlex.split(args.select)

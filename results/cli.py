@@ -2,7 +2,7 @@
 
     python -m results show RUN.yaml [--short] [--phase N]      the PASS reports again, from the record
     python -m results matrix RUN.yaml... [--json]             host x phase: outcome, duration, key figures
-    python -m results gate RUN.yaml [--baseline BASE.yaml] --policy results/gate.yaml
+    python -m results gate RUN.yaml [--baseline BASE.yaml] [--policy results/gate.yaml]
                        [--host-class NAME] [--json] [--junit-xml PATH]
     python -m results ab --a REF --b REF [--pairs N] [--json]  build or setting B against A, interleaved
     python -m results teeth [--reruns 5]                      measure what the gate catches on this host
@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from results.hostpolicy import DEFAULT_POLICY
 from results.load import RecordError, fact_values, figure_median, host_label, incompleteness, load_record
 from results.record import fmt_ns, render_phase, terminal_width, wrap
 
@@ -140,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("record", help="the run record: the path the run printed (or the 'latest' beside it)")
     g.add_argument("--baseline", help="the baseline run record (YAML), of the run's host class; "
                                       "not needed for an uncalibrated class (no figures of its own)")
-    g.add_argument("--policy", required=True, help="the gate policy (YAML, schema snapproof-gate/2)")
+    g.add_argument("--policy", default=str(DEFAULT_POLICY),
+                   help="the gate policy (YAML, schema snapproof-gate/2; default: the one snapproof ships, "
+                        "results/gate.yaml)")
     g.add_argument("--host-class", help="apply this class of the policy instead of matching on host facts")
     g.add_argument("--json", action="store_true", help="print the verdict and every check as JSON")
     g.add_argument("--junit-xml", metavar="PATH", help="also write each check as a JUnit test case to PATH")

@@ -1,10 +1,10 @@
 """snapproof's run-record plugin: case reports per phase, the PASS reports at the end, the YAML run record.
 
-The root conftest.py loads it (``pytest_plugins``). A test of a phase (``@pytest.mark.phase(n, title)``)
-gets its case report from the ``report`` fixture; each outcome pytest reports lands in it (a failure with what
-its evidence says, results/explain.py); while a test runs long, what runs is shown on the terminal
-(results/progress.py); at the end the reports are printed (``--reports``, pytest's width), the run record is
-written (schema in results/README.md and results/schema.py), and ``--plots`` draws it.
+snapproof's plugin, snapproof/fixtures.py, loads it (``pytest_plugins``). A test of a phase
+(``@pytest.mark.phase(n, title)``) gets its case report from the ``report`` fixture; each outcome pytest reports
+lands in it (a failure with what its evidence says, results/explain.py); while a test runs long, what runs is
+shown on the terminal (results/progress.py); at the end the reports are printed (``--reports``, pytest's width),
+the run record is written (schema in results/README.md and results/schema.py), and ``--plots`` draws it.
 
 The record can never be mistaken for another run's, nor for a whole run when it is not one:
 
@@ -43,21 +43,25 @@ from results.hostpolicy import HostPolicy
 from results.interrupts import interruption
 from results.progress import ProgressDisplay
 from results.record import MIN_WIDTH, SCHEMA, CaseReport, PhaseReport, render_phase, wrap, wrap_name
+from snapproof import CHECKOUT
 
 RESULTS = Path(__file__).resolve().parent
 ROOT = RESULTS.parent
+# Where records and plots go unless told: a checkout's results/, or for an install snapproof-results/ in the
+# current folder (an installed package is no place for a run's output, and may be read-only).
+OUTPUT = RESULTS if CHECKOUT else Path("snapproof-results")
 LATEST = "latest"  # the pointer beside the records: never matches the records' *.yaml
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("snapproof")
-    g.addoption("--results-dir", default=str(RESULTS / "runs"),
+    g.addoption("--results-dir", default=str(OUTPUT / "runs"),
                 help="where the YAML run record goes, under a new name ('' for none)")
     g.addoption("--results-file", default="", metavar="PATH",
                 help="write the run record to PATH (its folder gets the 'latest' pointer); overrides --results-dir")
     g.addoption("--plots", action="store_true",
                 help="write PNG plots of the run (matplotlib) into --plots-dir: see results/plots.py")
-    g.addoption("--plots-dir", default=str(RESULTS / "plots"), help="where --plots writes")
+    g.addoption("--plots-dir", default=str(OUTPUT / "plots"), help="where --plots writes")
     g.addoption("--reports", choices=("full", "short", "none"), default="full",
                 help="PASS reports at the end: every stage, failures only in detail, or none")
 
@@ -508,6 +512,8 @@ _commit: str | None = None
 
 def _git_commit() -> str:
     global _commit
+    if CHECKOUT is None:  # an install: ROOT may lie inside another project's git checkout, whose commit is not ours
+        return ""
     if _commit is None:
         try:
             _commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
