@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from snapproof import IMPORT_ROOT
 
 pytestmark = pytest.mark.phase(0, "host capabilities")
 
@@ -24,8 +24,8 @@ def test_command_line_prints_the_same_table(report, host, pytestconfig):
     """`python -m native.host` prints the probe's table and exits 1 exactly when a row FAILs."""
     sizes = pytestconfig.getoption("sizes")
     with report.stage("run python -m native.host") as st:
-        proc = subprocess.run([sys.executable, "-m", "native.host", *(["--sizes", sizes] if sizes else [])], cwd=ROOT,
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run([sys.executable, "-m", "snapproof", "host", *(["--sizes", sizes] if sizes else [])],
+                              cwd=IMPORT_ROOT, capture_output=True, text=True, timeout=60)
         st.check(proc.stderr == "", "no error output", f"stderr: {proc.stderr.strip()!r}")
         table = host.table()
         st.check(table in proc.stdout, f"{len(host.capabilities)} rows, same table as the in-process probe",
