@@ -114,8 +114,8 @@ def test_every_fix_is_a_command_between_backticks():
 
 
 def _native_host(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "native.host", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([sys.executable, "-m", "native.host", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
 
 
 def test_json_lists_every_row_and_exits_as_the_table_does():

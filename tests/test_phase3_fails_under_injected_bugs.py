@@ -120,8 +120,9 @@ def test_restore_without_one_part_of_the_vcpu_state_fails_the_whole_state_check(
 SEQUENCES = "(not benchmark and 1MiB) or two_vcpus"
 LAZY_CASES = [f"{MID}[1MiB-lazy-uffd]", "test_original_sequence_reruns_in_a_fresh_vm_from_the_file[1MiB-lazy-uffd]",
               f"{WHOLE_STATE}[lazy-uffd]"]
-DEAD_LOADER = ("native.errors.LoaderDied: the vCPU run ended with ", ": the lazy loader stopped serving guest memory "
-               "mid-restore: its userfaultfd was closed under it (handler stopped with errno 125 ECANCELED",
+DEAD_LOADER = ("native.errors.LoaderDied: the vCPU run ended with ",
+               ": the lazy loader stopped serving guest memory mid-restore: its userfaultfd was closed under it "
+               "(handler stopped with errno 125 ECANCELED",
                "pages it never restored are fenced (PROT_NONE), so the guest stopped at them instead of reading zeros; "
                "fault injection LAZY_UFFD_CLOSES_MID_RESTORE")
 ZEROS_SEEN = ("page(s) the guest reached hold zeros where the file holds data, never restored by lazy-uffd: first at "

@@ -14,6 +14,7 @@ host: phase 4 and selftest.exe run there.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -23,6 +24,9 @@ from types import SimpleNamespace
 
 import pytest
 
+import guests
+import native
+import results
 from native import whp
 from native.errors import CapabilityMissing
 
@@ -302,12 +306,12 @@ def test_windows_builder_parses_and_compiles_only_the_extension_sources(tmp_path
 
 # -- portability of the Python side --------------------------------------------------------------------------
 
-# The Linux backend (docs/CONTRACTS.md), plus the stdlib modules Windows lacks.
-LINUX_ONLY = ["fcntl", "resource", "termios", "native._linux", "native._lib", "native.kvm", "native.wp",
-              "native.memory", "native.live", "native.engine", "native.points", "native.pagemap"]
-SHARED_MODULES = ["native", "native.errors", "native.build", "native.image", "native.whp", "native._windows_build",
-                  "native.host", "native.uffd", "native.compare", "guests", "guests.storm", "guests.counter",
-                  "results.hostpolicy"]
+# The Linux backend (docs/CONTRACTS.md), plus the stdlib modules Windows lacks; names as the packages have them.
+LINUX_ONLY = ["fcntl", "resource", "termios", *(f"{native.__name__}.{m}" for m in (
+    "_linux", "_lib", "kvm", "wp", "memory", "live", "engine", "points", "pagemap"))]
+SHARED_MODULES = [native.__name__, *(f"{native.__name__}.{m}" for m in (
+    "errors", "build", "image", "whp", "_windows_build", "host", "uffd", "compare")),
+    guests.__name__, f"{guests.__name__}.storm", f"{guests.__name__}.counter", f"{results.__name__}.hostpolicy"]
 
 _IMPORT_GUARD = r"""
 import builtins, importlib, os, sys
@@ -333,8 +337,7 @@ assert "native._windows" not in sys.modules, "importing must not load the compil
 
 
 def _module_exists(name: str) -> bool:
-    path = ROOT.joinpath(*name.split("."))
-    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+    return importlib.util.find_spec(name) is not None
 
 
 @pytest.mark.parametrize("module", [m for m in SHARED_MODULES if _module_exists(m)])
@@ -347,14 +350,12 @@ def test_shared_module_imports_without_linux_only_modules(module: str) -> None:
 
 def test_whp_modules_type_check_for_win32() -> None:
     """mypy --platform win32 accepts native/, phases/ and every shared module."""
-    import importlib.util
-
     if importlib.util.find_spec("mypy") is None:  # this interpreter's: a venv's tools are not on PATH unless activated
         raise CapabilityMissing(f"mypy is not installed for {sys.executable} (./setup, or pip install -e '.[dev]')")
     # Everything shared, and the Linux-only modules too: they raise ImportError on win32 before their code.
-    files = ["native", "phases", "conftest.py", "guests", "results"]
-    proc = subprocess.run([sys.executable, "-m", "mypy", "--platform", "win32", *files], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+    files = ["snapproof", "native", "phases", "conftest.py", "guests", "results"]
+    proc = subprocess.run([sys.executable, ".ci/typecheck.py", "--platform", "win32", "--", *files],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
