@@ -143,7 +143,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 # Modules that drive KVM or userfaultfd: a Windows host does not collect them (its gate is phases 0 and 4).
 LINUX_ONLY_MODULES = ["phases/test_phase1_*.py", "phases/test_phase2_*.py", "phases/test_phase3_*.py",
                       "phases/test_phase5_*.py", "phases/test_phase6_*.py",
-                      "tests/test_phase[12356]_*.py", "tests/test_guests_on_kvm.py", "tests/test_reliability*.py"]
+                      "tests/test_phase[12356]_*.py", "tests/test_guests_on_kvm.py", "tests/test_reliability*.py",
+                      "tests/test_wheel.py"]
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
