@@ -28,6 +28,7 @@ from snapproof import CHECKOUT
 
 NATIVE_DIR = Path(__file__).resolve().parent  # the sources
 STAMP_SUFFIX = ".sources-sha256"
+CACHE_VARIABLE = "LOCALAPPDATA" if sys.platform == "win32" else "XDG_CACHE_HOME"  # an install's per-user cache
 
 
 @functools.cache
@@ -41,11 +42,8 @@ def output_dir() -> Path:
         release = version("snapproof")
     except PackageNotFoundError:  # a copy of the package that was not installed: still keyed, never in the package
         release = "unversioned"
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "snapproof" / release
+    default = Path.home() / ("AppData/Local" if sys.platform == "win32" else ".cache")
+    return Path(os.environ.get(CACHE_VARIABLE) or default) / "snapproof" / release
 
 
 def _writable_output_dir() -> Path:
@@ -54,7 +52,7 @@ def _writable_output_dir() -> Path:
         (out / "engines").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BuildError(f"cannot create the build folder {out} ({e.strerror}): an installed snapproof builds its "
-                         "C there; point XDG_CACHE_HOME at a writable folder") from e
+                         f"C there; point {CACHE_VARIABLE} at a writable folder") from e
     return out
 
 

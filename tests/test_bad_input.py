@@ -111,3 +111,15 @@ def test_sizes_option_rejects_garbage():
     """A size that is not a number with a unit says which text it could not read."""
     with pytest.raises(ValueError, match="size '64Q' is not a number with an optional K/M/G suffix"):
         parse_size("64Q")
+
+
+def test_a_build_folder_that_cannot_be_made_is_a_build_error_naming_it(tmp_path, monkeypatch):
+    """An install whose per-user cache cannot be created fails its build naming the folder and the variable that
+    moves it (a regular file in the way: refused to root as well)."""
+    from native import build
+
+    (tmp_path / "cache").write_text("a file, not a folder")
+    monkeypatch.setattr(build, "output_dir", lambda: tmp_path / "cache" / "snapproof" / "0.1.0")
+    with pytest.raises(build.BuildError, match=f"cannot create the build folder {tmp_path}/cache/snapproof/0.1.0 "
+                                               f".*point {build.CACHE_VARIABLE} at a writable folder"):
+        build.build_module()
