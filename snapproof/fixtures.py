@@ -147,12 +147,15 @@ LINUX_ONLY_MODULES = ["phases/test_phase1_*.py", "phases/test_phase2_*.py", "pha
                       "tests/test_wheel.py"]
 
 
+def linux_only(path: Path) -> bool:
+    """A module of LINUX_ONLY_MODULES, matched from the right (``phases/test_phase1_*.py``): the same patterns
+    hold for a checkout and for the phases of an install."""
+    return any(path.match(p) for p in LINUX_ONLY_MODULES)
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    """On Windows, leave the Linux-only modules out: matched from the right (``phases/test_phase1_*.py``), so
-    the same patterns hold for a checkout and for the phases of an install."""
-    if sys.platform == "win32" and any(collection_path.match(p) for p in LINUX_ONLY_MODULES):
-        return True
-    return None
+    """On Windows, leave the Linux-only modules out."""
+    return True if sys.platform == "win32" and linux_only(collection_path) else None
 
 
 def on_platform(name: str) -> bool:

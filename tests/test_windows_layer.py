@@ -348,6 +348,17 @@ def test_shared_module_imports_without_linux_only_modules(module: str) -> None:
     assert proc.returncode == 0, f"import {module}:\n{proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}"
 
 
+def test_windows_leaves_out_the_linux_only_modules_of_a_checkout_and_of_an_install() -> None:
+    """The collection patterns match from the right: a checkout's phases and an install's alike."""
+    from snapproof.fixtures import linux_only
+
+    for root in (ROOT, Path("/venv/lib/python3.11/site-packages/snapproof")):
+        assert linux_only(root / "phases" / "test_phase1_wp_catches_writes.py")
+        assert not linux_only(root / "phases" / "test_phase0_host.py")
+        assert not linux_only(root / "phases" / "test_phase4_cow_load.py")
+    assert linux_only(ROOT / "tests" / "test_wheel.py") and not linux_only(ROOT / "tests" / "test_image_format.py")
+
+
 def test_whp_modules_type_check_for_win32() -> None:
     """mypy --platform win32 accepts native/, phases/ and every shared module."""
     if importlib.util.find_spec("mypy") is None:  # this interpreter's: a venv's tools are not on PATH unless activated
