@@ -85,7 +85,7 @@ def assemble(name: str) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m guests [NAME...]``: rebuild the committed binaries from source."""
+    """``python -m snapproof.guests [NAME...]``: rebuild the committed binaries from source."""
     import sys
 
     args = sys.argv[1:] if argv is None else argv

@@ -1,5 +1,5 @@
 import sys
 
-from guests import main
+from snapproof.guests import main
 
 sys.exit(main())

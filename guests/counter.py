@@ -18,7 +18,7 @@ import struct
 import sys
 from dataclasses import dataclass
 
-from guests import DATA_REGION_GPA, FLAT32_LOAD_GPA, load
+from snapproof.guests import DATA_REGION_GPA, FLAT32_LOAD_GPA, load
 
 GUEST = "counter32"
 PAGE_SIZE = 4096

@@ -16,8 +16,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from guests import FLAT32_LOAD_GPA, PARAM_BLOCK_GPA, PARAM_BLOCK_STRIDE, load
-from guests.storm import _splitmix64
+from snapproof.guests import FLAT32_LOAD_GPA, PARAM_BLOCK_GPA, PARAM_BLOCK_STRIDE, load
+from snapproof.guests.storm import _splitmix64
 
 GUEST = "cpustate32"
 
@@ -230,7 +230,7 @@ def entry(vcpu: Any, index: int, params: CpuStateParams) -> None:
     the guest set 0x3), and what the proof needs is an XCR0 other than the reset value in the vCPU's
     state, whoever set it. On hardware the guest's XSETBV then writes the same value again.
     """
-    from native.image import VcpuPart
+    from snapproof.native.image import VcpuPart
 
     vcpu.set_flat32(eip=FLAT32_LOAD_GPA, esp=STACK_TOP - STACK_STRIDE * index, esi=block_gpa(index))
     if params.xcr0:

@@ -30,7 +30,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from guests import DATA_REGION_GPA
+from snapproof.guests import DATA_REGION_GPA
 
 GUEST = "storm32"
 PAGE_SIZE = 4096
@@ -503,7 +503,7 @@ def instant_of_registers(params: StormParams, eip: int, ebp: int, ecx: int) -> i
 
 def instant_of_vcpu_state(params: StormParams, state: bytes) -> int:
     """``instant_of_registers`` from a saved vCPU state (``Vcpu.save_state``, a snapshot file's vCPU record)."""
-    from native.image import VcpuPart, part_field, split_kvm_x86_state
+    from snapproof.native.image import VcpuPart, part_field, split_kvm_x86_state
 
     regs = split_kvm_x86_state(state)[VcpuPart.REGS]
     eip, ebp, ecx = (part_field(VcpuPart.REGS, regs, r) & _U32 for r in ("rip", "rbp", "rcx"))

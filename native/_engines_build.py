@@ -6,7 +6,7 @@
 - ``naive-fixed``: the same source with -DNAIVE_FIXED, both bugs fixed;
 - ``naive-fixed-arm-keeps-captured``: naive-fixed whose second arm copies nothing (a benchmark's trap).
 
-``python3 -m native.build`` builds them beside native._linux (native/engines/ in a checkout, the per-user
+``snapproof build`` builds them beside native._linux (native/engines/ in a checkout, the per-user
 cache of an install: native/build.py); each carries a digest of its inputs, so a stale library is rebuilt
 instead of silently judged.
 """
@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from native.build import output_dir
+from snapproof.native.build import output_dir
 
 NATIVE_DIR = Path(__file__).resolve().parent
 ENGINES_DIR = NATIVE_DIR / "engines"  # their sources

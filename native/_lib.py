@@ -7,12 +7,12 @@ import sys
 if sys.platform == "win32":
     raise ImportError("native._lib loads the Linux (KVM) C module: on Windows the backend is native.whp")
 
-from native.build import ensure_built
+from snapproof.native.build import ensure_built
 
 ensure_built()
 
-from native._linux import ffi, lib  # noqa: E402  (must follow the build)
-from native.errors import NativeError  # noqa: E402
+from snapproof.native._linux import ffi, lib  # noqa: E402  (must follow the build)
+from snapproof.native.errors import NativeError  # noqa: E402
 
 
 def check(rc: int, what: str, **args: object) -> int:

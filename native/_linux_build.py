@@ -23,7 +23,7 @@ def _cdef_text() -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_text())
 ffibuilder.set_source(
-    "native._linux",
+    "snapproof.native._linux",
     '#include "snapproof.h"',
     sources=[str(p) for p in SOURCES],
     include_dirs=[str(LINUX_DIR)],

@@ -1,6 +1,6 @@
 """cffi builder for ``native._windows``: WHP partitions, file views and the run loop.
 
-Only used on Windows (``python -m native.build`` picks it there). The
+Only used on Windows (``snapproof build`` picks it there). The
 declarations come from ``native/windows/snapproof_win.h`` (between its CDEF
 markers), so C and Python share one contract and a mismatch fails to compile.
 WinHvPlatform.dll is loaded by the C at run time, not linked, so a host
@@ -27,7 +27,7 @@ def _cdef_text() -> str:
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef_text())
 ffibuilder.set_source(
-    "native._windows",
+    "snapproof.native._windows",
     '#include "snapproof_win.h"',
     sources=[str(p) for p in SOURCES],
     include_dirs=[str(WINDOWS_DIR)],

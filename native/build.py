@@ -1,4 +1,4 @@
-"""Build the native fixture layer: ``python -m native.build``.
+"""Build the native fixture layer: ``snapproof build``.
 
 The compiled module carries a digest of its C sources and builder, so a
 stale build is rebuilt instead of silently running old C. On Linux the
@@ -97,7 +97,7 @@ def _module_is_fresh() -> bool:
 def _stale_engines() -> list[str]:
     if not sys.platform.startswith("linux"):
         return []
-    from native._engines_build import ENGINES
+    from snapproof.native._engines_build import ENGINES
 
     return [name for name, recipe in ENGINES.items() if not recipe.is_fresh()]
 
@@ -113,7 +113,7 @@ def describe() -> str:
     shown = (built.relative_to(CHECKOUT) if CHECKOUT else built) if built else f"{output_dir() / module} (not built)"
     engines = ""
     if sys.platform.startswith("linux"):
-        from native._engines_build import ENGINES
+        from snapproof.native._engines_build import ENGINES
 
         engines = f" and {len(ENGINES)} engines"
     return f"{shown}{engines}, {'each current with its sources' if is_fresh() else 'older than its sources'}"
@@ -149,7 +149,7 @@ def build_engines(names: list[str] | None = None, verbose: bool = False) -> list
     """Build the engines in ``names`` (all of them by default) on Linux; returns their libraries."""
     if not sys.platform.startswith("linux"):
         return []
-    from native._engines_build import ENGINES, build_engine
+    from snapproof.native._engines_build import ENGINES, build_engine
 
     _check_compiler()
     _writable_output_dir()

@@ -38,14 +38,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from native.engine import Engine
-from native.image import SnapshotImage, SnapshotWriter, WriteStats
-from native.inject import FaultInjection
-from native.kvm import Vcpu
-from native.live import LiveSnapshot, VcpuRunner, take_live_snapshot
-from native.memory import PAGE_SIZE, GuestMemory, copy_timed
-from native.pagemap import read_pagemap
-from native.wp import BULK_BATCH, WpSnapshot, WpStats
+from snapproof.native.engine import Engine
+from snapproof.native.image import SnapshotImage, SnapshotWriter, WriteStats
+from snapproof.native.inject import FaultInjection
+from snapproof.native.kvm import Vcpu
+from snapproof.native.live import LiveSnapshot, VcpuRunner, take_live_snapshot
+from snapproof.native.memory import PAGE_SIZE, GuestMemory, copy_timed
+from snapproof.native.pagemap import read_pagemap
+from snapproof.native.wp import BULK_BATCH, WpSnapshot, WpStats
 
 # The bulk copy's piece: after each, what is final goes to the writer's hashing thread. One un-protect batch
 # (2 MiB) is still in the cache when the hash reads it, and costs one engine call, one pagemap read and one

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from native.layout import gpa_of, offset_of
+from snapproof.native.layout import gpa_of, offset_of
 
 PAGE_SIZE = 4096
 _CHUNK = 1 << 20
@@ -99,7 +99,7 @@ def first_difference(a: Any, b: Any) -> int:
 def c_first_difference(va: memoryview, vb: memoryview) -> int:
     """The C layer's search (native/linux/dirty_tracking.c, sp_first_difference): memcmp a MiB at a time, then
     the bytes of the chunk that differs. Linux only; equal-sized byte views."""
-    from native._lib import ffi, lib
+    from snapproof.native._lib import ffi, lib
 
     ha, hb = ffi.from_buffer("char[]", va), ffi.from_buffer("char[]", vb)
     try:

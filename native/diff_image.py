@@ -65,7 +65,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from native.image import (
+from snapproof.native.image import (
     DEFAULT_VCPU_KIND,
     HYPERVISORS,
     VCPU_SECTION_MAX,

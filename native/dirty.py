@@ -46,12 +46,12 @@ if sys.platform == "win32":
 import time
 from typing import Any
 
-from native import uffd
-from native._lib import check, ffi, lib
-from native.diff_image import empty_bitmap
-from native.kvm import KVM_MEM_LOG_DIRTY_PAGES, Vm
-from native.memory import PAGE_SIZE, GuestMemory
-from native.uffd import require_features
+from snapproof.native import uffd
+from snapproof.native._lib import check, ffi, lib
+from snapproof.native.diff_image import empty_bitmap
+from snapproof.native.kvm import KVM_MEM_LOG_DIRTY_PAGES, Vm
+from snapproof.native.memory import PAGE_SIZE, GuestMemory
+from snapproof.native.uffd import require_features
 
 PM_SOFT_DIRTY = 1 << 55
 PM_PRESENT = 1 << 63

@@ -4,7 +4,7 @@
 else, checks it exports every function of the ABI, and says what it is (``Engine``: name, version, ABI
 version, the library's sha256, and the optional capabilities it offers: more than one snapshot per engine
 object, overlapping or consecutive). ``builtin_engine()`` is snapproof's own engine, built by ``python3 -m
-native.build`` into native/engines/ (an install: its per-user cache) and loaded exactly the same way;
+snapproof build`` into native/engines/ (an install: its per-user cache) and loaded exactly the same way;
 ``repo_engine(name)`` is any engine of native/_engines_build.py. native.wp.WpSnapshot drives whichever it is
 given; ``pytest --engine PATH`` makes one the engine under test. Linux only.
 """
@@ -175,8 +175,8 @@ def _exports(lib: Any, name: str) -> bool:
 
 
 def engine_path(name: str) -> Path:
-    """Where ``python3 -m native.build`` puts the repository's engine ``name`` (native/_engines_build.py)."""
-    from native._engines_build import ENGINES
+    """Where ``snapproof build`` puts the repository's engine ``name`` (native/_engines_build.py)."""
+    from snapproof.native._engines_build import ENGINES
 
     try:
         return ENGINES[name].output
@@ -194,7 +194,7 @@ def repo_engine(name: str) -> Engine:
 def _built_this_process() -> None:
     """Build what is stale once per process: sources hashed per snapshot cost about 0.7 ms each time, and a
     library rebuilt under a running process would not be loaded again anyway (dlopen keeps the first)."""
-    from native.build import ensure_built
+    from snapproof.native.build import ensure_built
 
     ensure_built()
 

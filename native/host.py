@@ -4,7 +4,7 @@ Only this module probes; phases ask it by capability name and skip with the
 exact reason it gives. A row that is not PASS names what was seen and, where
 a person can fix it, the command to paste (native.fixes). The table has the
 same rows on every host of a platform: a row that cannot be probed because
-another is missing says so. ``python -m native.host`` prints it (``--json``,
+another is missing says so. ``snapproof host`` prints it (``--json``,
 ``--quiet``, ``--sizes``; ``--help``) and exits non-zero only when a row FAILs.
 """
 
@@ -17,10 +17,10 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
-from native import fixes
+from snapproof.native import fixes
 
 # Message builders live in native.errors, where the native layer imports them without importing the probe.
-from native.errors import CAP_SYS_PTRACE, device_node, has_capability, uid
+from snapproof.native.errors import CAP_SYS_PTRACE, device_node, has_capability, uid
 
 
 class Status(enum.Enum):
@@ -68,7 +68,7 @@ class HostReport:
         c = self.get(name)
         if c is None:
             rows = "linux" if sys.platform.startswith("linux") else sys.platform
-            return f"capability {name!r} is no row of the host probe on {rows} (python3 -m native.host lists them)"
+            return f"capability {name!r} is no row of the host probe on {rows} (snapproof host lists them)"
         if c.available:
             return None
         return f"{c.what}: {c.detail}{c.advice}"
@@ -146,8 +146,8 @@ def _kvm_rows(rep: HostReport, blocked: str | None) -> None:
                              f"absent: /dev/kvm: permission denied for uid {uid()} (os.access R+W; the node is "
                              f"{device_node(path)})", fixes.kvm_access())
     else:
-        from native.errors import CapabilityMissing, NativeError
-        from native.kvm import KVM_API_VERSION, KVM_CAP_NR_MEMSLOTS, KVM_CAP_READONLY_MEM, Vm
+        from snapproof.native.errors import CapabilityMissing, NativeError
+        from snapproof.native.kvm import KVM_API_VERSION, KVM_CAP_NR_MEMSLOTS, KVM_CAP_READONLY_MEM, Vm
 
         try:
             with Vm.create() as vm:
@@ -286,7 +286,7 @@ def cpu_hypervisor() -> tuple[bool, str, str]:
     """
     if platform.machine() in ("x86_64", "i386", "i686", "AMD64"):
         try:
-            from native._lib import ffi, lib  # builds the native module first when it is stale
+            from snapproof.native._lib import ffi, lib  # builds the native module first when it is stale
 
             regs = ffi.new("uint32_t[4]")
             if lib.sp_cpuid(1, 0, regs) == 0:
@@ -351,7 +351,7 @@ _ROLE_STATUS = {"required": Status.FAIL, "used": Status.WARN, "unused": Status.I
 
 def _feature_row(name: str, bit: int, mask: int | None, because: str) -> Capability:
     """One uffd feature's row: offered or not in ``mask``, or not probed (``because``) when there is none."""
-    from native import uffd
+    from snapproof.native import uffd
 
     role, cost = _FEATURE_ROLE.get(name, ("unused", ""))
     status, what = _ROLE_STATUS[role], f"for UFFD_FEATURE_{name}"
@@ -371,8 +371,8 @@ def _feature_row(name: str, bit: int, mask: int | None, because: str) -> Capabil
 def _uffd_rows(rep: HostReport, blocked: str | None) -> None:
     """userfaultfd for kernel-mode faults, then a row per feature bit the kernel can name (each the same whether
     the kernel offers it, lacks it, or userfaultfd itself is missing)."""
-    from native import uffd
-    from native.errors import CapabilityMissing, NativeError
+    from snapproof.native import uffd
+    from snapproof.native.errors import CapabilityMissing, NativeError
 
     mask: int | None = None
     because = blocked
@@ -402,8 +402,8 @@ RELEASE_WHAT = "for close(uffd) clearing the WP bits it set"
 
 def _release_row(rep: HostReport, mask: int | None, because: str) -> Capability:
     """What a bare close(uffd) leaves behind: a kernel fact the engine does not rely on (it un-protects first)."""
-    from native import uffd
-    from native.errors import NativeError
+    from snapproof.native import uffd
+    from snapproof.native.errors import NativeError
 
     name = "uffd.release_clears_wp"
     if mask is None:
@@ -451,8 +451,8 @@ def _pagemap_scan_row(rep: HostReport, blocked: str | None) -> None:
     if blocked:
         rep.capabilities.append(_unprobed("pagemap_scan", "MEM", PAGEMAP_SCAN_WHAT, Status.WARN, blocked, fallback))
         return
-    from native.errors import NativeError
-    from native.pagemap import pagemap_scan_probe
+    from snapproof.native.errors import NativeError
+    from snapproof.native.pagemap import pagemap_scan_probe
 
     try:
         pagemap_scan_probe()
@@ -470,7 +470,7 @@ def _soft_dirty_row(rep: HostReport, blocked: str | None) -> None:
     if blocked:
         rep.capabilities.append(_unprobed("soft_dirty", "MEM", what, Status.WARN, blocked, fallback))
         return
-    from native.dirty import soft_dirty_absent
+    from snapproof.native.dirty import soft_dirty_absent
 
     reason = soft_dirty_absent()
     if reason is None:
@@ -517,7 +517,7 @@ def _hugepage_rows(rep: HostReport) -> None:
 def _thp_rows(rep: HostReport) -> None:
     """Transparent huge pages for MADV_HUGEPAGE guest memory: anonymous (PMD size), shmem (memfd) and the
     anonymous mTHP sizes; the knobs as they are, which --thp changes for a run and restores."""
-    from native import thp
+    from snapproof.native import thp
 
     rep.facts["thp_enabled"] = thp.read_knob(thp.ENABLED) or "absent"
     rep.facts["thp_shmem_enabled"] = thp.read_knob(thp.SHMEM_ENABLED) or "absent"
@@ -603,7 +603,7 @@ QEMU_FALLBACK = ("phase 5 leaves out QEMU's background snapshot: its QEMU case i
 
 def _qemu_row(rep: HostReport) -> None:
     """QEMU, the peer phase 5 runs beside snapproof's strategies: on PATH and new enough (its --version)."""
-    from native.qemu import QEMU_PACKAGE, QemuError, find_qemu
+    from snapproof.native.qemu import QEMU_PACKAGE, QemuError, find_qemu
 
     try:
         binary = find_qemu()
@@ -640,7 +640,7 @@ def _qemu_uffd_denied(version: tuple[int, int, int]) -> str | None:
 def _native_row(rep: HostReport) -> str | None:
     """The native build (the C module and the engines), built first where it is missing or older than its
     sources, as every import of it does; None when it is there, else why the rows that need it are not probed."""
-    from native import build
+    from snapproof.native import build
 
     what = "for the native build (C layer, engines)"
     try:
@@ -682,7 +682,7 @@ def cpu_model() -> str:
 
 WHP_WHAT = "for the Windows Hypervisor Platform"
 WHP_BUILD_HINT = ("a 64-bit x64 Python with the MSVC C build tools (Visual Studio Build Tools, \"Desktop development "
-                  "with C++\"), then `py -m native.build`")
+                  "with C++\"), then `py -m snapproof build`")
 
 
 PARTIAL_UNMAP_WHAT = "for WHP partial unmap (PartialUnmap)"
@@ -697,7 +697,7 @@ def _whp_rows(rep: HostReport) -> None:
     naming it: every test's setup asks this probe, so a traceback here would
     be every test's error instead of one row.
     """
-    from native import whp
+    from snapproof.native import whp
 
     if not _whp_row(rep):
         rep.capabilities.append(_unprobed("whp.partial_unmap", "WHP", PARTIAL_UNMAP_WHAT, Status.WARN,
@@ -716,7 +716,7 @@ def _whp_rows(rep: HostReport) -> None:
 
 def _whp_row(rep: HostReport) -> bool:
     """The row ``whp``; whether WHP is usable."""
-    from native import whp
+    from snapproof.native import whp
 
     problem = whp.unsupported_interpreter()
     if problem is not None:
@@ -786,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    p = argparse.ArgumentParser(prog="python3 -m native.host", description=(
+    p = argparse.ArgumentParser(prog="snapproof host", description=(
         "What this host offers snapproof, probed for real: PASS, INFO (a fact the suite does not use), WARN (the "
         "suite leaves something out, or its figures mean less) or FAIL, with the command to paste for each row that "
         "is not PASS. Exits 1 when a row FAILs, else 0."))

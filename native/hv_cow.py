@@ -57,10 +57,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from native.errors import CapabilityMissing
-from native.inject import FaultInjection
-from native.kvm import KVM_CAP_NR_MEMSLOTS, KVM_CAP_READONLY_MEM, KVM_MEM_READONLY, Exit, Vm
-from native.memory import PAGE_SIZE, GuestMemory
+from snapproof.native.errors import CapabilityMissing
+from snapproof.native.inject import FaultInjection
+from snapproof.native.kvm import KVM_CAP_NR_MEMSLOTS, KVM_CAP_READONLY_MEM, KVM_MEM_READONLY, Exit, Vm
+from snapproof.native.memory import PAGE_SIZE, GuestMemory
 
 
 class MemslotsExhausted(RuntimeError):

@@ -106,7 +106,7 @@ failure raises ``SnapshotFormatError`` naming the field (``vcpu[1].msrs.length``
 for a part), what was expected and what was seen. No allocation depends on a
 header value before that value has been checked against the file length.
 
-``python -m native.image info FILE`` prints a header in plain words.
+``python -m snapproof.native.image info FILE`` prints a header in plain words.
 
 Pure Python on purpose: the format is shared by the KVM and WHP backends and
 must import on Windows.
@@ -1184,7 +1184,7 @@ def describe(img: SnapshotImage) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m native.image", description="snapproof snapshot files")
+    parser = argparse.ArgumentParser(prog="python -m snapproof.native.image", description="snapproof snapshot files")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print a snapshot header in plain words")
     info.add_argument("file")

@@ -30,13 +30,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from native._lib import check, ffi, lib
-from native.diff_image import Chain, DiffImage, count, empty_bitmap, open_chain, union
-from native.dirty import DirtyTracker
-from native.image import SnapshotImage, data_extents
-from native.inject import FaultInjection
-from native.memory import PAGE_SIZE, GuestMemory
-from native.restore import RestoredMemory, RestoredVm, restore_vm
+from snapproof.native._lib import check, ffi, lib
+from snapproof.native.diff_image import Chain, DiffImage, count, empty_bitmap, open_chain, union
+from snapproof.native.dirty import DirtyTracker
+from snapproof.native.image import SnapshotImage, data_extents
+from snapproof.native.inject import FaultInjection
+from snapproof.native.memory import PAGE_SIZE, GuestMemory
+from snapproof.native.restore import RestoredMemory, RestoredVm, restore_vm
 
 # One read(2) moves at most 0x7ffff000 bytes on Linux: 1 GiB reads stay whole.
 _READ_CHUNK = 1 << 30

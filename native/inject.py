@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 
-from native.image import VcpuPart
+from snapproof.native.image import VcpuPart
 
 
 class FaultInjection(enum.Flag):

@@ -21,10 +21,10 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from native import layout
-from native._lib import check, ffi, lib
-from native.errors import CapabilityMissing, GuestTimeout, NativeError
-from native.image import (
+from snapproof.native import layout
+from snapproof.native._lib import check, ffi, lib
+from snapproof.native.errors import CapabilityMissing, GuestTimeout, NativeError
+from snapproof.native.image import (
     CPUID_ENTRY_SIZE,
     CPUID_HEAD,
     FIXED_PART_SIZES,
@@ -34,7 +34,7 @@ from native.image import (
     pack_kvm_x86_state,
     split_kvm_x86_state,
 )
-from native.memory import GuestMemory
+from snapproof.native.memory import GuestMemory
 
 KVM_API_VERSION = 12
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
@@ -602,13 +602,13 @@ def _kvm_open_error(err: int) -> Exception:
     import errno
     import os
 
-    from native import fixes
+    from snapproof.native import fixes
 
     if err == errno.ENOENT:
         return CapabilityMissing("/dev/kvm does not exist (KVM module not loaded, or no virtualization support)",
                                  fix=fixes.kvm_module())
     if err in (errno.EACCES, errno.EPERM):
-        from native.errors import device_node
+        from snapproof.native.errors import device_node
 
         return CapabilityMissing(f"/dev/kvm: permission denied for uid {os.geteuid()} ({errno.errorcode[err]} from "
                                  f"open O_RDWR; the node is {device_node('/dev/kvm')})", fix=fixes.kvm_access())

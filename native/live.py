@@ -20,11 +20,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from native.errors import GuestTimeout
-from native.inject import FaultInjection
-from native.kvm import Exit, ExitReason, Vcpu
-from native.memory import GuestMemory, copy_timed
-from native.wp import BULK_BATCH, EngineObject, WpSnapshot, WpStats
+from snapproof.native.errors import GuestTimeout
+from snapproof.native.inject import FaultInjection
+from snapproof.native.kvm import Exit, ExitReason, Vcpu
+from snapproof.native.memory import GuestMemory, copy_timed
+from snapproof.native.wp import BULK_BATCH, EngineObject, WpSnapshot, WpStats
 
 
 class VcpuRunner:

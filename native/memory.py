@@ -23,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from native._lib import ffi
-from native.thp import THP_BACKING_NEEDS, Folio
+from snapproof.native._lib import ffi
+from snapproof.native.thp import THP_BACKING_NEEDS, Folio
 
 PAGE_SIZE = 4096
 HUGE_PAGE_SIZE = 2 << 20
@@ -85,8 +85,8 @@ class GuestMemory:
         if thp:
             if mem.addr % HUGE_PAGE_SIZE:
                 mem.close()
-                from native.errors import CapabilityMissing
-                from native.thp import shmem_missing
+                from snapproof.native.errors import CapabilityMissing
+                from snapproof.native.thp import shmem_missing
 
                 raise CapabilityMissing(f"shmem THP: the kernel placed the memfd mapping at {mem.addr:#x}, not on a "
                                         f"2 MiB boundary ({shmem_missing() or 'shmem THP is on'})")
@@ -254,7 +254,7 @@ class GuestMemory:
     def folio_at(self, offset: int) -> Folio | None:
         """The folio behind the page at ``offset`` (its size; a THP?), or None: not present, or frames and
         /proc/kpageflags not readable here (native.thp.folio_of). Faults nothing in."""
-        from native.thp import folio_of
+        from snapproof.native.thp import folio_of
 
         self._bounds(offset, 1)
         return folio_of(self.addr + offset - offset % PAGE_SIZE)
@@ -311,7 +311,7 @@ def buffer_address(buf: object) -> tuple[Any, int]:
 
 def copy_timed(dst: object, src: GuestMemory, rounds: int = 1) -> int:
     """memcpy all of ``src`` into the writable buffer ``dst`` in C; returns the best time in ns."""
-    from native._lib import check, lib
+    from snapproof.native._lib import check, lib
 
     h, addr = buffer_address(dst)
     try:

@@ -14,8 +14,8 @@ if sys.platform == "win32":
 import errno
 import os
 
-from native._lib import check, ffi, lib
-from native.errors import NativeError
+from snapproof.native._lib import check, ffi, lib
+from snapproof.native.errors import NativeError
 
 PAGE_SIZE = 4096
 
@@ -65,7 +65,7 @@ def pagemap_scan(addr: int, size: int, category_mask: int, return_mask: int, fla
 
 def pagemap_scan_probe() -> None:
     """Raise NativeError unless PAGEMAP_SCAN answers on a populated page of our own."""
-    from native.memory import GuestMemory
+    from snapproof.native.memory import GuestMemory
 
     with GuestMemory.anonymous(PAGE_SIZE) as m:
         m.populate()

@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from native._lib import check, ffi, lib
+from snapproof.native._lib import check, ffi, lib
 
 
 class Point(enum.IntEnum):

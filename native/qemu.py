@@ -48,13 +48,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import guests
-from guests import storm
-from guests.storm import PAGE_SIZE
-from native.layout import LOW_RAM_END
+from snapproof.guests import storm
+from snapproof.guests.storm import PAGE_SIZE
+from snapproof.native.layout import LOW_RAM_END
+
+from snapproof import guests
 
 if TYPE_CHECKING:  # imported when a guest is made: the host probe asks find_qemu without the native build
-    from native.memory import GuestMemory
+    from snapproof.native.memory import GuestMemory
 
 QEMU_BINARY = "qemu-system-x86_64"
 QEMU_PACKAGE = "qemu-system-x86"   # Debian's and Ubuntu's package of it
@@ -280,7 +281,7 @@ class QemuGuest:
     @classmethod
     def with_memory(cls, size: int, **kw: Any) -> QemuGuest:
         """A guest over a memfd of ``size`` made for it, closed with it (``close()`` frees it)."""
-        from native.memory import GuestMemory
+        from snapproof.native.memory import GuestMemory
 
         mem = GuestMemory.memfd(size, name="snapproof-qemu-ram")
         try:

@@ -26,11 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from native._lib import ffi, lib
-from native.memory import GuestMemory
-from native.pagemap import write_protected
-from native.points import Point, SlowPoints, first_of
-from native.wp import WpSnapshot
+from snapproof.native._lib import ffi, lib
+from snapproof.native.memory import GuestMemory
+from snapproof.native.pagemap import write_protected
+from snapproof.native.points import Point, SlowPoints, first_of
+from snapproof.native.wp import WpSnapshot
 
 # How long a lineup waits for the engine to reach the point it holds, or for a thread it let go to finish.
 REACH_S = 10.0

@@ -60,14 +60,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from native import uffd
-from native._lib import check, ffi, lib
-from native.errors import LoaderDied
-from native.image import SnapshotFormatError, SnapshotImage, VcpuKind, VcpuPart
-from native.inject import C_SWITCHES, FaultInjection, dropped_parts
-from native.kvm import Exit, Vcpu, Vm
-from native.memory import PAGE_SIZE, GuestMemory
-from native.wp import read_pagemap, require_features
+from snapproof.native import uffd
+from snapproof.native._lib import check, ffi, lib
+from snapproof.native.errors import LoaderDied
+from snapproof.native.image import SnapshotFormatError, SnapshotImage, VcpuKind, VcpuPart
+from snapproof.native.inject import C_SWITCHES, FaultInjection, dropped_parts
+from snapproof.native.kvm import Exit, Vcpu, Vm
+from snapproof.native.memory import PAGE_SIZE, GuestMemory
+from snapproof.native.wp import read_pagemap, require_features
 
 LAZY_BACKINGS = ("memfd", "anonymous")
 # One read(2) moves at most 0x7ffff000 bytes on Linux; 1 GiB chunks keep each call whole.

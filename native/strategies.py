@@ -50,15 +50,15 @@ if sys.platform == "win32":
 import time
 from dataclasses import dataclass, field
 
-from native import uffd
-from native._lib import check, ffi, lib
-from native.engine import Engine
-from native.inject import FaultInjection
-from native.kvm import KVM_MEM_LOG_DIRTY_PAGES, Vm
-from native.live import VcpuRunner
-from native.memory import PAGE_SIZE, GuestMemory, buffer_address, copy_timed
-from native.uffd import require_features
-from native.wp import ENGINE_NEEDS, PrearmStats, WpSnapshot, WpStats
+from snapproof.native import uffd
+from snapproof.native._lib import check, ffi, lib
+from snapproof.native.engine import Engine
+from snapproof.native.inject import FaultInjection
+from snapproof.native.kvm import KVM_MEM_LOG_DIRTY_PAGES, Vm
+from snapproof.native.live import VcpuRunner
+from snapproof.native.memory import PAGE_SIZE, GuestMemory, buffer_address, copy_timed
+from snapproof.native.uffd import require_features
+from snapproof.native.wp import ENGINE_NEEDS, PrearmStats, WpSnapshot, WpStats
 
 STOP_AND_COPY: str = "stop-and-copy"
 WP_COPY_BEFORE_WRITE: str = "wp-copy-before-write"

@@ -72,7 +72,7 @@ def supported_features() -> int:
 
 def require_features(need: int, what: str) -> int:
     """The kernel's uffd feature mask, or CapabilityMissing naming each bit of ``need`` it lacks (and its kernel)."""
-    from native.errors import CapabilityMissing
+    from snapproof.native.errors import CapabilityMissing
 
     supported = supported_features()
     missing = need & ~supported
@@ -87,7 +87,7 @@ def require_features(need: int, what: str) -> int:
 @contextlib.contextmanager
 def open_uffd(features: int) -> Iterator[tuple[int, int]]:
     """A userfaultfd after the UFFDIO_API handshake asking ``features``: (fd, the kernel's mask); closed after."""
-    from native._lib import check, ffi, lib
+    from snapproof.native._lib import check, ffi, lib
 
     via = ffi.new("int *")
     fd = lib.sp_uffd_open(via)
@@ -112,9 +112,9 @@ def release_clears_wp() -> bool:
     """
     if sys.platform == "win32":
         raise NotImplementedError("userfaultfd is Linux's")
-    from native._lib import check, ffi, lib
-    from native.memory import GuestMemory
-    from native.pagemap import write_protected
+    from snapproof.native._lib import check, ffi, lib
+    from snapproof.native.memory import GuestMemory
+    from snapproof.native.pagemap import write_protected
 
     with GuestMemory.anonymous(4096) as page:
         page.populate()  # WP needs a present page where WP_UNPOPULATED is absent (6.1)
@@ -130,8 +130,8 @@ def release_clears_wp() -> bool:
 
 def uffd_open_error(err: int) -> Exception:
     """What a failed userfaultfd(2) (and /dev/userfaultfd) means: a missing capability, named, or an error."""
-    from native.errors import CapabilityMissing, NativeError, uffd_denied
-    from native.fixes import uffd_access
+    from snapproof.native.errors import CapabilityMissing, NativeError, uffd_denied
+    from snapproof.native.fixes import uffd_access
 
     if err in (errno.EPERM, errno.EACCES):
         return CapabilityMissing(uffd_denied(errno.errorcode[err]), fix=uffd_access())

@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from native.errors import CapabilityMissing, NativeError
+from snapproof.native.errors import CapabilityMissing, NativeError
+
 from snapproof import IMPORT_ROOT
 
 # The snapshot file's memory image starts after one header page (native/image.py).
@@ -145,10 +146,10 @@ def _load() -> tuple[Any, Any]:
             problem = unsupported_interpreter()
             if problem is not None:
                 raise WhpUnavailable(problem)
-            from native.build import ensure_built
+            from snapproof.native.build import ensure_built
 
             ensure_built()
-            from native._windows import ffi, lib  # type: ignore[import-not-found,unused-ignore]
+            from snapproof.native._windows import ffi, lib  # type: ignore[import-not-found,unused-ignore]
 
             wrong = {name: (want, getattr(lib, name)) for name, want in _C_CONSTANTS.items()
                      if getattr(lib, name) != want}
@@ -747,7 +748,7 @@ def readonly_load_in_child(path: str | os.PathLike[str], offset: int = IMAGE_OFF
     child's exit status names the outcome; this process is unharmed, and its
     own partition (if any) is not the child's: one mapped partition each.
     """
-    cmd = [sys.executable, "-m", "native.whp", "readonly-child", str(path), "--offset", str(offset),
+    cmd = [sys.executable, "-m", "snapproof.native.whp", "readonly-child", str(path), "--offset", str(offset),
            "--run-timeout", str(run_timeout)]
     if size is not None:
         cmd += ["--size", str(size)]
@@ -785,10 +786,10 @@ def _readonly_child(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m native.whp``: WHP status and commit charge.
+    """``python -m snapproof.native.whp``: WHP status and commit charge.
 
     ``readonly-child`` is the child of readonly_load_in_child."""
-    parser = argparse.ArgumentParser(prog="python -m native.whp")
+    parser = argparse.ArgumentParser(prog="python -m snapproof.native.whp")
     sub = parser.add_subparsers(dest="command")
     child = sub.add_parser("readonly-child")
     child.add_argument("path")

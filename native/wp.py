@@ -36,16 +36,16 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from native import uffd
-from native._lib import check, lib
-from native._lib import ffi as c_ffi
-from native.engine import Engine, builtin_engine, ffi
-from native.errors import HandlerDied, NativeError
-from native.inject import C_SWITCHES, FaultInjection
-from native.memory import HUGE_PAGE_SIZE, PAGE_SIZE, GuestMemory
-from native.pagemap import PM_PRESENT, PM_SWAP, PM_UFFD_WP, pagemap_entry, read_pagemap
-from native.points import SlowPoints
-from native.uffd import open_uffd, require_features, supported_features
+from snapproof.native import uffd
+from snapproof.native._lib import check, lib
+from snapproof.native._lib import ffi as c_ffi
+from snapproof.native.engine import Engine, builtin_engine, ffi
+from snapproof.native.errors import HandlerDied, NativeError
+from snapproof.native.inject import C_SWITCHES, FaultInjection
+from snapproof.native.memory import HUGE_PAGE_SIZE, PAGE_SIZE, GuestMemory
+from snapproof.native.pagemap import PM_PRESENT, PM_SWAP, PM_UFFD_WP, pagemap_entry, read_pagemap
+from snapproof.native.points import SlowPoints
+from snapproof.native.uffd import open_uffd, require_features, supported_features
 
 # The uffd handshake lives in native.uffd and pagemap reading in native.pagemap; modules that reach them
 # through native.wp (native.restore, the reliability tests) still find them here.

@@ -1,6 +1,6 @@
 """Phase 0 — host: everything the phases need, probed for real, as a virt-host-validate style table.
 
-The same table is what ``python -m native.host`` prints; that command exits
+The same table is what ``snapproof host`` prints; that command exits
 non-zero only when a row FAILs.
 """
 
@@ -21,9 +21,9 @@ REQUIRED_FOR_PHASES = (("whp",) if sys.platform == "win32" else
 
 
 def test_command_line_prints_the_same_table(report, host, pytestconfig):
-    """`python -m native.host` prints the probe's table and exits 1 exactly when a row FAILs."""
+    """`snapproof host` prints the probe's table and exits 1 exactly when a row FAILs."""
     sizes = pytestconfig.getoption("sizes")
-    with report.stage("run python -m native.host") as st:
+    with report.stage("run snapproof host") as st:
         proc = subprocess.run([sys.executable, "-m", "snapproof", "host", *(["--sizes", sizes] if sizes else [])],
                               cwd=IMPORT_ROOT, capture_output=True, text=True, timeout=60)
         st.check(proc.stderr == "", "no error output", f"stderr: {proc.stderr.strip()!r}")
@@ -49,7 +49,7 @@ def test_host_has_what_its_class_requires_and_names_what_it_lacks(report, host, 
     """The gate policy's class for this host: every capability it requires is present (skip naming it otherwise;
     FAIL under --strict-host), and each one this host lacks that the class does not require is reported as
     unavailable with the suite's fallback, never as present."""
-    from native.host import describe_host
+    from snapproof.native.host import describe_host
 
     with report.stage("host class") as st:
         st.check(host_policy.host_class is not None, f"{describe_host(host.facts)}; policy {host_policy.source}",
@@ -78,7 +78,7 @@ def test_host_has_what_its_class_requires_and_names_what_it_lacks(report, host, 
 def test_run_record_says_which_kvm_and_what_runs_below_it(report, host, require):
     """Host facts carry kernel, CPU, the KVM module and its version and paging, bare metal or nested (under what),
     the host class and the uffd mask: figures are read against them."""
-    from native.host import HARDWARE_KVM_MODULES, HOST_CLASSES, TDP_PARAMETER, describe_host
+    from snapproof.native.host import HARDWARE_KVM_MODULES, HOST_CLASSES, TDP_PARAMETER, describe_host
 
     require("kvm", "uffd")
     facts = host.facts

@@ -18,17 +18,17 @@ from __future__ import annotations
 import threading
 
 import pytest
+from snapproof.native import uffd
+from snapproof.native.compare import describe_difference, differing_pages
+from snapproof.native.kvm import ExitReason
+from snapproof.native.memory import PAGE_SIZE
+from snapproof.native.pagemap import PM_PRESENT, pagemap_entry, read_pagemap
+from snapproof.native.thp import PMD_SIZE, mthp_sizes
+from snapproof.native.wp import ENGINE_NEEDS, HoleProtection, raw_writeprotect_samples
+from snapproof.results.record import LIMIT_SLACK, fmt_bytes
+from snapproof.results.stats import median, percentile
 
-import guests
-from native import uffd
-from native.compare import describe_difference, differing_pages
-from native.kvm import ExitReason
-from native.memory import PAGE_SIZE
-from native.pagemap import PM_PRESENT, pagemap_entry, read_pagemap
-from native.thp import PMD_SIZE, mthp_sizes
-from native.wp import ENGINE_NEEDS, HoleProtection, raw_writeprotect_samples
-from results.record import LIMIT_SLACK, fmt_bytes
-from results.stats import median, percentile
+from snapproof import guests
 
 pytestmark = [pytest.mark.phase(1, "WP catches writes"), pytest.mark.needs("kvm", *ENGINE_NEEDS)]
 

@@ -33,20 +33,20 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
+from snapproof.guests import storm
+from snapproof.native.compare import describe_difference, differing_pages, exact_oracle
+from snapproof.native.kvm import ExitReason
+from snapproof.native.layout import offset_of
+from snapproof.native.live import VcpuRunner, arm_live, take_live_snapshot, wait_for_faults
+from snapproof.native.memory import PAGE_SIZE
+from snapproof.native.points import Point, SlowPoints, first_of
+from snapproof.native.races import FIRST_WRITE, SECOND_WRITE, WRITE_OFFSET, GuestWrite, Lineup, Window
+from snapproof.native.thp import PMD_SIZE, CollapseLoop
+from snapproof.native.wp import ENGINE_NEEDS
+from snapproof.results.record import LIMIT_SLACK, fmt_bytes
+from snapproof.results.stats import median
 
-import guests
-from guests import storm
-from native.compare import describe_difference, differing_pages, exact_oracle
-from native.kvm import ExitReason
-from native.layout import offset_of
-from native.live import VcpuRunner, arm_live, take_live_snapshot, wait_for_faults
-from native.memory import PAGE_SIZE
-from native.points import Point, SlowPoints, first_of
-from native.races import FIRST_WRITE, SECOND_WRITE, WRITE_OFFSET, GuestWrite, Lineup, Window
-from native.thp import PMD_SIZE, CollapseLoop
-from native.wp import ENGINE_NEEDS
-from results.record import LIMIT_SLACK, fmt_bytes
-from results.stats import median
+from snapproof import guests
 
 pytestmark = [pytest.mark.phase(2, "live snapshot consistency"), pytest.mark.needs("kvm", *ENGINE_NEEDS)]
 
@@ -626,8 +626,8 @@ def test_consecutive_live_snapshots_by_one_engine_object_share_nothing(report, m
 @pytest.mark.sizes(64 << 20, 256 << 20, extendable=False)
 def test_benchmark_bulk_copy_rate(report, benchmark, make_memory, make_wp, mem_size):
     """The engine's bulk copy (nothing else running) against a warm memcpy of the same memory, round by round."""
-    from native._lib import lib
-    from native.memory import copy_timed
+    from snapproof.native._lib import lib
+    from snapproof.native.memory import copy_timed
 
     mem = make_memory("memfd", mem_size)
     dst = make_memory("anonymous", mem_size)

@@ -34,13 +34,11 @@ from functools import partial
 from typing import Any
 
 import pytest
-
-import guests
-from guests import counter, cpustate
-from guests.counter import CounterParams
-from native.capture import DurableWrite, FileCapture, durable_write
-from native.compare import describe_difference
-from native.image import (
+from snapproof.guests import counter, cpustate
+from snapproof.guests.counter import CounterParams
+from snapproof.native.capture import DurableWrite, FileCapture, durable_write
+from snapproof.native.compare import describe_difference
+from snapproof.native.image import (
     MSR_ENTRY,
     SnapshotImage,
     VcpuPart,
@@ -49,15 +47,17 @@ from native.image import (
     part_field,
     split_kvm_x86_state,
 )
-from native.kvm import RESTORE_ORDER, Exit, ExitReason, Vm
-from native.layout import gpa_of
-from native.live import VcpuRunner
-from native.memory import PAGE_SIZE, GuestMemory
-from native.restore import LOADERS, RestoredVm, restore_vm
-from native.thp import PMD_SIZE, THP_BACKING_NEEDS
-from native.wp import ENGINE_NEEDS
-from results.record import LIMIT_SLACK, fmt_bytes, fmt_ns
-from results.stats import median
+from snapproof.native.kvm import RESTORE_ORDER, Exit, ExitReason, Vm
+from snapproof.native.layout import gpa_of
+from snapproof.native.live import VcpuRunner
+from snapproof.native.memory import PAGE_SIZE, GuestMemory
+from snapproof.native.restore import LOADERS, RestoredVm, restore_vm
+from snapproof.native.thp import PMD_SIZE, THP_BACKING_NEEDS
+from snapproof.native.wp import ENGINE_NEEDS
+from snapproof.results.record import LIMIT_SLACK, fmt_bytes, fmt_ns
+from snapproof.results.stats import median
+
+from snapproof import guests
 
 pytestmark = [pytest.mark.phase(3, "round-trip restore"), pytest.mark.platform("linux"),
               pytest.mark.needs("kvm", *ENGINE_NEEDS)]

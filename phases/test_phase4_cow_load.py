@@ -22,13 +22,13 @@ import hashlib
 from dataclasses import dataclass
 
 import pytest
+from snapproof.guests import counter
+from snapproof.native.compare import describe_cow_difference, describe_difference
+from snapproof.native.image import SnapshotImage
+from snapproof.native.inject import FaultInjection
+from snapproof.results.record import fmt_bytes
 
-import guests
-from guests import counter
-from native.compare import describe_cow_difference, describe_difference
-from native.image import SnapshotImage
-from native.inject import FaultInjection
-from results.record import fmt_bytes
+from snapproof import guests
 
 pytestmark = [pytest.mark.phase(4, "copy-on-write load")]
 linux_only = pytest.mark.platform("linux")      # KVM backend
@@ -74,7 +74,7 @@ def write_refused(ex) -> bool:
     """KVM stopped the guest at a write it could not back with host memory, in one of the ways a KVM says so:
     KVM_EXIT_MMIO (a write) on an emulating KVM (kvm_pvm); on hardware KVM, KVM_RUN failing with EFAULT
     (before 6.8) or with KVM_EXIT_MEMORY_FAULT (6.8+, KVM_CAP_MEMORY_FAULT_INFO)."""
-    from native.kvm import ExitReason
+    from snapproof.native.kvm import ExitReason
 
     return (ex.reason is ExitReason.MMIO and ex.mmio_is_write) or ex.reason in (ExitReason.EFAULT,
                                                                                  ExitReason.MEMORY_FAULT)
@@ -82,7 +82,7 @@ def write_refused(ex) -> bool:
 
 def expect_halt(st, ex, what: str) -> None:
     """A guest write that KVM could not back with memory is the read-only-mapping bug: say so."""
-    from native.kvm import ExitReason
+    from snapproof.native.kvm import ExitReason
 
     if write_refused(ex):
         st.check(False, "", f"{what}: KVM refused the guest's write ({ex.describe()}): {ORIGINAL_BUG}")
@@ -251,7 +251,7 @@ def test_density_of_16_vms_from_one_256MiB_file(report, tmp_path, cow_vm):
     allocated in a memfd (st_blocks; memfd shmem is charged a page at a time). The system-wide
     Committed_AS delta over each load's 16 VMs is reported beside it, a figure other processes move too.
     """
-    from native.host import meminfo
+    from snapproof.native.host import meminfo
 
     vms = 16
     with report.stage("256 MiB snapshot file") as st:
@@ -323,7 +323,7 @@ def test_density_of_16_vms_from_one_256MiB_file(report, tmp_path, cow_vm):
 @pytest.mark.needs("kvm")
 def test_read_only_mapping_stops_the_guest_write_as_the_original_bug_did(report, tmp_path, make_memory, make_vm):
     """The negative control: mapped PROT_READ, the guest's first write stops KVM at the store and never lands."""
-    from native.kvm import KVM_MEMORY_EXIT_FLAG_PRIVATE, ExitReason
+    from snapproof.native.kvm import KVM_MEMORY_EXIT_FLAG_PRIVATE, ExitReason
 
     params = counter_params(npages=4)
     first_write = params.word_gpa(1)
@@ -376,7 +376,7 @@ def test_read_only_mapping_stops_the_guest_write_as_the_original_bug_did(report,
 def test_benchmark_cow_load_run(report, benchmark, tmp_path, cow_vm, make_memory, make_vm):
     """counter32 run from a fresh MAP_PRIVATE mapping (first writes copy pages), and from a fresh hypervisor-level
     load (first writes exit), against the same run on warm memfd."""
-    from native.kvm import ExitReason
+    from snapproof.native.kvm import ExitReason
 
     params = counter_params(npages=64)
     rounds = 10
@@ -477,7 +477,7 @@ COW16_PAGES_WRITTEN = 2
 
 
 def expect_whp_halt(st, ex, what: str) -> None:
-    from native import whp
+    from snapproof.native import whp
 
     if ex.reason is whp.ExitReason.MEMORY_ACCESS and ex.access is whp.MemoryAccessType.WRITE:
         st.check(False, "", f"{what}: guest write at GPA {ex.gpa:#x} stopped on a memory-access exit: {ORIGINAL_BUG}")
@@ -500,7 +500,7 @@ def view_commit(st, delta: int, view_size: int, what: str) -> float:
 @pytest.mark.needs("whp")
 def test_whp_guest_sees_its_write_and_the_file_never_changes(report, tmp_path, inject):
     """Under WHP, marker16 runs from a FILE_MAP_COPY view: it writes 0x42 and the file keeps 0xBE."""
-    from native import whp
+    from snapproof.native import whp
 
     with report.stage("snapshot file") as st:
         image = write_marker16_image(tmp_path / "marker16.snap")
@@ -536,7 +536,7 @@ def test_whp_guest_sees_its_write_and_the_file_never_changes(report, tmp_path, i
 @pytest.mark.needs("whp")
 def test_whp_two_partitions_from_one_file_are_isolated(report, tmp_path):
     """Two copy views of one file, each run in its own partition (one after the other), see only their own writes."""
-    from native import whp
+    from snapproof.native import whp
 
     with report.stage("two copy views of one file; partition A, then partition B") as st:
         image = write_marker16_image(tmp_path / "shared.snap")
@@ -563,7 +563,7 @@ def test_whp_two_partitions_from_one_file_are_isolated(report, tmp_path):
 def test_whp_read_only_view_fails_the_way_the_original_bug_did(report, tmp_path):
     """The negative control: PAGE_READONLY + FILE_MAP_READ mapped RWX, in a child: the guest's store fails, by an
     access violation, a write memory-access exit or a failed run call; the report names which."""
-    from native import whp
+    from snapproof.native import whp
 
     with report.stage("read-only view, run in a child process") as st:
         image = write_marker16_image(tmp_path / "ro.snap")
@@ -584,7 +584,7 @@ def test_whp_hypervisor_copy_on_write_guest_sees_its_writes_and_the_file_never_c
     """cow16 runs from the snapshot mapped read-only (Read|Execute); each first write to a page exits and is served
     by a private copy mapped writable at that GPA: the guest reads back its writes, two VMs from one file see only
     their own, and the file never changes."""
-    from native import whp
+    from snapproof.native import whp
 
     with report.stage("snapshot file") as st:
         image = write_cow16_image(tmp_path / "cow16.snap")
@@ -641,7 +641,7 @@ def test_whp_density_hypervisor_copy_on_write_against_writecopy(report, tmp_path
     charges each VM about the pages it wrote; PAGE_WRITECOPY charges each the whole view."""
     import contextlib
 
-    from native import whp
+    from snapproof.native import whp
 
     with report.stage(f"{fmt_bytes(DENSITY_IMAGE)} snapshot file") as st:
         image = write_cow16_image(tmp_path / "density.snap", DENSITY_IMAGE)

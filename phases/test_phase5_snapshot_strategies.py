@@ -43,15 +43,14 @@ its case is deselected naming it and the table has no QEMU row, saying why.
 from __future__ import annotations
 
 import pytest
-
-from guests import storm
-from native.compare import exact_oracle
-from native.kvm import KVM_MEM_LOG_DIRTY_PAGES, ExitReason
-from native.layout import offset_of
-from native.live import VcpuRunner
-from native.memory import copy_timed
-from native.qemu import QEMU_ROW, QemuError, QemuGuest, QemuSnapshot
-from native.strategies import (
+from snapproof.guests import storm
+from snapproof.native.compare import exact_oracle
+from snapproof.native.kvm import KVM_MEM_LOG_DIRTY_PAGES, ExitReason
+from snapproof.native.layout import offset_of
+from snapproof.native.live import VcpuRunner
+from snapproof.native.memory import copy_timed
+from snapproof.native.qemu import QEMU_ROW, QemuError, QemuGuest, QemuSnapshot
+from snapproof.native.strategies import (
     PRECOPIES,
     PRECOPY_KVM_DIRTY_LOG,
     PRECOPY_WP_ASYNC,
@@ -63,9 +62,9 @@ from native.strategies import (
     WP_PREARMED,
     make_snapshotter,
 )
-from native.wp import raw_writeprotect_samples
-from results.record import LIMIT_SLACK, fmt_bytes, fmt_ns
-from results.stats import median
+from snapproof.native.wp import raw_writeprotect_samples
+from snapproof.results.record import LIMIT_SLACK, fmt_bytes, fmt_ns
+from snapproof.results.stats import median
 
 pytestmark = [pytest.mark.phase(5, "snapshot strategies"),
               pytest.mark.needs("kvm", "uffd", "uffd.WP_HUGETLBFS_SHMEM")]

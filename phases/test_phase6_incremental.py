@@ -32,10 +32,9 @@ import shutil
 import time
 
 import pytest
-
-from guests import storm
-from native.compare import describe_difference, differing_pages
-from native.diff_image import (
+from snapproof.guests import storm
+from snapproof.native.compare import describe_difference, differing_pages
+from snapproof.native.diff_image import (
     ChainError,
     bitmap_of,
     count,
@@ -45,14 +44,14 @@ from native.diff_image import (
     open_chain,
     pages_in,
 )
-from native.dirty import KVM_DIRTY_LOG, TRACKER_NEEDS, TRACKERS, make_tracker, unpopulated
-from native.incremental import HostWrites, IncrementalSnapshots, write_full_snapshot
-from native.kvm import KVM_MEM_LOG_DIRTY_PAGES, ExitReason
-from native.layout import LOW_RAM_END, gpa_of
-from native.live import VcpuRunner
-from native.memory import PAGE_SIZE
-from native.restore import LOADERS
-from results.record import fmt_bytes, fmt_ns
+from snapproof.native.dirty import KVM_DIRTY_LOG, TRACKER_NEEDS, TRACKERS, make_tracker, unpopulated
+from snapproof.native.incremental import HostWrites, IncrementalSnapshots, write_full_snapshot
+from snapproof.native.kvm import KVM_MEM_LOG_DIRTY_PAGES, ExitReason
+from snapproof.native.layout import LOW_RAM_END, gpa_of
+from snapproof.native.live import VcpuRunner
+from snapproof.native.memory import PAGE_SIZE
+from snapproof.native.restore import LOADERS
+from snapproof.results.record import fmt_bytes, fmt_ns
 
 pytestmark = [pytest.mark.phase(6, "incremental snapshots"), pytest.mark.platform("linux"),
               pytest.mark.needs("kvm")]
@@ -387,8 +386,8 @@ def test_a_chain_with_a_wrong_or_missing_parent_is_refused_naming_both(report, t
         ("diffs out of order", [c["A"], c["A2"], c["A1"]], "diff[1].parent_hash", "A1",
          "later in the chain: the diffs are out of order"),
     ]
-    from native.diff_image import DiffImage
-    from native.image import SnapshotImage
+    from snapproof.native.diff_image import DiffImage
+    from snapproof.native.image import SnapshotImage
 
     def content_hash(name: str) -> str:
         opened = SnapshotImage.open(c[name]) if len(name) == 1 else DiffImage.open(c[name])

@@ -1,1 +1,1 @@
-"""Run records: the phase report model, YAML records, and (``python -m results``) tools over them."""
+"""Run records: the phase report model, YAML records, and (``snapproof results``) tools over them."""

@@ -1,7 +1,7 @@
-"""``python -m results show | matrix | gate | plots`` (see results/cli.py)."""
+"""``snapproof results show | matrix | gate | plots`` (see results/cli.py)."""
 
 import sys
 
-from results.cli import main
+from snapproof.results.cli import main
 
 sys.exit(main())

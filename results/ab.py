@@ -1,14 +1,14 @@
 """Same-host A/B: two builds or two host settings, their timed phases interleaved, B judged against A.
 
-``python -m results ab --a main --b HEAD`` checks each ref out in a git worktree of its own (built with
-``python -m native.build``), then runs the timed phases A, B, A, B, ... (``--pairs``), each run writing its
+``snapproof results ab --a main --b HEAD`` checks each ref out in a git worktree of its own (built with
+``snapproof build``), then runs the timed phases A, B, A, B, ... (``--pairs``), each run writing its
 own record, and judges every figure of the policy's class by the samples of all A runs against all B
 runs, with the gate's statistics (results/stats.py). Interleaving puts both sides through the same host
 states, which a baseline taken another day cannot. ``--a .`` is this checkout as it is; ``--a-args`` and
 ``--b-args`` add pytest arguments (``--inject unprotect-per-page``); ``--a-setup``/``--b-setup`` run a shell
 command before each of that side's runs (a host setting: a sysctl, THP, a CPU governor).
 
-``python -m results teeth`` measures the gate itself on this host: a baseline run, clean reruns of the
+``snapproof results teeth`` measures the gate itself on this host: a baseline run, clean reruns of the
 same build against it (each a false failure if the gate fails it), runs with each performance
 fault-injection switch (each caught if a figure fails), and for each gated figure the smallest
 slowdown the default settings catch in every clean rerun (the reruns' own samples, scaled).
@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from results.hostpolicy import DEFAULT_POLICY
-from results.load import RecordError, figures, incompleteness, load_record
+from snapproof.results.hostpolicy import DEFAULT_POLICY
+from snapproof.results.load import RecordError, figures, incompleteness, load_record
+
 from snapproof import CHECKOUT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,10 +85,10 @@ def prepare(side: Side, workdir: Path) -> Side:
         add = _run(["git", "worktree", "add", "--detach", str(tree), commit], ROOT, 120, "git worktree add")
         if add.returncode != 0:
             raise ABError(f"side {side.label}: git worktree add {tree} {commit[:12]}: {add.stderr.strip()}")
-    build = _run([sys.executable, "-m", "native.build"], tree, BUILD_CEILING_S,
+    build = _run([sys.executable, "-m", "snapproof.native.build"], tree, BUILD_CEILING_S,
                  f"side {side.label}: native build")
     if build.returncode != 0:
-        raise ABError(f"side {side.label}: python -m native.build in {tree} failed:\n{build.stdout[-2000:]}"
+        raise ABError(f"side {side.label}: snapproof build in {tree} failed:\n{build.stdout[-2000:]}"
                       f"{build.stderr[-2000:]}")
     side.root = tree
     return side
@@ -138,7 +139,7 @@ class Row:
 
     @property
     def ok(self) -> bool:
-        from results.stats import PASSING_VERDICTS
+        from snapproof.results.stats import PASSING_VERDICTS
 
         return self.verdict in PASSING_VERDICTS
 
@@ -146,7 +147,7 @@ class Row:
 def compare(a_records: list[dict[str, Any]], b_records: list[dict[str, Any]], policy: dict[str, Any],
             host_class: str | None = None) -> tuple[str, list[Row]]:
     """Each figure of the policy's class, all A samples against all B samples: (class name, rows)."""
-    from results.gate import Statistics, host_facts, select_class
+    from snapproof.results.gate import Statistics, host_facts, select_class
 
     klass = select_class(policy, host_facts(a_records[0]), host_class)
     stats = Statistics.of(klass)
@@ -168,7 +169,7 @@ def compare(a_records: list[dict[str, Any]], b_records: list[dict[str, Any]], po
 
 
 def table(rows: list[Row]) -> str:
-    from results.record import fmt_value
+    from snapproof.results.record import fmt_value
 
     header = ["figure", "A", "B", "change", "p", "verdict"]
     body = [[f"{r.figure}[{r.test}]", fmt_value(r.a, r.unit) if r.unit else "-",
@@ -218,7 +219,7 @@ def _need_checkout(command: str) -> None:
 
 
 def ab_main(args: argparse.Namespace) -> int:
-    from results.gate import load_policy
+    from snapproof.results.gate import load_policy
 
     _need_checkout("ab")
 
@@ -277,7 +278,7 @@ def smallest_caught(base: dict[str, Any], policy: dict[str, Any], reruns: list[d
                     host_class: str | None = None, steps: int = 500) -> dict[str, float | None]:
     """Per gated figure: the smallest slowdown (in whole percent) that fails the figure in every clean rerun
     when applied to that rerun's own samples; None when even +``steps``% is not caught in all."""
-    from results.gate import Statistics, host_facts, select_class
+    from snapproof.results.gate import Statistics, host_facts, select_class
 
     klass = select_class(policy, host_facts(base), host_class)
     stats = Statistics.of(klass)
@@ -303,7 +304,7 @@ def smallest_caught(base: dict[str, Any], policy: dict[str, Any], reruns: list[d
 
 
 def teeth_main(args: argparse.Namespace) -> int:
-    from results.gate import evaluate, load_policy
+    from snapproof.results.gate import evaluate, load_policy
 
     _need_checkout("teeth")
     policy = load_policy(args.policy)

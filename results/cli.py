@@ -1,12 +1,12 @@
-"""``python -m results``: tools over run records.
+"""``snapproof results``: tools over run records.
 
-    python -m results show RUN.yaml [--short] [--phase N]      the PASS reports again, from the record
-    python -m results matrix RUN.yaml... [--json]             host x phase: outcome, duration, key figures
-    python -m results gate RUN.yaml [--baseline BASE.yaml] [--policy results/gate.yaml]
+    snapproof results show RUN.yaml [--short] [--phase N]      the PASS reports again, from the record
+    snapproof results matrix RUN.yaml... [--json]             host x phase: outcome, duration, key figures
+    snapproof results gate RUN.yaml [--baseline BASE.yaml] [--policy results/gate.yaml]
                        [--host-class NAME] [--json] [--junit-xml PATH]
-    python -m results ab --a REF --b REF [--pairs N] [--json]  build or setting B against A, interleaved
-    python -m results teeth [--reruns 5]                      measure what the gate catches on this host
-    python -m results plots RUN.yaml [--baseline BASE.yaml] [--out results/plots]
+    snapproof results ab --a REF --b REF [--pairs N] [--json]  build or setting B against A, interleaved
+    snapproof results teeth [--reruns 5]                      measure what the gate catches on this host
+    snapproof results plots RUN.yaml [--baseline BASE.yaml] [--out results/plots]
                                                               the PNG plots of a record, its baseline beside it
 
 Exit status: 0 fine, 1 the gate (or A/B) found a regression, 2 a file could not be used (the message says
@@ -20,9 +20,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from results.hostpolicy import DEFAULT_POLICY
-from results.load import RecordError, fact_values, figure_median, host_label, incompleteness, load_record
-from results.record import fmt_ns, render_phase, terminal_width, wrap
+from snapproof.results.hostpolicy import DEFAULT_POLICY
+from snapproof.results.load import RecordError, fact_values, figure_median, host_label, incompleteness, load_record
+from snapproof.results.record import fmt_ns, render_phase, terminal_width, wrap
 
 
 def _ratio(v: float) -> str:
@@ -71,7 +71,7 @@ def show(rec: dict[str, Any], verbose: bool = True, only: int | None = None, wid
             lines += [render_phase(p, verbose=verbose, width=width), ""]
     if rec.get("benchmarks"):
         lines += wrap(f"{len(rec['benchmarks'])} pytest-benchmark results in the record "
-                      "(python -m results gate compares them with a baseline)", width)
+                      "(snapproof results gate compares them with a baseline)", width)
     return "\n".join(lines).rstrip()
 
 
@@ -128,7 +128,7 @@ def matrix(records: list[tuple[str, dict[str, Any]]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m results", description="Tools over snapproof run records.")
+    ap = argparse.ArgumentParser(prog="snapproof results", description="Tools over snapproof run records.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("show", help="print the PASS reports of a run record again")
     s.add_argument("record")
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--host-class", help="apply this class of the policy instead of matching on host facts")
     g.add_argument("--json", action="store_true", help="print the verdict and every check as JSON")
     g.add_argument("--junit-xml", metavar="PATH", help="also write each check as a JUnit test case to PATH")
-    from results.ab import add_ab_arguments, add_teeth_arguments
+    from snapproof.results.ab import add_ab_arguments, add_teeth_arguments
 
     add_ab_arguments(sub.add_parser("ab", help="run the timed phases for A and B interleaved on this host, "
                                                "judge B against A; exit 1 on a regression"))
@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/plots", help="folder for the PNGs (default results/plots)")
     args = ap.parse_args(argv)
 
-    from results.ab import ABError
-    from results.gate import PolicyError
+    from snapproof.results.ab import ABError
+    from snapproof.results.gate import PolicyError
 
     try:
         if args.cmd == "show":
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(matrix(records))
         elif args.cmd == "gate":
-            from results.gate import gate
+            from snapproof.results.gate import gate
 
             result = gate(args.record, args.baseline, args.policy, args.host_class)
             if args.junit_xml:
@@ -183,17 +183,17 @@ def main(argv: list[str] | None = None) -> int:
             print(result.json() if args.json else result.text())
             return result.status
         elif args.cmd in ("ab", "teeth"):
-            from results.ab import ab_main, teeth_main
+            from snapproof.results.ab import ab_main, teeth_main
 
             return ab_main(args) if args.cmd == "ab" else teeth_main(args)
         elif args.cmd == "plots":
-            from results.plots import write_plots
+            from snapproof.results.plots import write_plots
 
             base = load_record(args.baseline) if args.baseline else None
             for name, got in write_plots(load_record(args.record), args.out, base, run_name=args.record,
                                          baseline_name=args.baseline):
                 print(f"{name}: {got}" if isinstance(got, str) else f"{name}: wrote {got}")
     except (RecordError, PolicyError, ABError) as e:
-        print(f"python -m results {args.cmd}: {e}", file=sys.stderr)
+        print(f"snapproof results {args.cmd}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,6 +1,6 @@
 """The release gate: a run record judged against a baseline record under a YAML policy.
 
-``python -m results gate RUN.yaml --baseline BASE.yaml --policy results/gate.yaml`` exits 1 and says
+``snapproof results gate RUN.yaml --baseline BASE.yaml --policy results/gate.yaml`` exits 1 and says
 why when either record is not of a complete run (``run.status``, named) or the run had fault-injection
 switches on, a required phase did not PASS, a required capability is missing, a figure is a
 measurement error, or a tracked figure regressed: judged by its samples in both records
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from results.load import RecordError, figures, host_label, incompleteness, load_record, phase, read_yaml
-from results.record import MEASUREMENT_ERRORS, fmt_value
-from results.schema import POLICY, POLICY_SCHEMA, check
-from results.stats import DEFAULT_ALPHA, Judgement, judge, parse_percent
+from snapproof.results.load import RecordError, figures, host_label, incompleteness, load_record, phase, read_yaml
+from snapproof.results.record import MEASUREMENT_ERRORS, fmt_value
+from snapproof.results.schema import POLICY, POLICY_SCHEMA, check
+from snapproof.results.stats import DEFAULT_ALPHA, Judgement, judge, parse_percent
 
 DEFAULT_MIN_EFFECT = "25%"
 
@@ -68,7 +68,7 @@ def host_facts(rec: dict[str, Any]) -> dict[str, Any]:
     """A record's host facts, with its host class derived by native.host's rule when the record predates
     the ``host_class`` fact (a kvm_pvm record is kvm-software; a kvm_intel/kvm_amd record without the CPUID
     hypervisor bit stays unclassified: bare metal and nested cannot be told apart from it)."""
-    from native.host import host_class
+    from snapproof.native.host import host_class
 
     host = dict(rec.get("host", {}))
     if not host.get("host_class") or host["host_class"] == "unknown":

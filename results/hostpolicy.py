@@ -40,7 +40,7 @@ class HostPolicy:
 
     @classmethod
     def for_host(cls, path: str, facts: dict[str, Any], shown: str = "") -> HostPolicy:
-        from results.gate import PolicyError, host_facts, load_policy, required_capabilities, select_class
+        from snapproof.results.gate import PolicyError, host_facts, load_policy, required_capabilities, select_class
 
         if not path:
             return cls("", None, frozenset(), "no gate policy (--policy '')")

@@ -194,7 +194,7 @@ def interruption(config: pytest.Config) -> Interruption | None:
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
     # The earliest hook a plugin gets: called as this module is registered, which pyproject.toml's
-    # ``-p results.interrupts`` does before the entry-point plugins load (hypothesis alone takes
+    # ``-p snapproof.results.interrupts`` does before the entry-point plugins load (hypothesis alone takes
     # 0.3 s, several times that on a busy host). A run that started with SIGINT ignored loses every
     # SIGINT before this point: the kernel discards it, no code of ours can see it.
     if pluginmanager.get_plugin(GUARD_NAME) is None:

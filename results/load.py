@@ -1,6 +1,6 @@
 """Reading run records back: schema validation, completeness, host labels, and figures picked out of a record.
 
-Shared by ``python -m results show | matrix | gate | plots``; pure Python (PyYAML), every platform.
+Shared by ``snapproof results show | matrix | gate | plots``; pure Python (PyYAML), every platform.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from results.record import SCHEMA
+from snapproof.results.record import SCHEMA
 
 
 class RecordError(Exception):
@@ -33,7 +32,7 @@ def read_yaml(path: str | Path, error: type[Exception]) -> Any:
 
 def load_record(path: str | Path) -> dict[str, Any]:
     """A run record, validated against its schema (results/schema.py): RecordError names the file and key."""
-    from results.schema import RECORD, check
+    from snapproof.results.schema import RECORD, check
 
     rec = check(read_yaml(path, RecordError), RECORD, "run record", SCHEMA, path, RecordError)
     rec.setdefault("benchmarks", [])

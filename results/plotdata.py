@@ -20,9 +20,9 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from results.load import host_label, incompleteness
-from results.record import LIMIT_SLACK, MEASUREMENT_ERRORS, fmt_bytes
-from results.stats import percentile
+from snapproof.results.load import host_label, incompleteness
+from snapproof.results.record import LIMIT_SLACK, MEASUREMENT_ERRORS, fmt_bytes
+from snapproof.results.stats import percentile
 
 # -- plain words ------------------------------------------------------------------------------------------------
 
@@ -379,7 +379,7 @@ def describe(rec: dict[str, Any], path: str | None = None) -> str:
 def baseline_refusal(run: dict[str, Any], base: dict[str, Any]) -> str | None:
     """Why ``base`` cannot be drawn beside ``run`` (a baseline of another host class: the gate's rule, figures
     of another class of host prove nothing about this one), or None."""
-    from results.gate import host_facts
+    from snapproof.results.gate import host_facts
 
     a, b = host_facts(run)["host_class"], host_facts(base)["host_class"]
     if a != b:

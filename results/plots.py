@@ -1,5 +1,5 @@
 """PNG plots of a run record, with a baseline beside it (matplotlib, Agg backend): what ``--plots`` and
-``python -m results plots`` write. What each shows is prepared in results/plotdata.py; this module only draws.
+``snapproof results plots`` write. What each shows is prepared in results/plotdata.py; this module only draws.
 
 - ``arm_cost_vs_size.png``: the engine's arm over the bare UFFDIO_WRITEPROTECT of the same run, vs size (phase 1);
 - ``copy_rate_vs_size.png``: bulk copy and live capture rates over warm memcpy of the same run, vs size (phase 2);
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from results.load import RecordError
-from results.plotdata import (
+from snapproof.results.load import RecordError
+from snapproof.results.plotdata import (
     BULK_COPY,
     COPY_RATIO,
     OVERFLOW_US,
@@ -41,7 +41,7 @@ from results.plotdata import (
     restore_series,
     words,
 )
-from results.record import fmt_bytes, fmt_ns
+from snapproof.results.record import fmt_bytes, fmt_ns
 
 # The baseline's marker sits this factor to the right of the run's on a log2 size axis: beside it, not on it.
 BASE_SHIFT = 2 ** 0.12
@@ -65,7 +65,7 @@ class Sources:
         lines = [(f"missing: {n}", "firebrick") for n in notes]
         lines.append((f"run: {describe(self.run, self.run_name)}", "0.2"))
         lines.append((f"baseline: {describe(self.base, self.base_name)}" if self.base is not None
-                      else "baseline: none given (python -m results plots RUN.yaml --baseline BASE.yaml draws one)",
+                      else "baseline: none given (snapproof results plots RUN.yaml --baseline BASE.yaml draws one)",
                       "0.2"))
         return [(w, color) for line, color in lines for w in textwrap.wrap(line, NOTE_WIDTH, subsequent_indent="    ")]
 

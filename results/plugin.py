@@ -36,13 +36,13 @@ from typing import Any
 
 import pytest
 import yaml
+from snapproof.results.explain import explain
+from snapproof.results.hostload import describe as describe_load
+from snapproof.results.hostpolicy import HostPolicy
+from snapproof.results.interrupts import interruption
+from snapproof.results.progress import ProgressDisplay
+from snapproof.results.record import MIN_WIDTH, SCHEMA, CaseReport, PhaseReport, render_phase, wrap, wrap_name
 
-from results.explain import explain
-from results.hostload import describe as describe_load
-from results.hostpolicy import HostPolicy
-from results.interrupts import interruption
-from results.progress import ProgressDisplay
-from results.record import MIN_WIDTH, SCHEMA, CaseReport, PhaseReport, render_phase, wrap, wrap_name
 from snapproof import CHECKOUT
 
 RESULTS = Path(__file__).resolve().parent
@@ -218,7 +218,7 @@ class RunRecorder:
     def host_policy(self) -> HostPolicy:
         """The gate policy's class for this host and what it requires (probes the host the first time)."""
         if self._host_policy is None:
-            from native.host import probe
+            from snapproof.native.host import probe
 
             path = self.config.getoption("policy", "")
             self._host_policy = HostPolicy.for_host(path, probe().facts, shown=_shown_path(path))
@@ -288,7 +288,7 @@ class RunRecorder:
 
     def record(self, at_end: bool = False) -> dict[str, Any]:
         """The run record as it stands; ``at_end``: the run reached its end (only then can it be complete)."""
-        from native.host import probe
+        from snapproof.native.host import probe
 
         policy: dict[str, Any] = {}
         try:
@@ -333,7 +333,7 @@ class RunRecorder:
             return None
         if self._engine is None:
             try:
-                from native.engine import builtin_engine, load_engine
+                from snapproof.native.engine import builtin_engine, load_engine
 
                 path = self.config.getoption("engine", "")
                 self._engine = (load_engine(path) if path else builtin_engine()).describe()
@@ -561,7 +561,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         latest = f"(results {LATEST!r} points here)" if status["status"] == "complete" else ""
         say(_path_line(f"run record: {shown(path)}", latest, width))
     if config.getoption("plots"):
-        from results.plots import write_plots
+        from snapproof.results.plots import write_plots
 
         for name, got in write_plots(record, config.getoption("plots_dir")):
             terminalreporter.write_line(f"plot {name}: {got if isinstance(got, str) else os.path.relpath(got)}")

@@ -8,7 +8,7 @@ figure worth gating is recorded once, with every sample it was measured from
 (``report.figure``): the gate judges it by those samples. The plugin
 results/plugin.py turns the reports into the run record (``schema:
 snapproof-run/2``, documented in results/README.md) and prints them with
-``render_phase``, the same function ``python -m results show`` uses on a saved
+``render_phase``, the same function ``snapproof results show`` uses on a saved
 record: each case's claim (its docstring), its stages, why it failed in words
 (results/explain.py), every line within the terminal's width.
 """
@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from results.explain import explain
+from snapproof.results.explain import explain
 
 if TYPE_CHECKING:
-    from results.progress import Progress, ProgressDisplay
+    from snapproof.results.progress import Progress, ProgressDisplay
 
 SCHEMA = "snapproof-run/2"
 OK_MARK = "\u2713"
@@ -139,7 +139,7 @@ class Stage:
         """How far this stage's long work got, shown on the terminal while the stage runs longer than a few
         seconds: call the result with the bytes just done, or give ``poll`` (bytes done so far, called from the
         display's thread: it must be safe while the work runs, and what it reads must outlive the stage)."""
-        from results.progress import Progress
+        from snapproof.results.progress import Progress
 
         progress = Progress(total, what, poll)
         if self.case is not None and self.case.display is not None:
@@ -186,7 +186,7 @@ class Figure:
             raise ValueError(f"figure samples must be finite numbers, at least one: {self.samples[:5]!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        from results.stats import median
+        from snapproof.results.stats import median
 
         return {"unit": self.unit, "better": self.better, "what": self.what,
                 "median": _rounded(median(self.samples)), "samples": [_rounded(v) for v in self.samples]}

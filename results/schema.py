@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from results.record import FIGURE_UNITS, SCHEMA
+from snapproof.results.record import FIGURE_UNITS, SCHEMA
 
 RUN_SCHEMA = SCHEMA
 POLICY_SCHEMA = "snapproof-gate/2"

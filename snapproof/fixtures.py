@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from native.host import parse_size  # (--sizes and --max-size; python3 -m native.host --sizes too)
-from results.hostpolicy import DEFAULT_POLICY
+from snapproof.native.host import parse_size  # (--sizes and --max-size; snapproof host --sizes too)
+from snapproof.results.hostpolicy import DEFAULT_POLICY
 
-pytest_plugins = ("results.interrupts", "results.hostload", "results.plugin")
+pytest_plugins = ("snapproof.results.interrupts", "snapproof.results.hostload", "snapproof.results.plugin")
 
 
 # -- options --------------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def settings_not_made(config: pytest.Config, not_made: list[str]) -> None:
     if not not_made:
         return
     if config.getoption("strict_host"):
-        raise pytest.UsageError("\n".join([*not_made, f"(what else this host lacks: {sys.executable} -m native.host "
+        raise pytest.UsageError("\n".join([*not_made, f"(what else this host lacks: {sys.executable} -m snapproof host "
                                                        "--quiet)"]))
     import warnings
 
@@ -86,14 +86,14 @@ def settings_not_made(config: pytest.Config, not_made: list[str]) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    from native import fixes, host
-    from native.errors import uid
+    from snapproof.native import fixes, host
+    from snapproof.native.errors import uid
 
     host.ask_sizes([parse_size(t) for t in config.getoption("sizes").split(",") if t.strip()])
     not_made = []
     if config.getoption("thp") and not hasattr(config, "workerinput"):
-        from native import thp
-        from results.hostlock import hold_host_settings
+        from snapproof.native import thp
+        from snapproof.results.hostlock import hold_host_settings
 
         hold_host_settings(config, "--thp")
         changes = thp.KnobChanges()
@@ -112,7 +112,7 @@ def pytest_configure(config: pytest.Config) -> None:
     want = config.getoption("reserve_hugepages")
     if want > 0 and not hasattr(config, "workerinput"):
         # Only on request, and undone in pytest_unconfigure: the suite never changes host settings on its own.
-        from results.hostlock import hold_host_settings
+        from snapproof.results.hostlock import hold_host_settings
 
         hold_host_settings(config, f"--reserve-hugepages {want}")
         before = int(NR_HUGEPAGES.read_text())
@@ -135,7 +135,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if (changes := getattr(config, "_snapproof_thp", None)) is not None:
         changes.restore()
     if sys.platform.startswith("linux"):
-        from results.hostlock import release_host_settings
+        from snapproof.results.hostlock import release_host_settings
 
         release_host_settings(config)
 
@@ -195,7 +195,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             s = parse_size(text)
             if s not in sizes:
                 sizes.append(s)
-    from results.record import fmt_bytes
+    from snapproof.results.record import fmt_bytes
 
     metafunc.parametrize("mem_size", sizes, ids=[fmt_bytes(s).replace(" ", "") for s in sizes])
 
@@ -213,14 +213,14 @@ def skip_or_fail(config: pytest.Config, reason: str) -> None:
 
 def _session(config: pytest.Config) -> Any:
     """This run's results.plugin.RunRecorder (imported here: pytest loads that plugin itself, after this module)."""
-    from results.plugin import recorder
+    from snapproof.results.plugin import recorder
 
     return recorder(config)
 
 
 @pytest.fixture(scope="session")
 def host() -> Any:
-    from native.host import probe
+    from snapproof.native.host import probe
 
     return probe()
 
@@ -234,7 +234,7 @@ def host_policy(pytestconfig: pytest.Config) -> Any:
 def _enforce(config: pytest.Config, names: Any) -> str | None:
     """Skip (fail under --strict-host) for a missing capability the class requires; otherwise the reason naming
     each missing one it does not require (None when the host has them all)."""
-    from native.host import probe
+    from snapproof.native.host import probe
 
     required, unavailable = _session(config).host_policy().sort(probe(), names)
     if required:
@@ -274,15 +274,15 @@ def parameter_needs(params: dict[str, Any]) -> list[str]:
         return []
     out: list[str] = []
     if "strategy" in params:
-        from native.strategies import STRATEGY_NEEDS
+        from snapproof.native.strategies import STRATEGY_NEEDS
 
         out += STRATEGY_NEEDS[params["strategy"]]
     if "loader" in params:
-        from native.restore import LOADER_NEEDS
+        from snapproof.native.restore import LOADER_NEEDS
 
         out += LOADER_NEEDS[params["loader"]]
     if "backing" in params:
-        from native.memory import BACKING_NEEDS
+        from snapproof.native.memory import BACKING_NEEDS
 
         out += BACKING_NEEDS.get(params["backing"], ())
     return out
@@ -306,7 +306,7 @@ def deselect_unavailable(config: pytest.Config, items: list[pytest.Item]) -> Non
     needing = [(item, needs) for item in items if (needs := item_needs(item))]
     if not needing:
         return
-    from native.host import probe
+    from snapproof.native.host import probe
 
     host, policy = probe(), _session(config).host_policy()
     why = {}
@@ -323,7 +323,7 @@ def engine_offers(item: pytest.Item) -> list[str]:
     caps = [str(c) for m in item.iter_markers("engine_offers") for c in m.args]
     callspec = getattr(item, "callspec", None)
     if callspec is not None and "strategy" in callspec.params and sys.platform != "win32":
-        from native.strategies import STRATEGY_ENGINE_OFFERS
+        from snapproof.native.strategies import STRATEGY_ENGINE_OFFERS
 
         caps += STRATEGY_ENGINE_OFFERS.get(callspec.params["strategy"], ())
     return list(dict.fromkeys(caps))
@@ -388,7 +388,7 @@ def _failure_facts(item: pytest.Item) -> dict[str, Any]:
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     rep: pytest.TestReport = outcome.get_result()
-    from native.errors import CapabilityMissing
+    from snapproof.native.errors import CapabilityMissing
 
     # A capability found missing deep inside a fixture or the native layer is a skip too; --strict-host fails
     # it unless every capability it names is one the host's class does not require.
@@ -413,7 +413,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture(scope="session")
 def inject(pytestconfig: pytest.Config) -> Any:
     """The fault-injection switches of this run (``--inject``); NONE unless a self-test asks."""
-    from native.inject import parse
+    from snapproof.native.inject import parse
 
     try:
         return parse(pytestconfig.getoption("inject"))
@@ -431,8 +431,8 @@ def engine_under_test(config: pytest.Config) -> Any:
     why; so is an --inject switch that acts inside the built-in engine given with another engine."""
     if (engine := config.stash.get(ENGINE, None)) is not None:
         return engine
-    from native.engine import EngineError, builtin_engine, load_engine
-    from native.inject import C_SWITCHES, parse
+    from snapproof.native.engine import EngineError, builtin_engine, load_engine
+    from snapproof.native.inject import C_SWITCHES, parse
 
     path = config.getoption("engine")
     try:
@@ -469,14 +469,14 @@ def make_memory(require: Callable[..., None]) -> Iterator[Callable[..., Any]]:
     ``"hypervisor-cow"`` (``path=``, ``offset=``, ``inject=``) is a HypervisorCowMemory: a PROT_READ view of
     the file and a private overlay, put in a VM's slots by ``make_vm``.
     """
-    from native.hv_cow import HypervisorCowMemory
-    from native.memory import GuestMemory
-    from native.thp import THP_BACKING_NEEDS
+    from snapproof.native.hv_cow import HypervisorCowMemory
+    from snapproof.native.memory import GuestMemory
+    from snapproof.native.thp import THP_BACKING_NEEDS
 
     made: list[Any] = []
 
     def _make(backing: str, size: int, **kw: Any) -> Any:
-        from native.memory import BACKING_NEEDS
+        from snapproof.native.memory import BACKING_NEEDS
 
         require(*BACKING_NEEDS.get(backing, ()))
         if backing in THP_BACKING_NEEDS:
@@ -506,9 +506,9 @@ def only_mthp_size(request: pytest.FixtureRequest, require: Callable[..., None])
     root the folio cannot be read and the test notes so; as root (which reads it) that skips naming them. Skips
     (fails under --strict-host) naming the knob otherwise.
     """
-    from native import thp
-    from native.errors import uid
-    from native.fixes import thp_knobs
+    from snapproof.native import thp
+    from snapproof.native.errors import uid
+    from snapproof.native.fixes import thp_knobs
 
     require("thp.mthp")
     changes = thp.KnobChanges()
@@ -539,8 +539,8 @@ def make_vm(request: pytest.FixtureRequest, make_memory: Any,
     teardown runs after this one's).
     """
     require("kvm")
-    from native.hv_cow import HypervisorCowMemory
-    from native.kvm import Vm
+    from snapproof.native.hv_cow import HypervisorCowMemory
+    from snapproof.native.kvm import Vm
 
     made: list[Any] = []
 
@@ -572,7 +572,7 @@ def make_wp(request: pytest.FixtureRequest, make_memory: Any, inject: Any, engin
     memory goes.
     """
     require("uffd")
-    from native.wp import WpSnapshot
+    from snapproof.native.wp import WpSnapshot
 
     yield from _engine_objects(request, inject, engine, WpSnapshot)
 
@@ -584,7 +584,7 @@ def make_wp_snapshots(request: pytest.FixtureRequest, make_memory: Any, inject: 
     test taking several snapshots, each armed with its own destination (overlapping, consecutive); closed at
     teardown like ``make_wp``'s. The cases that use it carry ``engine_offers`` markers."""
     require("uffd")
-    from native.wp import WpSnapshots
+    from snapproof.native.wp import WpSnapshots
 
     yield from _engine_objects(request, inject, engine, WpSnapshots)
 
@@ -615,7 +615,7 @@ def make_marker16_vm(make_vm: Callable[..., Any]) -> Callable[..., Any]:
     With ``plant`` the BEFORE marker 0xBE is written at GPA 0x1000 (the original proof's setup);
     without it, page 0x1000 is left as it is (a hole in fresh memory).
     """
-    import guests
+    from snapproof import guests
 
     def _make(memory: Any, plant: bool = True) -> tuple[Any, Any]:
         memory.write(guests.REAL_MODE_LOAD_GPA, guests.load("marker16"))
@@ -642,21 +642,21 @@ class StormVm:
 
     @staticmethod
     def block_gpa(i: int) -> int:
-        import guests
+        from snapproof import guests
 
         return guests.PARAM_BLOCK_GPA + guests.PARAM_BLOCK_STRIDE * i
 
     def progress(self, i: int, image: Any = None) -> Any:
         """vCPU i's progress words, from live memory or from an image of it (a snapshot, a reference)."""
-        from guests import storm
-        from native.layout import offset_of
+        from snapproof.guests import storm
+        from snapproof.native.layout import offset_of
 
         at = offset_of(self.block_gpa(i))
         block = self.memory.read(at, storm.BLOCK_SIZE) if image is None else bytes(image[at:at + storm.BLOCK_SIZE])
         return storm.read_progress(block)
 
     def wait(self, predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-        from native.errors import GuestTimeout
+        from snapproof.native.errors import GuestTimeout
 
         end = time.monotonic() + timeout
         while not predicate():
@@ -678,7 +678,7 @@ class StormVm:
     def region_view(self, image: Any, i: int) -> memoryview:
         """vCPU i's storm region in place in an image of guest memory (no copy: 4 GiB guests have 3 GiB regions).
         Use it as a context manager, so the view is released before the image is closed."""
-        from native.layout import offset_of
+        from snapproof.native.layout import offset_of
 
         p = self.params[i]
         at = offset_of(p.region_gpa)  # the region lies below the 32-bit hole: one contiguous range of memory
@@ -695,9 +695,9 @@ def make_storm_vm(make_memory: Callable[..., Any], make_vm: Callable[..., Any]) 
     order its seed gives.
     ``mark(npages)`` -> pages of its first sweep after which each vCPU signals its mark (``StormVm.run_to_marks``).
     """
-    import guests
-    from guests import storm
-    from native.layout import LOW_RAM_END
+    from snapproof import guests
+    from snapproof.guests import storm
+    from snapproof.native.layout import LOW_RAM_END
 
     def _make(backing: str, size: int, vcpus: int, seed: int = 0x5EED, slot_flags: int = 0,
               mark: Callable[[int], int] | None = None, reserve: int = 0, **mem_kw: Any) -> StormVm:
@@ -727,7 +727,7 @@ def make_storm_vm(make_memory: Callable[..., Any], make_vm: Callable[..., Any]) 
 @pytest.fixture(scope="session")
 def host_limits() -> dict[str, float]:
     """This host's own limits, measured once per run: figures are reported as ratios to them."""
-    from native.memory import warm_memcpy_bandwidth
+    from snapproof.native.memory import warm_memcpy_bandwidth
 
     return {"memcpy_bytes_per_s": warm_memcpy_bandwidth(64 << 20)}
 
@@ -741,7 +741,7 @@ def enter_guest_at_entry(guest: str, vcpu: Any) -> None:
     marker16: real mode at 0:0x100. counter32: flat 32-bit at 0x1000, ESI = vCPU 0's parameter block,
     ESP = 0x7000.
     """
-    import guests
+    from snapproof import guests
 
     if guest == "marker16":
         vcpu.set_real_mode(ip=guests.REAL_MODE_LOAD_GPA)
@@ -753,7 +753,7 @@ def enter_guest_at_entry(guest: str, vcpu: Any) -> None:
 
 def load_counter32(memory: Any, params: Any) -> None:
     """counter32's code at 0x1000 and ``params`` in vCPU 0's parameter block at 0x8000."""
-    import guests
+    from snapproof import guests
 
     memory.write(guests.FLAT32_LOAD_GPA, guests.load("counter32"))
     memory.write(guests.PARAM_BLOCK_GPA, params.pack())
@@ -796,9 +796,9 @@ def counter32_uninterrupted() -> Callable[..., CounterRun]:
     """``counter32_uninterrupted(params, mem_size)`` -> CounterRun: counter32 run from its entry to HLT
     in a VM of its own (memfd), never paused or snapshotted. Run once per (params, size) and kept for
     the session: every loader's resumed run is compared with the same reference."""
-    from native.errors import GuestTimeout
-    from native.kvm import ExitReason, Vm
-    from native.memory import GuestMemory
+    from snapproof.native.errors import GuestTimeout
+    from snapproof.native.kvm import ExitReason, Vm
+    from snapproof.native.memory import GuestMemory
 
     runs: dict[tuple[Any, int], CounterRun] = {}
 
@@ -837,8 +837,8 @@ def make_cpustate32_vm(make_vm: Callable[..., Any]) -> Callable[..., Any]:
     """Factory: ``make_cpustate32_vm(memory, seeds, iterations, sync_at)`` -> (vm, [CpuStateParams]): one vCPU
     per seed, each with KVM's supported CPUID (as a VMM gives its guest), its parameter block from its seed
     (XSAVE asked for when the vCPU's CPUID offers it) and at the entry, not yet running."""
-    from guests import cpustate
-    from native.image import VcpuPart
+    from snapproof.guests import cpustate
+    from snapproof.native.image import VcpuPart
 
     def _make(memory: Any, seeds: list[int], iterations: int, sync_at: list[int]) -> tuple[Any, list[Any]]:
         vm = make_vm(memory)
@@ -872,9 +872,9 @@ def cpustate32_uninterrupted() -> Callable[..., CpuStateRun]:
     """``cpustate32_uninterrupted(params, mem_size)`` -> CpuStateRun: cpustate32 on one vCPU per params in a
     VM of its own, each run to its sync, answered with one NMI (the guest's protocol) and run to HLT, never
     snapshotted. Kept for the session: every loader's resumed run is compared with the same reference."""
-    from guests import cpustate
-    from native.kvm import ExitReason, Vm
-    from native.memory import GuestMemory
+    from snapproof.guests import cpustate
+    from snapproof.native.kvm import ExitReason, Vm
+    from snapproof.native.memory import GuestMemory
 
     runs: dict[tuple[Any, int], CpuStateRun] = {}
 
@@ -908,7 +908,7 @@ def cpustate32_uninterrupted() -> Callable[..., CpuStateRun]:
 def wait_until() -> Callable[..., None]:
     """``wait_until(predicate, what, timeout=30.0)``: poll until ``predicate()`` is true; GuestTimeout
     naming ``what`` if it is not by the deadline."""
-    from native.errors import GuestTimeout
+    from snapproof.native.errors import GuestTimeout
 
     def _wait(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
         end = time.monotonic() + timeout
@@ -930,7 +930,7 @@ def capture_snapshot(tmp_path: Path, inject: Any, engine: Any,
     in /tmp.
     """
     require("uffd")
-    from native.capture import capture_to_file
+    from snapproof.native.capture import capture_to_file
 
     made: list[Path] = []
 
@@ -955,12 +955,12 @@ def make_restored_vm(require: Callable[..., None], inject: Any) -> Iterator[Call
     handler, then the memory.
     """
     require("kvm")
-    from native.restore import restore_vm
+    from snapproof.native.restore import restore_vm
 
     made: list[Any] = []
 
     def _make(image: Any, loader: str, **kw: Any) -> Any:
-        from native.restore import LOADER_NEEDS
+        from snapproof.native.restore import LOADER_NEEDS
 
         require(*LOADER_NEEDS[loader])
         kw.setdefault("inject", inject)
@@ -978,7 +978,7 @@ def make_restored_chain(make_restored_vm: Callable[..., Any]) -> Callable[..., A
     """Factory: ``make_restored_chain(paths, loader, verify=True)`` -> native.incremental.RestoredChain: the chain
     (``paths[0]`` the base, then its diffs oldest first) opened and its parents checked, the base restored by
     ``make_restored_vm`` with the head's vCPU states, the diffs' pages put in place; closed with its teardown."""
-    from native.incremental import restore_chain
+    from snapproof.native.incremental import restore_chain
 
     def _make(paths: Any, loader: str, verify: bool = True, **kw: Any) -> Any:
         return restore_chain(paths, loader, verify=verify, restore=make_restored_vm, **kw)

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from results.explain import explain
+from snapproof.results.explain import explain
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -46,11 +46,11 @@ SIGNAL = "SNAPPROOF_SIGNAL"
 
 # The classes whose calls are signal points: (module, class).
 WRAPPABLE = {
-    "VcpuRunner": ("native.live", "VcpuRunner"),
-    "WpSnapshot": ("native.wp", "WpSnapshot"),
-    "SnapshotWriter": ("native.image", "SnapshotWriter"),
-    "Vm": ("native.kvm", "Vm"),
-    "GuestMemory": ("native.memory", "GuestMemory"),
+    "VcpuRunner": ("snapproof.native.live", "VcpuRunner"),
+    "WpSnapshot": ("snapproof.native.wp", "WpSnapshot"),
+    "SnapshotWriter": ("snapproof.native.image", "SnapshotWriter"),
+    "Vm": ("snapproof.native.kvm", "Vm"),
+    "GuestMemory": ("snapproof.native.memory", "GuestMemory"),
 }
 
 CAPTURE_SIZE = 4 << 20
@@ -110,7 +110,7 @@ class SignalPoint:
     def _wrap_stage(self, name: str) -> None:
         import contextlib
 
-        from results.record import CaseReport
+        from snapproof.results.record import CaseReport
 
         real = CaseReport.stage
         point = self.point
@@ -143,13 +143,14 @@ def interrupted_capture(path: str) -> int:
     for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         signal.signal(getattr(signal, name), _raise_keyboard_interrupt(received))
 
-    import guests
-    from guests import storm
-    from native.capture import capture_to_file
-    from native.kvm import Vm
-    from native.live import VcpuRunner
-    from native.memory import GuestMemory
-    from native.wp import read_pagemap
+    from snapproof.guests import storm
+    from snapproof.native.capture import capture_to_file
+    from snapproof.native.kvm import Vm
+    from snapproof.native.live import VcpuRunner
+    from snapproof.native.memory import GuestMemory
+    from snapproof.native.wp import read_pagemap
+
+    from snapproof import guests
     from tests.reliability_support import Gauges, threads_settled, wait_for
 
     point = SignalPoint()
@@ -198,11 +199,11 @@ def interrupted_capture(path: str) -> int:
 
 
 def probe() -> int:
-    from native import fixes
-    from native.errors import CapabilityMissing
-    from native.host import probe as host_probe
-    from native.kvm import Vm
-    from native.wp import supported_features
+    from snapproof.native import fixes
+    from snapproof.native.errors import CapabilityMissing
+    from snapproof.native.host import probe as host_probe
+    from snapproof.native.kvm import Vm
+    from snapproof.native.wp import supported_features
 
     rep = host_probe()
     out: dict[str, Any] = {"missing_kvm": rep.missing("kvm"), "missing_uffd": rep.missing("uffd"),

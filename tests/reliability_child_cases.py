@@ -13,10 +13,10 @@ import signal
 from pathlib import Path
 
 import pytest
+from snapproof.native.inject import FaultInjection
+from snapproof.native.kvm import ExitReason
 
-import guests
-from native.inject import FaultInjection
-from native.kvm import ExitReason
+from snapproof import guests
 from tests.reliability_support import Gauges, host_settings, threads_settled
 
 RUN_TIMEOUT_S = 5.0
@@ -25,7 +25,7 @@ SETTINGS_OUT = "SNAPPROOF_SETTINGS_OUT"
 
 def test_engine_and_guest_work_after_a_dead_handler(make_memory, make_marker16_vm):
     """Run after a case whose handler died: no uffd or C thread is left over, and a fresh engine catches a write."""
-    from native.wp import WpSnapshot
+    from snapproof.native.wp import WpSnapshot
 
     before = Gauges.now()
     assert before.uffds == 0, f"expected no userfaultfd left open by the dead engine, saw {before.uffds}"

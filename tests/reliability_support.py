@@ -192,7 +192,7 @@ HOST_SETTINGS = [
 
 
 def _mthp_knobs() -> list[str]:
-    from native.thp import PMD_SIZE, mthp_knob, mthp_sizes
+    from snapproof.native.thp import PMD_SIZE, mthp_knob, mthp_sizes
 
     return [str(mthp_knob(size)) for size in [*mthp_sizes(), PMD_SIZE] if mthp_knob(size).exists()]
 
@@ -221,8 +221,8 @@ class _UnservedUffd:
     ``close()`` is idempotent."""
 
     def __init__(self, memory: Any, features: int, mode: int) -> None:
-        from native._lib import check, ffi, lib
-        from native.uffd import uffd_open_error
+        from snapproof.native._lib import check, ffi, lib
+        from snapproof.native.uffd import uffd_open_error
 
         self.memory = memory
         via = ffi.new("int *")
@@ -262,8 +262,8 @@ class UnservedWp(_UnservedUffd):
     page is un-protected or the uffd is released."""
 
     def __init__(self, memory: Any) -> None:
-        from native import uffd
-        from native._lib import check, lib
+        from snapproof.native import uffd
+        from snapproof.native._lib import check, lib
 
         super().__init__(memory, uffd.mask_of("PAGEFAULT_FLAG_WP", "WP_HUGETLBFS_SHMEM", "THREAD_ID"),
                          uffd.REGISTER_MODE_WP)
@@ -277,13 +277,13 @@ class UnservedWp(_UnservedUffd):
 
     def unprotect(self) -> None:
         """Clear WP on the whole region; without DONTWAKE this wakes every thread waiting on it."""
-        from native._lib import check, lib
+        from snapproof.native._lib import check, lib
 
         assert self.fd is not None, "uffd already closed"
         check(lib.sp_uffd_writeprotect(self.fd, self.memory.addr, self.memory.size, 0), "UFFDIO_WRITEPROTECT")
 
     def wp_pages(self) -> int:
-        from native.pagemap import read_pagemap
+        from snapproof.native.pagemap import read_pagemap
 
         return sum(read_pagemap(self.memory.addr, self.memory.size // 4096)[1])
 
@@ -295,7 +295,7 @@ class UnservedMissing(_UnservedUffd):
     UFFDIO_WAKE = 0x8010AA02  # _IOR(0xAA, 0x02, struct uffdio_range)
 
     def __init__(self, memory: Any) -> None:
-        from native import uffd
+        from snapproof.native import uffd
 
         super().__init__(memory, uffd.mask_of("MISSING_SHMEM") if memory.backing == "memfd" else 0,
                          uffd.REGISTER_MODE_MISSING)
@@ -361,7 +361,7 @@ class HostWriter:
     blocks on a WP fault blocks only this thread: a Python-level write would hold the GIL while it waits."""
 
     def __init__(self, memory: Any, gpa: int, value: int) -> None:
-        from native._lib import ffi, lib
+        from snapproof.native._lib import ffi, lib
 
         self._src = ffi.new("uint8_t[1]", [value])
         self._best = ffi.new("uint64_t *")

@@ -6,8 +6,8 @@ kernel structs hold, so filler is enough; a real state comes from ``Vcpu.save_st
 
 from __future__ import annotations
 
-from native import image
-from native.image import VcpuPart
+from snapproof.native import image
+from snapproof.native.image import VcpuPart
 
 
 def kvm_x86_parts(fill: int, msrs: int = 2, cpuid_entries: int = 0) -> dict[VcpuPart, bytes]:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import errno
 
 import pytest
-
-from native.errors import CapabilityMissing
-from native.host import parse_size
+from snapproof.native.errors import CapabilityMissing
+from snapproof.native.host import parse_size
 
 
 @pytest.mark.parametrize(("size", "shown"), [(0, "0x0"), (4097, "0x1001"), (-4096, "-0x1000")])
 def test_guest_memory_size_must_be_a_positive_page_multiple(size, shown):
     """A zero, negative or unaligned size is a ValueError naming the size in hex."""
-    from native.memory import GuestMemory
+    from snapproof.native.memory import GuestMemory
 
     with pytest.raises(ValueError, match=f"guest memory size {shown} is not a positive multiple of 0x1000"):
         GuestMemory.memfd(size)
@@ -21,7 +20,7 @@ def test_guest_memory_size_must_be_a_positive_page_multiple(size, shown):
 
 def test_hugetlb_size_must_be_a_huge_page_multiple():
     """hugetlb memory comes in 2 MiB pages: 1 MiB is refused before any syscall."""
-    from native.memory import GuestMemory
+    from snapproof.native.memory import GuestMemory
 
     with pytest.raises(ValueError, match="hugetlb guest memory size 0x100000 is not a positive multiple of 0x200000"):
         GuestMemory.hugetlb(1 << 20)
@@ -29,7 +28,7 @@ def test_hugetlb_size_must_be_a_huge_page_multiple():
 
 def test_file_mapping_past_the_end_of_the_file_is_refused(tmp_path):
     """Mapping more than the file holds names the file, the range and its end."""
-    from native.memory import GuestMemory
+    from snapproof.native.memory import GuestMemory
 
     path = tmp_path / "short.img"
     path.write_bytes(bytes(8192))
@@ -41,7 +40,7 @@ def test_file_mapping_past_the_end_of_the_file_is_refused(tmp_path):
 
 def test_guest_memory_access_outside_the_mapping_is_refused():
     """Reads and writes past the end name the range and the size."""
-    from native.memory import GuestMemory
+    from snapproof.native.memory import GuestMemory
 
     with GuestMemory.anonymous(0x1000) as mem:
         with pytest.raises(ValueError, match=r"guest range \[0xff0, 0x1010\) outside memory of size 0x1000"):
@@ -53,8 +52,8 @@ def test_guest_memory_access_outside_the_mapping_is_refused():
 def test_snapshot_destination_smaller_than_memory_is_refused(require):
     """The engine refuses a destination that cannot hold the whole region, naming both sizes."""
     require("uffd")
-    from native.memory import GuestMemory
-    from native.wp import WpSnapshot
+    from snapproof.native.memory import GuestMemory
+    from snapproof.native.wp import WpSnapshot
 
     with GuestMemory.memfd(0x10000) as mem, \
             pytest.raises(ValueError, match="snapshot destination is 0x1000 bytes, guest memory 0x10000"):
@@ -73,7 +72,7 @@ def test_malformed_vcpu_state_is_refused_naming_the_part(require, make_memory, m
     """Loading a vCPU state whose regs part has the wrong length names the vCPU, the part and both lengths;
     nothing is written to the vCPU."""
     require("kvm")
-    from native.image import PART_HEAD, VcpuPart, split_kvm_x86_state
+    from snapproof.native.image import PART_HEAD, VcpuPart, split_kvm_x86_state
 
     _, vcpu = make_marker16_vm(make_memory("memfd", 1 << 20))
     before = vcpu.save_state()
@@ -94,7 +93,7 @@ def test_malformed_vcpu_state_is_refused_naming_the_part(require, make_memory, m
 ])
 def test_kvm_open_errors_name_the_device_and_the_cause(err, words):
     """No /dev/kvm, or no permission on it, is a capability skip naming the device (never a crash)."""
-    from native.kvm import _kvm_open_error
+    from snapproof.native.kvm import _kvm_open_error
 
     e = _kvm_open_error(err)
     assert isinstance(e, CapabilityMissing), f"{e!r} is not a capability skip"
@@ -116,7 +115,7 @@ def test_sizes_option_rejects_garbage():
 def test_a_build_folder_that_cannot_be_made_is_a_build_error_naming_it(tmp_path, monkeypatch):
     """An install whose per-user cache cannot be created fails its build naming the folder and the variable that
     moves it (a regular file in the way: refused to root as well)."""
-    from native import build
+    from snapproof.native import build
 
     (tmp_path / "cache").write_text("a file, not a folder")
     monkeypatch.setattr(build, "output_dir", lambda: tmp_path / "cache" / "snapproof" / "0.1.0")

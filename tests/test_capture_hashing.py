@@ -27,7 +27,7 @@ def fill(mem) -> bytes:
 @pytest.fixture
 def file_reads(monkeypatch) -> list[int]:
     """Bytes the writer's finalize hashes by reading the file back, one entry a call."""
-    from native import image
+    from snapproof.native import image
 
     reads: list[int] = []
     real = image._hash_file_range
@@ -43,9 +43,9 @@ def file_reads(monkeypatch) -> list[int]:
 def test_a_capture_hashes_each_byte_once_as_the_copy_goes_and_reads_nothing_back(make_memory, tmp_path, file_reads):
     """16 MiB captured into a file: the engine copied every byte, the writer's thread hashed every byte as it was
     marked final, finalize read none back, and the header's blake3 is that of guest memory."""
-    from native import image
-    from native.capture import capture_to_file
-    from native.image import HashAlgo, SnapshotImage
+    from snapproof.native import image
+    from snapproof.native.capture import capture_to_file
+    from snapproof.native.image import HashAlgo, SnapshotImage
 
     mem = make_memory("memfd", 16 << 20)
     memory = fill(mem)
@@ -63,7 +63,7 @@ def test_a_capture_hashes_each_byte_once_as_the_copy_goes_and_reads_nothing_back
 def test_final_end_stops_at_the_first_page_still_write_protected(make_memory, make_wp):
     """The capture's test of "final" reads the kernel's PM_UFFD_WP: armed, nothing is final; after a bulk copy of
     pages 0-3, those are; a page protected again (its capture as if in flight) stops the final prefix there."""
-    from native.capture import final_end
+    from snapproof.native.capture import final_end
 
     mem = make_memory("memfd", 8 * PAGE)
     fill(mem)
@@ -103,8 +103,8 @@ def test_a_page_still_protected_holds_the_hashing_back_until_it_is_captured(make
     """Pieces of 4 pages; page 1 is protected again after the first. Captured during a later piece, the hashing
     catches up with the copy; captured only after the copy, everything from page 1 on is hashed at finalize from
     the file. Either way the file verifies and holds guest memory."""
-    from native.capture import copy_into_file
-    from native.image import SnapshotImage
+    from snapproof.native.capture import copy_into_file
+    from snapproof.native.image import SnapshotImage
 
     mem = make_memory("memfd", 16 * PAGE)
     memory = fill(mem)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from native.compare import describe_difference, differing_pages
+from snapproof.native.compare import describe_difference, differing_pages
 
 
 def test_equal_images_have_no_difference():

@@ -9,9 +9,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-
-from native import diff_image
-from native.diff_image import (
+from snapproof.native import diff_image
+from snapproof.native.diff_image import (
     ChainError,
     DiffImage,
     bitmap_of,
@@ -20,7 +19,8 @@ from native.diff_image import (
     pages_in,
     rewrite_diff_header,
 )
-from native.image import SnapshotFormatError, SnapshotImage, VcpuKind
+from snapproof.native.image import SnapshotFormatError, SnapshotImage, VcpuKind
+
 from tests.sample_states import kvm_x86_state
 
 PAGE = diff_image.PAGE_SIZE

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_abi_version_and_layouts_are_pinned():
     """ABI 1's structs keep their sizes: an engine built against this header must keep working. Changing a layout
     breaks every engine built before: that is a new ABI version (SPE_ABI_VERSION), not an edit."""
-    from native.engine import ABI_VERSION, ffi
+    from snapproof.native.engine import ABI_VERSION, ffi
 
     assert ABI_VERSION == 1
     sizes = {t: ffi.sizeof(t) for t in ("struct spe_config", "struct spe_fault", "struct spe_stats")}
@@ -43,8 +43,8 @@ def test_abi_version_and_layouts_are_pinned():
 
 def test_named_points_are_the_same_numbers_in_the_abi_and_the_suite():
     """The points the suite holds (native.points.Point) are the ABI's enum spe_point."""
-    from native.engine import ffi
-    from native.points import Point
+    from snapproof.native.engine import ffi
+    from snapproof.native.points import Point
 
     c = ffi.dlopen(None)
     assert {p.name: int(p) for p in Point} == {p.name: getattr(c, f"SPE_POINT_{p.name}") for p in Point}
@@ -56,7 +56,7 @@ def test_builtin_engine_is_loaded_from_its_own_library():
     """The built-in engine is native/engines/libsnapproof-builtin.so opened by dlopen: name, version, sha256."""
     import hashlib
 
-    from native.engine import builtin_engine, engine_path
+    from snapproof.native.engine import builtin_engine, engine_path
 
     engine = builtin_engine()
     assert engine.path == engine_path("builtin").resolve() and engine.builtin
@@ -88,7 +88,7 @@ def _library(tmp_path: Path, name: str, source: str) -> Path:
 
 def test_a_library_of_another_abi_version_is_refused_naming_both(tmp_path):
     """An engine built against ABI 2 is refused before anything else is called, naming both versions."""
-    from native.engine import EngineError, load_engine
+    from snapproof.native.engine import EngineError, load_engine
 
     lib = _library(tmp_path, "future", "unsigned spe_abi_version(void) { return 2; }\n")
     with pytest.raises(EngineError, match=r"implements engine ABI 2; this suite speaks ABI 1"):
@@ -97,7 +97,7 @@ def test_a_library_of_another_abi_version_is_refused_naming_both(tmp_path):
 
 def test_a_library_short_of_a_function_is_refused_naming_it(tmp_path):
     """An engine of ABI 1 that lacks functions is refused, naming each one it lacks."""
-    from native.engine import EngineError, load_engine
+    from snapproof.native.engine import EngineError, load_engine
 
     lib = _library(tmp_path, "partial", "unsigned spe_abi_version(void) { return 1; }\n"
                                         "const char *spe_engine_name(void) { return \"partial\"; }\n")
@@ -109,7 +109,7 @@ def test_an_engine_offering_capabilities_without_their_functions_is_refused(tmp_
     """An engine whose spe_capabilities() offers several snapshots per engine object must export every
     spe_snapshot_* function; one that does not is refused, naming what it lacks. The built-in engine offers both
     capabilities; naive, which has no spe_capabilities(), offers none and says so."""
-    from native.engine import ENGINE_FUNCTIONS, EngineError, builtin_engine, load_engine, repo_engine
+    from snapproof.native.engine import ENGINE_FUNCTIONS, EngineError, builtin_engine, load_engine, repo_engine
 
     stubs = "".join(f"void {name}(void) {{}}\n" for name in ENGINE_FUNCTIONS if name != "spe_abi_version")
     lib = _library(tmp_path, "boastful", "unsigned spe_abi_version(void) { return 1; }\n" + stubs +
@@ -129,7 +129,7 @@ def test_an_engine_offering_capabilities_without_their_functions_is_refused(tmp_
 def test_an_engine_offering_prearmed_snapshots_without_their_functions_is_refused(tmp_path):
     """An engine offering pre-armed snapshots must export spe_prearm, spe_arm_prearmed and spe_prearm_get_stats, and
     needs none of the several-snapshot functions; one short of them is refused naming what it lacks."""
-    from native.engine import ENGINE_FUNCTIONS, EngineError, load_engine
+    from snapproof.native.engine import ENGINE_FUNCTIONS, EngineError, load_engine
 
     stubs = "".join(f"void {name}(void) {{}}\n" for name in ENGINE_FUNCTIONS if name != "spe_abi_version")
     head = "unsigned spe_abi_version(void) { return 1; }\n" + stubs + \
@@ -144,7 +144,7 @@ def test_an_engine_offering_prearmed_snapshots_without_their_functions_is_refuse
 
 def test_a_library_that_is_no_engine_or_no_library_is_refused(tmp_path):
     """A shared library without spe_abi_version is no engine; a path that is no library says why."""
-    from native.engine import EngineError, load_engine
+    from snapproof.native.engine import EngineError, load_engine
 
     lib = _library(tmp_path, "other", "int answer(void) { return 42; }\n")
     with pytest.raises(EngineError, match="does not export spe_abi_version: not a snapproof engine"):
@@ -159,7 +159,7 @@ def test_a_library_that_is_no_engine_or_no_library_is_refused(tmp_path):
 def test_engine_option_refuses_what_it_cannot_judge(tmp_path):
     """``--engine`` with a library the suite cannot judge is a usage error naming why, before anything runs; so is
     a switch of the built-in engine given with another engine."""
-    from native.engine import engine_path
+    from snapproof.native.engine import engine_path
 
     def child(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "pytest", "phases/test_phase1_wp_catches_writes.py", "-q",
@@ -176,9 +176,9 @@ def test_engine_option_refuses_what_it_cannot_judge(tmp_path):
 
 def test_builtin_switches_are_refused_for_another_engine(make_memory):
     """WpSnapshot refuses to hand the built-in engine's switches to an engine that has none."""
-    from native.engine import repo_engine
-    from native.inject import FaultInjection
-    from native.wp import WpSnapshot
+    from snapproof.native.engine import repo_engine
+    from snapproof.native.inject import FaultInjection
+    from snapproof.native.wp import WpSnapshot
 
     mem = make_memory("memfd", 1 << 20)
     with pytest.raises(ValueError, match="act inside the built-in engine; engine naive 0.1"):
@@ -187,9 +187,9 @@ def test_builtin_switches_are_refused_for_another_engine(make_memory):
 
 def test_an_engine_error_names_the_engine_and_its_message(make_memory):
     """A failed call says which engine, which call, and what the engine said of it (spe_last_error)."""
-    from native.engine import repo_engine
-    from native.errors import NativeError
-    from native.wp import WpSnapshot
+    from snapproof.native.engine import repo_engine
+    from snapproof.native.errors import NativeError
+    from snapproof.native.wp import WpSnapshot
 
     mem = make_memory("memfd", 1 << 20)
     with WpSnapshot(mem, bytearray(mem.size), engine=repo_engine("naive")) as snap, \
@@ -200,8 +200,8 @@ def test_an_engine_error_names_the_engine_and_its_message(make_memory):
 
 def test_the_record_schema_knows_every_engine_capability():
     """The run record's engine capabilities are the engine module's names (results/schema.py cannot import it)."""
-    from native.engine import CAPABILITIES
-    from results.schema import _ENGINE
+    from snapproof.native.engine import CAPABILITIES
+    from snapproof.results.schema import _ENGINE
 
     described = next(form for form in _ENGINE["anyOf"] if "capabilities" in form.get("properties", {}))
     assert described["properties"]["capabilities"]["items"]["enum"] == list(CAPABILITIES)

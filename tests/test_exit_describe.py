@@ -20,7 +20,7 @@ FIRST_WRITE = 0x11034
 
 
 def refused_write(reason: str, **fields: Any) -> Any:
-    from native.kvm import Exit, ExitReason
+    from snapproof.native.kvm import Exit, ExitReason
 
     base: dict[str, Any] = dict(kvm_exit_reason=0, err=0, cpu=0, io_port=0, io_value=0, mmio_gpa=0, mmio_len=0,
                                 mmio_is_write=False, hw_reason=0, sync_count=0, last_sync=0, debug=b"", run_ns=0,

@@ -5,16 +5,15 @@ from __future__ import annotations
 import sys
 
 import pytest
-
-from native.image import VcpuPart
-from native.inject import C_SWITCHES, DROPPED_PART, FaultInjection, dropped_parts, known_names, parse
+from snapproof.native.image import VcpuPart
+from snapproof.native.inject import C_SWITCHES, DROPPED_PART, FaultInjection, dropped_parts, known_names, parse
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the C engine is the Linux backend")
 def test_c_engine_switch_values_match_python():
     """FaultInjection's C-level bits are exactly the engine's enum sp_inject, name for name, and no C switch
     is missing on either side."""
-    from native._lib import ffi, lib
+    from snapproof.native._lib import ffi, lib
 
     in_python = {m.name: m.value for m in FaultInjection if m.value & C_SWITCHES}
     in_c = {name.removeprefix("SP_INJECT_"): value for name, value in ffi.typeof("enum sp_inject").relements.items()
@@ -28,8 +27,8 @@ def test_bulk_batch_is_one_constant_in_c_and_python():
     """The bulk copier's batch (pages per un-protect) is SP_BULK_BATCH, and Python's default is that constant."""
     import inspect
 
-    from native._lib import lib
-    from native.wp import BULK_BATCH, WpSnapshot
+    from snapproof.native._lib import lib
+    from snapproof.native.wp import BULK_BATCH, WpSnapshot
 
     assert BULK_BATCH == lib.SP_BULK_BATCH == 512
     assert inspect.signature(WpSnapshot.bulk_copy).parameters["batch"].default == BULK_BATCH
@@ -38,8 +37,8 @@ def test_bulk_batch_is_one_constant_in_c_and_python():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the C layer is the Linux backend")
 def test_vcpu_state_part_ids_match_the_c_enum_and_its_struct_sizes():
     """The file's part ids are the C layer's enum sp_vcpu_part, and image.py's sizes are the kernel's."""
-    from native import image
-    from native._lib import lib
+    from snapproof.native import image
+    from snapproof.native._lib import lib
 
     assert {p.name: p.value for p in VcpuPart} == {p.name: getattr(lib, f"SP_PART_{p.name}") for p in VcpuPart}
     for part in VcpuPart:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import struct
 
 import pytest
+from snapproof.native import layout
+from snapproof.native.layout import HIGH_RAM_BASE, LOW_RAM_END, RamRange, gpa_of, offset_of, ram_ranges
 
-import guests
-from native import layout
-from native.layout import HIGH_RAM_BASE, LOW_RAM_END, RamRange, gpa_of, offset_of, ram_ranges
+from snapproof import guests
 
 MiB = 1 << 20
 
@@ -93,7 +93,7 @@ def hex_rows(rows: list[tuple[int, ...]]) -> str:
 def test_memory_crossing_the_hole_is_below_it_and_at_4gib_and_never_in_it(make_memory, make_vm) -> None:
     """Two memslots: the guest's store below the hole lands in place, its store into the hole exits as MMIO, and
     KVM's own write at GPA 4 GiB + x lands at memory offset LOW_RAM_END + x, in slot 1's dirty log."""
-    from native.kvm import KVM_MEM_LOG_DIRTY_PAGES, ExitReason
+    from snapproof.native.kvm import KVM_MEM_LOG_DIRTY_PAGES, ExitReason
 
     # 1. Memory 2 MiB past the hole (a sparse memfd: only pages written are ever allocated), dirty-logged.
     size = LOW_RAM_END + 2 * MiB

@@ -14,12 +14,12 @@ import time
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from snapproof.guests import counter, cpustate, storm
+from snapproof.guests.counter import CounterParams
+from snapproof.guests.cpustate import CpuStateParams
+from snapproof.guests.storm import PAGE_SIZE, StormParams, check_instant, simulate, write_order
 
-import guests
-from guests import counter, cpustate, storm
-from guests.counter import CounterParams
-from guests.cpustate import CpuStateParams
-from guests.storm import PAGE_SIZE, StormParams, check_instant, simulate, write_order
+from snapproof import guests
 
 # -- binaries -------------------------------------------------------------------------------------
 
@@ -34,7 +34,7 @@ def test_guest_source_reassembles_to_its_committed_binary(name: str) -> None:
     if built != committed:
         pairs = enumerate(zip(built, committed, strict=False))
         first = next((i for i, (a, b) in pairs if a != b), min(len(built), len(committed)))
-        pytest.fail(f"{name}.bin is stale (rebuild with `python -m guests {name}`): {len(committed)} bytes "
+        pytest.fail(f"{name}.bin is stale (rebuild with `python -m snapproof.guests {name}`): {len(committed)} bytes "
                     f"committed, {len(built)} assembled, first difference at offset {first:#x}")
 
 

@@ -16,12 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from snapproof.guests import DATA_REGION_GPA, FLAT32_LOAD_GPA, PARAM_BLOCK_GPA, PARAM_BLOCK_STRIDE, counter, storm
+from snapproof.guests.counter import CounterParams
+from snapproof.guests.storm import StormParams
+from snapproof.native.compare import describe_difference
 
-import guests
-from guests import DATA_REGION_GPA, FLAT32_LOAD_GPA, PARAM_BLOCK_GPA, PARAM_BLOCK_STRIDE, counter, storm
-from guests.counter import CounterParams
-from guests.storm import StormParams
-from native.compare import describe_difference
+from snapproof import guests
 
 STACK_TOP = 0x7000
 STACK_STRIDE = 0x400
@@ -333,7 +333,7 @@ def test_counter32_signals_working_set_touched_once(make_memory, make_vm, npages
 def test_cpustate32_on_two_vcpus_ends_as_the_model(make_memory, make_cpustate32_vm) -> None:
     """Each vCPU, answered at its sync with one NMI, ends with the model's XMM0, MM0, SYSENTER_EIP, DR0-DR3
     and NMI record in its block, byte for byte, and its EIP just past the hlt."""
-    from guests import cpustate
+    from snapproof.guests import cpustate
 
     mem = make_memory("memfd", 1 << 20)
     vm, params = make_cpustate32_vm(mem, [11, 12], 400, [150, 399])

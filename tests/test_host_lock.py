@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from results.hostlock import HOLDER_ENV, LOCK_DIR_ENV, LOCK_NAME
+from snapproof.results.hostlock import HOLDER_ENV, LOCK_DIR_ENV, LOCK_NAME
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock host lock: Linux runs only")
 

@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from native import fixes, host
-from native.build import BuildError
-from native.errors import CapabilityMissing
+from snapproof.native import fixes, host
+from snapproof.native.build import BuildError
+from snapproof.native.errors import CapabilityMissing
 
 pytestmark = pytest.mark.platform("linux")
 
@@ -35,7 +34,7 @@ def _shape(rep: host.HostReport) -> list[tuple[str, str]]:
 
 def test_rows_keep_their_places_when_userfaultfd_is_denied(fresh_probe, monkeypatch: pytest.MonkeyPatch):
     """No userfaultfd: every feature row is still there, not probed, naming row uffd; the uffd row carries the fix."""
-    from native import uffd
+    from snapproof.native import uffd
 
     normal = fresh_probe()
 
@@ -57,7 +56,7 @@ def test_rows_keep_their_places_when_userfaultfd_is_denied(fresh_probe, monkeypa
 
 def test_rows_keep_their_places_when_the_native_build_fails(fresh_probe, monkeypatch: pytest.MonkeyPatch):
     """A failed build is one FAIL row with its fix; the rows that need the C layer are there, not probed."""
-    from native import build
+    from snapproof.native import build
 
     normal = fresh_probe()
 
@@ -76,7 +75,7 @@ def test_rows_keep_their_places_when_the_native_build_fails(fresh_probe, monkeyp
 
 def test_features_the_suite_does_not_use_are_info_rows():
     """Every uffd feature outside the roles table is INFO, offered or not: never a WARN, never a FAIL."""
-    from native import uffd
+    from snapproof.native import uffd
 
     rep = host.probe()
     if rep.get("uffd") is None or not rep.get("uffd").available:  # type: ignore[union-attr]
@@ -114,7 +113,7 @@ def test_every_fix_is_a_command_between_backticks():
 
 
 def _native_host(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "native.host", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "snapproof.native.host", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
 
 
@@ -159,7 +158,7 @@ def test_qemu_row_names_what_is_missing_and_what_phase5_leaves_out(fresh_probe, 
 def test_qemu_row_warns_where_its_background_snapshot_would_be_refused_userfaultfd(fresh_probe, monkeypatch):
     """Not root, no CAP_SYS_PTRACE, the sysctl off: QEMU 7.2 gets no userfaultfd (8.1+ may use /dev/userfaultfd), so
     row qemu is WARN with the sysctl to paste, and phase 5's QEMU case is left out rather than failed."""
-    from native.qemu import QemuError, find_qemu
+    from snapproof.native.qemu import QemuError, find_qemu
 
     try:
         binary = find_qemu()

@@ -9,17 +9,17 @@ import os
 import random
 
 import pytest
+from snapproof.guests import counter
+from snapproof.native.image import SnapshotImage
 
-import guests
-from guests import counter
-from native.image import SnapshotImage
+from snapproof import guests
 
 pytestmark = [pytest.mark.platform("linux")]
 PAGE = 4096
 
 
 def layout(npages: int = 16, capacity: int | None = None, first_slot: int = 0):
-    from native.hv_cow import SlotLayout
+    from snapproof.native.hv_cow import SlotLayout
 
     lay = SlotLayout(npages, first_slot)
     if capacity is not None:
@@ -96,7 +96,7 @@ def test_every_page_in_any_order_ends_as_one_writable_slot():
 def test_running_out_of_slots_is_refused_before_anything_changes():
     """With 3 slots, one private page fits (gap, run, gap); a second page apart from it would need 5: refused,
     naming KVM_CAP_NR_MEMSLOTS, the layout as it was. A page beside the run still fits."""
-    from native.hv_cow import MemslotsExhausted
+    from snapproof.native.hv_cow import MemslotsExhausted
 
     lay = layout(capacity=3)
     make_private(lay, 5)
@@ -112,7 +112,7 @@ def test_running_out_of_slots_is_refused_before_anything_changes():
 
 def test_slot_ids_stay_inside_the_capacity_while_the_count_fits():
     """Scattered pages until the refusal: every slot id ever used lies in [first_slot, first_slot + capacity)."""
-    from native.hv_cow import MemslotsExhausted
+    from snapproof.native.hv_cow import MemslotsExhausted
 
     rng = random.Random(7)
     for capacity in (3, 5, 9, 17):
@@ -144,7 +144,7 @@ def counter_image(tmp_path):
 
 
 def hv_cow_counter(image, make_vm, **kw):
-    from native.hv_cow import HypervisorCowMemory
+    from snapproof.native.hv_cow import HypervisorCowMemory
 
     mem = HypervisorCowMemory(image.path, image.memory_offset, image.memory_size, **kw)
     try:
@@ -161,7 +161,7 @@ def hv_cow_counter(image, make_vm, **kw):
 def test_guest_writes_past_the_memslot_limit_are_refused_naming_KVM_CAP_NR_MEMSLOTS(counter_image, make_vm):
     """With 3 slots, counter32's first region page fits; its parameter block page, apart from it, would need 5:
     the run raises naming KVM_CAP_NR_MEMSLOTS, with no slot changed and no page copied for it."""
-    from native.hv_cow import MemslotsExhausted
+    from snapproof.native.hv_cow import MemslotsExhausted
 
     image, params = counter_image
     mem, vm, vcpu = hv_cow_counter(image, make_vm, max_slots=3)
@@ -196,8 +196,8 @@ def test_a_vm_with_two_vcpus_is_refused_at_its_first_write_exit(counter_image, m
 
 def test_an_mmio_write_outside_guest_memory_is_left_to_the_caller(counter_image):
     """A write to a device's GPA (above guest memory) or an MMIO read is not the load's: not served."""
-    from native.hv_cow import HypervisorCowMemory
-    from native.kvm import Exit, ExitReason
+    from snapproof.native.hv_cow import HypervisorCowMemory
+    from snapproof.native.kvm import Exit, ExitReason
 
     image, _ = counter_image
     base = dict(reason=ExitReason.MMIO, kvm_exit_reason=6, err=0, cpu=0, io_port=0, io_value=0, mmio_len=4,
@@ -220,8 +220,8 @@ def _maps() -> int:
 @pytest.mark.needs("kvm", "kvm.readonly_mem")
 def test_load_run_and_close_leave_no_fd_or_mapping_behind(counter_image):
     """Three loads, each run to HLT and closed (VM first): the process has the fds and mappings it had."""
-    from native.hv_cow import HypervisorCowMemory
-    from native.kvm import ExitReason, Vm
+    from snapproof.native.hv_cow import HypervisorCowMemory
+    from snapproof.native.kvm import ExitReason, Vm
 
     image, params = counter_image
     fds, maps = _fds(), _maps()

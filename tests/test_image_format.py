@@ -12,9 +12,8 @@ from pathlib import Path
 
 import blake3
 import pytest
-
-from native import image
-from native.image import (
+from snapproof.native import image
+from snapproof.native.image import (
     PART_HEAD,
     Arch,
     SnapshotFormatError,
@@ -25,6 +24,7 @@ from native.image import (
     rewrite_header,
     rewrite_vcpu_section,
 )
+
 from tests.sample_states import kvm_x86_parts, kvm_x86_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -740,7 +740,7 @@ def test_mark_final_refuses_a_range_outside_the_image(tmp_path, end):
         w.mark_final(end)
 
 
-# --- python -m native.image info ----------------------------------------------
+# --- python -m snapproof.native.image info ----------------------------------------------
 
 def test_info_prints_the_header_in_plain_words(snap, capsys):
     """`info` shows one field a line: sizes in hex and units, hash, vCPUs, complete, verification."""
@@ -785,9 +785,9 @@ def test_info_shows_an_incomplete_file_as_incomplete_and_exits_1(tmp_path, capsy
 
 
 def test_info_as_a_module_exits_1_with_the_error_on_a_bad_file(snap):
-    """`python -m native.image info FILE` on a corrupt file: exit 1, the loader's message on stderr."""
+    """`python -m snapproof.native.image info FILE` on a corrupt file: exit 1, the loader's message on stderr."""
     rewrite_header(snap, page_size=8192)
-    run = subprocess.run([sys.executable, "-m", "native.image", "info", str(snap)], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "snapproof.native.image", "info", str(snap)], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 1, run
     assert "page_size: expected 0x1000, saw 0x2000" in run.stderr, run.stderr

@@ -12,9 +12,15 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from snapproof.native import image
+from snapproof.native.image import (
+    SnapshotFormatError,
+    SnapshotImage,
+    read_vcpu_section,
+    rewrite_header,
+    rewrite_vcpu_section,
+)
 
-from native import image
-from native.image import SnapshotFormatError, SnapshotImage, read_vcpu_section, rewrite_header, rewrite_vcpu_section
 from tests.sample_states import kvm_x86_state
 
 MEMORY_SIZE = 4 * image.PAGE_SIZE

@@ -9,7 +9,7 @@ import hashlib
 import struct
 from pathlib import Path
 
-from native import image
+from snapproof.native import image
 
 BREAKS_SAVED_SNAPSHOTS = (
     "changing this breaks every saved snapshot file: bump image.FORMAT_VERSION instead of "

@@ -11,11 +11,10 @@ from __future__ import annotations
 import sys
 
 import pytest
-
-from guests import storm
-from guests.storm import StormParams, check_instant, simulate
-from native import compare
-from native.compare import describe_difference, differing_pages, exact_oracle
+from snapproof.guests import storm
+from snapproof.guests.storm import StormParams, check_instant, simulate
+from snapproof.native import compare
+from snapproof.native.compare import describe_difference, differing_pages, exact_oracle
 
 PAGE = 4096
 CHUNK = 1 << 20
@@ -158,7 +157,7 @@ def test_instant_oracle_exact_mode_finds_a_byte_between_the_stamps():
 def test_instant_of_registers_knows_every_place_in_the_loop():
     """Where storm32 stands (EIP), its generation (EBP) and pages left (ECX) give the instant; the EIPs are the
     instructions of guests/storm32.bin they name (a reassembled guest that moves them fails here)."""
-    import guests
+    from snapproof import guests
 
     code = guests.load("storm32")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-
-from native.live import VcpuRunner
+from snapproof.native.live import VcpuRunner
 
 pytestmark = pytest.mark.needs("kvm")
 

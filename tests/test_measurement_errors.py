@@ -9,12 +9,12 @@ gate refuses a run that has one.
 from __future__ import annotations
 
 import pytest
+from snapproof.native.engine import engine_path
+from snapproof.native.wp import ENGINE_NEEDS
+from snapproof.results.gate import evaluate, load_policy
+from snapproof.results.record import MEASUREMENT_ERRORS, SCHEMA, CaseReport, render_phase
+from snapproof.results.schema import POLICY_SCHEMA, RECORD, problems
 
-from native.engine import engine_path
-from native.wp import ENGINE_NEEDS
-from results.gate import evaluate, load_policy
-from results.record import MEASUREMENT_ERRORS, SCHEMA, CaseReport, render_phase
-from results.schema import POLICY_SCHEMA, RECORD, problems
 from tests.phase_runner import run_phase
 
 BULK = "test_benchmark_bulk_copy_rate[64MiB]"

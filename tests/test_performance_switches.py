@@ -7,8 +7,8 @@ catch them: results/README.md, "The gate's teeth".
 from __future__ import annotations
 
 import pytest
+from snapproof.native.inject import PERFORMANCE, FaultInjection
 
-from native.inject import PERFORMANCE, FaultInjection
 from tests.phase_runner import run_phase
 
 ALL_THREE = "unprotect-per-page,extra-copy-per-fault,arm-per-page"
@@ -16,7 +16,7 @@ ALL_THREE = "unprotect-per-page,extra-copy-per-fault,arm-per-page"
 
 def test_the_performance_switches_are_the_three_named():
     """PERFORMANCE is exactly the switches named here (a new one joins the teeth measurement in results/ab.py)."""
-    from results.ab import PERF_SWITCHES
+    from snapproof.results.ab import PERF_SWITCHES
 
     names = {m.name.lower().replace("_", "-") for m in FaultInjection if m.value and m in PERFORMANCE}
     assert names == set(ALL_THREE.split(",")) == set(PERF_SWITCHES)

@@ -8,8 +8,8 @@ engine's named points need one: the window the switch opens fails every time.
 from __future__ import annotations
 
 import pytest
+from snapproof.native.races import Window
 
-from native.races import Window
 from tests.phase_runner import run_phase
 
 PHASE2 = "test_phase2_live_consistency.py"

@@ -16,9 +16,9 @@ from __future__ import annotations
 from functools import partial
 
 import pytest
+from snapproof.native.restore import LOADERS
 
-import guests
-from native.restore import LOADERS
+from snapproof import guests
 from tests.phase_runner import PhaseRun, run_phase
 
 PHASE3 = "test_phase3_round_trip_restore.py"
@@ -101,7 +101,7 @@ def test_restore_without_one_part_of_the_vcpu_state_fails_the_whole_state_check(
     case fails and its message names what differed."""
     require("kvm")
     if switch == "drop-xcrs":
-        from native.kvm import Vm
+        from snapproof.native.kvm import Vm
 
         with Vm.create() as vm:
             if not vm.has_xcrs():
@@ -120,7 +120,7 @@ def test_restore_without_one_part_of_the_vcpu_state_fails_the_whole_state_check(
 SEQUENCES = "(not benchmark and 1MiB) or two_vcpus"
 LAZY_CASES = [f"{MID}[1MiB-lazy-uffd]", "test_original_sequence_reruns_in_a_fresh_vm_from_the_file[1MiB-lazy-uffd]",
               f"{WHOLE_STATE}[lazy-uffd]"]
-DEAD_LOADER = ("native.errors.LoaderDied: the vCPU run ended with ",
+DEAD_LOADER = ("snapproof.native.errors.LoaderDied: the vCPU run ended with ",
                ": the lazy loader stopped serving guest memory mid-restore: its userfaultfd was closed under it "
                "(handler stopped with errno 125 ECANCELED",
                "pages it never restored are fenced (PROT_NONE), so the guest stopped at them instead of reading zeros; "
@@ -227,7 +227,7 @@ def flip_memory_byte(image, gpa: int) -> tuple[int, int]:
 
 def test_flipped_memory_byte_fails_the_verified_load(marker16_snapshot):
     """One flipped bit at GPA 0x1000 makes the verified open fail, naming the content hash."""
-    from native.image import SnapshotFormatError, SnapshotImage
+    from snapproof.native.image import SnapshotFormatError, SnapshotImage
 
     SnapshotImage.open(marker16_snapshot.path, verify=True)  # the control: the file as captured verifies
     before, after = flip_memory_byte(marker16_snapshot, guests.MARKER_GPA)
@@ -242,7 +242,7 @@ def test_flipped_memory_byte_stops_a_verified_restore_and_shows_in_an_unverified
                                                                                     make_restored_vm, enter_guest,
                                                                                     loader):
     """A verified restore refuses the corrupted file; an unverified one runs with the flipped byte (0xBF)."""
-    from native.image import SnapshotFormatError
+    from snapproof.native.image import SnapshotFormatError
 
     flip_memory_byte(marker16_snapshot, guests.MARKER_GPA)
     with pytest.raises(SnapshotFormatError, match="content_hash"):

@@ -11,8 +11,8 @@ the same capability.
 from __future__ import annotations
 
 import pytest
+from snapproof.native.strategies import ENGINE_STRATEGIES, STRATEGIES, STRATEGY_NEEDS, WP_COPY_BEFORE_WRITE, WP_PREARMED
 
-from native.strategies import ENGINE_STRATEGIES, STRATEGIES, STRATEGY_NEEDS, WP_COPY_BEFORE_WRITE, WP_PREARMED
 from tests.phase_runner import PhaseRun, run_phase
 
 PHASE5 = "test_phase5_snapshot_strategies.py"

@@ -9,9 +9,8 @@ import math
 from pathlib import Path
 
 import pytest
-
-from results.load import load_record
-from results.plotdata import (
+from snapproof.results.load import load_record
+from snapproof.results.plotdata import (
     BUCKETS_PER_OCTAVE,
     NOT_SELECTED,
     OVERFLOW_US,
@@ -28,8 +27,8 @@ from results.plotdata import (
     pause_series,
     restore_series,
 )
-from results.record import SCHEMA
-from results.stats import percentile
+from snapproof.results.record import SCHEMA
+from snapproof.results.stats import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE = ROOT / "results" / "baselines" / "kvm_pvm.yaml"
@@ -262,8 +261,7 @@ def test_a_baseline_of_another_host_class_is_refused_naming_both():
 
 def test_plots_command_refuses_a_baseline_of_another_class_with_exit_2(tmp_path, capsys):
     import yaml
-
-    from results.cli import main
+    from snapproof.results.cli import main
 
     run, base = tmp_path / "run.yaml", tmp_path / "base.yaml"
     run.write_text(yaml.safe_dump(_record({})))

@@ -18,9 +18,9 @@ import sys
 import time
 
 import pytest
+from snapproof.native import qemu
+from snapproof.native.qemu import QemuError, QemuGuest
 
-from native import qemu
-from native.qemu import QemuError, QemuGuest
 from tests.reliability_support import ROOT, open_fds
 
 pytestmark = pytest.mark.needs("qemu", "kvm")

@@ -19,14 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from snapproof.native.capture import copy_into_file
+from snapproof.native.image import MEMORY_OFFSET, SnapshotImage
+from snapproof.native.kvm import ExitReason, Vm
+from snapproof.native.memory import GuestMemory
+from snapproof.native.thp import disabled_for_process
+from snapproof.native.wp import WpSnapshot
 
-import guests
-from native.capture import copy_into_file
-from native.image import MEMORY_OFFSET, SnapshotImage
-from native.kvm import ExitReason, Vm
-from native.memory import GuestMemory
-from native.thp import disabled_for_process
-from native.wp import WpSnapshot
+from snapproof import guests
 from tests.reliability_support import Gauges, HeldMemory, threads_settled
 
 pytestmark = pytest.mark.needs("kvm", "uffd", "uffd.WP_HUGETLBFS_SHMEM")

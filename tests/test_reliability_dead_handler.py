@@ -25,11 +25,11 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 import pytest
+from snapproof.native.errors import HandlerDied
+from snapproof.native.inject import FaultInjection
+from snapproof.native.kvm import ExitReason
 
-import guests
-from native.errors import HandlerDied
-from native.inject import FaultInjection
-from native.kvm import ExitReason
+from snapproof import guests
 from tests.phase_runner import run_phase
 from tests.reliability_support import (
     Gauges,
@@ -144,7 +144,7 @@ def watch_past_the_deadline(runner: VcpuThread, window: float) -> DeadlineBehavi
 
 def test_dead_handler_unprotects_the_region_so_the_guest_completes(make_memory, make_marker16_vm):
     """HANDLER_DIES: the dying handler un-protects all, the guest halts, the void snapshot is refused."""
-    from native.wp import WpSnapshot
+    from snapproof.native.wp import WpSnapshot
 
     before = Gauges.now()
     mem = make_memory("memfd", 1 << 20)

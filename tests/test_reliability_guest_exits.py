@@ -10,10 +10,10 @@ import re
 import time
 
 import pytest
+from snapproof.native.kvm import ExitReason
+from snapproof.native.live import VcpuRunner
 
-import guests
-from native.kvm import ExitReason
-from native.live import VcpuRunner
+from snapproof import guests
 
 pytestmark = pytest.mark.needs("kvm")
 

@@ -68,7 +68,7 @@ def _chosen(value: str) -> str:
 def test_thp_turns_huge_pages_on_for_the_run_and_restores_every_knob(tmp_path):
     """--thp: anonymous and shmem THP are on for MADV_HUGEPAGE memory while the run's tests see them, and every THP
     knob, the per-size mTHP ones a case sets for itself included, is as before once the run ends."""
-    from native.thp import ANON_ON, SHMEM_ON
+    from snapproof.native.thp import ANON_ON, SHMEM_ON
 
     before = host_settings()
     during = _child_run(tmp_path, "--thp")["settings"]

@@ -17,8 +17,8 @@ import signal
 
 import pytest
 import yaml
+from snapproof.native.image import SnapshotFormatError, SnapshotImage
 
-from native.image import SnapshotFormatError, SnapshotImage
 from tests.reliability_child import SIGNAL, SIGNAL_AT
 from tests.reliability_support import ChildRun, child_env, run_child, wait_for
 
@@ -203,7 +203,7 @@ def test_an_uninterrupted_capture_seals_its_file_and_exits_0(tmp_path):
 
 def test_a_finalized_engine_holds_no_view_of_the_snapshot_file(tmp_path, make_memory):
     """finalize() drops the engine's view of writer.memory, so the file seals while the engine object is open."""
-    from native.wp import WpSnapshot
+    from snapproof.native.wp import WpSnapshot
 
     mem = make_memory("memfd", 1 << 20)
     mem.write(0x3000, b"\xab")
@@ -227,7 +227,7 @@ def test_a_signal_while_the_main_thread_runs_a_guest_is_handled_at_once(make_sto
     import threading
     import time
 
-    from native.kvm import ExitReason
+    from snapproof.native.kvm import ExitReason
 
     storm_vm = make_storm_vm("memfd", 1 << 20, 1)
     vcpu = storm_vm.vm.vcpus[0]
@@ -268,9 +268,10 @@ def test_closing_a_vm_under_a_running_runner_kicks_it_out_first(make_memory, mak
     """Closing a VM under a runner never stopped kicks the run out first; its thread ends, nothing crashes."""
     import time
 
-    import guests
-    from native.kvm import Vm
-    from native.live import VcpuRunner
+    from snapproof.native.kvm import Vm
+    from snapproof.native.live import VcpuRunner
+
+    from snapproof import guests
 
     mem = make_memory("memfd", 1 << 20)
     mem.write(guests.FLAT32_LOAD_GPA, guests.load("spin16"))

@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 import pytest
+from snapproof.native.errors import LoaderDied
+from snapproof.native.inject import FaultInjection
+from snapproof.native.kvm import ExitReason
 
-import guests
-from native.errors import LoaderDied
-from native.inject import FaultInjection
-from native.kvm import ExitReason
+from snapproof import guests
 from tests.reliability_support import Gauges, UnservedMissing, VcpuThread, threads_settled, uffd_fds
 
 pytestmark = [pytest.mark.platform("linux"), pytest.mark.needs("kvm", "uffd", "uffd.MISSING_SHMEM")]
@@ -149,7 +149,7 @@ def test_fencing_the_missing_pages_then_waking_stops_the_vcpu_at_them(make_memor
 @pytest.fixture
 def peek16_file(tmp_path: Path) -> Path:
     """A 1 MiB snapshot file: peek16 at 0x100, 0x11 at GPA 0x1000, 0x22 at GPA 0x2000, no vCPU state."""
-    from native.image import SnapshotImage
+    from snapproof.native.image import SnapshotImage
 
     with SnapshotImage.create(tmp_path / "peek16.snap", 1 << 20) as w:
         code = guests.load("peek16")

@@ -20,10 +20,10 @@ from __future__ import annotations
 import time
 
 import pytest
+from snapproof.native.kvm import ExitReason
+from snapproof.native.uffd import release_clears_wp
 
-import guests
-from native.kvm import ExitReason
-from native.uffd import release_clears_wp
+from snapproof import guests
 from tests.reliability_support import Gauges, HostWriter, UnservedWp, VcpuThread, threads_settled, uffd_fds
 
 pytestmark = pytest.mark.needs("kvm", "uffd", "uffd.WP_HUGETLBFS_SHMEM")
@@ -126,7 +126,7 @@ def test_unprotect_alone_wakes_the_waiter_before_the_uffd_is_dropped(make_memory
 
 def test_engine_close_mid_snapshot_unprotects_joins_and_drops_the_uffd(make_memory):
     """Closing a half-copied WpSnapshot leaves no WP page, uffd or handler thread; writes go through."""
-    from native.wp import WpSnapshot
+    from snapproof.native.wp import WpSnapshot
 
     before = Gauges.now()
     mem = make_memory("memfd", 1 << 20)
@@ -138,7 +138,7 @@ def test_engine_close_mid_snapshot_unprotects_joins_and_drops_the_uffd(make_memo
     assert sum(wp_bits) == snap.npages - snap.npages // 2, f"expected {snap.npages // 2} protected pages " \
                                                            f"mid-snapshot, saw {sum(wp_bits)}"
     snap.close()
-    from native.wp import read_pagemap
+    from snapproof.native.wp import read_pagemap
 
     left = sum(read_pagemap(mem.addr, mem.size // 4096)[1])
     assert left == 0, f"expected no PM_UFFD_WP after close, {left} pages keep it"

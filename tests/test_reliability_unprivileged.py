@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from snapproof.native import fixes as native_fixes
+from snapproof.native.host import device_node
+from snapproof.native.kvm import Vm
 
-from native import fixes as native_fixes
-from native.host import device_node
-from native.kvm import Vm
 from tests.reliability_support import (
     CAP_DAC_READ_SEARCH,
     NOBODY,

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from results.explain import EXPLANATIONS, explain
-from results.progress import Progress, ProgressDisplay, progress_line
-from results.record import FAIL_MARK, SCHEMA, TARGETS, CaseReport, PhaseReport, render_phase
-from results.schema import RECORD, problems
+from snapproof.results.explain import EXPLANATIONS, explain
+from snapproof.results.progress import Progress, ProgressDisplay, progress_line
+from snapproof.results.record import FAIL_MARK, SCHEMA, TARGETS, CaseReport, PhaseReport, render_phase
+from snapproof.results.schema import RECORD, problems
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINES = sorted((ROOT / "results" / "baselines").glob("*.yaml"))
@@ -191,7 +190,7 @@ def test_every_report_line_fits_the_width(width, verbose):
 
 
 CONFTEST = '''
-pytest_plugins = ("results.interrupts", "results.hostload", "results.plugin")
+pytest_plugins = ("snapproof.results.interrupts", "snapproof.results.hostload", "snapproof.results.plugin")
 
 
 def pytest_configure(config):

@@ -10,9 +10,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from snapproof.native.image import SnapshotFormatError, SnapshotImage, VcpuKind
+from snapproof.native.restore import LOADERS, restore_memory, restore_vm
 
-from native.image import SnapshotFormatError, SnapshotImage, VcpuKind
-from native.restore import LOADERS, restore_memory, restore_vm
 from tests.reliability_support import kernel_threads, threads_settled
 
 pytestmark = [pytest.mark.platform("linux"), pytest.mark.needs("uffd", "uffd.MISSING_SHMEM")]
@@ -137,8 +137,8 @@ def test_unknown_loader_is_named(image):
 
 
 def test_lazy_loading_refuses_a_backing_it_cannot_serve(image):
-    from native.memory import GuestMemory
-    from native.restore import LazyUffd
+    from snapproof.native.memory import GuestMemory
+    from snapproof.native.restore import LazyUffd
 
     with GuestMemory.file_private(image.path, offset=image.memory_offset, size=SIZE) as mem, \
             pytest.raises(ValueError, match="lazy loading serves 4 KiB pages into memfd or anonymous memory, "
@@ -147,8 +147,8 @@ def test_lazy_loading_refuses_a_backing_it_cannot_serve(image):
 
 
 def test_lazy_loading_refuses_a_range_past_the_file_end(image):
-    from native.memory import GuestMemory
-    from native.restore import LazyUffd
+    from snapproof.native.memory import GuestMemory
+    from snapproof.native.restore import LazyUffd
 
     with GuestMemory.memfd(SIZE) as mem, pytest.raises(ValueError, match=r"image \[0x2000, 0x402000\) is not a "
                                                                           r"page-aligned range inside the file"):
@@ -172,10 +172,10 @@ def test_a_capture_that_fails_leaves_an_incomplete_file(tmp_path):
     """A capture whose engine cannot register the memory raises, and the file it started says it is incomplete
     instead of loading. The cause holds on every kernel and filesystem: another userfaultfd (a first engine)
     still holds the range, so UFFDIO_REGISTER fails with EBUSY."""
-    from native.capture import capture_to_file
-    from native.errors import NativeError
-    from native.memory import GuestMemory
-    from native.wp import WpSnapshot
+    from snapproof.native.capture import capture_to_file
+    from snapproof.native.errors import NativeError
+    from snapproof.native.memory import GuestMemory
+    from snapproof.native.wp import WpSnapshot
 
     path = tmp_path / "failed.snap"
     with GuestMemory.anonymous(SIZE) as mem, WpSnapshot(mem, bytearray(SIZE)), \

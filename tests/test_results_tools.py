@@ -1,4 +1,4 @@
-"""Self-tests of ``python -m results``: show, matrix, gate (each reason it fails), the statistical judge,
+"""Self-tests of ``snapproof results``: show, matrix, gate (each reason it fails), the statistical judge,
 the schemas of records and policies, the JSON and JUnit outputs, A/B, plots.
 
 Records are built here, one field changed at a time from a passing one, so each gate reason is
@@ -17,14 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from results.ab import compare, smallest_caught, table
-from results.cli import main, matrix, show
-from results.gate import PolicyError, evaluate, load_policy
-from results.load import RecordError, load_record
-from results.record import SCHEMA, phase_outcome
-from results.schema import POLICY_SCHEMA
-from results.stats import judge, smallest_p
+from snapproof.results.ab import compare, smallest_caught, table
+from snapproof.results.cli import main, matrix, show
+from snapproof.results.gate import PolicyError, evaluate, load_policy
+from snapproof.results.load import RecordError, load_record
+from snapproof.results.record import SCHEMA, phase_outcome
+from snapproof.results.schema import POLICY_SCHEMA
+from snapproof.results.stats import judge, smallest_p
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "results" / "gate.yaml"
@@ -329,7 +328,7 @@ def test_a_class_that_checks_nothing_is_refused(tmp_path):
 
 
 def test_gate_command_exits_2_refusing_another_class_baseline(tmp_path):
-    """``python -m results gate`` refuses (exit 2) a baseline of another class, naming both classes."""
+    """``snapproof results gate`` refuses (exit 2) a baseline of another class, naming both classes."""
     proc = _cli(tmp_path, "gate", str(_write(tmp_path / "run.yaml", _hardware_record(nested=True))), "--baseline",
                 str(_write(tmp_path / "base.yaml", _software_record())), "--policy", str(POLICY))
     assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -337,7 +336,7 @@ def test_gate_command_exits_2_refusing_another_class_baseline(tmp_path):
 
 
 def test_gate_command_exits_1_on_an_interrupted_run(tmp_path):
-    """``python -m results gate`` on an interrupted run's record: exit 1, the status and the signal named."""
+    """``snapproof results gate`` on an interrupted run's record: exit 1, the status and the signal named."""
     _write(tmp_path / "gate.yaml", POLICY_TEXT)
     run = _record()
     run["run"].update(status="interrupted", tests={"selected": 2, "finished": 1},
@@ -349,7 +348,7 @@ def test_gate_command_exits_1_on_an_interrupted_run(tmp_path):
 
 
 def test_gate_command_exits_1_and_says_why(tmp_path):
-    """``python -m results gate`` prints every check and the reasons, and exits 1 on a failed gate."""
+    """``snapproof results gate`` prints every check and the reasons, and exits 1 on a failed gate."""
     _write(tmp_path / "gate.yaml", POLICY_TEXT)
     run = _record()
     run["phases"][0]["outcome"] = "FAIL"
@@ -447,7 +446,7 @@ def test_committed_policy_and_baseline_gate_the_committed_baseline():
 
 
 def test_a_stage_stopped_by_a_skip_is_drawn_skipped_not_failed():
-    from results.record import FAIL_MARK, render_phase
+    from snapproof.results.record import FAIL_MARK, render_phase
 
     rec = _record()
     case = rec["phases"][0]["cases"][0]
@@ -497,7 +496,7 @@ def test_smallest_caught_slowdown_is_found_from_the_reruns_own_samples(policy):
 
 
 def test_ab_command_runs_both_sides_interleaved_and_prints_json(tmp_path):
-    """``python -m results ab --json`` runs A, B in turn in this checkout and prints one JSON table."""
+    """``snapproof results ab --json`` runs A, B in turn in this checkout and prints one JSON table."""
     pol = _write(tmp_path / "ab.yaml", f"""
 schema: {POLICY_SCHEMA}
 classes:
@@ -527,7 +526,7 @@ def test_plots_are_written_or_skipped_with_a_reason(tmp_path):
     """Each plot is a PNG when the record has its figures, else the reason it is not; the baseline's record, with
     itself beside it, has every plot's figures. What a plot shows is checked as data in tests/test_plots.py."""
     pytest.importorskip("matplotlib", reason="matplotlib draws the plots: it is in the [dev] extra (./setup)")
-    from results.plots import PLOTS, write_plots
+    from snapproof.results.plots import PLOTS, write_plots
 
     got = dict(write_plots(_record(), tmp_path / "phase5"))
     assert isinstance(got["pause_windows"], Path) and got["pause_windows"].stat().st_size > 1000

@@ -16,17 +16,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from snapproof.native.wp import ENGINE_NEEDS
+from snapproof.results.load import incompleteness, load_record
+from snapproof.results.schema import RECORD, problems
 
-from native.wp import ENGINE_NEEDS
-from results.load import incompleteness, load_record
-from results.schema import RECORD, problems
 from tests.phase_runner import run_phase
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD_CEILING_S = 120
 
 CONFTEST = '''
-pytest_plugins = ("results.interrupts", "results.hostload", "results.plugin")
+pytest_plugins = ("snapproof.results.interrupts", "snapproof.results.hostload", "snapproof.results.plugin")
 
 
 def pytest_configure(config):
@@ -147,7 +147,7 @@ def test_a_real_run_of_phases_writes_a_record_valid_against_the_schema():
 def test_latest_goes_back_when_its_record_is_rewritten_as_not_complete(tmp_path):
     """A signal after the end's complete record (results/interrupts.py: the session's last moments) rewrites it
     as interrupted: 'latest' then names the complete run before it again, or nothing when there was none."""
-    from results.plugin import _point_latest, _unpoint_latest
+    from snapproof.results.plugin import _point_latest, _unpoint_latest
 
     first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
     first.write_text("first\n")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+from snapproof.native.engine import engine_path, load_engine
+from snapproof.native.races import Window
+from snapproof.native.wp import ENGINE_NEEDS
 
-from native.engine import engine_path, load_engine
-from native.races import Window
-from native.wp import ENGINE_NEEDS
 from tests.phase_runner import PhaseRun, run_phase
 
 pytestmark = pytest.mark.needs("kvm", *ENGINE_NEEDS)

@@ -20,8 +20,7 @@ import random
 from pathlib import Path
 
 import pytest
-
-from native.thp import PMD_SIZE, KnobChanges, read_knob
+from snapproof.native.thp import PMD_SIZE, KnobChanges, read_knob
 
 pytestmark = [pytest.mark.platform("linux")]
 
@@ -31,7 +30,7 @@ BACKINGS = ["anonymous-thp", "memfd-thp"]
 
 
 def _needs(require, backing: str) -> None:
-    from native.thp import THP_BACKING_NEEDS
+    from snapproof.native.thp import THP_BACKING_NEEDS
 
     require(*THP_BACKING_NEEDS[backing])
 
@@ -39,7 +38,7 @@ def _needs(require, backing: str) -> None:
 @pytest.fixture
 def image(tmp_path: Path):
     """An 8 MiB snapshot whose every page holds data (its index, then random bytes): no page is zero in the file."""
-    from native.image import SnapshotImage
+    from snapproof.native.image import SnapshotImage
 
     rng = random.Random(0x7B9)
     with SnapshotImage.create(tmp_path / "thp.snap", SIZE) as w:
@@ -79,7 +78,7 @@ def test_a_plain_4k_write_into_thp_shmem_allocates_the_whole_huge_page(require, 
 
 
 def _mapped_pages(mem, first: int, n: int) -> list[int]:
-    from native.wp import read_pagemap
+    from snapproof.native.wp import read_pagemap
 
     present, _ = read_pagemap(mem.addr + first * PAGE, n)
     return [first + i for i, p in enumerate(present) if p]
@@ -89,8 +88,8 @@ def _mapped_pages(mem, first: int, n: int) -> list[int]:
 def test_a_4k_uffdio_copy_into_thp_memory_installs_that_page_alone(require, image, backing):
     """Even with huge pages left on (the guard removed), the lazy loader's 4 KiB fill is one 4 KiB page: none of its
     huge page's neighbours appear."""
-    from native.inject import FaultInjection
-    from native.restore import restore_memory
+    from snapproof.native.inject import FaultInjection
+    from snapproof.native.restore import restore_memory
 
     _needs(require, backing)
     require("uffd", "uffd.MISSING_SHMEM")
@@ -114,8 +113,8 @@ def test_collapsing_a_half_restored_range_never_exposes_missing_pages_with_the_g
                                                                                      backing):
     """With the lazy loader's guard (MADV_NOHUGEPAGE while pages are missing) the kernel refuses to collapse; without
     it the kernel decides, and what it did is recorded: on a kernel that collapses, the missing pages are exposed."""
-    from native.inject import FaultInjection
-    from native.restore import restore_memory
+    from snapproof.native.inject import FaultInjection
+    from snapproof.native.restore import restore_memory
 
     _needs(require, backing)
     require("uffd", "uffd.MISSING_SHMEM")

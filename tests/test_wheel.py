@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pytest
 from packaging.version import Version
-
-from native.wp import ENGINE_NEEDS
-from results.load import load_record
+from snapproof.native.wp import ENGINE_NEEDS
+from snapproof.results.load import load_record
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASE1_CASE = "test_guest_write_is_caught_at_the_exact_page_before_it_lands"

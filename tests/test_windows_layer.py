@@ -23,12 +23,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from snapproof.native import whp
+from snapproof.native.errors import CapabilityMissing
 
-import guests
-import native
-import results
-from native import whp
-from native.errors import CapabilityMissing
+from snapproof import guests, native, results
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOWS_DIR = ROOT / "native" / "windows"
@@ -262,7 +260,7 @@ def _c_array(name: str) -> bytes:
 @pytest.mark.parametrize("name", ["marker16", "cow16"])
 def test_selftest_guest_is_the_committed_binary(name: str) -> None:
     """selftest.c carries the guest's bytes (it cannot read guests/): they are guests/NAME.bin byte for byte."""
-    import guests
+    from snapproof import guests
 
     assert _c_array(name) == guests.load(name), (f"selftest.c {name}: {_c_array(name).hex(' ')}; "
                                                  f"guests/{name}.bin: {guests.load(name).hex(' ')}")
@@ -286,7 +284,7 @@ def test_python_constants_match_the_c_enums() -> None:
 
 def test_every_lib_name_whp_uses_is_declared_in_the_cdef() -> None:
     """A name whp.py calls on ``lib`` but the cdef lacks would only fail on Windows, at run time."""
-    import native._windows_build as builder
+    import snapproof.native._windows_build as builder
 
     cdef = builder._cdef_text()
     used = set(re.findall(r"\blib\.(\w+)", (ROOT / "native" / "whp.py").read_text()))
@@ -296,7 +294,7 @@ def test_every_lib_name_whp_uses_is_declared_in_the_cdef() -> None:
 
 def test_windows_builder_parses_and_compiles_only_the_extension_sources(tmp_path: Path) -> None:
     """cffi accepts the cdef and emits C; the CI-only selftest.c and fake_whp.c stay out of the extension."""
-    import native._windows_build as builder
+    import snapproof.native._windows_build as builder
 
     names = sorted(p.name for p in builder.SOURCES)
     assert names == ["common.c", "cow.c", "file_view.c", "whp_vm.c"], f"extension sources: {names}"
@@ -332,7 +330,7 @@ def guarded(name, globals=None, locals=None, fromlist=(), level=0):
 
 builtins.__import__ = guarded
 importlib.import_module(target)
-assert "native._windows" not in sys.modules, "importing must not load the compiled Windows module"
+assert "snapproof.native._windows" not in sys.modules, "importing must not load the compiled Windows module"
 """
 
 
@@ -455,9 +453,8 @@ class FakeWindowsLib:
     BASE_COMMIT = 5 << 20
 
     def __init__(self, absent: str | None = None, map_hresult: int = 0, features: int = 1) -> None:
+        import snapproof.native._windows_build as builder
         from cffi import FFI
-
-        import native._windows_build as builder
 
         self.ffi = FFI()
         self.ffi.cdef(builder._cdef_text())
@@ -637,7 +634,7 @@ class FakeWindowsLib:
 
     def _play(self, vm: dict, out: object, debug: object) -> None:
         """marker16 or cow16, by the bytes at GPA 0x100; writes as the memory's kind lets them land."""
-        import guests
+        from snapproof import guests
 
         cow = self.cows[vm["cow"]] if vm["cow"] is not None else None
         view = self.views[cow["view"]] if cow else vm["maps"][0]
@@ -748,7 +745,7 @@ def test_python_layer_skips_with_the_c_reason_and_refuses_readonly_writes(fake_w
 def test_python_layer_runs_copy_on_write_memory_and_reads_the_private_pages(fake_windows) -> None:
     """CowMemory: a read-only view, sp_cow_open, mapped copy-on-write; the run's faults and the guest's private pages
     are reported, the snapshot's bytes where it did not write; the partition closes before the memory."""
-    import guests
+    from snapproof import guests
 
     install, path = fake_windows
     fake = install()
@@ -798,7 +795,7 @@ def test_copy_on_write_memory_refuses_a_copy_view(fake_windows, monkeypatch: pyt
 
 
 def _whp_rows() -> list:
-    from native import host
+    from snapproof.native import host
 
     rep = host.HostReport()
     host._whp_rows(rep)
@@ -824,7 +821,7 @@ def test_host_row_names_a_wrong_interpreter(monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.parametrize("error", ["BuildError", "ImportError", "OSError"])
 def test_host_row_names_a_failed_build(monkeypatch: pytest.MonkeyPatch, error: str) -> None:
     """No MSVC, a failed compile, a DLL that does not load: a FAIL row naming the error, with the fix."""
-    from native.build import BuildError
+    from snapproof.native.build import BuildError
 
     exc = {"BuildError": BuildError("building native._windows failed: Microsoft Visual C++ 14.0 or greater is "
                                     "required"),
@@ -846,7 +843,7 @@ def test_host_rows_when_whp_is_absent_present_and_without_partial_unmap(fake_win
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Absent: a FAIL row with the C reason, the PartialUnmap row not probed. Present: PASS, plus the PartialUnmap
     row the COW load needs."""
-    from native import host
+    from snapproof.native import host
 
     install, _ = fake_windows
     monkeypatch.setattr(whp, "unsupported_interpreter", lambda: None)
@@ -885,9 +882,10 @@ def test_phase4_whp_test_runs_against_the_python_model(name: str, fake_windows, 
     where the model behaves as the documentation says WHP does. Real WHP runs them on a Windows host."""
     import inspect
 
-    from native.inject import FaultInjection
+    from snapproof.native.inject import FaultInjection
+    from snapproof.results.record import CaseReport
+
     from phases import test_phase4_cow_load as phase4
-    from results.record import CaseReport
 
     install, _ = fake_windows
     fake = install()

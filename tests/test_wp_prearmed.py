@@ -38,7 +38,7 @@ def _writable(snap) -> list[int]:
 
 
 def _prearmed_then_written(make_memory, inject):
-    from native.wp import WpSnapshot
+    from snapproof.native.wp import WpSnapshot
 
     mem = make_memory("memfd", 1 << 20)
     mem.populate()
@@ -54,7 +54,7 @@ def _prearmed_then_written(make_memory, inject):
 def test_the_arm_protects_again_just_the_pages_written_since_the_prearm(make_memory):
     """Each page written after the pre-arm is writable until the arm, which protects them all again (runs of pages
     in one call each) and nothing else is touched; a write after the arm is captured first."""
-    from native.inject import FaultInjection
+    from snapproof.native.inject import FaultInjection
 
     mem, snap, dst = _prearmed_then_written(make_memory, FaultInjection.NONE)
     with snap:
@@ -74,7 +74,7 @@ def test_the_arm_protects_again_just_the_pages_written_since_the_prearm(make_mem
 def test_a_round_protects_the_pages_written_again_and_leaves_the_arm_less(make_memory):
     """A second pre-arm call, the guest still running, protects the pages written since the first again: the arm
     then has none left to protect, and a page written after the round is recorded anew."""
-    from native.inject import FaultInjection
+    from snapproof.native.inject import FaultInjection
 
     mem, snap, dst = _prearmed_then_written(make_memory, FaultInjection.NONE)
     with snap:
@@ -89,7 +89,7 @@ def test_a_round_protects_the_pages_written_again_and_leaves_the_arm_less(make_m
 def test_the_forgetful_arm_leaves_the_written_pages_writable_and_the_snapshot_wrong(make_memory):
     """prearm-forgets-written: the checks above catch it: the pages written since the pre-arm stay writable after
     the arm, and a write after the instant lands in the snapshot."""
-    from native.inject import FaultInjection
+    from snapproof.native.inject import FaultInjection
 
     mem, snap, dst = _prearmed_then_written(make_memory, FaultInjection.PREARM_FORGETS_WRITTEN)
     with snap:
@@ -105,9 +105,9 @@ def test_the_forgetful_arm_leaves_the_written_pages_writable_and_the_snapshot_wr
 def _fault_in_flight_across_the_arm(make_memory, inject):
     """A host write to IN_FLIGHT after the pre-arm, its fault read by the handler and held there (before it is
     served) until the arm has passed: (memory at the arm, the snapshot, the arm's stats)."""
-    from native.points import Point, SlowPoints, first_of
-    from native.races import HostWriter
-    from native.wp import WpSnapshot
+    from snapproof.native.points import Point, SlowPoints, first_of
+    from snapproof.native.races import HostWriter
+    from snapproof.native.wp import WpSnapshot
 
     mem = make_memory("memfd", 1 << 20)
     mem.populate()
@@ -132,7 +132,7 @@ def _fault_in_flight_across_the_arm(make_memory, inject):
 def test_a_fault_in_flight_across_the_arm_is_captured_before_its_write_lands(make_memory):
     """A fault read while pre-armed but served after the arm (its page not recorded, still protected) is captured
     first: the snapshot holds the page as it was at the arm, the write lands after."""
-    from native.inject import FaultInjection
+    from snapproof.native.inject import FaultInjection
 
     at_arm, dst, st = _fault_in_flight_across_the_arm(make_memory, FaultInjection.NONE)
     assert st.recorded_pages == 0, f"the page in flight was recorded before the arm: {st}"
@@ -144,7 +144,7 @@ def test_a_fault_in_flight_across_the_arm_is_captured_before_its_write_lands(mak
 def test_the_handler_deciding_at_read_lets_the_fault_in_flight_land_in_the_snapshot(make_memory):
     """prearm-decides-at-read: the check above catches it: the fault in flight is served as the pre-arm's (no
     capture), and the write after the instant reaches the snapshot."""
-    from native.inject import FaultInjection
+    from snapproof.native.inject import FaultInjection
 
     at_arm, dst, _ = _fault_in_flight_across_the_arm(make_memory, FaultInjection.PREARM_DECIDES_AT_READ)
     assert _read(at_arm, IN_FLIGHT) == 0 and _read(dst, IN_FLIGHT) == 0xD4, (
@@ -154,9 +154,9 @@ def test_the_handler_deciding_at_read_lets_the_fault_in_flight_land_in_the_snaps
 def test_what_a_prearm_cannot_do_is_refused_naming_why(make_memory):
     """An arm with no pre-arm, a pre-arm of an armed engine and a bulk copy before the instant are refused, each naming
     the rule; an engine without the capability is refused before any call; a release un-protects a pre-armed region."""
-    from native.engine import repo_engine
-    from native.errors import NativeError
-    from native.wp import WpSnapshot
+    from snapproof.native.engine import repo_engine
+    from snapproof.native.errors import NativeError
+    from snapproof.native.wp import WpSnapshot
 
     mem = make_memory("memfd", 1 << 20)
     with WpSnapshot(mem, bytearray(mem.size)) as snap:

@@ -26,9 +26,9 @@ def _write(mem, page: int, value: int) -> None:
 def test_a_dying_handler_voids_every_live_snapshot_and_leaves_nothing_protected(make_memory):
     """With two snapshots live, the handler's death un-protects the region (its writer goes on), and each snapshot
     then raises HandlerDied naming it; none is live any more."""
-    from native.errors import HandlerDied
-    from native.inject import FaultInjection
-    from native.wp import WpSnapshots
+    from snapproof.native.errors import HandlerDied
+    from snapproof.native.inject import FaultInjection
+    from snapproof.native.wp import WpSnapshots
 
     mem = make_memory("memfd", 1 << 20)
     with WpSnapshots(mem, inject=FaultInjection.HANDLER_DIES) as snaps:
@@ -46,8 +46,8 @@ def test_a_dying_handler_voids_every_live_snapshot_and_leaves_nothing_protected(
 
 def test_a_snapshot_past_the_engines_limit_is_refused_naming_it(make_memory):
     """The built-in engine holds four live snapshots; a fifth arm is EBUSY, naming the limit, and the four stay live."""
-    from native.errors import NativeError
-    from native.wp import WpSnapshots
+    from snapproof.native.errors import NativeError
+    from snapproof.native.wp import WpSnapshots
 
     mem = make_memory("memfd", 1 << 20)
     with WpSnapshots(mem) as snaps:
@@ -62,7 +62,7 @@ def test_a_snapshot_past_the_engines_limit_is_refused_naming_it(make_memory):
 def test_a_finalized_snapshot_is_never_written_again(make_memory):
     """A finalized while B is live, then C armed after both on the same object: writes captured for B and C leave
     A's (and then B's) destination exactly as its finalize left it, and each equals memory at its own arm."""
-    from native.wp import WpSnapshots
+    from snapproof.native.wp import WpSnapshots
 
     mem = make_memory("memfd", 1 << 20)
     for page in range(mem.size // PAGE):
