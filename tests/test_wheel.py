@@ -70,8 +70,10 @@ def dependency_paths() -> list[str]:
     out = []
     for entry in filter(None, sys.path):  # '' is the current folder, no place of packages
         path = Path(entry).resolve()
-        if (path.is_dir() and path not in stdlib and path.name != "lib-dynload"
-                and path != ROOT and ROOT not in path.parents):
+        # The checkout's own folders are left out (the wheel must bring snapproof), but not a virtualenv inside
+        # it: ./setup makes .venv in the checkout, and its site-packages holds the dependencies.
+        in_checkout = path == ROOT or (ROOT in path.parents and "site-packages" not in path.parts)
+        if path.is_dir() and path not in stdlib and path.name != "lib-dynload" and not in_checkout:
             out.append(str(path))
     return list(dict.fromkeys(out))
 
@@ -84,15 +86,31 @@ def _can_build_offline() -> bool:
     return have >= Version("70.1") or (have >= Version("64") and importlib.util.find_spec("wheel") is not None)
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+# What a copy of a tree that is not a git checkout (an unpacked release archive) leaves out: what .gitignore
+# ignores that a build or a run writes into it.
+NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.pyc", "*.egg-info", "build", "_build_tmp",
+                                    "*.so", "*.pyd", "*.sources-sha256", "out", "runs", "ab", "teeth",
+                                    ".benchmarks", ".hypothesis", ".pytest_cache", "snapproof-results")
+
+
+def source_files() -> list[str]:
+    """The checkout's files, as git knows them (tracked and new, not ignored); [] without git (an unpacked archive)."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        return []
     listed = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], "git ls-files",
                   cwd=ROOT).stdout
+    return [name for name in listed.split("\0") if name and (ROOT / name).is_file()]  # deleted: still indexed
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = tmp_path_factory.mktemp("source")
-    for name in filter(None, listed.split("\0")):
-        if (ROOT / name).is_file():  # a file deleted in the checkout is still in git's index
+    if names := source_files():
+        for name in names:
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
+    else:
+        shutil.copytree(ROOT, source, ignore=NOT_SOURCE, dirs_exist_ok=True)
     dist = tmp_path_factory.mktemp("dist")
     isolation = ["--no-build-isolation", "--no-index"] if _can_build_offline() else []
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", dist, source], "pip wheel",
