@@ -94,7 +94,7 @@ def kvm_access() -> str:
     if group and group != "root":
         return join_group(group, "/dev/kvm")
     return either(fix(f"/dev/kvm is root's alone: give it to group {KVM_GROUP} (Debian's and Ubuntu's udev rules "
-                      "do), then join that group",
+                      "do), then join that group and log in again",
                       f"sudo groupadd -f {KVM_GROUP} && {udev_rule('kvm', KVM_GROUP)} && "
                       f"sudo usermod -aG {KVM_GROUP} {user()}"),
                   "run as root")
