@@ -26,6 +26,7 @@ from snapproof.native.image import (
 )
 
 from tests.sample_states import kvm_x86_parts, kvm_x86_state
+from tests.test_capture_hashing import file_reads  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 # Written by the version 2 writer: 2 pages of pattern(), one KVM x86 state (kvm_x86_state(0x11)); pinned in
@@ -633,14 +634,9 @@ def test_a_changed_byte_at_a_piece_boundary_is_caught(pieces_file, tmp_path, off
     rejected(path, "content_hash", "(of the memory image)")
 
 
-def test_write_hashes_each_byte_once_as_it_lands_and_never_reads_the_file(tmp_path, monkeypatch):
+def test_write_hashes_each_byte_once_as_it_lands_and_never_reads_the_file(tmp_path, file_reads):  # noqa: F811
     """SnapshotImage.write marks each piece final as it copies it: the thread hashes all of it, finalize reads
     nothing back from the file (the bytes it would hash from there are counted: none)."""
-    read_back = []
-    real = image._hash_file_range
-    monkeypatch.setattr(image, "_hash_file_range",
-                        lambda f, offset, size, h, progress=None: (read_back.append(size),
-                                                                   real(f, offset, size, h, progress)))
     memory = pieces_pattern()
     with SnapshotImage.create(tmp_path / "w.snap", len(memory)) as w:
         for start in range(0, len(memory), HASH_STEP):
@@ -648,17 +644,12 @@ def test_write_hashes_each_byte_once_as_it_lands_and_never_reads_the_file(tmp_pa
             w.mark_final(min(start + HASH_STEP, len(memory)))
         img = w.finalize()
     assert w.stats is not None
-    assert (w.stats.hashed_as_final, w.stats.hashed_at_finalize, sum(read_back)) == (len(memory), 0, 0)
+    assert (w.stats.hashed_as_final, w.stats.hashed_at_finalize, sum(file_reads)) == (len(memory), 0, 0)
     assert img.content_hash == blake3.blake3(memory).digest() and SnapshotImage.open(img.path).verified
 
 
-def test_what_is_never_marked_final_is_hashed_from_the_file_at_finalize(tmp_path, monkeypatch):
+def test_what_is_never_marked_final_is_hashed_from_the_file_at_finalize(tmp_path, file_reads):  # noqa: F811
     """The counters are what happened: half marked final is hashed by the thread, the other half read back."""
-    read_back = []
-    real = image._hash_file_range
-    monkeypatch.setattr(image, "_hash_file_range",
-                        lambda f, offset, size, h, progress=None: (read_back.append(size),
-                                                                   real(f, offset, size, h, progress)))
     memory = pieces_pattern()
     half = HASH_STEP
     with SnapshotImage.create(tmp_path / "half.snap", len(memory)) as w:
@@ -666,7 +657,7 @@ def test_what_is_never_marked_final_is_hashed_from_the_file_at_finalize(tmp_path
         w.mark_final(half)
         img = w.finalize()
     assert w.stats is not None
-    assert (w.stats.hashed_as_final, w.stats.hashed_at_finalize, sum(read_back)) == \
+    assert (w.stats.hashed_as_final, w.stats.hashed_at_finalize, sum(file_reads)) == \
         (half, len(memory) - half, len(memory) - half)
     assert img.content_hash == blake3.blake3(memory).digest() and SnapshotImage.open(img.path).verified
 
