@@ -29,10 +29,12 @@ import sys
 if sys.platform == "win32":
     raise ImportError("native.wp (userfaultfd) is Linux-only: Windows has no userfaultfd")
 
+import contextlib
 import enum
 import errno
 import os
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,10 +52,9 @@ from snapproof.native.uffd import open_uffd, require_features, supported_feature
 # The uffd handshake lives in native.uffd and pagemap reading in native.pagemap; modules that reach them
 # through native.wp (native.restore, the reliability tests) still find them here.
 __all__ = ["BULK_BATCH", "ENGINE_NEEDS", "EngineObject", "FaultRecord", "HoleProtection", "PrearmStats",
-           "SnapshotStats", "WpSnapshot",
-           "WpSnapshots", "WpStats",
-           "raw_writeprotect_samples", "PM_PRESENT", "PM_SWAP", "PM_UFFD_WP", "pagemap_entry", "read_pagemap",
-           "require_features", "supported_features"]
+           "SnapshotStats", "WpSnapshot", "WpSnapshots", "WpStats", "batched_copy_floor", "raw_writeprotect_samples",
+           "PM_PRESENT", "PM_SWAP", "PM_UFFD_WP", "pagemap_entry", "read_pagemap", "require_features",
+           "supported_features"]
 
 # Pages the bulk copier un-protects at once: one UFFDIO_WRITEPROTECT per 2 MiB of 4 KiB pages (the built-in
 # engine's SP_BULK_BATCH, its batch when given 0; a self-test pins the two).
@@ -533,8 +534,9 @@ def _destroy_engine(engine: Engine, e: object, views: list[Any], points: SlowPoi
         ffi.release(views.pop())
 
 
-def raw_writeprotect_samples(memory: GuestMemory, rounds: int = 20) -> list[int]:
-    """Times (ns) of the bare UFFDIO_WRITEPROTECT ioctl over the region: the floor the engine's arm is held to."""
+@contextlib.contextmanager
+def _registered_for_wp(memory: GuestMemory) -> Iterator[int]:
+    """A uffd of its own with ``memory`` registered for WP, as the engine registers it: the floors' region."""
     feats = uffd.mask_of("PAGEFAULT_FLAG_WP")
     if memory.backing in _SHMEM_BACKINGS:
         feats |= uffd.FEATURES["WP_HUGETLBFS_SHMEM"]
@@ -543,11 +545,45 @@ def raw_writeprotect_samples(memory: GuestMemory, rounds: int = 20) -> list[int]
     with open_uffd(feats) as (fd, _):
         ioctls = c_ffi.new("uint64_t *")
         check(lib.sp_uffd_register(fd, memory.addr, memory.size, uffd.REGISTER_MODE_WP, ioctls), "UFFDIO_REGISTER")
+        try:
+            yield fd
+        finally:
+            check(lib.sp_uffd_unregister(fd, memory.addr, memory.size), "UFFDIO_UNREGISTER")
+
+
+def raw_writeprotect_samples(memory: GuestMemory, rounds: int = 20) -> list[int]:
+    """Times (ns) of the bare UFFDIO_WRITEPROTECT ioctl over the region: the floor the engine's arm is held to."""
+    with _registered_for_wp(memory) as fd:
         samples = []
         for _ in range(rounds):
             t0 = lib.sp_now_ns()
             check(lib.sp_uffd_writeprotect(fd, memory.addr, memory.size, 1), "UFFDIO_WRITEPROTECT")
             samples.append(int(lib.sp_now_ns() - t0))
             check(lib.sp_uffd_writeprotect(fd, memory.addr, memory.size, 0), "UFFDIO_WRITEPROTECT")
-        check(lib.sp_uffd_unregister(fd, memory.addr, memory.size), "UFFDIO_UNREGISTER")
         return samples
+
+
+@contextlib.contextmanager
+def batched_copy_floor(memory: GuestMemory, batch: int = BULK_BATCH) -> Iterator[Callable[[object], int]]:
+    """The host's limit for a bulk copy that un-protects as it goes: ``time(dst)`` write-protects all of
+    ``memory`` (untimed), then times a C loop that copies ``batch`` pages into ``dst`` with the memcpy calls the
+    built-in copier makes and un-protects them, batch by batch, with nothing else to do (ns). ``memory`` needs a
+    uffd of its own: not the engine's region."""
+    from snapproof.native.memory import buffer_address
+
+    with _registered_for_wp(memory) as fd:
+        def time(dst: object) -> int:
+            h, addr = buffer_address(dst)
+            try:
+                if len(h) < memory.size:
+                    raise ValueError(f"copy destination is {len(h):#x} bytes, source {memory.size:#x}")
+                check(lib.sp_uffd_writeprotect(fd, memory.addr, memory.size, 1), "UFFDIO_WRITEPROTECT")
+                ns = c_ffi.new("uint64_t *")
+                check(lib.sp_batched_copy_unprotect_timed(fd, addr, memory.addr, memory.size, batch * PAGE_SIZE,
+                                                          lib.sp_copy_run_pages() * PAGE_SIZE, ns),
+                      "batched copy + un-protect")
+                return int(ns[0])
+            finally:
+                c_ffi.release(h)
+
+        yield time

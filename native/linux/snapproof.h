@@ -303,6 +303,11 @@ void sp_points_hook(void *ctx, uint32_t point, uint64_t first_page, uint64_t npa
 
 /* ---- memory helpers ------------------------------------------------ */
 int sp_memcpy_timed(uint64_t dst, uint64_t src, uint64_t len, uint32_t rounds, uint64_t *best_ns);
+/* memcpy `run` bytes at a time from a WP-protected `src`, un-protecting each `batch` bytes once copied: ns. */
+int sp_batched_copy_unprotect_timed(int uffd, uint64_t dst, uint64_t src, uint64_t len, uint64_t batch,
+                                    uint64_t run, uint64_t *ns);
+/* The pages the built-in engine's bulk copier copies with one memcpy (SP_COPY_RUN). */
+uint64_t sp_copy_run_pages(void);
 
 /* ---- lazy restore: uffd MISSING faults served from a snapshot file --- */
 struct sp_lazy_stats {

@@ -1131,6 +1131,8 @@ void sp_wp_get_stats(struct sp_wp *w, struct sp_wp_stats *out)
 
 int sp_wp_uffd(struct sp_wp *w) { return w->uffd; }
 
+uint64_t sp_copy_run_pages(void) { return SP_COPY_RUN; }
+
 int sp_memcpy_timed(uint64_t dst, uint64_t src, uint64_t len, uint32_t rounds, uint64_t *best_ns)
 {
     uint64_t best = UINT64_MAX;
@@ -1142,5 +1144,30 @@ int sp_memcpy_timed(uint64_t dst, uint64_t src, uint64_t len, uint32_t rounds, u
             best = ns;
     }
     *best_ns = best;
+    return 0;
+}
+
+/* The host's limit for a copier that un-protects what it copied: memcpy calls of `run` bytes through each
+ * batch, then one UFFDIO_WRITEPROTECT clearing the batch, over a region protected beforehand, with nothing else
+ * to do. The engine's bulk copy makes the same calls (SP_COPY_RUN pages a memcpy: a copy that fits the L2
+ * runs faster than one long memcpy), plus its per-page bookkeeping (claim, captured flag, the wait for pages
+ * the fault handler is copying, the lock that keeps other snapshots' pages protected). */
+int sp_batched_copy_unprotect_timed(int uffd, uint64_t dst, uint64_t src, uint64_t len, uint64_t batch,
+                                    uint64_t run, uint64_t *ns)
+{
+    if (batch == 0 || run == 0) {
+        errno = EINVAL;
+        return sp_fail("sp_batched_copy_unprotect_timed(batch or run 0)");
+    }
+    int64_t t0 = sp_now_ns();
+    for (uint64_t off = 0; off < len; off += batch) {
+        uint64_t end = len - off < batch ? len : off + batch;
+        for (uint64_t at = off; at < end; at += run)
+            memcpy((void *)(uintptr_t)(dst + at), (const void *)(uintptr_t)(src + at),
+                   end - at < run ? end - at : run);
+        if (sp_uffd_writeprotect(uffd, src + off, end - off, 0) < 0)
+            return -1;
+    }
+    *ns = (uint64_t)(sp_now_ns() - t0);
     return 0;
 }
