@@ -248,7 +248,7 @@ def qemu_stage(report, qemu_guests, mem_size: int, floor: float) -> dict:
             "accel": snap.accel}
 
 
-@pytest.mark.sizes(64 << 20, 256 << 20)  # 1 GiB is opt-in: --sizes 1G (the release gate and the baseline ask it)
+@pytest.mark.sizes(64 << 20, 256 << 20)  # 1 GiB is opt-in (--sizes 1G), as every large size is
 def test_every_strategy_snapshots_the_running_guest_consistently(report, unavailable, make_storm_vm, make_memory,
                                                                    snapshotters, qemu_guests, inject, host_limits,
                                                                    engine, mem_size):
@@ -344,7 +344,7 @@ def test_every_strategy_snapshots_the_running_guest_consistently(report, unavail
                  f"the guest ended early: {[ex.describe() for ex in exits.values()]}")
 
 
-@pytest.mark.sizes(64 << 20, 256 << 20)  # 1 GiB is opt-in: --sizes 1G (the release gate and the baseline ask it)
+@pytest.mark.sizes(64 << 20, 256 << 20)  # 1 GiB is opt-in (--sizes 1G), as every large size is
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_benchmark_pause_window(report, benchmark, make_storm_vm, make_memory, snapshotters, inject,
                                 strategy, mem_size):
@@ -419,7 +419,7 @@ def test_benchmark_pause_window(report, benchmark, make_storm_vm, make_memory, s
             report.measurement_error("total_median_ns", total, why)
 
 
-@pytest.mark.sizes(64 << 20, 256 << 20)  # 1 GiB is opt-in: --sizes 1G (the release gate and the baseline ask it)
+@pytest.mark.sizes(64 << 20, 256 << 20)  # 1 GiB is opt-in (--sizes 1G), as every large size is
 @pytest.mark.needs("qemu", *STRATEGY_NEEDS[STOP_AND_COPY], *STRATEGY_NEEDS[WP_COPY_BEFORE_WRITE])
 def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make_storm_vm, make_memory, snapshotters,
                                             capture_snapshot, inject, host_limits, mem_size):

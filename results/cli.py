@@ -38,10 +38,10 @@ KEY_FIGURES: list[tuple[str, int, str, str, Callable[[Any], str]]] = [
     ("1st instr 64MiB map-private", 3, "test_benchmark_time_to_first_instruction[[]map-private-64MiB]",
      "first_instruction_ns", fmt_ns),
     ("COW run/plain", 4, "test_benchmark_cow_load_run*", "ratio_to_plain_memfd_run", _ratio),
-    ("WP pause 1GiB", 5, "test_every_strategy_*[[]1GiB]", "pause_ns.wp-copy-before-write", fmt_ns),
-    ("stop&copy/WP pause 1GiB", 5, "test_every_strategy_*[[]1GiB]", "wp_pause_shorter_than_stop_and_copy_x",
+    ("WP pause 256MiB", 5, "test_every_strategy_*[[]256MiB]", "pause_ns.wp-copy-before-write", fmt_ns),
+    ("stop&copy/WP pause 256MiB", 5, "test_every_strategy_*[[]256MiB]", "wp_pause_shorter_than_stop_and_copy_x",
      lambda v: f"{v:.1f}x"),
-    ("pre-copy bytes 1GiB", 5, "test_every_strategy_*[[]1GiB]", "bytes_ratio.precopy-wp-async", _ratio),
+    ("pre-copy bytes 256MiB", 5, "test_every_strategy_*[[]256MiB]", "bytes_ratio.precopy-wp-async", _ratio),
 ]
 
 

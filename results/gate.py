@@ -159,7 +159,7 @@ def check_figures(klass: dict[str, Any], run: dict[str, Any], base: dict[str, An
             if f.get("required", True):
                 out.append(Finding(False, "figure", f"{name}[{case}]",
                                    f"{name}: not in the run (phase {number}, case {case}): deselected, or a size "
-                                   "only --sizes adds (the release gate runs the phases with --sizes 1G)"))
+                                   "only --sizes adds"))
             continue
         baseline = dict(figures(base, number, case, name))
         for test, fig in got:
