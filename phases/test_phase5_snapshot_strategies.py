@@ -503,9 +503,17 @@ def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make
                                    "x", better="higher",
                                    what="the durable capture's throughput over QEMU's background snapshot's (its "
                                         "total-time's median; QEMU's stream goes to a memfd, never synced)")
+
+            def part(ns):  # one part of each capture's time, its median
+                return fmt_ns(median([ns(c) for c in caps]))
+
             st.timing("durable capture median", median(durable.samples),
-                      f"{median(faster.samples):.2f}x QEMU's throughput; file finalize "
-                      f"{fmt_ns(median([c.file_ns for c in caps]))} of it")
+                      f"{median(faster.samples):.2f}x QEMU's throughput; where it goes (medians): file created "
+                      f"{part(lambda c: c.create_ns)}, pause -> resumed {part(lambda c: c.live.pause_ns)}, copy "
+                      f"while the guest runs {part(lambda c: c.bulk_ns)} "
+                      f"({median([c.stats.fault_pages for c in caps]):.0f} pages by fault), engine finalize "
+                      f"{part(lambda c: c.finalize_ns)}, file finalize {part(lambda c: c.file_ns)} (of it waiting "
+                      f"for the hash {part(lambda c: c.write.hash_wait_ns)}, syncs {part(lambda c: c.write.sync_ns)})")
             if mem_size >= DURABLE_TARGET_FROM:
                 st.target("a durable capture's throughput over QEMU's background snapshot's (median)",
                           median(faster.samples), DURABLE_TARGET_X, "x", better="higher",
