@@ -75,6 +75,7 @@ WORDS: dict[str, str] = {
     "lazy-uffd": "lazy-uffd (pages loaded on fault)",
     "stop-and-copy": "stop and copy",
     "wp-copy-before-write": "WP copy-before-write",
+    "wp-prearmed": "WP pre-armed while the guest runs",
     "precopy-wp-async": "pre-copy, WP_ASYNC dirty tracking",
     "precopy-kvm-dirty-log": "pre-copy, KVM dirty log",
 }
