@@ -46,7 +46,7 @@ def _record(kvm_module: str = "kvm_pvm", seed: int = 1) -> dict:
             "outcome": "passed", "duration_ns": 10, "stages": [],
             "figures": {"pause_ratio_to_memcpy": _figure(_draws(seed)),
                         "bytes_ratio": _figure([1.0] * 6, "number")}}
-    table = {"test": "test_every_strategy_snapshots_the_running_guest_consistently[1GiB]", "nodeid": "n",
+    table = {"test": "test_every_strategy_snapshots_the_running_guest_consistently[256MiB]", "nodeid": "n",
              "claim": "c", "outcome": "passed", "duration_ns": 10, "stages": [],
              "facts": {"pause_ns": {"wp-copy-before-write": 24_000_000}}}
     return {
@@ -465,11 +465,11 @@ def test_matrix_has_a_row_per_host_and_a_column_per_phase(tmp_path):
     assert "5 snapshot strategies" in rows[0]
     assert any(r.startswith("h1 (kvm_pvm") and "PASS" in r for r in rows)
     assert any(r.startswith("h2 (kvm_intel") and "FAIL" in r for r in rows)
-    assert "WP pause 1GiB" in text and "24.0 ms" in text
+    assert "WP pause 256MiB" in text and "24.0 ms" in text
     proc = _cli(tmp_path, "matrix", str(_write(tmp_path / "a.yaml", a)), str(_write(tmp_path / "b.yaml", b)), "--json")
     got = json.loads(proc.stdout)
     assert [r["hostname"] for r in got] == ["h1", "h2"] and got[1]["phases"]["5"]["outcome"] == "FAIL"
-    assert got[0]["key_figures"]["WP pause 1GiB"] == 24_000_000
+    assert got[0]["key_figures"]["WP pause 256MiB"] == 24_000_000
 
 
 def test_ab_pools_every_run_of_a_side_and_judges_b_against_a(policy):
