@@ -196,6 +196,20 @@ class GuestMemory:
         """A copy of all of guest memory (a reference image for the exact oracle)."""
         return bytes(self.mm[:])
 
+    def second_mapping(self) -> GuestMemory:
+        """Another shared mapping of this memfd's pages, at another address and with a descriptor of its own: a
+        uffd registers a mapping, not its pages, so a second uffd can hold this one while another holds the
+        first, and both see the same pages (their placement, their huge pages)."""
+        if self.fd is None or self.backing not in ("memfd", "hugetlb") or self._offset:
+            raise ValueError(f"a second mapping needs a memfd mapped from its start, not {self!r}")
+        fd = os.dup(self.fd)
+        try:
+            mm = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return GuestMemory(mm, self.size, self.backing, fd=fd)
+
     def populate(self, offset: int = 0, size: int | None = None) -> None:
         """Fault every page (of ``size`` bytes from ``offset``, page-aligned) in for writing
         (MADV_POPULATE_WRITE), outside any timed section."""
