@@ -77,6 +77,7 @@ MARKER = guests.MARKER_GPA
 SEQUENCE_TARGET_NS = 5_000_000
 FIRST_INSTRUCTION_TARGET_NS = 5_000_000
 BARE_MAP_PRIVATE_TARGET_X = 1.3  # MAP_PRIVATE's restore to the first instruction over its bare floor (issue 15)
+SEQUENCE_TARGET_X = 2  # the 1 MiB sequence over a fresh VM over memory already in place (issue 15)
 BEFORE, AFTER = guests.MARKER_BEFORE, guests.MARKER_AFTER
 WS_TOUCHED = counter.WS_TOUCHED
 BLOCK = guests.PARAM_BLOCK_GPA
@@ -739,8 +740,10 @@ def test_benchmark_time_to_first_instruction(report, benchmark, require, marker1
 
 @pytest.mark.parametrize("loader", LOADERS)
 def test_benchmark_original_sequence_1MiB(report, benchmark, make_memory, make_marker16_vm, capture_snapshot,
-                                          require, enter_guest, fresh_vm_floor, loader):
-    """The whole original sequence at 1 MiB: capture into the file, restore into a fresh VM, re-run to HLT."""
+                                          require, enter_guest, fresh_vm_floor, tmp_path, loader):
+    """The whole original sequence at 1 MiB: capture into the file, restore into a fresh VM, re-run to HLT;
+    against a fresh VM, and against this host's limit for it: a fresh VM plus the plain durable write of the same
+    1 MiB (a copy into a new file's mapping, fsync) measured before each round."""
     if loader == "lazy-uffd":
         require("uffd.MISSING_SHMEM")
     with report.stage("source VM halted") as st:
@@ -751,8 +754,12 @@ def test_benchmark_original_sequence_1MiB(report, benchmark, make_memory, make_m
 
     rounds: list[dict[str, int]] = []
     live: list[tuple[FileCapture, RestoredVm, int, Exit]] = []
+    plain_writes: list[DurableWrite] = []
 
-    def reset_marker() -> None:
+    def before_round() -> None:
+        """Untimed: the marker put back, and the host's plain durable write of the same memory, interleaved with
+        the rounds so a busy host slows both alike."""
+        plain_writes.append(durable_write(tmp_path / "plain.raw", mem))
         mem.write(MARKER, bytes([BEFORE]))
 
     def sequence() -> None:
@@ -776,7 +783,7 @@ def test_benchmark_original_sequence_1MiB(report, benchmark, make_memory, make_m
 
     with report.stage(f"capture + restore ({loader}) + re-run, {BENCH_ROUNDS * 2} rounds") as st:
         try:
-            benchmark.pedantic(sequence, setup=reset_marker, teardown=check_and_close, rounds=BENCH_ROUNDS * 2,
+            benchmark.pedantic(sequence, setup=before_round, teardown=check_and_close, rounds=BENCH_ROUNDS * 2,
                                iterations=1)
         finally:
             check_and_close()
@@ -791,6 +798,17 @@ def test_benchmark_original_sequence_1MiB(report, benchmark, make_memory, make_m
                   f"{total / floor:.2f}x a fresh VM over memory already in place ({fmt_ns(floor)}); forkd's PR #160 "
                   "took 162.6 ms")
         st.target("capture + restore + re-run at 1 MiB (median)", total, SEQUENCE_TARGET_NS, "ns")
+        st.target("capture + restore + re-run at 1 MiB over a fresh VM (median)", total / floor, SEQUENCE_TARGET_X,
+                  "x", source="issue 15: within 2x of the fresh-VM floor")
+        plain = median([w.total_ns for w in plain_writes])
+        limit = floor + plain
+        st.timing("host limit", limit, f"a fresh VM ({fmt_ns(floor)}) + the plain durable write of the same 1 MiB "
+                  f"({fmt_ns(plain)}: a copy into a new file's mapping "
+                  f"{fmt_ns(median([w.copy_ns for w in plain_writes]))}, fsync "
+                  f"{fmt_ns(median([w.sync_ns for w in plain_writes]))}); the sequence takes {total / limit:.2f}x it")
+        if (needed := SEQUENCE_TARGET_X * floor) < limit:
+            st.note(f"the {SEQUENCE_TARGET_X}x target is past this host's own limit: it is a sequence in "
+                    f"{fmt_ns(needed)}, and a fresh VM plus the plain durable write alone take {fmt_ns(limit)}")
         st.timing("capture", median([r["capture"] for r in rounds]),
                   f"engine {fmt_ns(median([r['engine'] for r in rounds]))} (bulk copy first-touches the file's "
                   f"page cache), file finalize {fmt_ns(median([r['file'] for r in rounds]))} (the hash's tail, "
@@ -801,6 +819,10 @@ def test_benchmark_original_sequence_1MiB(report, benchmark, make_memory, make_m
                       what="capture + restore + re-run, the content check excluded")
         report.figure("sequence_ratio_to_fresh_vm", [r["total"] / floor for r in rounds], "x",
                       what="each sequence over the fresh VM's median, same run")
+        report.figure("sequence_ratio_to_durable_limit",
+                      [r["total"] / (floor + w.total_ns) for r, w in zip(rounds, plain_writes, strict=True)], "x",
+                      what="each sequence over the fresh VM's median plus the plain durable write of the same 1 MiB "
+                           "measured right before it")
 
 
 @pytest.mark.sizes(1 << 20, 64 << 20)
