@@ -87,8 +87,8 @@ clear, and maps the memory region for the capture engine to fill. A writer
 that knows when a prefix of the image is final says so (``mark_final(end)``,
 as the capture does after each piece of its bulk copy): a thread of the
 writer hashes that prefix right away, while its bytes are still in the CPU's
-cache, and starts its writeback (sync_file_range on Linux), so the image is
-read once, by the hash, and the last sync has little left to write. At
+cache, unmaps it and starts its writeback (sync_file_range on Linux), so the
+image is read once, by the hash, and the last sync has little left to write. At
 ``finalize()`` whatever was never marked final is hashed from the file (holes
 unread); then the vCPU section is appended, the image and the section are
 synced, and only then the header is written with COMPLETE set and synced. A
@@ -583,14 +583,23 @@ def _sync_file_range() -> Callable[..., int] | None:
     return call
 
 
-def _writeback_starter(fd: int) -> Callable[[int, int], None] | None:
-    """``start(offset, size)``: sync_file_range(SYNC_FILE_RANGE_WRITE), which queues the range's dirty pages
-    for writeback without waiting for it; None where the platform has no such call (the final sync does it all)."""
+def _writeback_starter(fd: int, mapping: mmap.mmap) -> Callable[[int, int], None] | None:
+    """``start(offset, size)``: drop ``mapping``'s page table entries for the range (the file's pages stay in the
+    page cache, dirty), then sync_file_range(SYNC_FILE_RANGE_WRITE), which queues the range's dirty pages for
+    writeback without waiting for it; None where the platform has no such call (the final sync does it all).
+
+    Writing back a page that is still mapped first write-protects its page table entry, and each such change
+    flushes the TLB of every CPU running this process: a vCPU thread running its guest among them. Dropping
+    the whole range's entries first costs one flush. Measured on kvm_pvm, 256 MiB in 2 MiB ranges with a
+    guest running: 850-1100 ms mapped, 140-190 ms dropped first (28-98 ms and 64-89 ms with the guest stopped).
+    ``mapping`` maps the file from offset 0 and outlives every call (the writer joins its thread first)."""
     call = _sync_file_range()
     if call is None:
         return None
 
     def start(offset: int, size: int) -> None:
+        first = offset - offset % mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, first, offset + size - first)  # a shared file mapping: no data lost
         if call(fd, offset, size, _SYNC_FILE_RANGE_WRITE) != 0:
             import ctypes
 
@@ -613,7 +622,7 @@ class WriteStats:
     hashed_at_finalize: int   # bytes hashed at finalize from the file, never marked final (holes unread)
     hash_ns: int              # time in the hash function, both ways (the thread's overlaps the writing)
     hash_wait_ns: int         # finalize waiting for the thread to hash what was marked final: the part not overlapped
-    writeback_ns: int         # starting the writeback of each hashed range, on the thread (overlapped)
+    writeback_ns: int         # unmapping each hashed range and starting its writeback, on the thread (overlapped)
     writeback_error: str      # why early writeback stopped ("" if it never did); the final sync still writes all
     sync_ns: int              # finalize's syncs: the image and vCPU section, then the header
     finalize_ns: int
@@ -734,7 +743,8 @@ class SnapshotWriter:
             raise
         self.memory = memoryview(self._mm)[MEMORY_OFFSET:]
         self.hash_algo = HASH_ALGO_OF_VERSION[FORMAT_VERSION]
-        self._hasher = _FinalHasher(self.memory, self.hash_algo, _writeback_starter(self._file.fileno()))
+        self._hasher = _FinalHasher(self.memory, self.hash_algo,
+                                    _writeback_starter(self._file.fileno(), self._mm))
         # A writer dropped without finalize() or abort() must not leave its thread waiting for work forever.
         weakref.finalize(self, self._hasher.close)
         self.stats: WriteStats | None = None  # set by finalize()

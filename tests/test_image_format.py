@@ -8,6 +8,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import blake3
@@ -665,7 +666,8 @@ def test_what_is_never_marked_final_is_hashed_from_the_file_at_finalize(tmp_path
 def test_writeback_starts_for_each_hashed_piece_once_covering_the_image(tmp_path, monkeypatch):
     """Each piece the thread hashed has its writeback started, in order, without gaps or overlaps."""
     started: list[tuple[int, int]] = []
-    monkeypatch.setattr(image, "_writeback_starter", lambda fd: lambda offset, size: started.append((offset, size)))
+    monkeypatch.setattr(image, "_writeback_starter",
+                        lambda fd, mapping: lambda offset, size: started.append((offset, size)))
     SnapshotImage.write(tmp_path / "wb.snap", pieces_pattern())
     ends = [image.MEMORY_OFFSET]
     for offset, size in started:
@@ -674,12 +676,38 @@ def test_writeback_starts_for_each_hashed_piece_once_covering_the_image(tmp_path
     assert ends[-1] == image.MEMORY_OFFSET + PIECES_SIZE, f"writeback ranges {started} do not cover the image"
 
 
+@pytest.mark.platform("linux")
+def test_a_piece_is_unmapped_before_its_writeback_starts_and_the_rest_stays_mapped(tmp_path):
+    """Writeback of a still-mapped page write-protects it, one TLB flush per page on every CPU of this process (a
+    running vCPU's too): the thread drops a hashed piece's mapping first. The bytes stay; only that piece goes."""
+    from snapproof.native._lib import ffi
+    from snapproof.native.memory import buffer_address
+    from snapproof.native.pagemap import read_pagemap
+
+    memory = pieces_pattern()
+    pages = HASH_STEP // image.PAGE_SIZE
+    with SnapshotImage.create(tmp_path / "zap.snap", len(memory)) as w:
+        w.memory[:] = memory
+        handle, addr = buffer_address(w.memory)
+        ffi.release(handle)  # the address outlives the handle: the writer's mapping stays until finalize
+        assert read_pagemap(addr, 2 * pages)[0] == b"\1" * (2 * pages), "the copied image is mapped to begin with"
+        w.mark_final(HASH_STEP)
+        deadline = time.monotonic() + 30
+        while read_pagemap(addr, pages)[0] != bytes(pages):
+            assert time.monotonic() < deadline, "the hashed piece is still mapped 30 s after it was marked final"
+            time.sleep(0.01)
+        assert read_pagemap(addr + HASH_STEP, pages)[0] == b"\1" * pages, "a piece not yet final was unmapped"
+        assert bytes(w.memory[:HASH_STEP]) == memory[:HASH_STEP], "the unmapped piece lost its bytes"
+        img = w.finalize()
+    assert SnapshotImage.open(img.path).read_memory() == memory
+
+
 def test_a_failed_early_writeback_is_reported_and_the_file_still_completes(tmp_path, monkeypatch):
     """Early writeback is a head start only: its error is reported in stats, the fsyncs write everything."""
     def fails(offset, size):
         raise OSError(5, f"sync_file_range(offset {offset:#x}): Input/output error")
 
-    monkeypatch.setattr(image, "_writeback_starter", lambda fd: fails)
+    monkeypatch.setattr(image, "_writeback_starter", lambda fd, mapping: fails)
     path = tmp_path / "wbfail.snap"
     with SnapshotImage.create(path, MEMORY_SIZE) as w:
         w.memory[:] = pattern(MEMORY_SIZE)
