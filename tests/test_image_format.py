@@ -702,6 +702,25 @@ def test_a_piece_is_unmapped_before_its_writeback_starts_and_the_rest_stays_mapp
     assert SnapshotImage.open(img.path).read_memory() == memory
 
 
+@pytest.mark.platform("linux")
+@pytest.mark.parametrize("populate", [True, False], ids=["populated", "sparse"])
+def test_a_populated_writer_has_its_image_mapped_before_any_write(tmp_path, populate):
+    """populate=True allocates and maps the image's page cache at create (a capture writes every page); without
+    it nothing is mapped until written, and an image never written stays a hole in the file."""
+    from snapproof.native._lib import ffi
+    from snapproof.native.memory import buffer_address
+    from snapproof.native.pagemap import read_pagemap
+
+    pages = PIECES_SIZE // image.PAGE_SIZE
+    with SnapshotImage.create(tmp_path / "pop.snap", PIECES_SIZE, populate=populate) as w:
+        handle, addr = buffer_address(w.memory)
+        ffi.release(handle)
+        present = read_pagemap(addr, pages)[0]
+        img = w.finalize()
+    assert present == (b"\1" * pages if populate else bytes(pages)), f"{sum(present)} of {pages} pages mapped"
+    assert SnapshotImage.open(img.path).read_memory() == bytes(PIECES_SIZE)
+
+
 def test_a_failed_early_writeback_is_reported_and_the_file_still_completes(tmp_path, monkeypatch):
     """Early writeback is a head start only: its error is reported in stats, the fsyncs write everything."""
     def fails(offset, size):
