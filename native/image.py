@@ -592,6 +592,8 @@ def _writeback_starter(fd: int, mapping: mmap.mmap) -> Callable[[int, int], None
     flushes the TLB of every CPU running this process: a vCPU thread running its guest among them. Dropping
     the whole range's entries first costs one flush. Measured on kvm_pvm, 256 MiB in 2 MiB ranges with a
     guest running: 850-1100 ms mapped, 140-190 ms dropped first (28-98 ms and 64-89 ms with the guest stopped).
+    On hardware KVM each flush is an IPI that takes the vCPU out of guest mode; its cost there was never timed
+    (the nested kvm_amd run proves this path correct, not fast).
     ``mapping`` maps the file from offset 0 and outlives every call (the writer joins its thread first)."""
     if not sys.platform.startswith("linux"):  # mmap.madvise and sync_file_range are Linux's
         return None

@@ -680,26 +680,33 @@ def test_writeback_starts_for_each_hashed_piece_once_covering_the_image(tmp_path
 def test_a_piece_is_unmapped_before_its_writeback_starts_and_the_rest_stays_mapped(tmp_path):
     """Writeback of a still-mapped page write-protects it, one TLB flush per page on every CPU of this process (a
     running vCPU's too): the thread drops a hashed piece's mapping first. The bytes stay; only that piece goes."""
-    from snapproof.native._lib import ffi
-    from snapproof.native.memory import buffer_address
-    from snapproof.native.pagemap import read_pagemap
-
     memory = pieces_pattern()
     pages = HASH_STEP // image.PAGE_SIZE
     with SnapshotImage.create(tmp_path / "zap.snap", len(memory)) as w:
         w.memory[:] = memory
-        handle, addr = buffer_address(w.memory)
-        ffi.release(handle)  # the address outlives the handle: the writer's mapping stays until finalize
-        assert read_pagemap(addr, 2 * pages)[0] == b"\1" * (2 * pages), "the copied image is mapped to begin with"
+        assert mapped_pages(w, 0, 2 * pages) == b"\1" * (2 * pages), "the copied image is mapped to begin with"
         w.mark_final(HASH_STEP)
+        # The thread's progress has no public signal: the condition is the pages' own state, polled to a deadline.
         deadline = time.monotonic() + 30
-        while read_pagemap(addr, pages)[0] != bytes(pages):
+        while mapped_pages(w, 0, pages) != bytes(pages):
             assert time.monotonic() < deadline, "the hashed piece is still mapped 30 s after it was marked final"
             time.sleep(0.01)
-        assert read_pagemap(addr + HASH_STEP, pages)[0] == b"\1" * pages, "a piece not yet final was unmapped"
+        assert mapped_pages(w, pages, pages) == b"\1" * pages, "a piece not yet final was unmapped"
         assert bytes(w.memory[:HASH_STEP]) == memory[:HASH_STEP], "the unmapped piece lost its bytes"
         img = w.finalize()
     assert SnapshotImage.open(img.path).read_memory() == memory
+
+
+def mapped_pages(writer, first: int, count: int) -> bytes:
+    """Whether each of ``count`` pages of the writer's image from page ``first`` is mapped now (pagemap's present
+    bit), one byte each (Linux)."""
+    from snapproof.native._lib import ffi
+    from snapproof.native.memory import buffer_address
+    from snapproof.native.pagemap import read_pagemap
+
+    handle, addr = buffer_address(writer.memory)
+    ffi.release(handle)  # the address outlives the handle: the writer's mapping stays until finalize
+    return read_pagemap(addr + first * image.PAGE_SIZE, count)[0]
 
 
 @pytest.mark.platform("linux")
@@ -707,15 +714,9 @@ def test_a_piece_is_unmapped_before_its_writeback_starts_and_the_rest_stays_mapp
 def test_a_populated_writer_has_its_image_mapped_before_any_write(tmp_path, populate):
     """populate=True allocates and maps the image's page cache at create (a capture writes every page); without
     it nothing is mapped until written, and an image never written stays a hole in the file."""
-    from snapproof.native._lib import ffi
-    from snapproof.native.memory import buffer_address
-    from snapproof.native.pagemap import read_pagemap
-
     pages = PIECES_SIZE // image.PAGE_SIZE
     with SnapshotImage.create(tmp_path / "pop.snap", PIECES_SIZE, populate=populate) as w:
-        handle, addr = buffer_address(w.memory)
-        ffi.release(handle)
-        present = read_pagemap(addr, pages)[0]
+        present = mapped_pages(w, 0, pages)
         img = w.finalize()
     assert present == (b"\1" * pages if populate else bytes(pages)), f"{sum(present)} of {pages} pages mapped"
     assert SnapshotImage.open(img.path).read_memory() == bytes(PIECES_SIZE)
