@@ -30,7 +30,10 @@ from snapproof.native.wp import BULK_BATCH, EngineObject, WpSnapshot, WpStats
 class VcpuRunner:
     """Runs vCPUs, one thread each, until they halt, fail, or ``stop()``; can pause and resume them all.
 
-    Every wait is bounded by the runner's deadline; ``stop()`` joins every thread.
+    Every wait is bounded by the runner's deadline; ``stop()`` joins every thread. Enter it as a context
+    manager before ``start()``: its vCPUs are then stopped on every way out, a failed check or an interrupt
+    included. One started outside a block runs on after an exception until its VM is closed, which an
+    interrupted pytest does only at session finish, the guest taking CPU from everything before it.
     """
 
     def __init__(self, vcpus: Sequence[Vcpu], timeout: float) -> None:
@@ -134,7 +137,8 @@ class VcpuRunner:
             v.kick()
         end = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout=max(0.0, end - time.monotonic()))
+            if t.ident is not None:  # an interrupt inside start() can leave some never started
+                t.join(timeout=max(0.0, end - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]
         for v in self.vcpus:
             v.clear_kick()
@@ -148,9 +152,17 @@ class VcpuRunner:
     def __enter__(self) -> VcpuRunner:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if any(t.is_alive() for t in self._threads):
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        """Stop the vCPUs on every way out of the block. With an exception in flight (a failed check, an
+        interrupt) a failing stop is added to it as a note, never raised over it."""
+        if not any(t.is_alive() for t in self._threads):
+            return
+        try:
             self.stop()
+        except Exception as e:
+            if exc is None:
+                raise
+            exc.add_note(f"while the vCPU runner was stopped on the way out: {e!r}")
 
 
 @dataclass

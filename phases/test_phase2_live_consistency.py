@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -106,17 +106,13 @@ def live_snapshot_procedure(report, storm_vm, make_memory, make_wp, inject, host
     nvcpus = len(storm_vm.params)
     snapshot, reference = warm_buffers(make_memory, size, 2)
     snap = make_wp(mem, snapshot.mm)
-    runner = storm_running_stage(report, storm_vm, at_marks)
-
-    with report.stage("live snapshot") as st:
+    with storm_running(report, storm_vm, at_marks) as runner, report.stage("live snapshot") as st:
         st.progress(size, "captured", poll=lambda: captured_bytes(snap))
-        try:
-            # The copy starts once the resumed guest has taken two WP faults a vCPU (the first may be the page
-            # it was paused in): copy and guest writes overlap at any size.
-            with alongside():
-                live = take_live_snapshot(runner, snap, reference=reference.mm, overlap_faults=2 * nvcpus)
-        finally:
-            exits = runner.stop()
+        # The copy starts once the resumed guest has taken two WP faults a vCPU (the first may be the page it was
+        # paused in): copy and guest writes overlap at any size.
+        with alongside():
+            live = take_live_snapshot(runner, snap, reference=reference.mm, overlap_faults=2 * nvcpus)
+        exits = runner.stop()
         stats = live.stats
         st.check(stats.handler_err == 0, "the fault handler ran throughout",
                  f"the fault handler stopped with errno {stats.handler_err}")
@@ -171,30 +167,35 @@ def warm_buffers(make_memory, size: int, n: int) -> list[Any]:
     return bufs
 
 
-def storm_running_stage(report, storm_vm, at_marks: bool = False) -> VcpuRunner:
-    """The stage that starts every vCPU's storm (``live_snapshot_procedure`` says what ``at_marks`` does); returns
-    the runner, the guest writing."""
+@contextlib.contextmanager
+def storm_running(report, storm_vm, at_marks: bool = False) -> Iterator[VcpuRunner]:
+    """The stage that starts every vCPU's storm (``live_snapshot_procedure`` says what ``at_marks`` does); yields
+    the runner, the guest writing, and stops it on every way out of the block, a failed check or an interrupt
+    included."""
     nvcpus = len(storm_vm.params)
     mem = storm_vm.memory
-    with report.stage("storm guest running") as st:
-        if mem.rss_bytes() >= mem.size:
-            st.progress(sum(p.region_size for p in storm_vm.params), "first sweep",
-                        poll=lambda: first_sweep_bytes(storm_vm))
-        if at_marks:
-            for i, (p, ex) in enumerate(zip(storm_vm.params, storm_vm.run_to_marks(GUEST_TIMEOUT_S), strict=True)):
-                st.check(ex.reason is ExitReason.SYNC and ex.last_sync == p.mark_sync,
-                         f"vCPU {i} stopped at its mark, {p.mark_pages} of {p.npages} pages into its first sweep",
-                         f"vCPU {i}: expected its mark sync {p.mark_sync:#x}, saw {ex.describe()} "
-                         f"(sync {ex.last_sync:#x})")
-            runner = VcpuRunner(storm_vm.vm.vcpus, timeout=GUEST_TIMEOUT_S).start(paused=True)
-            started = "every vCPU parked at its mark, to be resumed by the live protocol after the arm"
-        else:
-            runner = VcpuRunner(storm_vm.vm.vcpus, timeout=GUEST_TIMEOUT_S).start()
-            started = "every vCPU completed its first sweep"
-            storm_vm.wait(lambda: every_vcpu_swept_once(storm_vm), started, timeout=GUEST_TIMEOUT_S)
-        st.check(not runner.finished, f"{nvcpus} storm vCPU(s) over {fmt_bytes(mem.size)} {mem.backing}: {started}",
-                 f"a vCPU stopped early: {runner.exits}")
-    return runner
+    with VcpuRunner(storm_vm.vm.vcpus, timeout=GUEST_TIMEOUT_S) as runner:
+        with report.stage("storm guest running") as st:
+            if mem.rss_bytes() >= mem.size:
+                st.progress(sum(p.region_size for p in storm_vm.params), "first sweep",
+                            poll=lambda: first_sweep_bytes(storm_vm))
+            if at_marks:
+                for i, (p, ex) in enumerate(zip(storm_vm.params, storm_vm.run_to_marks(GUEST_TIMEOUT_S),
+                                                strict=True)):
+                    st.check(ex.reason is ExitReason.SYNC and ex.last_sync == p.mark_sync,
+                             f"vCPU {i} stopped at its mark, {p.mark_pages} of {p.npages} pages into its first sweep",
+                             f"vCPU {i}: expected its mark sync {p.mark_sync:#x}, saw {ex.describe()} "
+                             f"(sync {ex.last_sync:#x})")
+                runner.start(paused=True)
+                started = "every vCPU parked at its mark, to be resumed by the live protocol after the arm"
+            else:
+                runner.start()
+                started = "every vCPU completed its first sweep"
+                storm_vm.wait(lambda: every_vcpu_swept_once(storm_vm), started, timeout=GUEST_TIMEOUT_S)
+            st.check(not runner.finished,
+                     f"{nvcpus} storm vCPU(s) over {fmt_bytes(mem.size)} {mem.backing}: {started}",
+                     f"a vCPU stopped early: {runner.exits}")
+        yield runner
 
 
 def oracle_stages(report, storm_vm, image, reference, vcpu_states: list[bytes], of: str = "") -> None:
@@ -435,9 +436,9 @@ def test_overlapping_live_snapshots_each_equal_memory_at_their_own_arm_instant(r
     snaps = make_wp_snapshots(mem, points=points)
     batch = max(1, snaps.npages // COPIER_BATCHES)
     held_at = snaps.npages // 2 // batch * batch
-    runner = storm_running_stage(report, storm_vm)
-    copier = ThreadPoolExecutor(1, thread_name_prefix="copier-A")
-    try:
+    # On the way out: a copier still held goes on (a failed stage) so its thread ends, then the guest stops.
+    with (storm_running(report, storm_vm) as runner, ThreadPoolExecutor(1, thread_name_prefix="copier-A") as copier,
+          contextlib.closing(points)):
         with report.stage("snapshot A armed") as st:
             arm_a = arm_live(runner, lambda: snaps.arm(dst_a.mm), mem, ref_a.mm)
             a = arm_a.armed
@@ -483,9 +484,6 @@ def test_overlapping_live_snapshots_each_equal_memory_at_their_own_arm_instant(r
             st.timing("bulk copy B", t2 - t1, f"{copied_b} pages: those no fault had captured")
             st.timing("finalize B", t3 - t2, "the last live snapshot: the region un-protected")
             st.equal(protected_pages(snaps), 0, "pages still carrying PM_UFFD_WP with no snapshot live", str)
-    finally:
-        points.close()  # a copier still held goes on (a failed stage), so the copier thread ends
-        copier.shutdown(wait=True)
         exits = runner.stop()
 
     with report.stage("the guest kept writing") as st:
@@ -578,9 +576,8 @@ def test_consecutive_live_snapshots_by_one_engine_object_share_nothing(report, m
     nvcpus = len(storm_vm.params)
     rounds = [tuple(warm_buffers(make_memory, mem_size, 2)) for _ in range(2)]
     snaps = make_wp_snapshots(mem)
-    runner = storm_running_stage(report, storm_vm)
     arms, finals = [], []
-    try:
+    with storm_running(report, storm_vm) as runner:
         for k, (dst, ref) in enumerate(rounds, 1):
             with report.stage(f"round {k}") as st:
                 if k > 1:
@@ -598,7 +595,6 @@ def test_consecutive_live_snapshots_by_one_engine_object_share_nothing(report, m
                 st.check(not snaps.live and left == 0, f"round {k} finalized: no snapshot live, no page protected "
                          "(pagemap), the engine object kept for the next", f"after round {k}'s finalize: snapshots "
                          f"{snaps.live} live, {left} pages still carrying PM_UFFD_WP")
-    finally:
         exits = runner.stop()
 
     with report.stage("the guest kept writing") as st:

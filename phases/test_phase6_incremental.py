@@ -192,13 +192,13 @@ def test_chain_restores_to_the_full_snapshot_at_the_same_instant(report, make_st
         st.note(f"{fmt_bytes(mem_size)} memfd; storm region {p.npages} pages from GPA {p.region_gpa:#x}, the first "
                 f"{p.npages // 2} populated; device area {DEVICE_PAGES} pages from GPA "
                 f"{gpa_of(device_page(mem_size, 0)):#x}, the first {DEVICE_PAGES // 2} populated; tracker {tracker}")
-        runner = VcpuRunner(storm_vm.vm.vcpus, timeout=GUEST_TIMEOUT_S).start(paused=True)
 
     step = max(1, min(INTERVAL_PAGES_MAX, (p.npages - p.mark_pages) // (DIFFS + 1)))
     at = p.mark_position  # the storm's instant at the last pause: the base is taken at the mark
     # Per pause: the full snapshot (mapped), the diff, the never-populated pages, the storm's next write.
     images, taken, holes, next_writes = [], [None], [], [storm.stream_point(p, at)]
-    try:
+    with VcpuRunner(storm_vm.vm.vcpus, timeout=GUEST_TIMEOUT_S) as runner:  # stopped on every way out
+        runner.start(paused=True)  # each vCPU parked where it is, at its mark
         with report.stage("base: a full snapshot, tracking started at the same pause") as st:
             stop_ns = runner.pause()  # parked at the mark: the base is exactly that instant
             base = snaps.base([v.save_state() for v in runner.vcpus])
@@ -241,7 +241,6 @@ def test_chain_restores_to_the_full_snapshot_at_the_same_instant(report, make_st
                           f"get-and-clear {fmt_ns(d.collect_ns)}, the diff file {fmt_ns(d.write_ns)} (pages gathered "
                           "through the memfd, sha256, fsync)")
                 st.timing("oracle", full.ns, "the full snapshot at the same pause: test mode, outside the window")
-    finally:
         exits = runner.stop()
 
     with report.stage(f"which writes {tracker} saw") as st:

@@ -20,7 +20,8 @@ interrupted-capture PATH
     to those of the start (``START {json}``).
 
 As a pytest plugin (``-p tests.reliability_child``) it prints ``START {json}`` (the process gauges)
-when the session starts, ``CALL nodeid`` as each test's call begins, and ``LAST {json}`` at
+when the session starts, ``CALL nodeid`` as each test's call begins, ``FINISH {json}`` (the vCPU runner
+threads still alive) as the session finishes, before its last teardown, and ``LAST {json}`` at
 pytest_unconfigure, after every fixture was torn down: what an interrupted pytest leaves behind.
 
 probe
@@ -261,6 +262,12 @@ def pytest_runtest_logfinish(nodeid: str) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    import threading
+
+    # Before the session's last teardown: a runner the code that started it did not stop runs its guest on until
+    # its VM is closed there, taking CPU from the interrupt's reports and record.
+    print(flush=True)  # off the line of pytest's progress dots
+    _say("FINISH", {"vcpu_threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("vcpu"))})
     _point.reached("session finish")  # before the session's last teardown, the reports and the record
 
 

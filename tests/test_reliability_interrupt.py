@@ -43,15 +43,15 @@ PHASE2_POINTS = [
     ("leave WpSnapshot.bulk_copy", "(call)", False),
     ("enter WpSnapshot.finalize", "(call)", True),
     ("leave WpSnapshot.finalize", "(call)", False),
-    ("enter VcpuRunner.stop", "(call)", False),         # snapshot taken, the guest still running
+    ("enter VcpuRunner.stop", "(call)", True),          # snapshot taken, the guest still running: stop never runs
     ("leave VcpuRunner.stop", "(call)", False),
     ("stage the guest kept writing", "(call)", False),
     ("stage instant oracle", "(call)", False),
     ("stage exact oracle", "(call)", False),
     ("teardown", "(teardown)", False),                  # before any fixture is torn down
     ("enter WpSnapshot.close", "(teardown)", True),     # inside make_wp's teardown, the VM and memory after it
-    ("enter Vm.close", "(setup)", False),              # the host probe's VM: a close in setup, not deferred
-    ("enter GuestMemory.close", "(setup)", False),     # the host probe's PAGEMAP_SCAN page
+    ("enter Vm.close", "collection", False),           # the host probe's VM, closed as the needs are judged
+    ("enter GuestMemory.close", "collection", False),  # the host probe's PAGEMAP_SCAN page
     ("between tests", "between tests", True),
     ("session finish", "session finish", True),         # before the last teardown, the reports and the record
     ("after the record", "session finish", True),       # the record was written complete: it is written again
@@ -118,7 +118,8 @@ def _assert_nothing_held(run: ChildRun, start: dict, last: dict) -> None:
 
 
 def test_a_signal_at_any_point_of_phase2_ends_the_run_interrupted(tmp_path, point, signal_name, during):
-    """A signal at this point of phase 2: pytest exits 2, nothing is left held, the record says interrupted."""
+    """A signal at this point of phase 2: pytest exits 2, the guest is stopped before the session finishes, nothing
+    is left held, the record says interrupted."""
     records = tmp_path / "runs"
     run = _signalled_child(["-m", "pytest", *PHASE2_TESTS, "-q", "-s", "-p", "no:randomly", "-p", "no:faulthandler",
                             "-p", "tests.reliability_child", "--results-dir", str(records), "--reports", "none",
@@ -129,6 +130,10 @@ def test_a_signal_at_any_point_of_phase2_ends_the_run_interrupted(tmp_path, poin
         f"exit status: expected {int(pytest.ExitCode.INTERRUPTED)} (interrupted), saw {run.returncode}; "
         f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}")
     _assert_nothing_held(run, run.json_line("START"), run.json_line("LAST"))
+    left_running = run.json_line("FINISH")["vcpu_threads"]
+    assert not left_running, (
+        f"{signal_name} at {point!r}: vCPU threads {left_running} still ran as the session finished: the code that "
+        "started them did not stop them on the interrupt's way out, so the guest ran on until the VM's teardown")
 
     written = sorted(records.glob("*.yaml"))
     assert len(written) == 1, f"expected one run record in {records}, saw {[p.name for p in written]}"
@@ -139,7 +144,8 @@ def test_a_signal_at_any_point_of_phase2_ends_the_run_interrupted(tmp_path, poin
     assert during in rec["interrupted"]["during"], (
         f"record: expected the interrupt during {during!r}, saw {rec['interrupted']['during']!r}")
     # What finished: the first case once its call is over, both once the session is finishing.
-    finished = {"(setup)": 0, "(call)": 0, "(teardown)": 1, "between tests": 1, "session finish": 2}[during]
+    finished = {"collection": 0, "(setup)": 0, "(call)": 0, "(teardown)": 1, "between tests": 1,
+                "session finish": 2}[during]
     assert rec["tests"] == {"selected": len(PHASE2_TESTS), "finished": finished}, (
         f"record: expected {finished} of {len(PHASE2_TESTS)} tests finished, saw {rec['tests']}")
     phases = yaml.safe_load(written[0].read_text())["phases"]
