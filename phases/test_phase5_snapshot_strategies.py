@@ -42,6 +42,7 @@ its case is deselected naming it and the table has no QEMU row, saying why.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -130,10 +131,12 @@ def qemu_guests():
         guest.close()
 
 
-def start_storm(st, make_storm_vm, make_memory, size: int, with_reference: bool = True, before_start=None):
+def start_storm(st, running: contextlib.ExitStack, make_storm_vm, make_memory, size: int, with_reference: bool = True,
+                before_start=None):
     """storm32 on one vCPU over ``size`` of memfd (its RAM below the 32-bit hole; dirty-logged memslots), running;
     a warm snapshot buffer and, ``with_reference``, a warm reference buffer. ``before_start(memory)`` runs on the
-    populated memory first."""
+    populated memory first. The runner is entered on ``running``, the caller's stack: the storm stops on every way
+    out of the caller's block, a failed check or an interrupt included."""
     storm_vm = make_storm_vm("memfd", size, VCPUS, slot_flags=KVM_MEM_LOG_DIRTY_PAGES)
     storm_vm.memory.populate()  # a running guest's memory is populated: first touch stays out of every figure
     if before_start is not None:
@@ -146,7 +149,8 @@ def start_storm(st, make_storm_vm, make_memory, size: int, with_reference: bool 
         reference.populate()
     p = storm_vm.params[0]
     mark = storm.write_order(p, 1)[min(WARM_PAGES, p.npages - 1)]
-    runner = VcpuRunner(storm_vm.vm.vcpus, timeout=GUEST_TIMEOUT_S).start()
+    runner = running.enter_context(VcpuRunner(storm_vm.vm.vcpus, timeout=GUEST_TIMEOUT_S))
+    runner.start()
     storm_vm.wait(lambda: storm_vm.memory.read(p.page_gpa(mark), 4) != bytes(4),
                   f"{WARM_PAGES} pages of the first sweep written")
     st.check(not runner.finished, f"storm32 writing over {fmt_bytes(size)} memfd ({p.npages} pages, 1 vCPU), "
@@ -269,30 +273,29 @@ def test_every_strategy_snapshots_the_running_guest_consistently(report, unavail
         except (AssertionError, QemuError) as e:  # the table is still printed; the test fails below
             failures.append(f"{QEMU_ROW}: {e}")
     raw_arm: list[int] = []
-    with report.stage("storm guest running") as st:
-        # The bare ioctl is timed on the guest's populated memory before it runs: no strategy's uffd is there yet.
-        storm_vm, runner, snapshot, reference = start_storm(
-            st, make_storm_vm, make_memory, mem_size,
-            before_start=lambda mem: raw_arm.extend(sorted(raw_writeprotect_samples(mem, rounds=5))))
-        st.timing("warm memcpy of all memory", floor, f"{host_limits['memcpy_bytes_per_s'] / 1e9:.1f} GB/s, "
-                  "this host's copy limit")
-        st.timing("bare UFFDIO_WRITEPROTECT", raw_arm[2], "median of 5 on the guest's memory before it ran")
-        for strategy, why in left_out.items():
-            st.note(f"{strategy}: left out, this host or engine lacks what it needs: {why}")
-        if left_out:
-            report.fact("strategies_left_out", left_out)
-        if qemu_left_out:
-            st.note(f"{QEMU_ROW}: left out, this host lacks what it needs: {qemu_left_out}")
+    with contextlib.ExitStack() as running:  # the storm stops on every way out
+        with report.stage("storm guest running") as st:
+            # The bare ioctl is timed on the guest's populated memory before it runs: no strategy's uffd is there yet.
+            storm_vm, runner, snapshot, reference = start_storm(
+                st, running, make_storm_vm, make_memory, mem_size,
+                before_start=lambda mem: raw_arm.extend(sorted(raw_writeprotect_samples(mem, rounds=5))))
+            st.timing("warm memcpy of all memory", floor, f"{host_limits['memcpy_bytes_per_s'] / 1e9:.1f} GB/s, "
+                      "this host's copy limit")
+            st.timing("bare UFFDIO_WRITEPROTECT", raw_arm[2], "median of 5 on the guest's memory before it ran")
+            for strategy, why in left_out.items():
+                st.note(f"{strategy}: left out, this host or engine lacks what it needs: {why}")
+            if left_out:
+                report.fact("strategies_left_out", left_out)
+            if qemu_left_out:
+                st.note(f"{QEMU_ROW}: left out, this host lacks what it needs: {qemu_left_out}")
 
-    rows = []
-    try:
+        rows = []
         for strategy in compared:
             try:
                 strategy_stage(report, strategy, storm_vm, runner, snapshot, reference, snapshotters, inject,
                                floor, raw_arm[2], rows)
             except AssertionError as e:  # the table is still printed with every strategy; the test fails below
                 failures.append(str(e))
-    finally:
         exits = runner.stop()
 
     with report.stage("comparison") as st:
@@ -351,73 +354,75 @@ def test_benchmark_pause_window(report, benchmark, make_storm_vm, make_memory, s
                                 strategy, mem_size):
     """Each strategy's pause window (kick -> resume) on the writing guest, every round's snapshot at one instant."""
     # What the strategy needs (STRATEGY_NEEDS) is checked at collection: a case it lacks here is deselected.
-    with report.stage("storm guest running") as st:
-        storm_vm, runner, snapshot, _ = start_storm(st, make_storm_vm, make_memory, mem_size, with_reference=False)
-        snapper = snapshotters(strategy, storm_vm, runner, snapshot.mm, inject)
+    with contextlib.ExitStack() as running:  # the storm stops on every way out
+        with report.stage("storm guest running") as st:
+            storm_vm, runner, snapshot, _ = start_storm(st, running, make_storm_vm, make_memory, mem_size,
+                                                        with_reference=False)
+            snapper = snapshotters(strategy, storm_vm, runner, snapshot.mm, inject)
 
-    with report.stage(f"{strategy}: {BENCH_ROUNDS} snapshots, the pause window timed") as st:
-        done = []
-        pending = []
-        floors: list[int] = []
+        with report.stage(f"{strategy}: {BENCH_ROUNDS} snapshots, the pause window timed") as st:
+            done = []
+            pending = []
+            floors: list[int] = []
 
-        def prepare() -> None:
-            # The floor beside each round, untimed: a warm memcpy of the guest's memory into the same snapshot
-            # buffer (every strategy overwrites all of it), the guest paused as in a stop-and-copy, so nothing
-            # competes with it. A host's memory state that slows copies in one run slows both alike, so the
-            # pause window's ratio to it stays.
-            runner.pause()
-            try:
-                floors.append(copy_timed(snapshot.mm, storm_vm.memory))
-            finally:
-                runner.resume()
-            snapper.prepare()
-            pending.append(True)
+            def prepare() -> None:
+                # The floor beside each round, untimed: a warm memcpy of the guest's memory into the same snapshot
+                # buffer (every strategy overwrites all of it), the guest paused as in a stop-and-copy, so nothing
+                # competes with it. A host's memory state that slows copies in one run slows both alike, so the
+                # pause window's ratio to it stays.
+                runner.pause()
+                try:
+                    floors.append(copy_timed(snapshot.mm, storm_vm.memory))
+                finally:
+                    runner.resume()
+                snapper.prepare()
+                pending.append(True)
 
-        def complete() -> None:
-            pending.clear()
-            snap = snapper.complete()
-            done.append(snap)
-            # The work the round timed: every byte of memory reached the snapshot at least once.
-            st.check(snap.bytes_copied >= mem_size, f"round {len(done)}: copied {snap.bytes_ratio:.3f}x memory",
-                     f"round {len(done)}: copied {snap.bytes_copied:#x} bytes, less than memory {mem_size:#x}: the "
-                     "round timed less than a snapshot")
-            for i in range(len(storm_vm.params)):
-                verdict = instant(storm_vm, i, snapshot, snap.vcpu_states)
-                st.check(bool(verdict), f"round {len(done)}, vCPU {i}: one instant",
-                         f"round {len(done)}, vCPU {i}: {verdict.message}")
+            def complete() -> None:
+                pending.clear()
+                snap = snapper.complete()
+                done.append(snap)
+                # The work the round timed: every byte of memory reached the snapshot at least once.
+                st.check(snap.bytes_copied >= mem_size, f"round {len(done)}: copied {snap.bytes_ratio:.3f}x memory",
+                         f"round {len(done)}: copied {snap.bytes_copied:#x} bytes, less than memory {mem_size:#x}: the "
+                         "round timed less than a snapshot")
+                for i in range(len(storm_vm.params)):
+                    verdict = instant(storm_vm, i, snapshot, snap.vcpu_states)
+                    st.check(bool(verdict), f"round {len(done)}, vCPU {i}: one instant",
+                             f"round {len(done)}, vCPU {i}: {verdict.message}")
 
-        try:
             benchmark.pedantic(snapper.pause_window, setup=prepare, teardown=complete, rounds=BENCH_ROUNDS)
             if pending:  # --benchmark-disable runs setup and target only
                 complete()
-        finally:
             runner.stop()
-        floor = median(floors)
-        report.figure("memcpy_ns", floors, "ns", what=f"a memcpy of the guest's {fmt_bytes(mem_size)} into the "
-                      "snapshot buffer, the guest paused (floor)")
-        pauses = report.figure("pause_ns", [s.pause_ns for s in done], "ns", what="kick -> resume, the guest stopped")
-        ratio = report.figure("pause_ratio_to_memcpy", [s.pause_ns / floor for s in done], "x",
-                              what="each pause window over the memcpy's median, same buffers, same run")
-        copied = report.figure("bytes_ratio", [s.bytes_ratio for s in done], "number",
-                               what="bytes copied over memory size")
-        st.timing("pause window median", median(pauses.samples), f"{median(ratio.samples):.3f}x a warm memcpy of "
-                  f"{fmt_bytes(mem_size)}")
-        total = median([s.total_ns for s in done])
-        st.timing("total median", total)
-        st.note(f"bytes copied: {max(copied.samples):.3f}x memory at most")
-        if strategy == WP_PREARMED:
-            reprotected = report.figure("reprotected_pages", [s.prearm.reprotected_pages for s in done if s.prearm],
-                                        "number", what="pages the pause protected again: written since the pre-arm")
-            # Where each pause went: stopping the vCPU (one mid-fault is served first) and the arm itself.
-            st.note(f"pages protected again per pause: {', '.join(str(int(n)) for n in reprotected.samples)}; "
-                    f"kick->stopped {', '.join(fmt_ns(s.stop_ns) for s in done)}; the arm "
-                    f"{', '.join(fmt_ns(s.prearm.arm_ns) for s in done if s.prearm)}")
-        if total * LIMIT_SLACK < floor:
-            # Every strategy copies all of memory at least once per snapshot (checked above, round by round).
-            why = (f"a whole snapshot in {fmt_ns(total)}, {floor / total:.2f}x as fast as this host's warm memcpy of "
-                   f"{fmt_bytes(mem_size)} ({fmt_ns(floor)}, same run), which it contains (limit {LIMIT_SLACK}x)")
-            st.note(f"MEASUREMENT ERROR: {why}")
-            report.measurement_error("total_median_ns", total, why)
+            floor = median(floors)
+            report.figure("memcpy_ns", floors, "ns", what=f"a memcpy of the guest's {fmt_bytes(mem_size)} into the "
+                          "snapshot buffer, the guest paused (floor)")
+            pauses = report.figure("pause_ns", [s.pause_ns for s in done], "ns",
+                                   what="kick -> resume, the guest stopped")
+            ratio = report.figure("pause_ratio_to_memcpy", [s.pause_ns / floor for s in done], "x",
+                                  what="each pause window over the memcpy's median, same buffers, same run")
+            copied = report.figure("bytes_ratio", [s.bytes_ratio for s in done], "number",
+                                   what="bytes copied over memory size")
+            st.timing("pause window median", median(pauses.samples), f"{median(ratio.samples):.3f}x a warm memcpy of "
+                      f"{fmt_bytes(mem_size)}")
+            total = median([s.total_ns for s in done])
+            st.timing("total median", total)
+            st.note(f"bytes copied: {max(copied.samples):.3f}x memory at most")
+            if strategy == WP_PREARMED:
+                reprotected = report.figure("reprotected_pages", [s.prearm.reprotected_pages for s in done if s.prearm],
+                                            "number", what="pages the pause protected again: written since the pre-arm")
+                # Where each pause went: stopping the vCPU (one mid-fault is served first) and the arm itself.
+                st.note(f"pages protected again per pause: {', '.join(str(int(n)) for n in reprotected.samples)}; "
+                        f"kick->stopped {', '.join(fmt_ns(s.stop_ns) for s in done)}; the arm "
+                        f"{', '.join(fmt_ns(s.prearm.arm_ns) for s in done if s.prearm)}")
+            if total * LIMIT_SLACK < floor:
+                # Every strategy copies all of memory at least once per snapshot (checked above, round by round).
+                why = (f"a whole snapshot in {fmt_ns(total)}, {floor / total:.2f}x as fast as this host's warm memcpy "
+                       f"of {fmt_bytes(mem_size)} ({fmt_ns(floor)}, same run), which it contains (limit "
+                       f"{LIMIT_SLACK}x)")
+                st.note(f"MEASUREMENT ERROR: {why}")
+                report.measurement_error("total_median_ns", total, why)
 
 
 @pytest.mark.sizes(64 << 20, 256 << 20)  # 1 GiB is opt-in (--sizes 1G), as every large size is
@@ -462,9 +467,10 @@ def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make
             st.note(f"MEASUREMENT ERROR: {why}")
             report.measurement_error("qemu_total_ns", qemu_total, why)
 
-    with report.stage("snapproof: the same guest, the same size") as st:
-        storm_vm, runner, snapshot, _ = start_storm(st, make_storm_vm, make_memory, mem_size, with_reference=False)
-    try:
+    with contextlib.ExitStack() as running:  # the storm stops on every way out
+        with report.stage("snapproof: the same guest, the same size") as st:
+            storm_vm, runner, snapshot, _ = start_storm(st, running, make_storm_vm, make_memory, mem_size,
+                                                        with_reference=False)
         for strategy in BESIDE_QEMU:
             with report.stage(f"{strategy}: {BENCH_ROUNDS} snapshots, total time over QEMU's") as st:
                 snapper = snapshotters(strategy, storm_vm, runner, snapshot.mm, inject)
@@ -545,7 +551,6 @@ def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make
                     st.note(f"the target is past this host's own limit: {DURABLE_TARGET_X}x QEMU's throughput is a "
                             f"capture in {fmt_ns(needed)}, and the plain durable write of the same bytes alone takes "
                             f"{fmt_ns(plain)} ({plain / needed:.2f}x that)")
-    finally:
         runner.stop()
 
 
@@ -559,12 +564,12 @@ def test_prearmed_wp_protects_again_every_page_written_since_the_prearm(report, 
                                                                          snapshotters, inject, strategy, mem_size):
     """A pre-armed WP snapshot whose guest rewrote every page after the pre-arm, and writes on after the pause,
     equals memory at the pause."""
-    with report.stage("storm guest running") as st:
-        storm_vm, runner, snapshot, reference = start_storm(st, make_storm_vm, make_memory, mem_size)
-        p = storm_vm.params[0]
-        snapper = snapshotters(strategy, storm_vm, runner, snapshot.mm, inject)
+    with contextlib.ExitStack() as running:  # the storm stops on every way out
+        with report.stage("storm guest running") as st:
+            storm_vm, runner, snapshot, reference = start_storm(st, running, make_storm_vm, make_memory, mem_size)
+            p = storm_vm.params[0]
+            snapper = snapshotters(strategy, storm_vm, runner, snapshot.mm, inject)
 
-    try:
         with report.stage("pre-armed, then every page of the region written") as st:
             snapper.prepare()
             gen = storm_vm.progress(0).cur_gen
@@ -598,7 +603,6 @@ def test_prearmed_wp_protects_again_every_page_written_since_the_prearm(report, 
             assert snap.wp_stats is not None
             st.note(f"then {snap.wp_stats.fault_pages} pages captured by fault, {snap.wp_stats.bulk_pages} by the bulk "
                     "copy")
-    finally:
         runner.stop()
 
     with report.stage("both oracles") as st:
