@@ -67,6 +67,14 @@ class Gauges:
     def now(cls) -> Gauges:
         return cls(open_fds(), uffd_fds(), rss_bytes(), kernel_threads(), threading.active_count())
 
+    @classmethod
+    def settled(cls, timeout: float = 5.0) -> Gauges:
+        """The gauges once every thread the kernel counts is one Python knows (or at ``timeout``): a start taken
+        while the previous test's VM worker or C handler is still being reaped counts a thread that leaves during
+        the test, and a thread count that fell reads as wrong as one that grew."""
+        threads_settled(threading.active_count(), timeout)
+        return cls.now()
+
     def as_dict(self) -> dict[str, int]:
         return {"fds": self.fds, "uffds": self.uffds, "rss": self.rss, "threads": self.threads,
                 "python_threads": self.python_threads}

@@ -85,7 +85,7 @@ def run_cycles(workdir: Path, cycles: int, record_property=None, leak: Callable[
     """``cycles`` snapshot cycles (``leak()`` after each, for the gauges' own test); what grew, in words."""
     # Where THP is "always", khugepaged collapsing the Python heap moves VmRSS by megabytes nobody newly used.
     with disabled_for_process(), HeldMemory.traced():
-        start = Gauges.now()
+        start = Gauges.settled()
         t0 = time.perf_counter()
         for _ in range(WARMUP_CYCLES):
             snapshot_cycle(workdir)

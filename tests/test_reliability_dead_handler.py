@@ -146,7 +146,7 @@ def test_dead_handler_unprotects_the_region_so_the_guest_completes(make_memory, 
     """HANDLER_DIES: the dying handler un-protects all, the guest halts, the void snapshot is refused."""
     from snapproof.native.wp import WpSnapshot
 
-    before = Gauges.now()
+    before = Gauges.settled()
     mem = make_memory("memfd", 1 << 20)
     vm, vcpu = make_marker16_vm(mem)
     snapshot = bytearray(mem.size)
