@@ -185,6 +185,16 @@ def memcpy_ns(size: int, host_limits) -> float:
     return size / host_limits["memcpy_bytes_per_s"] * 1e9
 
 
+def no_faster_than_its_copy(st, report, figure: str, what: str, total: float, floor: float, mem_size: int) -> None:
+    """A whole snapshot contains a copy of all memory: one faster than this host's warm memcpy of it (``floor``, same
+    run), past LIMIT_SLACK, is a measurement error, noted and recorded against ``figure``."""
+    if total * LIMIT_SLACK < floor:
+        why = (f"{what} in {fmt_ns(total)}, {floor / max(total, 1):.2f}x as fast as this host's warm memcpy of "
+               f"{fmt_bytes(mem_size)} ({fmt_ns(floor)}, same run), which it contains (limit {LIMIT_SLACK}x)")
+        st.note(f"MEASUREMENT ERROR: {why}")
+        report.measurement_error(figure, total, why)
+
+
 def rounds_text(snap) -> str:
     return ", ".join(f"{r.pages}" for r in snap.rounds) + f" | paused {snap.paused_pages}"
 
@@ -416,13 +426,8 @@ def test_benchmark_pause_window(report, benchmark, make_storm_vm, make_memory, s
                 st.note(f"pages protected again per pause: {', '.join(str(int(n)) for n in reprotected.samples)}; "
                         f"kick->stopped {', '.join(fmt_ns(s.stop_ns) for s in done)}; the arm "
                         f"{', '.join(fmt_ns(s.prearm.arm_ns) for s in done if s.prearm)}")
-            if total * LIMIT_SLACK < floor:
-                # Every strategy copies all of memory at least once per snapshot (checked above, round by round).
-                why = (f"a whole snapshot in {fmt_ns(total)}, {floor / total:.2f}x as fast as this host's warm memcpy "
-                       f"of {fmt_bytes(mem_size)} ({fmt_ns(floor)}, same run), which it contains (limit "
-                       f"{LIMIT_SLACK}x)")
-                st.note(f"MEASUREMENT ERROR: {why}")
-                report.measurement_error("total_median_ns", total, why)
+            # Every strategy copies all of memory at least once per snapshot (checked above, round by round).
+            no_faster_than_its_copy(st, report, "total_median_ns", "a whole snapshot", total, floor, mem_size)
 
 
 @pytest.mark.sizes(64 << 20, 256 << 20)  # 1 GiB is opt-in (--sizes 1G), as every large size is
@@ -460,12 +465,7 @@ def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make
         qemu_total = median(totals.samples)
         st.timing("pause window median", median(pauses.samples), "QEMU's downtime")
         st.timing("total median", qemu_total, f"{qemu_total / floor:.2f}x a warm memcpy of {fmt_bytes(mem_size)}")
-        if qemu_total * LIMIT_SLACK < floor:
-            why = (f"QEMU's whole snapshot in {fmt_ns(qemu_total)}, {floor / max(qemu_total, 1):.2f}x as fast as this "
-                   f"host's warm memcpy of {fmt_bytes(mem_size)} ({fmt_ns(floor)}), which it contains (limit "
-                   f"{LIMIT_SLACK}x)")
-            st.note(f"MEASUREMENT ERROR: {why}")
-            report.measurement_error("qemu_total_ns", qemu_total, why)
+        no_faster_than_its_copy(st, report, "qemu_total_ns", "QEMU's whole snapshot", qemu_total, floor, mem_size)
 
     with contextlib.ExitStack() as running:  # the storm stops on every way out
         with report.stage("snapproof: the same guest, the same size") as st:
