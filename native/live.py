@@ -26,6 +26,9 @@ from snapproof.native.kvm import Exit, ExitReason, Vcpu
 from snapproof.native.memory import GuestMemory, copy_timed
 from snapproof.native.wp import BULK_BATCH, EngineObject, WpSnapshot, WpStats
 
+# Each runner thread is named this plus its vCPU index: how a test finds the ones still alive.
+THREAD_NAME_PREFIX = "vcpu"
+
 
 class VcpuRunner:
     """Runs vCPUs, one thread each, until they halt, fail, or ``stop()``; can pause and resume them all.
@@ -46,7 +49,7 @@ class VcpuRunner:
         self._stopping = False
         self.exits: dict[int, Exit] = {}
         self.errors: dict[int, BaseException] = {}
-        self._threads = [threading.Thread(target=self._loop, args=(i, v), name=f"vcpu{i}", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, args=(i, v), name=f"{THREAD_NAME_PREFIX}{i}", daemon=True)
                          for i, v in enumerate(self.vcpus)]
 
     def start(self, paused: bool = False) -> VcpuRunner:

@@ -264,10 +264,13 @@ def pytest_runtest_logfinish(nodeid: str) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     import threading
 
+    from snapproof.native.live import THREAD_NAME_PREFIX
+
     # Before the session's last teardown: a runner the code that started it did not stop runs its guest on until
     # its VM is closed there, taking CPU from the interrupt's reports and record.
     print(flush=True)  # off the line of pytest's progress dots
-    _say("FINISH", {"vcpu_threads": sorted(t.name for t in threading.enumerate() if t.name.startswith("vcpu"))})
+    running = sorted(t.name for t in threading.enumerate() if t.name.startswith(THREAD_NAME_PREFIX))
+    _say("FINISH", {"vcpu_threads": running})
     _point.reached("session finish")  # before the session's last teardown, the reports and the record
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from snapproof.native.errors import GuestTimeout
-from snapproof.native.live import VcpuRunner
+from snapproof.native.live import THREAD_NAME_PREFIX, VcpuRunner
 
 pytestmark = pytest.mark.needs("kvm")
 
@@ -52,7 +52,8 @@ def test_a_runner_left_by_an_interrupt_stops_its_vcpus_on_the_way_out(make_storm
         storm_vm.wait(lambda: all(storm_vm.progress(i).cur_gen >= 1 for i in range(2)), "both vCPUs sweeping")
         raise KeyboardInterrupt("as a signal's handler raises it")
     assert runner.finished == {0, 1}, f"vCPUs still running after the block: {({0, 1} - runner.finished)}"
-    assert not [t.name for t in threading.enumerate() if t.name.startswith("vcpu")], "a vCPU thread outlived its block"
+    left = [t.name for t in threading.enumerate() if t.name.startswith(THREAD_NAME_PREFIX)]
+    assert not left, f"vCPU threads {left} outlived their block"
 
 
 def test_an_interrupt_between_the_thread_starts_leaves_nothing_running(make_storm_vm, monkeypatch):
