@@ -115,6 +115,8 @@ class StrategySnapshot:
     rounds: list[Round] = field(default_factory=list)  # pre-copy: round 0 is the full copy
     vcpu_states: list[bytes] = field(default_factory=list)
     wp_stats: WpStats | None = None
+    faults_at_instant: int = 0   # wp strategies: the engine's WP faults by the instant (wp-prearmed's pre-arm took
+                                 # some); the copy starts once the running guest has taken one more
     prearm: PrearmStats | None = None  # wp-prearmed: what its pause protected again
     prearm_rounds: list[int] = field(default_factory=list)  # wp-prearmed: pages protected per pre-arm call, the
                                                              # whole region first
@@ -229,16 +231,21 @@ class WpCopyBeforeWrite(Snapshotter):
     def _while_paused(self) -> None:
         assert self.engine is not None
         self.engine.arm()
+        self._mark_instant()
+
+    def _mark_instant(self) -> None:
+        assert self.engine is not None
+        self.result.faults_at_instant = self.engine.stats().faults
 
     def _after_resume(self) -> None:
         engine = self.engine
         assert engine is not None
         try:
-            # The copy starts once the running guest has taken a WP fault (or after FIRST_FAULT_WAIT_S): every
-            # snapshot then exercises copy-before-write, whatever CPU the guest got; on a loaded host the copy
-            # could otherwise end before the guest's first write, and an engine without it pass.
+            # The copy starts once the running guest has taken a WP fault after the instant (or after
+            # FIRST_FAULT_WAIT_S): every snapshot then exercises copy-before-write, whatever CPU the guest got; on a
+            # loaded host the copy could otherwise end before the guest's first write, and an engine without it pass.
             deadline = time.monotonic() + FIRST_FAULT_WAIT_S
-            while engine.stats().faults == 0 and time.monotonic() < deadline:
+            while engine.stats().faults == self.result.faults_at_instant and time.monotonic() < deadline:
                 time.sleep(FIRST_FAULT_POLL_S)
             engine.bulk_copy()
             stats = engine.finalize()
@@ -289,6 +296,7 @@ class WpPrearmed(WpCopyBeforeWrite):
     def _while_paused(self) -> None:
         assert self.engine is not None
         self.result.prearm = self.engine.arm_prearmed()
+        self._mark_instant()
 
 
 class _PreCopy(Snapshotter):
