@@ -125,6 +125,11 @@ class StrategySnapshot:
     def bytes_ratio(self) -> float:
         return self.bytes_copied / self.size
 
+    @property
+    def faults_after_instant(self) -> int | None:
+        """wp strategies: the WP faults the running guest took after the instant (None for the others)."""
+        return None if self.wp_stats is None else self.wp_stats.faults - self.faults_at_instant
+
 
 class Snapshotter:
     """Base of the strategies: the pause protocol and the accounting; subclasses fill in three hooks."""
@@ -229,13 +234,13 @@ class WpCopyBeforeWrite(Snapshotter):
         self.engine = WpSnapshot(self.memory, self.destination, engine=self.engine_lib, inject=self.inject)
 
     def _while_paused(self) -> None:
-        assert self.engine is not None
-        self.engine.arm()
-        self._mark_instant()
+        engine = self.engine
+        assert engine is not None
+        self._arm(engine)
+        self.result.faults_at_instant = engine.stats().faults
 
-    def _mark_instant(self) -> None:
-        assert self.engine is not None
-        self.result.faults_at_instant = self.engine.stats().faults
+    def _arm(self, engine: WpSnapshot) -> None:
+        engine.arm()
 
     def _after_resume(self) -> None:
         engine = self.engine
@@ -293,10 +298,8 @@ class WpPrearmed(WpCopyBeforeWrite):
         while not rounds_done(rounds, self.stop_pages, self.max_rounds):
             rounds.append(engine.prearm())
 
-    def _while_paused(self) -> None:
-        assert self.engine is not None
-        self.result.prearm = self.engine.arm_prearmed()
-        self._mark_instant()
+    def _arm(self, engine: WpSnapshot) -> None:
+        self.result.prearm = engine.arm_prearmed()
 
 
 class _PreCopy(Snapshotter):

@@ -215,7 +215,7 @@ def strategy_stage(report, strategy, storm_vm, runner, snapshot, reference, snap
             st.note(f"arm {fmt_ns(snap.wp_stats.arm_ns)} = {snap.wp_stats.arm_ns / raw_arm:.2f}x the bare "
                     f"ioctl on a quiet memfd; "
                     f"{snap.wp_stats.fault_pages} pages by fault, {snap.wp_stats.bulk_pages} by bulk copy; "
-                    f"{snap.wp_stats.faults - snap.faults_at_instant} WP faults after the instant")
+                    f"{snap.faults_after_instant} WP faults after the instant")
         if snap.prearm is not None:
             st.note(f"pages protected per pre-arm round, the guest running: {', '.join(map(str, snap.prearm_rounds))}"
                     f" | paused {snap.prearm.reprotected_pages} in {snap.prearm.reprotect_calls} calls "
@@ -230,8 +230,7 @@ def strategy_stage(report, strategy, storm_vm, runner, snapshot, reference, snap
                      "bytes_ratio": round(snap.bytes_ratio, 4), "paused_pages": snap.paused_pages,
                      "rounds": [r.pages for r in snap.rounds], "exact": exact_ok, "instant": all(verdicts),
                      "reprotected_pages": None if snap.prearm is None else snap.prearm.reprotected_pages,
-                     "faults_after_instant": (None if snap.wp_stats is None
-                                              else snap.wp_stats.faults - snap.faults_at_instant),
+                     "faults_after_instant": snap.faults_after_instant,
                      "pause_ratio_to_memcpy": round(snap.pause_ns / floor, 4)})
         st.check(exact_ok, "exact oracle: equals the reference copied while the vCPUs were stopped", detail)
         for i, v in enumerate(verdicts):
