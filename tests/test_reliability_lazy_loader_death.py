@@ -167,7 +167,7 @@ def test_lazy_uffd_closed_at_the_guests_first_fault_stops_the_guest_and_names_it
                                                                                  backing):
     """LAZY_UFFD_CLOSES_MID_RESTORE: the run fails with LoaderDied naming the closed uffd, every page never
     restored is fenced, the prefetch and host reads of those pages refuse the same way, nothing leaks."""
-    before = Gauges.now()
+    before = Gauges.settled()
     restored = make_restored_vm(peek16_file, "lazy-uffd", verify=False, reset=enter_peek16, lazy_backing=backing,
                                 inject=FaultInjection.LAZY_UFFD_CLOSES_MID_RESTORE)
     restored.memory.read(0, 1)  # page 0 (the code) installed by a host read: the guest's first fault is at 0x1000
