@@ -128,7 +128,7 @@ def test_engine_close_mid_snapshot_unprotects_joins_and_drops_the_uffd(make_memo
     """Closing a half-copied WpSnapshot leaves no WP page, uffd or handler thread; writes go through."""
     from snapproof.native.wp import WpSnapshot
 
-    before = Gauges.now()
+    before = Gauges.settled()
     mem = make_memory("memfd", 1 << 20)
     mem.populate()
     snap = WpSnapshot(mem, bytearray(mem.size))
@@ -142,10 +142,10 @@ def test_engine_close_mid_snapshot_unprotects_joins_and_drops_the_uffd(make_memo
 
     left = sum(read_pagemap(mem.addr, mem.size // 4096)[1])
     assert left == 0, f"expected no PM_UFFD_WP after close, {left} pages keep it"
-    # At most as many as before: a thread an earlier test's VM left (KVM's per-VM worker leaves a little
-    # after the VM closes) may go away meanwhile; a leak is one more, never one fewer.
+    # At most as many uffds as before: an earlier test's may still be closed by the collector meanwhile. The
+    # threads started settled (no earlier VM's worker or joined handler left to go), so the count is exact.
     assert uffd_fds() <= before.uffds, f"userfaultfds: expected at most {before.uffds}, saw {uffd_fds()}"
     threads = threads_settled(before.threads)
-    assert threads <= before.threads, f"threads: expected at most {before.threads} after close, saw {threads}"
+    assert threads == before.threads, f"threads: expected {before.threads} after close, saw {threads}"
     writer = HostWriter(mem, mem.size - 4096, 0x42).start()
     assert writer.join(FREED_WITHIN_S), "a write to the last page blocked after the engine was closed"

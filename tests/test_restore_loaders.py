@@ -31,7 +31,7 @@ def image(tmp_path: Path) -> SnapshotImage:
         return w.finalize()
 
 
-THREADS_SETTLE_S = 5.0  # an exited thread is reaped in microseconds: this only bounds a failure
+THREADS_SETTLE_S = 5.0  # a joined thread is reaped soon after (later under TCG and load): this bounds a failure
 
 
 @pytest.mark.parametrize(("loader", "backing"), [("read-copy", None), ("map-private", None),
