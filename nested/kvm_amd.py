@@ -13,6 +13,7 @@ share (``out``) carries the job script in and the run record, JUnit XML and exit
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -173,12 +174,12 @@ def _sh_quote(s: str) -> str:
 
 
 def run(argv: list[str], out: Path, npt: bool = True, timeout: float = 1800.0, cwd: Path = REPO,
-        echo: bool = True, kernel_package: str = "") -> NestedRun:
+        echo: bool = True, kernel_package: str = "", silence: float | None = None) -> NestedRun:
     """Boot the nested host, run ``argv`` in ``cwd`` there, and bring back its exit status.
 
-    ``out`` is shared read-write: the job may write its records there (as ``/out``). A run that does
-    not finish within ``timeout`` is killed and raises, naming the last console lines. ``kernel_package``
-    as fetch_kernel's ``package``.
+    ``out`` is shared read-write: the job may write its records there (as ``/out``). A run whose console
+    stays silent for ``silence`` seconds (a stalled host), or that does not finish within ``timeout`` (a backstop),
+    is killed and raises, naming which and the last console lines. ``kernel_package`` as fetch_kernel's ``package``.
     """
     if why := kvm_svm_available():
         raise NestedError(why)
@@ -198,6 +199,7 @@ def run(argv: list[str], out: Path, npt: bool = True, timeout: float = 1800.0, c
            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
            "-virtfs", f"local,path={out},mount_tag=out,security_model=none"]
     t0 = time.monotonic()
+    last_output = t0
     lines: list[str] = []
     with open(out / "console.log", "w") as log, subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -210,15 +212,21 @@ def run(argv: list[str], out: Path, npt: bool = True, timeout: float = 1800.0, c
         pending = b""
         try:
             while True:
-                left = timeout - (time.monotonic() - t0)
+                now = time.monotonic()
+                left = timeout - (now - t0)
                 if left <= 0:
                     raise NestedError(f"the nested host did not finish within {timeout:.0f} s; last console "
                                       f"lines:\n" + "\n".join(lines[-20:]))
-                if not sel.select(timeout=min(left, 5.0)):
+                quiet_left = math.inf if silence is None else silence - (now - last_output)
+                if quiet_left <= 0:
+                    raise NestedError(f"the nested host printed nothing for {silence:.0f} s (stalled) after "
+                                      f"{now - t0:.0f} s; last console lines:\n" + "\n".join(lines[-20:]))
+                if not sel.select(timeout=min(left, quiet_left, 5.0)):
                     continue
                 chunk = os.read(qemu.stdout.fileno(), 65536)
                 if not chunk:
                     break
+                last_output = time.monotonic()
                 # Raw, as it comes: pytest's progress dots arrive without a newline for minutes under TCG.
                 log.write(chunk.decode(errors="replace"))
                 log.flush()
@@ -261,6 +269,8 @@ def main(args: list[str] | None = None) -> int:
     p.add_argument("--npt", type=int, choices=(0, 1), default=1, help="kvm_amd's nested paging (default 1)")
     p.add_argument("--out", type=Path, default=None, help="the shared output folder (default: a new temp dir)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the nested host is killed")
+    p.add_argument("--silence", type=float, default=None,
+                   help="seconds without console output before the nested host is called stalled and killed")
     p.add_argument("--cwd", type=Path, default=REPO, help="the checkout to run in (default: this one)")
     p.add_argument("--install", action="store_true", help="apt-get install what the nested run needs first")
     p.add_argument("--prepare", action="store_true", help="only install (with --install) and fetch the kernel")
@@ -279,7 +289,8 @@ def main(args: list[str] | None = None) -> int:
             print(f"nested: kernel {kernel.version} ready in {kernel.vmlinuz.parent.parent}")
             return 0
         out = a.out or Path(tempfile.mkdtemp(prefix="snapproof-nested-"))
-        r = run(command, out, npt=bool(a.npt), timeout=a.timeout, cwd=a.cwd.resolve(), kernel_package=a.kernel)
+        r = run(command, out, npt=bool(a.npt), timeout=a.timeout, cwd=a.cwd.resolve(), kernel_package=a.kernel,
+                silence=a.silence)
     except NestedError as e:
         print(f"nested: {e}", file=sys.stderr)
         return 2

@@ -39,10 +39,15 @@ KVM_SELF_TESTS = ["tests/test_phase1_fails_under_injected_bugs.py", "tests/test_
                   "tests/test_guest_memory_layout.py", "tests/test_reliability_interrupt.py",
                   "tests/test_reliability_cycles.py"]
 SELECTION = {1: PHASES + INCREMENTAL + KVM_SELF_TESTS, 0: PHASES}
-# Hang ceilings for each whole nested run: about twice what one under the suite's own --background-load
-# cpu,memory takes (npt=1: 2705 s, against 1315 s unloaded), so a loaded run is never cut short and called a
-# failure.
-NESTED_TIMEOUT_S = {1: 6000.0, 0: 1200.0}
+# A nested run is stopped as hung when its console has been silent this long: the nested pytest draws a running
+# case's progress several times a second, so silence means the nested host or its pytest stopped, whatever the
+# host's speed. It is longer than a case's own ceiling (below), so a case that hangs is ended and named by that
+# ceiling first, and it leaves minutes for booting and collecting.
+NESTED_SILENCE_S = 720.0
+# A backstop only, for a nested host that keeps printing and never finishes. The run's time is not bounded
+# otherwise: a whole loaded run on a slow host has taken past 6000 s with every case making progress (each case
+# has its own ceiling, below).
+NESTED_BACKSTOP_S = 8 * 3600.0
 # Every instruction of the nested host and of its guests is emulated: a test's hang ceiling there is five
 # times the suite's own 120 s, still far below the whole run's.
 NESTED_TEST_CEILING_S = 600
@@ -59,7 +64,7 @@ def nested_pytest(npt: int) -> list[str]:
             "--results-dir=/out/runs", "--junitxml=/out/junit.xml"]
 
 
-@pytest.mark.parametrize("npt", [pytest.param(n, id=f"npt{n}", marks=pytest.mark.timeout(NESTED_TIMEOUT_S[n] + 120))
+@pytest.mark.parametrize("npt", [pytest.param(n, id=f"npt{n}", marks=pytest.mark.timeout(NESTED_BACKSTOP_S + 120))
                                  for n in (1, 0)])
 def test_phases_pass_strictly_on_the_real_kvm_amd_module(request, record_property, npt):
     """On kvm_amd (nested under QEMU TCG) every selected phase and KVM self-test passes with --strict-host."""
@@ -68,7 +73,7 @@ def test_phases_pass_strictly_on_the_real_kvm_amd_module(request, record_propert
     out = Path(request.config.getoption("results_dir") or "results/runs") / f"nested-kvm_amd-npt{npt}"
     shutil.rmtree(out, ignore_errors=True)
 
-    run = nested.run(nested_pytest(npt), out, npt=bool(npt), timeout=NESTED_TIMEOUT_S[npt],
+    run = nested.run(nested_pytest(npt), out, npt=bool(npt), timeout=NESTED_BACKSTOP_S, silence=NESTED_SILENCE_S,
                      kernel_package=request.config.getoption("nested_kernel"))
     record_property("nested_seconds", round(run.seconds))
     records = sorted((out / "runs").glob("*.yaml"))
@@ -86,3 +91,26 @@ def test_phases_pass_strictly_on_the_real_kvm_amd_module(request, record_propert
         f"record's virtualization: expected nested (CPUID hypervisor bit set), saw {host.get('virtualization')!r}"
     not_passed = [f"phase {p['phase']}: {p['outcome']}" for p in rec["phases"] if p["outcome"] != "PASS"]
     assert not not_passed, f"phases that did not pass on kvm_amd npt={npt}: {not_passed}"
+
+
+def test_a_nested_host_that_stops_printing_is_stopped_as_stalled(request, tmp_path):
+    """A nested host whose console goes silent is killed and named stalled once the silence bound runs out,
+    however long its job would take, and its QEMU does not outlive the run."""
+    out = tmp_path / "out"
+    with pytest.raises(nested.NestedError, match=r"printed nothing for 30 s \(stalled\)"):
+        nested.run(["sleep", "3600"], out, silence=30.0, timeout=NESTED_BACKSTOP_S, echo=False,
+                   kernel_package=request.config.getoption("nested_kernel"))
+    assert not [cmd for cmd in qemu_command_lines() if str(out) in cmd], "QEMU outlived the stalled nested run"
+
+
+def qemu_command_lines() -> list[str]:
+    """The command line of each QEMU process on this host."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+        except OSError:  # the process ended while we looked
+            continue
+        if argv and argv[0].startswith("qemu-system"):
+            found.append(" ".join(argv))
+    return found
