@@ -159,6 +159,19 @@ class HeldMemory:
                 tracemalloc.stop()
 
 
+def processes_naming(marker: bytes) -> list[int]:
+    """Processes on this host whose command line contains ``marker``: what a run must not leave behind."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        if marker in cmdline:
+            found.append(int(pid))
+    return found
+
+
 def threads_settled(want: int, timeout: float = 2.0) -> int:
     """The kernel thread count once it equals ``want``, or as it is at ``timeout``: a VM's KVM worker
     (kvm-nx-lpage-recovery, one per VM that ran) leaves shortly after the VM is closed, not at once, and

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from tests.phase_runner import run_phase
+from tests.reliability_support import processes_naming
 
 pytestmark = [pytest.mark.platform("linux")]
 
@@ -17,15 +15,7 @@ MARK_SECONDS = "3599.25"
 
 def load_processes() -> list[int]:
     """Processes whose command line carries this test's load lifetime."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue  # gone meanwhile
-        if b"time.monotonic() + " + MARK_SECONDS.encode() in cmdline:
-            found.append(int(pid))
-    return found
+    return processes_naming(b"time.monotonic() + " + MARK_SECONDS.encode())
 
 
 def test_a_loaded_run_names_its_load_and_leaves_none_behind():

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from nested import kvm_amd as nested
+from tests.reliability_support import processes_naming
 
 pytestmark = [pytest.mark.nested, pytest.mark.platform("linux")]
 
@@ -100,17 +101,5 @@ def test_a_nested_host_that_stops_printing_is_stopped_as_stalled(request, tmp_pa
     with pytest.raises(nested.NestedError, match=r"printed nothing for 30 s \(stalled\)"):
         nested.run(["sleep", "3600"], out, silence=30.0, timeout=NESTED_BACKSTOP_S, echo=False,
                    kernel_package=request.config.getoption("nested_kernel"))
-    assert not [cmd for cmd in qemu_command_lines() if str(out) in cmd], "QEMU outlived the stalled nested run"
-
-
-def qemu_command_lines() -> list[str]:
-    """The command line of each QEMU process on this host."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
-        except OSError:  # the process ended while we looked
-            continue
-        if argv and argv[0].startswith("qemu-system"):
-            found.append(" ".join(argv))
-    return found
+    # QEMU's command line names the run's shared folder, which no other process on the host does.
+    assert not processes_naming(str(out).encode()), "QEMU outlived the stalled nested run"
