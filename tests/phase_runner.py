@@ -49,8 +49,14 @@ class PhaseRun:
         return said
 
 
-def run_phase(module: str, *args: str, inject: str = "none", timeout: float = 300, engine: str = "",
-              benchmarks: bool = False) -> PhaseRun:
+# The child's whole run, a backstop only: each of its cases has its own ceiling (pytest-timeout in the child), and a
+# case that hangs fails there, naming itself. This one catches a child stuck outside any case. Never a test's measure
+# of "fast": a child of one 1 MiB case took over 60 s on the nested kvm_amd host under load (TCG), so a tighter
+# ceiling failed a healthy run for being slow.
+CHILD_BACKSTOP_S = 300
+
+
+def run_phase(module: str, *args: str, inject: str = "none", engine: str = "", benchmarks: bool = False) -> PhaseRun:
     """``phases/<module>`` (and any more paths in ``args``) in a child pytest with these switches, judging
     ``engine`` (a library path, ``--engine``; the built-in engine when empty); benchmarks run all their rounds
     only when asked (``benchmarks``)."""
@@ -61,7 +67,7 @@ def run_phase(module: str, *args: str, inject: str = "none", timeout: float = 30
                "-p", "no:hypothesispytest", "--reports", "none", "--results-dir", tmp, "--inject", inject,
                *([] if benchmarks else ["--benchmark-disable"]),
                *(["--engine", engine] if engine else []), *args]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=CHILD_BACKSTOP_S)
         records = sorted(Path(tmp).glob("*.yaml"))
         record = yaml.safe_load(records[-1].read_text()) if records else {}
     return PhaseRun(proc.returncode, proc.stdout + proc.stderr, record)

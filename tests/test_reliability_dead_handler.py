@@ -199,7 +199,7 @@ def test_phase2_fails_naming_the_dead_handler_and_the_child_runs_the_next_test(t
     junit = tmp_path / "child.xml"
     t0 = time.monotonic()
     run = run_phase(PHASE2, "tests/reliability_child_cases.py", "-k", f"1MiB-2vcpus or {FOLLOW_UP}",
-                    f"--junitxml={junit}", inject="handler-dies", timeout=120)
+                    f"--junitxml={junit}", inject="handler-dies")
     child_s = time.monotonic() - t0
     assert run.outcome(PHASE2_SMALL) == "failed", f"expected phase 2 to fail, saw {run.outcome(PHASE2_SMALL)}: " \
                                                   f"{run.output[-2000:]}"
