@@ -32,18 +32,17 @@ import sys
 if sys.platform == "win32":
     raise ImportError("native.capture (the uffd WP engine) is Linux-only")
 
-import mmap
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from snapproof.native.engine import Engine
-from snapproof.native.image import SnapshotImage, SnapshotWriter, WriteStats
+from snapproof.native.image import SnapshotImage, SnapshotWriter, WriteStats, start_writeback
 from snapproof.native.inject import FaultInjection
 from snapproof.native.kvm import Vcpu
 from snapproof.native.live import LiveSnapshot, VcpuRunner, take_live_snapshot
-from snapproof.native.memory import PAGE_SIZE, GuestMemory, copy_timed
+from snapproof.native.memory import PAGE_SIZE, GuestMemory
 from snapproof.native.pagemap import read_pagemap
 from snapproof.native.wp import BULK_BATCH, WpSnapshot, WpStats
 
@@ -152,30 +151,46 @@ def capture_to_file(path: str | os.PathLike[str], memory: GuestMemory, *, vcpus:
                        bulk_ns=bulk_ns, finalize_ns=finalize_ns, file_ns=t3 - t2, write=writer.stats)
 
 
+# The plain durable write's piece: written, then its writeback started while the next is written.
+DURABLE_WRITE_PIECE = 8 << 20
+# The plain durable write in words, for the reports that measure against it.
+DURABLE_WRITE_HOW = "pwrite into a new file piece by piece, each one's writeback started as the next is written, fsync"
+
+
 @dataclass(frozen=True)
 class DurableWrite:
-    """The plain way to make some memory durable in a new file, timed (ns): no WP, no hash, nothing overlapped.
-    A capture starts its writeback while it still copies, so it can come in under this."""
+    """The plain way to make some memory durable in a new file, timed (ns): no WP, no hash. It is the fastest plain
+    way measured on this host (pieces written with pwrite, each one's writeback started as the next is written,
+    then fsync): faster than a copy into the file's mapping then fsync, which has the page cache pages zeroed and
+    mapped first and starts writing back only at the end (1.6x at 1 GiB, quiet)."""
 
-    copy_ns: int  # memcpy into a new file's shared mapping: the first touch of each page cache page
-    sync_ns: int  # fsync: the whole image written back
+    copy_ns: int  # pwrite of each piece into the new file's page cache, and its writeback started
+    sync_ns: int  # fsync: what writeback had not written yet
 
     @property
     def total_ns(self) -> int:
         return self.copy_ns + self.sync_ns
 
 
-def durable_write(path: str | os.PathLike[str], memory: GuestMemory) -> DurableWrite:
-    """Copy ``memory`` into a new plain file at ``path`` through a shared mapping (as the engine writes a snapshot
-    file: the first touch of each page cache page), fsync it, delete it: this host's reference for a capture."""
-    with open(path, "w+b", buffering=0) as f:
-        try:
-            f.truncate(memory.size)
-            with mmap.mmap(f.fileno(), memory.size, access=mmap.ACCESS_WRITE) as mm:
-                copy_ns = copy_timed(mm, memory)
+def durable_write(path: str | os.PathLike[str], memory: GuestMemory,
+                  piece: int = DURABLE_WRITE_PIECE) -> DurableWrite:
+    """Write ``memory`` into a new plain file at ``path`` piece by piece, starting each piece's writeback as the next
+    is written, fsync it, delete it: this host's floor for a capture of the same bytes."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with memoryview(memory.mm) as source:
             t0 = time.perf_counter_ns()
-            os.fsync(f.fileno())
-            sync_ns = time.perf_counter_ns() - t0
-        finally:
-            os.unlink(path)
-    return DurableWrite(copy_ns=copy_ns, sync_ns=sync_ns)
+            for offset in range(0, memory.size, piece):
+                size = min(piece, memory.size - offset)
+                with source[offset:offset + size] as part:
+                    written = os.pwrite(fd, part, offset)
+                if written != size:
+                    raise OSError(f"{path}: pwrite wrote {written:#x} of {size:#x} bytes at {offset:#x}")
+                start_writeback(fd, offset, size)
+            t1 = time.perf_counter_ns()
+            os.fsync(fd)
+            t2 = time.perf_counter_ns()
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return DurableWrite(copy_ns=t1 - t0, sync_ns=t2 - t1)

@@ -595,23 +595,30 @@ def _writeback_starter(fd: int, mapping: mmap.mmap) -> Callable[[int, int], None
     On hardware KVM each flush is an IPI that takes the vCPU out of guest mode; its cost there was never timed
     (the nested kvm_amd run proves this path correct, not fast).
     ``mapping`` maps the file from offset 0 and outlives every call (the writer joins its thread first)."""
-    if not sys.platform.startswith("linux"):  # mmap.madvise and sync_file_range are Linux's
-        return None
-    call = _sync_file_range()
-    if call is None:
+    if not sys.platform.startswith("linux") or _sync_file_range() is None:  # madvise and sync_file_range: Linux's
         return None
 
     def start(offset: int, size: int) -> None:
         first = offset - offset % mmap.PAGESIZE
         mapping.madvise(mmap.MADV_DONTNEED, first, offset + size - first)  # a shared file mapping: no data lost
-        if call(fd, offset, size, _SYNC_FILE_RANGE_WRITE) != 0:
-            import ctypes
-
-            err = ctypes.get_errno()
-            raise OSError(err, f"sync_file_range(offset {offset:#x}, size {size:#x}, SYNC_FILE_RANGE_WRITE): "
-                               f"{os.strerror(err)}")
+        start_writeback(fd, offset, size)
 
     return start
+
+
+def start_writeback(fd: int, offset: int, size: int) -> bool:
+    """Queue the dirty page cache pages of ``fd``'s range for writeback without waiting for it
+    (sync_file_range(SYNC_FILE_RANGE_WRITE)); False where the platform has no such call."""
+    call = _sync_file_range()
+    if call is None:
+        return False
+    if call(fd, offset, size, _SYNC_FILE_RANGE_WRITE) != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, f"sync_file_range(offset {offset:#x}, size {size:#x}, SYNC_FILE_RANGE_WRITE): "
+                           f"{os.strerror(err)}")
+    return True
 
 
 @dataclass(frozen=True)

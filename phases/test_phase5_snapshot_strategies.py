@@ -47,7 +47,7 @@ import os
 
 import pytest
 from snapproof.guests import storm
-from snapproof.native.capture import DurableWrite, FileCapture, durable_write
+from snapproof.native.capture import DURABLE_WRITE_HOW, DurableWrite, FileCapture, durable_write
 from snapproof.native.compare import exact_oracle
 from snapproof.native.kvm import KVM_MEM_LOG_DIRTY_PAGES, ExitReason
 from snapproof.native.layout import offset_of
@@ -497,7 +497,7 @@ def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make
             plain_writes: list[DurableWrite] = []
             for i in range(1, BENCH_ROUNDS + 1):
                 # The host's own limit, right before each round and under the same running guest: the same bytes
-                # made durable the plain way (a copy into a new file's mapping, fsync), no WP, no hash.
+                # made durable the plain way (``durable_write``), no WP, no hash.
                 plain_writes.append(durable_write(tmp_path / "plain.raw", storm_vm.memory))
                 cap = capture_snapshot(storm_vm.memory, f"durable-{i}", runner=runner, timeout=GUEST_TIMEOUT_S)
                 caps.append(cap)
@@ -520,10 +520,9 @@ def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make
             limit = report.figure("durable_capture_ratio_to_durable_write",
                                   [c.total_ns / w.total_ns for c, w in zip(caps, plain_writes, strict=True)], "x",
                                   what="each durable capture over the plain durable write of the same bytes measured "
-                                       "right before it, the guest running (a copy into a new file's mapping, fsync)")
+                                       f"right before it, the guest running ({DURABLE_WRITE_HOW})")
             report.figure("plain_durable_write_ns", [w.total_ns for w in plain_writes], "ns",
-                          what="the guest's memory copied into a new file's mapping, then fsync, while it runs: no "
-                               "WP, no hash, no overlap")
+                          what=f"the guest's memory made durable while it runs, {DURABLE_WRITE_HOW}: no WP, no hash")
             plain = median([w.total_ns for w in plain_writes])
 
             def part(ns):  # one part of each capture's time, its median
@@ -541,8 +540,8 @@ def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make
                       f"{part(lambda c: c.write.writeback_ns)} (sync_file_range); the rest of its time it waited "
                       "for the copy or for a CPU")
             st.timing("plain durable write median", plain,
-                      f"this host's limit, the same bytes under the same running guest: a copy into a new file's "
-                      f"mapping {fmt_ns(median([w.copy_ns for w in plain_writes]))}, fsync "
+                      f"this host's limit, the same bytes under the same running guest ({DURABLE_WRITE_HOW}): the "
+                      f"writes {fmt_ns(median([w.copy_ns for w in plain_writes]))}, fsync "
                       f"{fmt_ns(median([w.sync_ns for w in plain_writes]))}; the capture takes "
                       f"{median(limit.samples):.2f}x it")
             if mem_size >= DURABLE_TARGET_FROM:
