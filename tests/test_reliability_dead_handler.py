@@ -50,7 +50,9 @@ FREED_WITHIN_S = 3.0   # a woken waiter returns in well under a millisecond; thi
 MARKER16_STORE_IP = guests.REAL_MODE_LOAD_GPA + 2
 MARKER16_HLT_IP = MARKER16_STORE_IP + 3
 STATE_SAMPLE_S = 0.05  # how often the watch past the deadline reads the vCPU thread's scheduler state
-LIVE_TIMEOUT_S = 10.0  # take_live_snapshot's own time-out: the phase must fail well inside it
+# How the live protocol ends when a vCPU stays blocked on a fault no one serves (native/live.py, GuestTimeout): a
+# phase that fails naming the dead handler must not have ended this way.
+LIVE_PROTOCOL_TIMED_OUT = "did not stop within"
 PHASE2 = "test_phase2_live_consistency.py"
 PHASE2_SMALL = "test_live_snapshot_of_memfd_is_memory_at_the_arm_instant[1MiB-2vcpus]"
 FOLLOW_UP = "test_engine_and_guest_work_after_a_dead_handler"
@@ -195,7 +197,9 @@ def test_dead_handler_frees_a_host_thread_blocked_on_its_write(make_memory, make
 
 
 def test_phase2_fails_naming_the_dead_handler_and_the_child_runs_the_next_test(tmp_path, record_property):
-    """Phase 2 under handler-dies fails fast naming the dead handler; the same child then passes the next test."""
+    """Phase 2 under handler-dies fails naming the dead handler, on the engine's error rather than at the live
+    protocol's time-out (how long the case took is recorded, never judged); the same child then passes the next
+    test."""
     junit = tmp_path / "child.xml"
     t0 = time.monotonic()
     run = run_phase(PHASE2, "tests/reliability_child_cases.py", "-k", f"1MiB-2vcpus or {FOLLOW_UP}",
@@ -205,8 +209,8 @@ def test_phase2_fails_naming_the_dead_handler_and_the_child_runs_the_next_test(t
                                                   f"{run.output[-2000:]}"
     failure = run.failure(PHASE2_SMALL)
     assert DIED in failure and "HANDLER_DIES" in failure, f"failure does not name the dead handler: {failure}"
+    assert LIVE_PROTOCOL_TIMED_OUT not in failure, f"phase 2 ended at the live protocol's time-out: {failure}"
     case_s = run.cases()[PHASE2_SMALL]["duration_ns"] / 1e9
-    assert case_s < LIVE_TIMEOUT_S, f"phase 2 took {case_s:.2f} s to fail, its time-out is {LIVE_TIMEOUT_S} s"
     cases = [(c.get("name"), "failed" if c.find("failure") is not None or c.find("error") is not None
               else "skipped" if c.find("skipped") is not None else "passed")
              for c in ET.parse(junit).getroot().iter("testcase")]
