@@ -606,19 +606,18 @@ def _writeback_starter(fd: int, mapping: mmap.mmap) -> Callable[[int, int], None
     return start
 
 
-def start_writeback(fd: int, offset: int, size: int) -> bool:
+def start_writeback(fd: int, offset: int, size: int) -> None:
     """Queue the dirty page cache pages of ``fd``'s range for writeback without waiting for it
-    (sync_file_range(SYNC_FILE_RANGE_WRITE)); False where the platform has no such call."""
+    (sync_file_range(SYNC_FILE_RANGE_WRITE)); nothing where the platform has no such call (a final sync writes it)."""
     call = _sync_file_range()
     if call is None:
-        return False
+        return
     if call(fd, offset, size, _SYNC_FILE_RANGE_WRITE) != 0:
         import ctypes
 
         err = ctypes.get_errno()
         raise OSError(err, f"sync_file_range(offset {offset:#x}, size {size:#x}, SYNC_FILE_RANGE_WRITE): "
                            f"{os.strerror(err)}")
-    return True
 
 
 @dataclass(frozen=True)
