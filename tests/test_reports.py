@@ -9,9 +9,6 @@ and facts), so each explanation is shown firing on what a real bug leaves, and s
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,8 @@ from snapproof.results.explain import EXPLANATIONS, explain
 from snapproof.results.progress import Progress, ProgressDisplay, progress_line
 from snapproof.results.record import FAIL_MARK, SCHEMA, TARGETS, CaseReport, PhaseReport, render_phase
 from snapproof.results.schema import RECORD, problems
+
+from tests.results_child import run_tiny_phase, write_tiny_phase
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINES = sorted((ROOT / "results" / "baselines").glob("*.yaml"))
@@ -189,14 +188,6 @@ def test_every_report_line_fits_the_width(width, verbose):
     assert "why: 1 write-protect fault" in wrapped and "MISSED target:" in wrapped and FAIL_MARK not in wrapped
 
 
-CONFTEST = '''
-pytest_plugins = ("snapproof.results.interrupts", "snapproof.results.hostload", "snapproof.results.plugin")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "phase(n, title): the phase a test belongs to")
-'''
-
 PHASE = '''
 import pytest
 
@@ -222,12 +213,8 @@ def test_fails_with_the_engines_evidence(report):
 def test_a_run_prints_its_report_within_the_terminals_width(tmp_path):
     """A child pytest at COLUMNS=80 (pytest's own width): every line of its phase report fits, the claim, the missed
     target and the explanation included; the explanation is in pytest's failure report too."""
-    (tmp_path / "conftest.py").write_text(CONFTEST)
-    (tmp_path / "test_phase9.py").write_text(PHASE)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="80")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "test_phase9.py", "-p", "no:cacheprovider", "-p",
-                           "no:randomly", "--reports", "full", "--results-dir", "runs"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = run_tiny_phase(write_tiny_phase(tmp_path, PHASE), "--reports", "full", "--results-dir", "runs",
+                          COLUMNS="80")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     failures, report = proc.stdout.split("snapproof phase reports")
     assert "why: 1 write-protect fault was served but no page was copied before the write" in failures, failures

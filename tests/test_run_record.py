@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,17 +20,7 @@ from snapproof.results.load import incompleteness, load_record
 from snapproof.results.schema import RECORD, problems
 
 from tests.phase_runner import run_phase
-
-ROOT = Path(__file__).resolve().parent.parent
-CHILD_CEILING_S = 120
-
-CONFTEST = '''
-pytest_plugins = ("snapproof.results.interrupts", "snapproof.results.hostload", "snapproof.results.plugin")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "phase(n, title): the phase a test belongs to")
-'''
+from tests.results_child import run_tiny_phase, write_tiny_phase
 
 PHASE = '''
 import time
@@ -57,17 +46,12 @@ def test_third_case_never_starts():
 
 
 def _child(project: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "pytest", "test_phase9.py", "-p", "no:cacheprovider",
-                           "-p", "no:randomly", "--reports", "none", *args],
-                          cwd=project, env=env, capture_output=True, text=True, timeout=CHILD_CEILING_S)
+    return run_tiny_phase(project, "--reports", "none", *args)
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    (tmp_path / "conftest.py").write_text(CONFTEST)
-    (tmp_path / "test_phase9.py").write_text(PHASE)
-    return tmp_path
+    return write_tiny_phase(tmp_path, PHASE)
 
 
 def test_a_run_ended_by_a_time_out_leaves_its_record_incomplete_with_what_finished(project):
