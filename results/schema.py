@@ -77,9 +77,13 @@ _ENGINE = {"anyOf": [
 _RUN_POLICY = _strict([], file=_TEXT, host_class={"type": ["string", "null"]},
                       required_capabilities={"type": "array", "items": _TEXT}, note=_TEXT)
 
-# --background-load (results/hostload.py); empty when the run made none.
+# --background-load (results/hostload.py); empty when the run made none. ``ended``: each load process that
+# exited before the run did, so what ran after it was not loaded.
 _BACKGROUND_LOAD = _strict([], kinds={"type": "array", "items": {"enum": ["cpu", "memory"]}},
-                           memory_fraction={"type": "number"})
+                           seconds={"type": "number"}, memory_fraction={"type": "number"},
+                           ended={"type": "array", "items": _strict(
+                               ["kind", "seen_gone_after_s", "returncode"], kind={"enum": ["cpu", "memory"]},
+                               seen_gone_after_s={"type": "number"}, returncode={"type": "integer"})})
 
 # run.status: complete (every selected test finished, the run at its end, no signal), incomplete (stopped
 # early, or never finished its record: what a run still going or killed leaves), interrupted (a signal).
