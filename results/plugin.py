@@ -36,7 +36,9 @@ from typing import Any
 
 import pytest
 import yaml
+from snapproof.results import hostbusy
 from snapproof.results.explain import explain
+from snapproof.results.hostload import LOADS
 from snapproof.results.hostload import describe as describe_load
 from snapproof.results.hostpolicy import HostPolicy
 from snapproof.results.interrupts import interruption
@@ -161,6 +163,7 @@ class RunRecorder:
         self._host_policy: HostPolicy | None = None
         self._engine: dict[str, Any] | None = None
         self.display: ProgressDisplay | None = None  # what runs now, on the terminal (from the session's start)
+        self._host_at_start: hostbusy.Sample | None = None  # the host as the running phase case started
         self.path = self._path()
 
     def _path(self) -> Path | None:
@@ -209,10 +212,19 @@ class RunRecorder:
         if self.display is not None:
             self.display.now_running(item.name, what)
 
-    def pytest_runtest_logfinish(self, nodeid: str) -> None:
-        """A test is done, its teardown reported too: rewrite the record if it is a phase case, so what
-        finished so far is on disk before the next test can hang or crash."""
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
         if nodeid in self.cases:
+            self._host_at_start = hostbusy.sample()
+
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        """A test is done, its teardown reported too: rewrite the record if it is a phase case (with what
+        others took of the host while it ran), so what finished so far is on disk before the next test can
+        hang or crash."""
+        if nodeid in self.cases:
+            before, self._host_at_start = self._host_at_start, None
+            if before is not None and (after := hostbusy.sample()) is not None:
+                load = {x.proc.pid for x in self.config.stash.get(LOADS, [])}
+                self.cases[nodeid].host_busy = hostbusy.measure(before, after, neighbours=load)
             self.write()
 
     def host_policy(self) -> HostPolicy:
@@ -550,6 +562,12 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             terminalreporter.write_line(render_phase(phase, verbose=(mode == "full"), width=width))
             terminalreporter.write_line("")
     path = run.write(record)  # the record just printed, not a second gathering of it
+    busy = [c for p in record["phases"] for c in p["cases"] if c.get("host_busy", {}).get("busy")]
+    if busy:
+        cases = sum(len(p["cases"]) for p in record["phases"])
+        say(wrap(f"host busy during {len(busy)} of {cases} phase cases (others took {hostbusy.BUSY_CPUS} CPU or "
+                 "more while they ran; each report names who): the gate judges none of their figures", width),
+            yellow=True)
     status = record["run"]
     if status["status"] != "complete":
         why = f": {status['interrupted']['signal']} during {status['interrupted']['during']}" \

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from snapproof.results.explain import explain
+from snapproof.results.hostbusy import summary as hostbusy_summary
 
 if TYPE_CHECKING:
     from snapproof.results.progress import Progress, ProgressDisplay
@@ -211,6 +212,7 @@ class CaseReport:
     figures: dict[str, Figure] = field(default_factory=dict)
     failure: str = ""
     skip_reason: str = ""
+    host_busy: dict[str, Any] | None = None  # what others took of the host while it ran (results/hostbusy.py)
     # Where the run shows what is running now (results/plugin.py sets it); None: nothing is shown.
     display: ProgressDisplay | None = field(default=None, repr=False, compare=False)
     _open_stage: int | None = field(default=None, init=False, repr=False, compare=False)
@@ -289,6 +291,8 @@ class CaseReport:
             d["failure"] = self.failure
         if self.skip_reason:
             d["skip_reason"] = self.skip_reason
+        if self.host_busy is not None:
+            d["host_busy"] = self.host_busy
         return d
 
 
@@ -444,6 +448,8 @@ def _case_lines(c: dict[str, Any], verbose: bool, width: int) -> list[str]:
         lines += wrap(f"skipped: {c['skip_reason']}", width, "      ")
     for e in c.get("facts", {}).get(MEASUREMENT_ERRORS, []):
         lines += wrap(f"MEASUREMENT ERROR: {e['figure']} = {e['value']}: {e['why']}", width, "      ")
+    if (busy := c.get("host_busy", {})).get("busy"):
+        lines += wrap(f"HOST BUSY: {hostbusy_summary(busy)}; the gate judges none of its figures", width, "      ")
     if not detailed:
         for t in missed_targets(c):
             lines += wrap(target_text(t), width, "      ")

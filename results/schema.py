@@ -48,7 +48,13 @@ _CASE = _strict(
     duration_ns=_NS, stages={"type": "array", "items": _STAGE},
     facts={"type": "object"},
     figures={"type": "object", "additionalProperties": _FIGURE},
-    failure=_TEXT, skip_reason=_TEXT)
+    failure=_TEXT, skip_reason=_TEXT,
+    # What others took of the host while the case ran (results/hostbusy.py); absent where there is no /proc.
+    host_busy=_strict(["wall_s", "other_cpus", "steal_cpus", "busy", "busy_from_cpus", "busiest"],
+                      wall_s={"type": "number"}, other_cpus={"type": "number"}, steal_cpus={"type": "number"},
+                      busy={"type": "boolean"}, busy_from_cpus={"type": "number"},
+                      busiest={"type": "array", "items": _strict(["pid", "name", "cpu_s"], pid={"type": "integer"},
+                                                                  name=_TEXT, cpu_s={"type": "number"})}))
 
 # A case left out at collection for a capability the host lacks and its class does not require.
 _DESELECTED = _strict(["test", "nodeid", "reason"], test=_TEXT, nodeid=_TEXT, reason=_TEXT)

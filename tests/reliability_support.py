@@ -183,13 +183,14 @@ def threads_settled(want: int, timeout: float = 2.0) -> int:
     return n
 
 
-def wait_for(predicate: Any, what: str, timeout: float) -> None:
-    """Poll ``predicate()`` until it is true; AssertionError naming ``what`` at ``timeout`` (never a hang)."""
+def wait_for(predicate: Any, what: str, timeout: float, interval: float = 0.001) -> None:
+    """Poll ``predicate()`` every ``interval`` s until it is true; AssertionError naming ``what`` at ``timeout``
+    (never a hang). A wait that must not compete for the CPU with what it watches polls less often."""
     end = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > end:
             raise AssertionError(f"{what}: not reached within {timeout} s")
-        time.sleep(0.001)
+        time.sleep(interval)
 
 
 def thread_cpu_seconds(tid: int) -> tuple[float, str]:

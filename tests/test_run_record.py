@@ -111,8 +111,9 @@ def test_xdist_is_refused_at_the_start_while_a_record_is_wanted(project):
 @pytest.mark.needs("kvm", *ENGINE_NEEDS)
 def test_a_real_run_of_phases_writes_a_record_valid_against_the_schema():
     """Phases 0, 1 and 6 run for real (a benchmark's figures, the engine, the host's policy class, a background
-    load, and on a host that lacks a capability its class does not require, deselected cases): the record the
-    plugin writes is a complete run and valid against results/schema.py, key for key."""
+    load and what others took of the host, and on a host that lacks a capability its class does not require,
+    deselected cases): the record the plugin writes is a complete run and valid against results/schema.py, key for
+    key."""
     run = run_phase("test_phase0_host.py", "phases/test_phase1_wp_catches_writes.py",
                     "phases/test_phase6_incremental.py", "-k", "phase0 or (arm_cost and 1MiB) or (phase6 and 1MiB)",
                     "--background-load", "cpu", benchmarks=True)
@@ -122,7 +123,9 @@ def test_a_real_run_of_phases_writes_a_record_valid_against_the_schema():
         "\n  ".join(bad)
     rec = run.record["run"]
     assert rec["status"] == "complete" and rec["engine"]["builtin"] is True and rec["background_load"] == \
-        {"kinds": ["cpu"]}, rec
+        {"kinds": ["cpu"], "seconds": 3600.0}, rec
+    assert not [c["test"] for c in run.cases().values() if c["outcome"] != "not run" and "host_busy" not in c], \
+        "a phase case that ran has no host_busy"
     arm = run.cases()["test_benchmark_arm_cost[1MiB]"]
     assert {"arm_ns", "arm_ratio_to_raw_ioctl", "raw_writeprotect_ns", "round_ns"} <= set(arm["figures"]), arm
     print(f"validated: {len(run.cases())} cases, deselected for this host: {sorted(run.deselected()) or 'none'}")
