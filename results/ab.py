@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snapproof.results.hostbusy import busy_cases
 from snapproof.results.hostpolicy import DEFAULT_POLICY
 from snapproof.results.load import RecordError, figures, incompleteness, load_record
 
@@ -147,7 +148,7 @@ class Row:
 def compare(a_records: list[dict[str, Any]], b_records: list[dict[str, Any]], policy: dict[str, Any],
             host_class: str | None = None) -> tuple[str, list[Row]]:
     """Each figure of the policy's class, all A samples against all B samples: (class name, rows)."""
-    from snapproof.results.gate import Statistics, host_facts, select_class
+    from snapproof.results.gate import Statistics, busy_case, host_facts, select_class
 
     klass = select_class(policy, host_facts(a_records[0]), host_class)
     stats = Statistics.of(klass)
@@ -155,7 +156,13 @@ def compare(a_records: list[dict[str, Any]], b_records: list[dict[str, Any]], po
     for f in klass.get("figures", []):
         a_figs = pooled(a_records, int(f["phase"]), f["case"], f["figure"])
         b_figs = pooled(b_records, int(f["phase"]), f["case"], f["figure"])
+        a_busy = {t: b for rec in a_records for t, b in busy_cases(rec, int(f["phase"])).items()}
+        b_busy = {t: b for rec in b_records for t, b in busy_cases(rec, int(f["phase"])).items()}
         for test in sorted(set(a_figs) | set(b_figs)):
+            if (refused := busy_case(f"{f['figure']}[{test}]", test, ("A's runs", a_busy), ("B's runs", b_busy))):
+                rows.append(Row(f["figure"], test, "", float("nan"), float("nan"), float("nan"), 1.0, "busy",
+                                refused.text, 0, 0))
+                continue
             if test not in a_figs or test not in b_figs:
                 side = "A" if test not in a_figs else "B"
                 rows.append(Row(f["figure"], test, "", float("nan"), float("nan"), float("nan"), 1.0, "missing",
@@ -315,31 +322,34 @@ def teeth_main(args: argparse.Namespace) -> int:
     base_path = Path(args.baseline) if args.baseline else run_side(here, out / "baseline.yaml", selection, log)
     base = _load_complete(base_path)
 
-    def gate_one(path: Path) -> tuple[bool, list[str], list[str]]:
-        """(the gate passed, every failed check, the failed figure checks) for one record."""
-        rec = load_record(path)
-        _, findings = evaluate(rec, base, policy)
+    def gate_one(path: Path) -> dict[str, Any]:
+        """One record through the gate: whether it passed, every failed check, the figure checks it failed, and
+        whether a figure was not judged for a busy host (never a catch, never a false failure: it judged nothing)."""
+        _, findings = evaluate(load_record(path), base, policy)
         failed = [f for f in findings if not f.ok]
-        return not failed, [f"{f.kind} {f.text}" for f in failed], [f.subject for f in failed if f.kind == "figure"]
+        return {"record": str(path), "gate_passed": not failed,
+                "judged_failures": sum(f.kind != "busy" for f in failed), "busy": any(f.kind == "busy" for f in failed),
+                "failed": [f"{f.kind} {f.text}" for f in failed],
+                "caught_by": [f.subject for f in failed if f.kind == "figure"]}
 
     clean: list[dict[str, Any]] = []
     clean_records = []
     for i in range(args.reruns):
         path = run_side(here, out / f"clean-{i + 1}.yaml", selection, log)
-        ok, why, figs = gate_one(path)
-        clean.append({"record": str(path), "gate_passed": ok, "failed": why})
+        clean.append(gate_one(path))
         clean_records.append(load_record(path))
     switches: dict[str, list[dict[str, Any]]] = {}
     for switch in filter(None, args.switches.split(",")):
         side = Side(switch, ".", ["--inject", switch])
         for i in range(args.reruns):
             path = run_side(side, out / f"{switch}-{i + 1}.yaml", shlex.split(args.switch_select), log)
-            _, why, figs = gate_one(path)
-            switches.setdefault(switch, []).append({"record": str(path), "caught_by": figs})
+            switches.setdefault(switch, []).append(gate_one(path))
     smallest = smallest_caught(base, policy, clean_records)
     result = {"baseline": str(base_path), "reruns": args.reruns,
-              "false_failures": sum(not c["gate_passed"] for c in clean), "clean": clean,
-              "switches": {s: {"caught": sum(bool(r["caught_by"]) for r in runs), "runs": runs}
+              "false_failures": sum(c["judged_failures"] > 0 for c in clean),
+              "busy_runs": sum(c["busy"] for c in clean), "clean": clean,
+              "switches": {s: {"caught": sum(bool(r["caught_by"]) for r in runs), "busy": sum(r["busy"] for r in runs),
+                               "runs": runs}
                            for s, runs in switches.items()},
               "smallest_caught_percent": smallest}
     (out / "teeth.json").write_text(json.dumps(result, indent=2))
@@ -347,13 +357,15 @@ def teeth_main(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"gate teeth on this host ({out}); baseline {base_path}")
-        print(f"  clean reruns: {result['false_failures']} false failures of {args.reruns}")
+        print(f"  clean reruns: {result['false_failures']} false failures of {args.reruns}"
+              f" ({result['busy_runs']} with figures not judged: the host was busy)")
         for c in clean:
             for line in c["failed"]:
                 print(f"    {Path(c['record']).name}: {line}")
         for s, v in result["switches"].items():
             figs = sorted({f for r in v["runs"] for f in r["caught_by"]})
-            print(f"  --inject {s}: caught in {v['caught']} of {args.reruns} (by {', '.join(figs) or 'nothing'})")
+            print(f"  --inject {s}: caught in {v['caught']} of {args.reruns} (by {', '.join(figs) or 'nothing'}; "
+                  f"{v['busy']} with figures not judged: the host was busy)")
         print("  smallest slowdown caught in every clean rerun, per gated figure:")
         for name, pct in smallest.items():
             print(f"    {name}: {'not within +500%' if pct is None else f'+{pct:.0f}%'}")

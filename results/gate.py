@@ -3,7 +3,8 @@
 ``snapproof results gate RUN.yaml --baseline BASE.yaml --policy results/gate.yaml`` exits 1 and says
 why when either record is not of a complete run (``run.status``, named) or the run had fault-injection
 switches on, a required phase did not PASS, a required capability is missing, a figure is a
-measurement error, or a tracked figure regressed: judged by its samples in both records
+measurement error, a tracked figure's case ran on a busy host in either record (results/hostbusy.py:
+not judged, named as such), or a tracked figure regressed: judged by its samples in both records
 (results/stats.py: a rank test at the class's ``alpha`` and a minimum effect size), or past its
 absolute limit. It exits 2, naming the file and the key, when the policy or a record is not valid
 (results/schema.py), the baseline is of another host class than the run, or a policy's class checks
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from snapproof.results.hostbusy import busy_cases
+from snapproof.results.hostbusy import summary as busy_summary
 from snapproof.results.load import RecordError, figures, host_label, incompleteness, load_record, phase, read_yaml
 from snapproof.results.record import MEASUREMENT_ERRORS, fmt_value
 from snapproof.results.schema import POLICY, POLICY_SCHEMA, check
@@ -37,7 +40,7 @@ class PolicyError(Exception):
 @dataclass(frozen=True)
 class Finding:
     ok: bool
-    kind: str        # record / phase / capability / figure / figures
+    kind: str        # record / phase / capability / figure / figures / busy (a figure not judged)
     subject: str     # what was checked, stable across runs: "phase 5", "uffd.WP_ASYNC", "arm_ns[test...]"
     text: str
     judgement: Judgement | None = None
@@ -149,8 +152,19 @@ def judge_figure(name: str, test: str, base_fig: dict[str, Any], run_fig: dict[s
     return Finding(j.ok, "figure", subject, text, j)
 
 
+def busy_case(subject: str, test: str, *busy_in: tuple[str, dict[str, dict[str, Any]]]) -> Finding | None:
+    """A refusal of figure ``subject`` when its case ran on a busy host in any of ``busy_in`` (where, as in "the
+    run": that record's busy cases, ``busy_cases``): such a figure measured the neighbour too, so it is neither a
+    regression nor a pass."""
+    for where, busy in busy_in:
+        if test in busy:
+            return Finding(False, "busy", subject, f"{subject}: not judged: the host was busy while its case ran in "
+                           f"{where} ({busy_summary(busy[test])}); run it again on a quiet host")
+    return None
+
+
 def check_figures(klass: dict[str, Any], run: dict[str, Any], base: dict[str, Any]) -> list[Finding]:
-    out = []
+    out: list[Finding] = []
     stats = Statistics.of(klass)
     for f in klass.get("figures", []):
         name, number, case = f["figure"], int(f["phase"]), f["case"]
@@ -162,8 +176,12 @@ def check_figures(klass: dict[str, Any], run: dict[str, Any], base: dict[str, An
                                    "only --sizes adds"))
             continue
         baseline = dict(figures(base, number, case, name))
+        busy_in = (("the run", busy_cases(run, number)), ("the baseline", busy_cases(base, number)))
         for test, fig in got:
             subject = f"{name}[{test}]"
+            if (refused := busy_case(subject, test, *busy_in)) is not None:
+                out.append(refused)
+                continue
             limit = f.get("limit")
             if limit is not None:
                 lower = fig["better"] == "lower"
@@ -336,5 +354,5 @@ def gate(run_path: str, baseline_path: str | None, policy_path: str, host_class:
     return GateResult(run_path, baseline_path, policy_path, run, base, klass["name"], findings)
 
 
-__all__ = ["Finding", "GateResult", "PolicyError", "RecordError", "Statistics", "evaluate", "gate",
+__all__ = ["Finding", "GateResult", "PolicyError", "RecordError", "Statistics", "busy_case", "evaluate", "gate",
            "host_facts", "judge_figure", "load_policy", "required_capabilities", "select_class", "uncalibrated"]
