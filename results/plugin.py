@@ -43,7 +43,16 @@ from snapproof.results.hostload import describe as describe_load
 from snapproof.results.hostpolicy import HostPolicy
 from snapproof.results.interrupts import interruption
 from snapproof.results.progress import ProgressDisplay
-from snapproof.results.record import MIN_WIDTH, SCHEMA, CaseReport, PhaseReport, render_phase, wrap, wrap_name
+from snapproof.results.record import (
+    MIN_WIDTH,
+    SCHEMA,
+    CaseReport,
+    PhaseReport,
+    busy_count,
+    render_phase,
+    wrap,
+    wrap_name,
+)
 
 from snapproof import CHECKOUT
 
@@ -562,12 +571,11 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             terminalreporter.write_line(render_phase(phase, verbose=(mode == "full"), width=width))
             terminalreporter.write_line("")
     path = run.write(record)  # the record just printed, not a second gathering of it
-    busy = [c for p in record["phases"] for c in p["cases"] if c.get("host_busy", {}).get("busy")]
+    busy, measured = busy_count(record["phases"])
     if busy:
-        cases = sum(len(p["cases"]) for p in record["phases"])
-        say(wrap(f"host busy during {len(busy)} of {cases} phase cases (others took {hostbusy.BUSY_CPUS} CPU or "
-                 "more while they ran; each report names who): the gate judges none of their figures", width),
-            yellow=True)
+        say(wrap(f"host busy during {busy} of the {measured} phase cases that measured something (others took "
+                 f"{hostbusy.BUSY_CPUS} CPU or more while they ran; each report names who): the gate judges none of "
+                 "their figures", width), yellow=True)
     status = record["run"]
     if status["status"] != "complete":
         why = f": {status['interrupted']['signal']} during {status['interrupted']['during']}" \

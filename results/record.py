@@ -404,6 +404,23 @@ def target_text(t: dict[str, Any]) -> str:
             f"{fmt_value(t['seen'], t['unit'])}")
 
 
+def timed(case: dict[str, Any]) -> bool:
+    """The case measured something: figures, or targets judged."""
+    return bool(case.get("figures") or case.get("facts", {}).get(TARGETS))
+
+
+def busy_timed(case: dict[str, Any]) -> bool:
+    """The case measured something while others kept the host busy (results/hostbusy.py): what it measured
+    measured them too. A busy case that timed nothing is only in the record."""
+    return timed(case) and bool(case.get("host_busy", {}).get("busy"))
+
+
+def busy_count(phases: list[dict[str, Any]]) -> tuple[int, int]:
+    """(cases that measured something on a busy host, cases that measured something), over ``phases``."""
+    measured = [c for p in phases for c in p["cases"] if timed(c)]
+    return sum(busy_timed(c) for c in measured), len(measured)
+
+
 def missed_targets(case: dict[str, Any]) -> list[dict[str, Any]]:
     return [t for t in case.get("facts", {}).get(TARGETS, []) if not t["met"]]
 
@@ -448,8 +465,9 @@ def _case_lines(c: dict[str, Any], verbose: bool, width: int) -> list[str]:
         lines += wrap(f"skipped: {c['skip_reason']}", width, "      ")
     for e in c.get("facts", {}).get(MEASUREMENT_ERRORS, []):
         lines += wrap(f"MEASUREMENT ERROR: {e['figure']} = {e['value']}: {e['why']}", width, "      ")
-    if (busy := c.get("host_busy", {})).get("busy"):
-        lines += wrap(f"HOST BUSY: {hostbusy_summary(busy)}; the gate judges none of its figures", width, "      ")
+    if busy_timed(c):
+        lines += wrap(f"HOST BUSY: {hostbusy_summary(c['host_busy'])}; the gate judges none of its figures", width,
+                      "      ")
     if not detailed:
         for t in missed_targets(c):
             lines += wrap(target_text(t), width, "      ")

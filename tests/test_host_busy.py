@@ -11,6 +11,7 @@ import pytest
 from snapproof.results import hostbusy
 from snapproof.results.hostbusy import MIN_TICKS, TICK_HZ, Proc, Sample, measure, parse_stat
 from snapproof.results.load import load_record
+from snapproof.results.record import busy_count, render_phase
 from snapproof.results.schema import RECORD, problems
 
 from tests.results_child import run_tiny_phase, write_tiny_phase
@@ -81,6 +82,20 @@ def test_a_sample_of_this_host_finds_this_process_and_no_kernel_thread_in_its_tr
     assert not [p for p in tree if now.procs[p].kthread]
 
 
+def test_the_report_says_host_busy_only_for_a_case_that_measured_something():
+    """A busy case with a figure is drawn HOST BUSY naming who; one that timed nothing is only in the record."""
+    busy = {"wall_s": 2.0, "other_cpus": 0.9, "steal_cpus": 0.0, "busy": True, "busy_from_cpus": 0.1,
+            "busiest": [{"pid": 4242, "name": "cc1plus", "cpu_s": 1.8}]}
+    case = {"test": "test_x", "nodeid": "n", "claim": "c", "outcome": "passed", "duration_ns": 1, "stages": [],
+            "host_busy": busy}
+    phase = {"phase": 9, "title": "t", "outcome": "PASS", "duration_ns": 1, "cases": [case]}
+    assert "HOST BUSY" not in render_phase(phase)
+    case["figures"] = {"round_ns": {"unit": "ns", "better": "lower", "median": 1.0, "samples": [1.0]}}
+    assert "HOST BUSY: others took 0.90 CPU over 2.0 s (busy from 0.1 CPU): cc1plus (pid 4242) 1.80 s" in \
+        " ".join(render_phase(phase).split())
+    assert busy_count([phase]) == (1, 1)
+
+
 # A phase case that waits until the run's own cpu load has spent LOAD_TICKS beside it: a neighbour for certain.
 BESIDE_A_LOAD = """
 import pytest
@@ -127,4 +142,4 @@ def test_a_case_beside_a_busy_neighbour_is_recorded_busy_and_reported(tmp_path):
         min(b["cpu_s"] for b in busy["busiest"]) * TICK_HZ >= load["ticks"], (load, busy)
     said = " ".join(run.stdout.split())
     assert "HOST BUSY: others took" in said and "the gate judges none of its figures" in said, run.stdout
-    assert "host busy during 1 of 1 phase cases" in said, run.stdout
+    assert "host busy during 1 of the 1 phase cases that measured something" in said, run.stdout
