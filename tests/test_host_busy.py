@@ -7,6 +7,8 @@ case waits until a real neighbour, its own ``--background-load cpu``, has spent 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from snapproof.results import hostbusy
 from snapproof.results.hostbusy import MIN_TICKS, TICK_HZ, Proc, Sample, measure, parse_stat
@@ -77,8 +79,8 @@ def test_busy_needs_both_a_share_of_a_cpu_and_the_tick_floor(wall, ticks, steal,
 def test_a_sample_of_this_host_finds_this_process_and_no_kernel_thread_in_its_tree():
     """The real /proc: this process is there, named, and its own tree holds no kernel thread."""
     now = hostbusy.sample()
-    assert now is not None and __import__("os").getpid() in now.procs
-    tree = hostbusy.own_tree(now.procs, __import__("os").getpid(), set())
+    assert now is not None and os.getpid() in now.procs
+    tree = hostbusy.own_tree(now.procs, os.getpid(), set())
     assert not [p for p in tree if now.procs[p].kthread]
 
 
