@@ -147,7 +147,7 @@ def summary(busy: dict[str, Any]) -> str:
     """One line: how busy, and who."""
     who = ", ".join(f"{b['name']} (pid {b['pid']}) {b['cpu_s']:.2f} s" for b in busy["busiest"]) or "nobody named"
     steal = f", steal {busy['steal_cpus']:.2f} CPU" if busy["steal_cpus"] else ""
-    wall = f"{busy['wall_s']:.1f}" if busy["wall_s"] >= 0.1 else f"{busy['wall_s']:.3f}"  # a short case's not 0.0
+    wall = f"{busy['wall_s']:.1f}" if busy["wall_s"] >= 0.1 else f"{busy['wall_s']:.3f}"  # never 'over 0.0 s'
     return (f"others took {busy['other_cpus']:.2f} CPU{steal} over {wall} s "
             f"(busy from {busy['busy_from_cpus']} CPU): {who}")
 

@@ -84,16 +84,23 @@ def test_a_sample_of_this_host_finds_this_process_and_no_kernel_thread_in_its_tr
     assert not [p for p in tree if now.procs[p].kthread]
 
 
+def test_a_case_shorter_than_a_tenth_of_a_second_is_not_said_to_last_0_0_s():
+    busy = {"wall_s": 0.038, "other_cpus": 1.05, "steal_cpus": 0.0, "busy": True, "busy_from_cpus": 0.1,
+            "busiest": [{"pid": 4242, "name": "cc1plus", "cpu_s": 0.04}]}
+    assert hostbusy.summary(busy).startswith("others took 1.05 CPU over 0.038 s (busy from 0.1 CPU)"), \
+        hostbusy.summary(busy)
+
+
 def test_the_report_says_host_busy_only_for_a_case_that_measured_something():
     """A busy case with a figure is drawn HOST BUSY naming who; one that timed nothing is only in the record."""
-    busy = {"wall_s": 0.038, "other_cpus": 0.9, "steal_cpus": 0.0, "busy": True, "busy_from_cpus": 0.1,
+    busy = {"wall_s": 2.0, "other_cpus": 0.9, "steal_cpus": 0.0, "busy": True, "busy_from_cpus": 0.1,
             "busiest": [{"pid": 4242, "name": "cc1plus", "cpu_s": 1.8}]}
     case = {"test": "test_x", "nodeid": "n", "claim": "c", "outcome": "passed", "duration_ns": 1, "stages": [],
             "host_busy": busy}
     phase = {"phase": 9, "title": "t", "outcome": "PASS", "duration_ns": 1, "cases": [case]}
     assert "HOST BUSY" not in render_phase(phase)
     case["figures"] = {"round_ns": {"unit": "ns", "better": "lower", "median": 1.0, "samples": [1.0]}}
-    assert "HOST BUSY: others took 0.90 CPU over 0.038 s (busy from 0.1 CPU): cc1plus (pid 4242) 1.80 s" in \
+    assert "HOST BUSY: others took 0.90 CPU over 2.0 s (busy from 0.1 CPU): cc1plus (pid 4242) 1.80 s" in \
         " ".join(render_phase(phase).split())
     assert busy_count([phase]) == (1, 1)
 
