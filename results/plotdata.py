@@ -43,7 +43,7 @@ WORDS: dict[str, str] = {
     "durable_capture_ns": "live capture into a durable snapshot file",
     "durable_capture_throughput_to_qemu_x": "durable capture throughput / QEMU background snapshot's",
     "durable_capture_ratio_to_durable_write": "durable capture / plain durable write of the same bytes",
-    "plain_durable_write_ns": "plain durable write (pwrite, writeback overlapped, fsync), guest running",
+    "plain_durable_write_ns": "plain durable write (the faster of page cache and O_DIRECT), guest running",
     "first_instruction_ratio_to_fresh_vm": "time to first instruction / fresh VM",
     "fresh_vm_ns": "a fresh VM over memory already in place, to HLT",
     "restore_to_working_set_ns": "time to the full working set",
