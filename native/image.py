@@ -831,7 +831,11 @@ class DirectMemory:
     """Anonymous memory for direct writers of one image size, allocated once and lent to one writer at a time: a
     caller that captures again and again keeps it between captures instead of each writer allocating its own
     (1 GiB here: 91-118 ms to allocate with huge pages, 1.5-2.5 s when the kernel has to compact or fetch memory
-    first). It holds ``size`` bytes of memory for as long as it lives; ``alloc_ns`` is what allocating it took."""
+    first). It holds ``size`` bytes of memory for as long as it lives; ``alloc_ns`` is what allocating it took.
+
+    A writer gets it as the last writer left it, not zeroed (zeroing it would cost what keeping it saves): the
+    file holds whatever is there at finalize, so a writer given it must write every page (a capture's bulk copy
+    does)."""
 
     def __init__(self, size: int):
         if not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
@@ -872,8 +876,9 @@ class SnapshotWriter:
     Two ways to reach the file: by default ``memory`` is the file's own shared mapping (its page cache), each
     final piece's writeback started after its hash; with ``direct`` it is anonymous memory, and a thread of its
     own writes each final piece to the file with O_DIRECT while the hash reads it, so the device reads the
-    pages and nothing is copied into the page cache (at 1 GiB here: 0.30-0.36 s where the page cache way took
-    0.50-0.73 s). A later load of a direct writer's file reads it from the device, not the page cache. Where
+    pages and nothing is copied into the page cache (phase 5's live capture of 1 GiB here: a median 0.42 s with
+    its ``DirectMemory`` kept between captures, where the page cache way took 0.73-0.77 s, allocating its page
+    cache in each). A later load of a direct writer's file reads it from the device. Where
     O_DIRECT is refused (tmpfs) a direct writer writes through the mapping and ``stats.direct_refused`` says why.
     A direct writer given ``direct_memory`` copies into it (a caller's, kept between captures) and gives it back at
     finalize or abort.
