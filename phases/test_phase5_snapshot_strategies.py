@@ -554,11 +554,16 @@ def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make
                           f"allocated once before round 1 and in no round's time: {fmt_bytes(mem_size)} the O_DIRECT "
                           f"writes read from; a capture that allocated its own would take {alloc / 1e6:.0f} ms more "
                           f"(at the median, {qemu_total / (median(durable.samples) + alloc):.2f}x QEMU's throughput)")
-            st.timing("writer's threads", median([c.write.hash_ns + c.write.writeback_ns for c in caps]),
-                      f"in the hash {part(lambda c: c.write.hash_ns)}, starting writeback "
-                      f"{part(lambda c: c.write.writeback_ns)} (sync_file_range, where the image is the page cache), "
-                      f"in O_DIRECT writes {part(lambda c: c.write.direct_write_ns)} on a thread of their own; the "
-                      "rest of their time they waited for the copy, the device or a CPU")
+            if caps[0].write.direct:
+                st.timing("writer's threads", median([c.write.hash_ns + c.write.direct_write_ns for c in caps]),
+                          f"in the hash {part(lambda c: c.write.hash_ns)} on one, in O_DIRECT writes "
+                          f"{part(lambda c: c.write.direct_write_ns)} on the other, each beside the copy; the rest "
+                          "of their time they waited for the copy, the device or a CPU")
+            else:
+                st.timing("writer's thread", median([c.write.hash_ns + c.write.writeback_ns for c in caps]),
+                          f"in the hash {part(lambda c: c.write.hash_ns)}, starting writeback "
+                          f"{part(lambda c: c.write.writeback_ns)} (sync_file_range; {caps[0].write.how}); the rest "
+                          "of its time it waited for the copy or for a CPU")
             st.timing("plain durable write median", plain,
                       f"this host's limit, the same bytes under the same running guest, the faster way of each round: "
                       f"{floor_words(plain_writes, fmt_ns)}; the capture takes {median(limit.samples):.2f}x it")
