@@ -38,6 +38,18 @@ def write_pieces(writer, data: bytes, upto: int) -> None:
     writer.mark_final(upto)
 
 
+def refuse_o_direct(monkeypatch) -> None:
+    """Every open with O_DIRECT fails as tmpfs before Linux 6.6 fails it, with EINVAL; other opens go through."""
+    real_open = os.open
+
+    def refuse(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse)
+
+
 def writer_threads() -> set[str]:
     return {t.name for t in threading.enumerate() if t.name.startswith("snapshot-")}
 
@@ -62,14 +74,7 @@ def test_a_direct_writer_writes_with_o_direct_and_the_file_reads_back_the_same(t
 def test_a_file_system_that_refuses_o_direct_gets_the_page_cache_way_and_says_why(tmp_path, monkeypatch):
     """tmpfs before Linux 6.6 (the nested 6.1 host's root) refuses O_DIRECT with EINVAL: the writer falls back to
     the file's mapping and names the refusal. Simulated here (this host's tmpfs takes O_DIRECT): the open refuses."""
-    real_open = os.open
-
-    def refuse_direct(path, flags, *args):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", refuse_direct)
+    refuse_o_direct(monkeypatch)
     data = pattern(SIZE, seed=1)
     with SnapshotImage.create(tmp_path / "r.snap", SIZE, direct=True) as w:
         write_pieces(w, data, SIZE)
@@ -145,3 +150,33 @@ def test_a_direct_capture_writes_guest_memory_and_reads_nothing_back(make_memory
             assert cap.image.content_hash == blake3.blake3(memory).digest()
             assert SnapshotImage.open(cap.image.path).read_memory() == memory
             mem.write(0, b"\xee" * PAGE)  # the second capture must see its own memory, not the kept bytes
+
+
+def test_the_durable_floor_measures_both_plain_ways_and_takes_the_faster(make_memory, tmp_path):
+    """The host's floor for a durable capture: the page cache way and the O_DIRECT way, each into a new file
+    deleted after it, and the faster of the two as ``best``."""
+    from snapproof.native.capture import durable_floor
+
+    mem = make_memory("memfd", 4 << 20)
+    floor = durable_floor(tmp_path / "plain.raw", mem)
+    assert floor.direct is not None and floor.direct.direct and not floor.cached.direct and floor.refused == ""
+    assert floor.best is min(floor.cached, floor.direct, key=lambda w: w.total_ns)
+    assert floor.total_ns == floor.best.total_ns > 0 and floor.cached.sync_ns > 0 and floor.direct.sync_ns > 0
+    assert not list(tmp_path.iterdir()), f"files left: {list(tmp_path.iterdir())}"
+
+
+def test_the_durable_floor_names_a_refused_o_direct_and_keeps_the_page_cache_way(make_memory, tmp_path,
+                                                                                 monkeypatch):
+    """Where the file system refuses O_DIRECT (tmpfs before Linux 6.6; simulated: this host's takes it), the floor
+    is the page cache way, and the words a report prints say why O_DIRECT was not measured."""
+    from snapproof.native.capture import durable_floor, floor_words
+
+    mem = make_memory("memfd", 1 << 20)
+    refuse_o_direct(monkeypatch)
+    floor = durable_floor(tmp_path / "plain.raw", mem)
+    assert floor.direct is None and floor.best is floor.cached
+    assert floor.refused == "O_DIRECT refused by the file system: Invalid argument", floor.refused
+    words = floor_words([floor], lambda ns: f"{ns:.0f} ns")
+    assert words.startswith("page cache ") and words.endswith(
+        "; O_DIRECT not measured: O_DIRECT refused by the file system: Invalid argument"), words
+    assert not list(tmp_path.iterdir()), f"files left: {list(tmp_path.iterdir())}"
