@@ -830,11 +830,17 @@ def test_benchmark_original_sequence_1MiB(report, benchmark, make_memory, make_m
                            "measured right before it")
 
 
+# How a capture's image reaches its file (native.image.SnapshotWriter): through the file's mapping, its page cache
+# allocated at create; or direct, copied into anonymous memory allocated at create and written with O_DIRECT.
+CAPTURE_WAYS = ("page-cache", "direct")
+
+
 @pytest.mark.sizes(1 << 20, 64 << 20)
+@pytest.mark.parametrize("way", CAPTURE_WAYS)
 def test_benchmark_capture_to_file(report, benchmark, make_memory, make_marker16_vm, capture_snapshot, host_limits,
-                                   tmp_path, mem_size):
-    """Capturing a stopped VM's memory into a durable snapshot file, against this host's plain durable write of
-    the same bytes (``durable_floor``) measured right before each round."""
+                                   tmp_path, mem_size, way):
+    """Capturing a stopped VM's memory into a durable snapshot file, each way its image can reach the file, against
+    this host's plain durable write of the same bytes (``durable_floor``) measured right before each round."""
     with report.stage("source VM halted, memory populated") as st:
         mem = make_memory("memfd", mem_size)
         mem.populate()  # the guest's memory is warm; the file's page cache is not (a new file each round)
@@ -850,7 +856,7 @@ def test_benchmark_capture_to_file(report, benchmark, make_memory, make_marker16
         plain_writes.append(durable_floor(tmp_path / "plain.raw", mem))
 
     def capture() -> None:
-        rounds.append(capture_snapshot(mem, f"bench-{len(rounds)}", vcpus=[vcpu]))
+        rounds.append(capture_snapshot(mem, f"bench-{len(rounds)}", vcpus=[vcpu], direct=way == "direct"))
 
     def drop_file(*_args: object) -> None:
         os.unlink(rounds[-1].image.path)  # untimed: freeing a big file's page cache is no part of a capture
@@ -863,22 +869,30 @@ def test_benchmark_capture_to_file(report, benchmark, make_memory, make_marker16
         st.timing("capture", total, f"median; file create + engine + file finalize; {total / plain:.2f}x this host's "
                   f"plain durable write of {fmt_bytes(mem_size)} ({plain_write_words(plain_writes)}); "
                   f"{total / memcpy_ns:.1f}x a warm memcpy ({fmt_ns(memcpy_ns)})")
+        writes = [c.write for c in rounds]
+        st.timing("file created", median([c.create_ns for c in rounds]),
+                  f"sized, its header written, the image's memory allocated for the copy; the image reaches the file "
+                  f"by {writes[0].how}")
         st.timing("engine", median([c.engine_ns for c in rounds]),
                   f"arm {fmt_ns(median([c.arm_ns for c in rounds]))}, bulk copy "
-                  f"{fmt_ns(median([c.bulk_ns for c in rounds]))} (into the file's page cache, allocated at create), "
-                  "finalize "
+                  f"{fmt_ns(median([c.bulk_ns for c in rounds]))}, finalize "
                   f"{fmt_ns(median([c.finalize_ns for c in rounds]))} (un-protect + join, no fixed sleep)")
-        writes = [c.write for c in rounds]
         st.timing("hash", median([w.hash_ns for w in writes]),
                   f"{writes[0].hash_algo.name.lower()} on the writer's thread, overlapping the copy; finalize waited "
-                  f"{fmt_ns(median([w.hash_wait_ns for w in writes]))} for its tail")
-        st.timing("writeback", median([w.writeback_ns for w in writes]),
-                  "sync_file_range of each hashed piece, on the writer's thread, overlapping the copy")
+                  f"{fmt_ns(median([w.hash_wait_ns for w in writes]))} for its tail (and the writes')")
+        if writes[0].direct:
+            st.timing("O_DIRECT writes", median([w.direct_write_ns for w in writes]),
+                      "each final piece, on a thread of their own beside the hash")
+        else:
+            st.timing("writeback", median([w.writeback_ns for w in writes]),
+                      "sync_file_range of each hashed piece, on the writer's thread, overlapping the copy")
         st.timing("fsync", median([w.sync_ns for w in writes]),
-                  "finalize's two: image + vCPU section (what writeback left), then the header with COMPLETE")
+                  "finalize's two: the image (what writeback left, or the blocks O_DIRECT allocated) and the vCPU "
+                  "section, then the header with COMPLETE")
         st.timing("file finalize", median([c.file_ns for c in rounds]), "the hash's tail, vCPU section, fsync x2")
+        rest_from = "from memory as it was written, direct" if writes[0].direct else "read back from the file"
         st.note(f"hashed as the copy went: {fmt_bytes(min(w.hashed_as_final for w in writes))} of "
-                f"{fmt_bytes(mem_size)} (the least of any round); read back from the file at finalize: "
+                f"{fmt_bytes(mem_size)} (the least of any round); hashed at finalize, {rest_from}: "
                 f"{fmt_bytes(max(w.hashed_at_finalize for w in writes))} (the most)")
         if stopped := {w.writeback_error for w in writes} - {""}:
             st.note(f"early writeback stopped (the fsyncs wrote everything): {'; '.join(sorted(stopped))}")
