@@ -934,8 +934,9 @@ class SnapshotWriter:
         if self._direct_file is not None:
             self._direct = _WriteDirect(self.memory, self._direct_file.fileno(), self.path)
             self._followers.append(_FinalFollower("direct writer", self._direct, _DIRECT_STEP, PAGE_SIZE))
-        # A writer dropped without finalize() or abort() must not leave its threads waiting for work forever.
-        weakref.finalize(self, _close_all, list(self._followers))
+        # A writer dropped without finalize() or abort() must not leave its threads waiting for work forever, nor
+        # its DirectMemory lent to nobody.
+        self._collected = weakref.finalize(self, _collected, list(self._followers), self._lent)
         self._marked = 0  # the furthest end marked final by the writer's user
         self.stats: WriteStats | None = None  # set by finalize()
 
@@ -978,6 +979,7 @@ class SnapshotWriter:
         except BufferError:
             raise in_use from None
         if self._lent is not None:
+            self._collected.detach()  # given back here, never again when this writer is collected
             self._lent.lent_to = ""  # its owner keeps it for the next writer
             return
         try:
@@ -1064,10 +1066,20 @@ class SnapshotWriter:
                 if self._lent is None:
                     self._mm.close()
             if self._lent is not None:
+                self._collected.detach()
                 self._lent.lent_to = ""
             if self._direct_file is not None:
                 self._direct_file.close()
             self._file.close()
+
+
+def _collected(followers: Sequence[_FinalFollower], lent: DirectMemory | None) -> None:
+    """A writer collected without finalize() or abort(): its threads stopped, its DirectMemory given back."""
+    try:
+        _close_all(followers)
+    finally:
+        if lent is not None:
+            lent.lent_to = ""
 
 
 def _close_all(followers: Sequence[_FinalFollower]) -> None:

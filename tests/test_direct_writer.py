@@ -180,3 +180,20 @@ def test_the_durable_floor_names_a_refused_o_direct_and_keeps_the_page_cache_way
     assert words.startswith("page cache ") and words.endswith(
         "; O_DIRECT not measured: O_DIRECT refused by the file system: Invalid argument"), words
     assert not list(tmp_path.iterdir()), f"files left: {list(tmp_path.iterdir())}"
+
+
+def test_a_writer_dropped_without_finalize_gives_its_direct_memory_back(tmp_path):
+    """Forgetting both finalize() and abort(): once the writer is collected its threads are gone and the kept
+    memory is free for the next writer, not lent forever to one nobody holds."""
+    import gc
+
+    with DirectMemory(SIZE) as kept:
+        w = SnapshotImage.create(tmp_path / "dropped.snap", SIZE, direct_memory=kept)
+        write_pieces(w, pattern(SIZE), SIZE)
+        del w
+        gc.collect()
+        assert kept.lent_to == "", kept.lent_to
+        for t in threading.enumerate():
+            if t.name.startswith("snapshot-"):
+                t.join(10)
+        assert not writer_threads(), f"threads left: {writer_threads()}"
