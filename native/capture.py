@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from snapproof.native.engine import Engine
-from snapproof.native.image import DirectMemory, SnapshotImage, SnapshotWriter, WriteStats, start_writeback
+from snapproof.native.image import ImageWay, SnapshotImage, SnapshotWriter, StagingMemory, WriteStats, start_writeback
 from snapproof.native.inject import FaultInjection
 from snapproof.native.kvm import Vcpu
 from snapproof.native.live import LiveSnapshot, VcpuRunner, take_live_snapshot
@@ -108,24 +108,24 @@ class FileCapture:
 def capture_to_file(path: str | os.PathLike[str], memory: GuestMemory, *, vcpus: Sequence[Vcpu] = (),
                     runner: VcpuRunner | None = None, inject: FaultInjection = FaultInjection.NONE,
                     handler_cpu: int | None = None, timeout: float = 10.0, engine: Engine | None = None,
-                    progress: Callable[[int], None] | None = None, direct: bool = False,
-                    direct_memory: DirectMemory | None = None) -> FileCapture:
+                    progress: Callable[[int], None] | None = None, way: ImageWay = ImageWay.MAPPING,
+                    staging: StagingMemory | None = None) -> FileCapture:
     """Snapshot ``memory`` (and the vCPUs' states) into a new snapshot file at ``path``.
 
     Without ``runner`` the vCPUs in ``vcpus`` must be stopped; with it, its vCPUs are paused, saved
     and resumed by the live protocol and ``vcpus`` is ignored. ``engine`` takes the snapshot (the
-    built-in one by default); ``progress`` is told the bytes copied (and so hashed) as the copy goes. ``direct``:
-    the engine copies into anonymous memory and the writer writes it to the file with O_DIRECT as it becomes
-    final (``SnapshotWriter``), not through the page cache; ``write.direct`` says whether the file system took it.
-    ``direct_memory`` (direct implied) is that anonymous memory, kept by the caller from one capture to the next.
+    built-in one by default); ``progress`` is told the bytes copied (and so hashed) as the copy goes. ``way``: how
+    the image reaches the file (``ImageWay``): the engine copies into the file's mapping, or into anonymous memory
+    (``staging``, kept by the caller from one capture to the next, or the writer's own) that a thread of the
+    writer writes as it becomes final; ``write.way`` says which way it took.
     A failure leaves the file marked incomplete (the writer's abort), never a file that loads.
     """
     clock = time.perf_counter_ns
     t0 = clock()
-    # The copy writes every page of the image: its memory (page cache, or anonymous when direct) is allocated here,
+    # The copy writes every page of the image: its memory (page cache, or anonymous) is allocated here (unless kept),
     # before the pause, in one call, rather than one fault a page while the guest runs and its copy-before-write
     # faults wait on the copier.
-    with SnapshotImage.create(path, memory.size, populate=True, direct=direct, direct_memory=direct_memory) as writer:
+    with SnapshotImage.create(path, memory.size, populate=True, way=way, staging=staging) as writer:
         t1 = clock()
         snap = WpSnapshot(memory, writer.memory, engine=engine, inject=inject, handler_cpu=handler_cpu)
         try:

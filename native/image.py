@@ -90,10 +90,11 @@ writer hashes that prefix right away, while its bytes are still in the CPU's
 cache, unmaps it and starts its writeback (sync_file_range on Linux), so the
 image is read once, by the hash, and the last sync has little left to write. At
 ``finalize()`` whatever was never marked final is hashed from the file (holes
-unread). A direct writer (``create(direct=True)``, Linux) gives the engine
-anonymous memory instead, and a second thread writes each final prefix to the
-file with O_DIRECT as the hash reads it; what was never marked final is written
-and hashed at ``finalize()``. Then the vCPU section is appended, the image and the section are
+unread). A writer that writes from anonymous memory (``create(way=ImageWay.PWRITE
+or DIRECT)``, Linux) gives the engine that memory instead, and a second thread
+writes each final prefix to the file (pwrite into the page cache, or O_DIRECT)
+as the hash reads it; what was never marked final is written and hashed at
+``finalize()``. Then the vCPU section is appended, the image and the section are
 synced, and only then the header is written with COMPLETE set and synced. A
 capture that is aborted, raises, or dies leaves the file in place, marked
 incomplete; ``SnapshotImage.open()`` refuses it. (Deleting on abort was the
@@ -565,9 +566,10 @@ def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
 # How much of the image the hashing thread hashes and writes back at a time: small enough that the bytes a
 # capture just copied are still in the CPU's cache, large enough that the calls cost nothing beside the bytes.
 _HASH_STEP = 4 << 20
-# How much of the image a direct writer writes in one O_DIRECT pwrite: the hash's step or more keeps the device
-# busy without waiting on the hash (8 MiB pieces: 1 GiB in 0.30-0.36 s here, beside the hash on the other thread).
-_DIRECT_STEP = 8 << 20
+# How much of the image the writing thread writes from anonymous memory in one pwrite: the hash's step or more
+# keeps the device busy without waiting on the hash (8 MiB O_DIRECT pieces: 1 GiB in 0.30-0.36 s here, beside the
+# hash on the other thread).
+_WRITE_STEP = 8 << 20
 # sync_file_range(2)'s flag: start writing back the range's dirty pages, do not wait for it.
 _SYNC_FILE_RANGE_WRITE = 2
 # A bound on finalize's wait for the hashing thread: generous for a loaded host hashing at 20 MB/s.
@@ -626,6 +628,21 @@ def start_writeback(fd: int, offset: int, size: int) -> None:
                            f"{os.strerror(err)}")
 
 
+class ImageWay(enum.Enum):
+    """How a writer's memory image reaches its file (``SnapshotWriter``)."""
+
+    MAPPING = "mapping"  # the file's shared mapping (its page cache), each piece written back after its hash
+    PWRITE = "pwrite"    # anonymous memory; a thread pwrites each final piece into the page cache, writeback started
+    DIRECT = "direct"    # anonymous memory; a thread writes each final piece to the device with O_DIRECT
+
+    @property
+    def words(self) -> str:
+        return {ImageWay.MAPPING: "the file's shared mapping, its writeback started after the hash",
+                ImageWay.PWRITE: "pwrite from anonymous memory into the page cache beside the hash, its writeback "
+                                 "started",
+                ImageWay.DIRECT: "O_DIRECT writes from anonymous memory, beside the hash"}[self]
+
+
 @dataclass(frozen=True)
 class WriteStats:
     """How a writer hashed, wrote and synced its image (bytes, ns): what ``finalize()`` reports as ``writer.stats``.
@@ -635,25 +652,22 @@ class WriteStats:
 
     hash_algo: HashAlgo
     hashed_as_final: int      # bytes hashed by the writer's thread as they were marked final
-    hashed_at_finalize: int   # bytes never marked final, hashed at finalize: from the file (holes unread), or direct,
-                              # from the writer's memory as they are written
+    hashed_at_finalize: int   # bytes never marked final, hashed at finalize: from the file (holes unread), or from
+                              # the writer's anonymous memory as they are written (ImageWay.PWRITE, DIRECT)
     hash_ns: int              # time in the hash function, both ways (the thread's overlaps the writing)
     hash_wait_ns: int         # finalize waiting for the threads to hash (and write) what was marked final
-    writeback_ns: int         # unmapping each hashed range and starting its writeback, on the thread (overlapped)
+    writeback_ns: int         # starting each piece's writeback (and unmapping it, MAPPING), on a thread (overlapped)
     writeback_error: str      # why early writeback stopped ("" if it never did); the final sync still writes all
     sync_ns: int              # finalize's syncs: the image and vCPU section, then the header
     finalize_ns: int
-    direct: bool = False      # the image went to the file by O_DIRECT writes from anonymous memory, not a mapping
-    direct_refused: str = ""  # why a writer asked to write directly wrote through the page cache ("" if it did not)
-    direct_write_ns: int = 0  # time in those O_DIRECT writes, on their own thread (overlapped)
+    way: ImageWay = ImageWay.MAPPING  # how the image reached the file
+    way_refused: str = ""     # why the way asked for was not taken ("" if it was)
+    write_ns: int = 0         # time in the writes from anonymous memory, on their own thread (overlapped)
 
     @property
     def how(self) -> str:
         """How the image reached the file, in words."""
-        if self.direct:
-            return "O_DIRECT writes from anonymous memory, beside the hash"
-        how = "the file's shared mapping, its writeback started after the hash"
-        return f"{how} ({self.direct_refused})" if self.direct_refused else how
+        return f"{self.way.words} ({self.way_refused})" if self.way_refused else self.way.words
 
 
 class _FinalFollower:
@@ -758,29 +772,40 @@ class _HashAsFinal:
             self.writeback_ns += clock() - t1
 
 
-class _WriteDirect:
-    """The direct writer's work: write each final piece of the image from the writer's anonymous memory to the
-    file with O_DIRECT, beside the hash on its own thread: the device reads the pages itself, no page cache."""
+class _WriteFromMemory:
+    """The writing thread's work (ImageWay.PWRITE, DIRECT): write each final piece of the image from the writer's
+    anonymous memory to the file, beside the hash: with O_DIRECT the device reads the pages itself; through the
+    page cache, each piece's writeback is started once it is there."""
 
-    def __init__(self, memory: memoryview, fd: int, path: str):
+    def __init__(self, memory: memoryview, fd: int, path: str, direct: bool):
         self.memory = memory
         self._fd = fd
         self._path = path
+        self._direct = direct
         self.write_ns = 0
+        self.writeback_ns = 0
+        self.writeback_error = ""
 
     def __call__(self, start: int, end: int) -> None:
-        if not sys.platform.startswith("linux"):  # a direct writer is made only there (_open_direct)
-            raise OSError(f"O_DIRECT is Linux's, not {sys.platform}'s")
+        if not sys.platform.startswith("linux"):  # these ways are refused elsewhere (SnapshotImage.create)
+            raise OSError(f"writing a snapshot image from anonymous memory is Linux's, not {sys.platform}'s")
         t0 = time.perf_counter_ns()
         with self.memory[start:end] as piece:
             done = 0
-            while done < len(piece):  # a short write goes on from where it stopped, still page-aligned
+            while done < len(piece):  # a short write goes on from where it stopped
                 n = os.pwrite(self._fd, piece[done:], MEMORY_OFFSET + start + done)
-                if n <= 0 or n % PAGE_SIZE:
-                    raise OSError(f"{self._path}: an O_DIRECT pwrite at {MEMORY_OFFSET + start + done:#x} wrote "
-                                  f"{n:#x} of {len(piece) - done:#x} bytes")
+                if n <= 0:
+                    raise OSError(f"{self._path}: pwrite at {MEMORY_OFFSET + start + done:#x} wrote {n} of "
+                                  f"{len(piece) - done:#x} bytes")
                 done += n
-        self.write_ns += time.perf_counter_ns() - t0
+        t1 = time.perf_counter_ns()
+        self.write_ns += t1 - t0
+        if not self._direct and not self.writeback_error:
+            try:
+                start_writeback(self._fd, MEMORY_OFFSET + start, end - start)
+            except OSError as e:  # only a head start: the final sync writes what is left, and fails loudly
+                self.writeback_error = str(e)
+            self.writeback_ns += time.perf_counter_ns() - t1
 
 
 # madvise(2)'s MADV_POPULATE_WRITE (Linux 5.14): Python 3.11's mmap module does not name it.
@@ -815,10 +840,10 @@ def _open_direct(path: str) -> tuple[int, str]:
 
 
 def _anonymous_memory(size: int, populate: bool) -> mmap.mmap:
-    """Private anonymous memory for a direct writer's image, in huge pages where the host's THP allows (fewer
-    faults to populate, fewer TLB misses for the copy and the hash), populated now when asked."""
-    if not sys.platform.startswith("linux"):  # a direct writer is made only there (_open_direct)
-        raise OSError(f"a direct writer's anonymous memory is Linux's, not {sys.platform}'s")
+    """Private anonymous memory for a writer's image (ImageWay.PWRITE, DIRECT), in huge pages where the host's THP
+    allows (fewer faults to populate, fewer TLB misses for the copy and the hash), populated now when asked."""
+    if not sys.platform.startswith("linux"):  # these ways are refused elsewhere (SnapshotImage.create)
+        raise OSError(f"a snapshot writer's anonymous memory is Linux's, not {sys.platform}'s")
     mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     with contextlib.suppress(OSError, AttributeError):  # THP is a speed-up, not a need
         mapping.madvise(mmap.MADV_HUGEPAGE)
@@ -827,9 +852,10 @@ def _anonymous_memory(size: int, populate: bool) -> mmap.mmap:
     return mapping
 
 
-class DirectMemory:
-    """Anonymous memory for direct writers of one image size, allocated once and lent to one writer at a time: a
-    caller that captures again and again keeps it between captures instead of each writer allocating its own
+class StagingMemory:
+    """Anonymous memory that writers of one image size copy their image into before writing it to the file
+    (ImageWay.PWRITE, DIRECT), allocated once and lent to one writer at a time: a caller that captures again and
+    again keeps it between captures instead of each writer allocating its own
     (1 GiB here: 91-118 ms to allocate with huge pages, 1.5-2.5 s when the kernel has to compact or fetch memory
     first). It holds ``size`` bytes of memory for as long as it lives; ``alloc_ns`` is what allocating it took.
 
@@ -839,7 +865,7 @@ class DirectMemory:
 
     def __init__(self, size: int):
         if not isinstance(size, int) or size <= 0 or size % PAGE_SIZE:
-            raise ValueError(f"DirectMemory size: expected a positive multiple of {PAGE_SIZE:#x}, got {size!r}")
+            raise ValueError(f"StagingMemory size: expected a positive multiple of {PAGE_SIZE:#x}, got {size!r}")
         t0 = time.perf_counter_ns()
         self.size = size
         self.mm = _anonymous_memory(size, populate=True)
@@ -848,20 +874,20 @@ class DirectMemory:
 
     def lend(self, size: int, path: str) -> mmap.mmap:
         if self.mm.closed:
-            raise ValueError(f"{path}: its DirectMemory is closed")
+            raise ValueError(f"{path}: its StagingMemory is closed")
         if size != self.size:
-            raise ValueError(f"{path}: a memory image of {size:#x} bytes cannot use DirectMemory of {self.size:#x}")
+            raise ValueError(f"{path}: a memory image of {size:#x} bytes cannot use StagingMemory of {self.size:#x}")
         if self.lent_to:
-            raise ValueError(f"{path}: its DirectMemory is in use by the writer of {self.lent_to}")
+            raise ValueError(f"{path}: its StagingMemory is in use by the writer of {self.lent_to}")
         self.lent_to = path
         return self.mm
 
     def close(self) -> None:
         if self.lent_to:
-            raise BufferError(f"DirectMemory still in use by the writer of {self.lent_to}: finalize or abort it first")
+            raise BufferError(f"StagingMemory still in use by the writer of {self.lent_to}: finalize or abort it first")
         self.mm.close()
 
-    def __enter__(self) -> DirectMemory:
+    def __enter__(self) -> StagingMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -873,19 +899,19 @@ class SnapshotWriter:
     is marked final (or is there at ``finalize()``) is in the file. Call ``finalize()`` to seal it, or ``abort()``
     to give up.
 
-    Two ways to reach the file: by default ``memory`` is the file's own shared mapping (its page cache), each
-    final piece's writeback started after its hash; with ``direct`` it is anonymous memory, and a thread of its
-    own writes each final piece to the file with O_DIRECT while the hash reads it, so the device reads the
-    pages and nothing is copied into the page cache (phase 5's live capture of 1 GiB here: a median 0.42 s with
-    its ``DirectMemory`` kept between captures, where the page cache way took 0.73-0.77 s, allocating its page
-    cache in each). A later load of a direct writer's file reads it from the device. Where
-    O_DIRECT is refused (tmpfs) a direct writer writes through the mapping and ``stats.direct_refused`` says why.
-    A direct writer given ``direct_memory`` copies into it (a caller's, kept between captures) and gives it back at
-    finalize or abort.
+    Three ways to reach the file (``ImageWay``). MAPPING, the default: ``memory`` is the file's own shared mapping
+    (its page cache, allocated at create when ``populate``), each final piece's writeback started after its hash.
+    PWRITE and DIRECT: ``memory`` is anonymous memory (``staging``, kept by the caller between captures, or the
+    writer's own), and a thread of its own writes each final piece to the file while the hash reads it: PWRITE
+    into the page cache (a later load reads it from there), DIRECT with O_DIRECT (the device reads the pages;
+    nothing is left in the page cache). Populating a file mapping costs more than a pwrite of the same pages
+    into the page cache (1 MiB here: 0.8 ms against 0.2 ms), so with the staging memory kept both beat MAPPING
+    (phase 3's capture benchmark measures the three). Where O_DIRECT is refused (tmpfs before Linux 6.6) DIRECT
+    writes as PWRITE does and ``stats.way_refused`` says why.
     """
 
     def __init__(self, path, memory_size: int, arch: Arch, hypervisor: str, populate: bool = False,
-                 direct: bool = False, direct_memory: DirectMemory | None = None):
+                 way: ImageWay = ImageWay.MAPPING, staging: StagingMemory | None = None):
         self.path = os.fspath(path)
         self.memory_size = memory_size
         self.arch = arch
@@ -895,31 +921,34 @@ class SnapshotWriter:
         # Unbuffered, so header writes go straight to the file.
         self._file = open(self.path, "w+b", buffering=0)  # noqa: SIM115 - closed by finalize/abort
         self._direct_file = None
-        self.direct_refused = ""
+        self._lent: StagingMemory | None = None
+        self.way, self.way_refused = way, ""
         try:
             self._file.truncate(total)  # sparse zeros on Linux; no data copied
             # COMPLETE clear until finalize: a capture that dies leaves a file
             # that says so, with a valid checksum so the loader can name why.
             self._file.write(pack_header(memory_size=memory_size, arch=arch, hypervisor=hypervisor,
                                          complete=False))
-            direct = direct or direct_memory is not None
-            fd, self.direct_refused = _open_direct(self.path) if direct else (-1, "")
-            self._lent: DirectMemory | None = None
-            if fd >= 0:
-                self._direct_file = open(fd, "wb", buffering=0)  # noqa: SIM115 - closed by finalize/abort
-                if direct_memory is None:
-                    self._mm = _anonymous_memory(memory_size, populate)
+            if way is ImageWay.DIRECT:
+                fd, self.way_refused = _open_direct(self.path)
+                if fd < 0:
+                    self.way = ImageWay.PWRITE  # the anonymous memory is there all the same: through the page cache
                 else:
-                    self._mm = direct_memory.lend(memory_size, self.path)
-                    self._lent = direct_memory
-                self._offset = 0
-            else:
+                    self._direct_file = open(fd, "wb", buffering=0)  # noqa: SIM115 - closed by finalize/abort
+            if self.way is ImageWay.MAPPING:
                 # Map the whole file: Windows needs view offsets aligned to 64 KiB,
                 # so mapping only the region at 4096 would not port.
                 self._mm = mmap.mmap(self._file.fileno(), total, access=mmap.ACCESS_WRITE)
                 self._offset = MEMORY_OFFSET
                 if populate:
                     _populate_for_writing(self._mm, MEMORY_OFFSET, memory_size)
+            else:
+                self._offset = 0
+                if staging is None:
+                    self._mm = _anonymous_memory(memory_size, populate)
+                else:
+                    self._mm = staging.lend(memory_size, self.path)
+                    self._lent = staging
         except BaseException:
             if self._direct_file is not None:
                 self._direct_file.close()
@@ -927,22 +956,23 @@ class SnapshotWriter:
             raise
         self.memory = memoryview(self._mm)[self._offset:]
         self.hash_algo = HASH_ALGO_OF_VERSION[FORMAT_VERSION]
-        self._hash = _HashAsFinal(self.memory, self.hash_algo, None if self._direct_file is not None
-                                  else _writeback_starter(self._file.fileno(), self._mm))
+        self._hash = _HashAsFinal(self.memory, self.hash_algo, _writeback_starter(self._file.fileno(), self._mm)
+                                  if self.way is ImageWay.MAPPING else None)
         self._followers = [_FinalFollower("hasher", self._hash, _HASH_STEP)]
-        self._direct: _WriteDirect | None = None
-        if self._direct_file is not None:
-            self._direct = _WriteDirect(self.memory, self._direct_file.fileno(), self.path)
-            self._followers.append(_FinalFollower("direct writer", self._direct, _DIRECT_STEP, PAGE_SIZE))
+        self._write: _WriteFromMemory | None = None
+        if self.way is not ImageWay.MAPPING:
+            fd = (self._direct_file or self._file).fileno()
+            self._write = _WriteFromMemory(self.memory, fd, self.path, direct=self._direct_file is not None)
+            self._followers.append(_FinalFollower("writer", self._write, _WRITE_STEP, PAGE_SIZE))
         # A writer dropped without finalize() or abort() must not leave its threads waiting for work forever, nor
-        # its DirectMemory lent to nobody.
+        # its staging memory lent to nobody.
         self._collected = weakref.finalize(self, _collected, list(self._followers), self._lent)
         self._marked = 0  # the furthest end marked final by the writer's user
         self.stats: WriteStats | None = None  # set by finalize()
 
     def mark_final(self, end: int) -> None:
         """``memory[:end]`` holds its final bytes: hash it now, on the writer's thread, and start its writeback
-        (or write it, direct).
+        (or, from anonymous memory, write it on another).
 
         Call it as a prefix of the image becomes final (each call may reach further); the bytes are hashed
         while they are still in the CPU's cache. A byte changed after it was marked final leaves the content
@@ -1005,19 +1035,19 @@ class SnapshotWriter:
         if timeout is None:
             timeout = _HASH_WAIT_BASE_S + self.memory_size / _HASH_WAIT_BYTES_PER_S
         marked = self._marked
-        if self._direct is not None:
+        if self._write is not None:
             # Anonymous memory is not the file: what was never marked final is written (and hashed) from it now.
             for follower in self._followers:
                 follower.mark_final(self.memory_size)
         for follower in self._followers:
             follower.finish(timeout)  # nothing is marked final after this
         t1 = clock()
-        rest = 0 if self._direct is not None else self.memory_size - marked  # to hash from the file
+        rest = 0 if self._write is not None else self.memory_size - marked  # to hash from the file
         # Where the OS keeps a file mapping's pages apart from its file cache (Windows) they are flushed for the
         # sync below to see them. On Linux the mapping's pages are the page cache, which fsync writes: an msync
         # would be one more whole sync. It is kept there only before reading a never-marked rest back through
         # the file, so SEEK_DATA sees written blocks as data on every filesystem.
-        if self._direct is None and (rest or not sys.platform.startswith("linux")):
+        if self._write is None and (rest or not sys.platform.startswith("linux")):
             self._mm.flush()
         self._unmap()  # nobody can write after the hash is taken; a held pointer raises here, retry after
         f = self._file
@@ -1043,12 +1073,15 @@ class SnapshotWriter:
             f.close()
             if self._direct_file is not None:
                 self._direct_file.close()
+        writers: list[_HashAsFinal | _WriteFromMemory] = [self._hash]
+        if self._write is not None:
+            writers.append(self._write)
         self.stats = WriteStats(hash_algo=self.hash_algo, hashed_as_final=marked,
                                 hashed_at_finalize=self.memory_size - marked, hash_ns=self._hash.hash_ns + (t3 - t2),
-                                hash_wait_ns=t1 - t0, writeback_ns=self._hash.writeback_ns,
-                                writeback_error=self._hash.writeback_error, sync_ns=t4 - t3, finalize_ns=t4 - t0,
-                                direct=self._direct is not None, direct_refused=self.direct_refused,
-                                direct_write_ns=0 if self._direct is None else self._direct.write_ns)
+                                hash_wait_ns=t1 - t0, writeback_ns=sum(w.writeback_ns for w in writers),
+                                writeback_error="; ".join(w.writeback_error for w in writers if w.writeback_error),
+                                sync_ns=t4 - t3, finalize_ns=t4 - t0, way=self.way, way_refused=self.way_refused,
+                                write_ns=0 if self._write is None else self._write.write_ns)
         return SnapshotImage.open(self.path, verify=False)
 
     def abort(self) -> None:
@@ -1073,8 +1106,8 @@ class SnapshotWriter:
             self._file.close()
 
 
-def _collected(followers: Sequence[_FinalFollower], lent: DirectMemory | None) -> None:
-    """A writer collected without finalize() or abort(): its threads stopped, its DirectMemory given back."""
+def _collected(followers: Sequence[_FinalFollower], lent: StagingMemory | None) -> None:
+    """A writer collected without finalize() or abort(): its threads stopped, its StagingMemory given back."""
     try:
         _close_all(followers)
     finally:
@@ -1122,16 +1155,22 @@ class SnapshotImage:
 
     @staticmethod
     def create(path, memory_size: int, *, arch: Arch | str | int = Arch.X86_64,
-               hypervisor: str = "kvm", populate: bool = False, direct: bool = False,
-               direct_memory: DirectMemory | None = None) -> SnapshotWriter:
+               hypervisor: str = "kvm", populate: bool = False, way: ImageWay = ImageWay.MAPPING,
+               staging: StagingMemory | None = None) -> SnapshotWriter:
         """Start a snapshot file of memory_size bytes; see SnapshotWriter. ``populate``: a writer that will write
         every page of the image (a capture's copy does) has its memory allocated now, in one call, instead of
         one fault a page as it writes; a sparse image (an incremental diff) leaves it off and stays sparse.
-        ``direct``: the image is written with O_DIRECT from anonymous memory (``direct_memory``, or its own), not
-        through the page cache."""
+        ``way``: how the image reaches the file (``ImageWay``; PWRITE and DIRECT are Linux's), copied into
+        ``staging`` where given (a caller's, kept between captures; not for MAPPING)."""
         checked_arch = _check_create_args(memory_size, arch, hypervisor)
-        return SnapshotWriter(path, memory_size, checked_arch, hypervisor, populate=populate, direct=direct,
-                              direct_memory=direct_memory)
+        if way is not ImageWay.MAPPING and not sys.platform.startswith("linux"):
+            raise ValueError(f"way: {way} writes from anonymous memory, Linux's; on {sys.platform} only "
+                             f"{ImageWay.MAPPING}")
+        if staging is not None and way is ImageWay.MAPPING:
+            raise ValueError(f"staging: memory to copy into is for {ImageWay.PWRITE} or {ImageWay.DIRECT}, "
+                             f"not {ImageWay.MAPPING} (the file's own mapping)")
+        return SnapshotWriter(path, memory_size, checked_arch, hypervisor, populate=populate, way=way,
+                              staging=staging)
 
     @classmethod
     def write(cls, path, memory, *, vcpu_states: Iterable[bytes] = (), arch: Arch | str | int = Arch.X86_64,

@@ -49,7 +49,7 @@ import pytest
 from snapproof.guests import storm
 from snapproof.native.capture import DURABLE_WRITE_HOW, DurableFloor, FileCapture, durable_floor, floor_words
 from snapproof.native.compare import exact_oracle
-from snapproof.native.image import DirectMemory
+from snapproof.native.image import ImageWay
 from snapproof.native.kvm import KVM_MEM_LOG_DIRTY_PAGES, ExitReason
 from snapproof.native.layout import offset_of
 from snapproof.native.live import VcpuRunner
@@ -436,7 +436,8 @@ def test_benchmark_pause_window(report, benchmark, make_storm_vm, make_memory, s
 @pytest.mark.sizes(64 << 20, 256 << 20)  # 1 GiB is opt-in (--sizes 1G), as every large size is
 @pytest.mark.needs("qemu", *STRATEGY_NEEDS[STOP_AND_COPY], *STRATEGY_NEEDS[WP_COPY_BEFORE_WRITE])
 def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make_storm_vm, make_memory, snapshotters,
-                                            capture_snapshot, inject, host_limits, tmp_path, mem_size):
+                                            capture_snapshot, make_staging_memory, inject, host_limits, tmp_path,
+                                            mem_size):
     """QEMU's background snapshot of the writing guest (pause, total, bytes), and the total time of snapproof's
     stop-and-copy and WP copy-before-write over QEMU's, and its live capture into a durable snapshot file, on the
     same guest and size in the same case."""
@@ -498,13 +499,13 @@ def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make
             plain_writes: list[DurableFloor] = []
             # What a snapshotter that captures again and again keeps: the anonymous memory its captures copy into
             # before their O_DIRECT writes, allocated once here, outside every round's time (named below).
-            direct_memory = running.enter_context(DirectMemory(mem_size))
+            staging = make_staging_memory(mem_size)
             for i in range(1, BENCH_ROUNDS + 1):
                 # The host's own limit, right before each round and under the same running guest: the same bytes
                 # made durable the plain ways (``durable_floor``), no WP, no hash.
                 plain_writes.append(durable_floor(tmp_path / "plain.raw", storm_vm.memory))
                 cap = capture_snapshot(storm_vm.memory, f"durable-{i}", runner=runner, timeout=GUEST_TIMEOUT_S,
-                                       direct_memory=direct_memory)
+                                       way=ImageWay.DIRECT, staging=staging)
                 caps.append(cap)
                 captured = cap.stats.bulk_pages + cap.stats.fault_pages
                 hashed = cap.write.hashed_as_final + cap.write.hashed_at_finalize
@@ -548,17 +549,17 @@ def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make
                       f"({median([c.stats.fault_pages for c in caps]):.0f} pages by fault), engine finalize "
                       f"{part(lambda c: c.finalize_ns)}, file finalize {part(lambda c: c.file_ns)} (of it waiting "
                       f"for the hash {part(lambda c: c.write.hash_wait_ns)}, syncs {part(lambda c: c.write.sync_ns)})")
-            if caps[0].write.direct:
-                alloc = direct_memory.alloc_ns
+            if caps[0].write.way is not ImageWay.MAPPING:
+                alloc = staging.alloc_ns
                 st.timing("anonymous memory kept between captures", alloc,
-                          f"allocated once before round 1 and in no round's time: {fmt_bytes(mem_size)} the O_DIRECT "
-                          f"writes read from; a capture that allocated its own would take {alloc / 1e6:.0f} ms more "
+                          f"allocated once before round 1 and in no round's time: {fmt_bytes(mem_size)} the writes "
+                          f"read from; a capture that allocated its own would take {alloc / 1e6:.0f} ms more "
                           f"(at the median, {qemu_total / (median(durable.samples) + alloc):.2f}x QEMU's throughput)")
-            if caps[0].write.direct:
-                st.timing("writer's threads", median([c.write.hash_ns + c.write.direct_write_ns for c in caps]),
-                          f"in the hash {part(lambda c: c.write.hash_ns)} on one, in O_DIRECT writes "
-                          f"{part(lambda c: c.write.direct_write_ns)} on the other, each beside the copy; the rest "
-                          "of their time they waited for the copy, the device or a CPU")
+            if caps[0].write.way is not ImageWay.MAPPING:
+                st.timing("writer's threads", median([c.write.hash_ns + c.write.write_ns for c in caps]),
+                          f"in the hash {part(lambda c: c.write.hash_ns)} on one, in the writes "
+                          f"{part(lambda c: c.write.write_ns)} on the other ({caps[0].write.how}), each beside the "
+                          "copy; the rest of their time they waited for the copy, the device or a CPU")
             else:
                 st.timing("writer's thread", median([c.write.hash_ns + c.write.writeback_ns for c in caps]),
                           f"in the hash {part(lambda c: c.write.hash_ns)}, starting writeback "

@@ -947,6 +947,23 @@ def capture_snapshot(tmp_path: Path, inject: Any, engine: Any,
 
 
 @pytest.fixture
+def make_staging_memory() -> Iterator[Callable[[int], Any]]:
+    """Factory: ``make_staging_memory(size)`` -> native.image.StagingMemory, the anonymous memory a capture copies
+    into before writing (``ImageWay.PWRITE``, ``DIRECT``), kept across a test's captures; closed at teardown."""
+    from snapproof.native.image import StagingMemory
+
+    made: list[Any] = []
+
+    def _make(size: int) -> Any:
+        made.append(StagingMemory(size))
+        return made[-1]
+
+    yield _make
+    for staging in reversed(made):
+        staging.close()
+
+
+@pytest.fixture
 def make_restored_vm(require: Callable[..., None], inject: Any) -> Iterator[Callable[..., Any]]:
     """Factory: ``make_restored_vm(image_or_path, loader, verify=True, reset=None)`` -> native.restore.RestoredVm.
 

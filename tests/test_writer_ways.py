@@ -1,6 +1,7 @@
-"""A direct writer (``SnapshotImage.create(direct=True)``, Linux): the image is copied into anonymous memory and
-written to the file with O_DIRECT as it becomes final, beside the hash, so the device reads the pages and the page
-cache holds none of them; ``DirectMemory`` is that anonymous memory kept from one capture to the next.
+"""The ways a snapshot writer's image reaches its file besides its mapping (``ImageWay``, Linux): the image is
+copied into anonymous memory and a thread writes each final piece beside the hash, with pwrite into the page cache
+(PWRITE) or with O_DIRECT (DIRECT, the device reads the pages); ``StagingMemory`` is that anonymous memory kept from
+one capture to the next.
 
 Each test reads the file back through a fresh open, from the device: what was written is what the header's hash
 and the caller's bytes say, whatever way it went.
@@ -15,14 +16,15 @@ import threading
 import blake3
 import pytest
 from snapproof.native import image
-from snapproof.native.image import DirectMemory, SnapshotImage
+from snapproof.native.image import ImageWay, SnapshotImage, StagingMemory
 
 from tests.test_capture_hashing import file_reads, fill  # noqa: F401 (file_reads: a fixture)
 
 pytestmark = pytest.mark.platform("linux")
 
 PAGE = image.PAGE_SIZE
-SIZE = 4 * image._DIRECT_STEP + 3 * PAGE  # pieces of the direct writer's step and a short tail
+SIZE = 4 * image._WRITE_STEP + 3 * PAGE  # pieces of the writing thread's step and a short tail
+FROM_MEMORY = [ImageWay.PWRITE, ImageWay.DIRECT]  # the ways that write from anonymous memory
 
 
 def pattern(size: int, seed: int = 0) -> bytes:
@@ -54,16 +56,20 @@ def writer_threads() -> set[str]:
     return {t.name for t in threading.enumerate() if t.name.startswith("snapshot-")}
 
 
+@pytest.mark.parametrize("way", FROM_MEMORY, ids=[w.value for w in FROM_MEMORY])
 @pytest.mark.parametrize("marked", [SIZE, SIZE // 2 - 5, 0], ids=["all-marked", "half-marked", "none-marked"])
-def test_a_direct_writer_writes_with_o_direct_and_the_file_reads_back_the_same(tmp_path, file_reads, marked):  # noqa: F811
-    """What was marked final went by O_DIRECT beside the hash; the rest (an unaligned mark included) at finalize,
-    from memory, never read back from the file. The file verifies and holds the bytes, its threads are gone."""
+def test_a_writer_from_memory_writes_its_way_and_the_file_reads_back_the_same(tmp_path, file_reads, way,  # noqa: F811
+                                                                              marked):
+    """What was marked final was written beside the hash (its writeback started, through the page cache); the
+    rest (an unaligned mark included) at finalize, from memory, never read back from the file. The file verifies
+    and holds the bytes, its threads are gone."""
     data = pattern(SIZE)
-    with SnapshotImage.create(tmp_path / "d.snap", SIZE, direct=True) as w:
+    with SnapshotImage.create(tmp_path / "d.snap", SIZE, way=way) as w:
         write_pieces(w, data, marked)
         img = w.finalize()
     s = w.stats
-    assert s is not None and s.direct and s.direct_refused == "" and s.direct_write_ns > 0, s
+    assert s is not None and s.way is way and s.way_refused == "" and s.write_ns > 0, s
+    assert s.writeback_error == "" and (s.writeback_ns > 0) == (way is ImageWay.PWRITE), s
     assert (s.hashed_as_final, s.hashed_at_finalize, sum(file_reads)) == (marked, SIZE - marked, 0), s
     assert img.content_hash == blake3.blake3(data).digest()
     assert SnapshotImage.open(img.path).verified and SnapshotImage.open(img.path).read_memory() == data
@@ -72,30 +78,32 @@ def test_a_direct_writer_writes_with_o_direct_and_the_file_reads_back_the_same(t
 
 
 def test_a_file_system_that_refuses_o_direct_gets_the_page_cache_way_and_says_why(tmp_path, monkeypatch):
-    """tmpfs before Linux 6.6 (the nested 6.1 host's root) refuses O_DIRECT with EINVAL: the writer falls back to
-    the file's mapping and names the refusal. Simulated here (this host's tmpfs takes O_DIRECT): the open refuses."""
+    """tmpfs before Linux 6.6 (the nested 6.1 host's root) refuses O_DIRECT with EINVAL: the writer writes its
+    anonymous memory through the page cache instead (PWRITE) and names the refusal. Simulated here (this host's
+    tmpfs takes O_DIRECT): the open refuses."""
     refuse_o_direct(monkeypatch)
     data = pattern(SIZE, seed=1)
-    with SnapshotImage.create(tmp_path / "r.snap", SIZE, direct=True) as w:
+    with SnapshotImage.create(tmp_path / "r.snap", SIZE, way=ImageWay.DIRECT) as w:
         write_pieces(w, data, SIZE)
         img = w.finalize()
     s = w.stats
-    assert s is not None and not s.direct and "refuses O_DIRECT (EINVAL)" in s.direct_refused, s
-    assert "the file's shared mapping" in s.how and "EINVAL" in s.how, s.how
+    assert s is not None and s.way is ImageWay.PWRITE and "refuses O_DIRECT (EINVAL)" in s.way_refused, s
+    assert s.how == f"{ImageWay.PWRITE.words} (its file system refuses O_DIRECT (EINVAL))", s.how
     assert SnapshotImage.open(img.path).read_memory() == data
 
 
-def test_a_failed_o_direct_write_fails_finalize_and_leaves_the_file_incomplete(tmp_path, monkeypatch):
-    """The device's error is not lost on the writer's thread: finalize raises it, naming the direct writer, and
-    the header never says COMPLETE."""
+@pytest.mark.parametrize("way", FROM_MEMORY, ids=[w.value for w in FROM_MEMORY])
+def test_a_failed_write_fails_finalize_and_leaves_the_file_incomplete(tmp_path, monkeypatch, way):
+    """The device's error is not lost on the writing thread: finalize raises it, naming the writer, and the header
+    never says COMPLETE."""
     def fails(fd, data, offset):
         raise OSError(errno.EIO, f"pwrite at {offset:#x}: {os.strerror(errno.EIO)}")
 
     path = tmp_path / "eio.snap"
-    with SnapshotImage.create(path, SIZE, direct=True) as w:
+    with SnapshotImage.create(path, SIZE, way=way) as w:
         monkeypatch.setattr(os, "pwrite", fails)
         write_pieces(w, pattern(SIZE), SIZE)
-        with pytest.raises(RuntimeError, match=r"the snapshot image direct writer failed after 0x0 bytes: "
+        with pytest.raises(RuntimeError, match=r"the snapshot image writer failed after 0x0 bytes: "
                                                r"OSError\(5, 'pwrite at 0x1000: Input/output error'\)"):
             w.finalize()
     monkeypatch.undo()
@@ -104,49 +112,51 @@ def test_a_failed_o_direct_write_fails_finalize_and_leaves_the_file_incomplete(t
     assert not writer_threads(), f"threads left: {writer_threads()}"
 
 
-def test_direct_memory_is_lent_to_one_writer_at_a_time_and_kept_between_them(tmp_path):
+@pytest.mark.parametrize("way", FROM_MEMORY, ids=[w.value for w in FROM_MEMORY])
+def test_staging_memory_is_lent_to_one_writer_at_a_time_and_kept_between_them(tmp_path, way):
     """Two writers one after the other copy into the same memory (the second overwrites every page, as a
     capture does) and each file holds its own bytes; a second writer while the first holds it, another size, or
     closing it while lent is refused, naming the writer that holds it."""
-    with DirectMemory(SIZE) as kept:
+    with StagingMemory(SIZE) as kept:
         for seed in (1, 2):
             path = tmp_path / f"kept-{seed}.snap"
-            with SnapshotImage.create(path, SIZE, direct_memory=kept) as w:
+            with SnapshotImage.create(path, SIZE, way=way, staging=kept) as w:
                 assert kept.lent_to == str(path)
                 with pytest.raises(ValueError, match=f"in use by the writer of {path}"):
-                    SnapshotImage.create(tmp_path / "second.snap", SIZE, direct_memory=kept)
+                    SnapshotImage.create(tmp_path / "second.snap", SIZE, way=way, staging=kept)
                 with pytest.raises(BufferError, match=f"still in use by the writer of {path}"):
                     kept.close()
                 write_pieces(w, pattern(SIZE, seed), SIZE)
                 w.finalize()
-            assert w.stats is not None and w.stats.direct and kept.lent_to == ""
+            assert w.stats is not None and w.stats.way is way and kept.lent_to == ""
             assert SnapshotImage.open(path).read_memory() == pattern(SIZE, seed)
-        with pytest.raises(ValueError, match=rf"{SIZE - PAGE:#x} bytes cannot use DirectMemory of {SIZE:#x}"):
-            SnapshotImage.create(tmp_path / "small.snap", SIZE - PAGE, direct_memory=kept)
-        with SnapshotImage.create(tmp_path / "aborted.snap", SIZE, direct_memory=kept):
+        with pytest.raises(ValueError, match=rf"{SIZE - PAGE:#x} bytes cannot use StagingMemory of {SIZE:#x}"):
+            SnapshotImage.create(tmp_path / "small.snap", SIZE - PAGE, way=way, staging=kept)
+        with SnapshotImage.create(tmp_path / "aborted.snap", SIZE, way=way, staging=kept):
             pass  # an abort gives it back too
         assert kept.lent_to == ""
     assert kept.mm.closed
-    with pytest.raises(ValueError, match="DirectMemory size: expected a positive multiple of 0x1000, got 12345"):
-        DirectMemory(12345)
+    with pytest.raises(ValueError, match="StagingMemory size: expected a positive multiple of 0x1000, got 12345"):
+        StagingMemory(12345)
 
 
 @pytest.mark.needs("uffd", "uffd.PAGEFAULT_FLAG_WP", "uffd.THREAD_ID", "uffd.WP_HUGETLBFS_SHMEM")
-def test_a_direct_capture_writes_guest_memory_and_reads_nothing_back(make_memory, tmp_path,
-                                                                      file_reads):  # noqa: F811
-    """16 MiB captured twice by the engine into one kept DirectMemory: every byte copied, hashed and written by
-    O_DIRECT as the copy went, nothing read back; each file holds guest memory as it was at its capture."""
+@pytest.mark.parametrize("way", FROM_MEMORY, ids=[w.value for w in FROM_MEMORY])
+def test_a_capture_from_staging_memory_writes_guest_memory_and_reads_nothing_back(make_memory, tmp_path, way,
+                                                                                  file_reads):  # noqa: F811
+    """16 MiB captured twice by the engine into one kept StagingMemory: every byte copied, hashed and written as
+    the copy went, nothing read back; each file holds guest memory as it was at its capture."""
     from snapproof.native.capture import capture_to_file
 
     mem = make_memory("memfd", 16 << 20)
-    with DirectMemory(mem.size) as kept:
+    with StagingMemory(mem.size) as kept:
         for name in ("first", "second"):
             memory = fill(mem)
             file_reads.clear()  # the last round's verified open read its file back, as a loader does
-            cap = capture_to_file(tmp_path / f"{name}.snap", mem, direct_memory=kept)
+            cap = capture_to_file(tmp_path / f"{name}.snap", mem, way=way, staging=kept)
             w = cap.write
-            assert (w.direct, cap.stats.bulk_pages * PAGE, w.hashed_as_final, sum(file_reads)) == \
-                (True, mem.size, mem.size, 0), (cap.stats, w)
+            assert (w.way, cap.stats.bulk_pages * PAGE, w.hashed_as_final, sum(file_reads)) == \
+                (way, mem.size, mem.size, 0), (cap.stats, w)
             assert cap.image.content_hash == blake3.blake3(memory).digest()
             assert SnapshotImage.open(cap.image.path).read_memory() == memory
             mem.write(0, b"\xee" * PAGE)  # the second capture must see its own memory, not the kept bytes
@@ -182,13 +192,13 @@ def test_the_durable_floor_names_a_refused_o_direct_and_keeps_the_page_cache_way
     assert not list(tmp_path.iterdir()), f"files left: {list(tmp_path.iterdir())}"
 
 
-def test_a_writer_dropped_without_finalize_gives_its_direct_memory_back(tmp_path):
+def test_a_writer_dropped_without_finalize_gives_its_staging_memory_back(tmp_path):
     """Forgetting both finalize() and abort(): once the writer is collected its threads are gone and the kept
     memory is free for the next writer, not lent forever to one nobody holds."""
     import gc
 
-    with DirectMemory(SIZE) as kept:
-        w = SnapshotImage.create(tmp_path / "dropped.snap", SIZE, direct_memory=kept)
+    with StagingMemory(SIZE) as kept:
+        w = SnapshotImage.create(tmp_path / "dropped.snap", SIZE, way=ImageWay.PWRITE, staging=kept)
         write_pieces(w, pattern(SIZE), SIZE)
         del w
         gc.collect()
@@ -197,3 +207,13 @@ def test_a_writer_dropped_without_finalize_gives_its_direct_memory_back(tmp_path
             if t.name.startswith("snapshot-"):
                 t.join(10)
         assert not writer_threads(), f"threads left: {writer_threads()}"
+
+
+def test_staging_memory_is_refused_for_the_mapping_way(tmp_path):
+    """The mapping way copies into the file's own mapping: staging memory given with it is a mistake, named, and
+    no file is made."""
+    with StagingMemory(SIZE) as kept, pytest.raises(ValueError, match=r"staging: memory to copy into is for "
+                                                                       r"ImageWay.PWRITE or ImageWay.DIRECT, not "
+                                                                       r"ImageWay.MAPPING"):
+        SnapshotImage.create(tmp_path / "m.snap", SIZE, staging=kept)
+    assert not (tmp_path / "m.snap").exists()
