@@ -189,8 +189,9 @@ class DurableFloor:
     """This host's floor for a durable capture of some memory: the plain durable write both ways, back to back,
     and the faster of them. Through the page cache (pwrite, each piece's writeback started as the next is written)
     beat a copy into the file's mapping then fsync (at 1 GiB in quiet runs of phase 5 here, 0.90 s against
-    1.18 s); O_DIRECT beat both at 1 GiB (0.33-0.46 s against 0.50-1.37 s), as the device reads the pages
-    itself. ``refused`` says why O_DIRECT was not measured, where the file system refuses it (tmpfs)."""
+    1.18 s). Neither it nor O_DIRECT always wins: at 1 GiB in quiet runs of phase 5 here O_DIRECT took 0.41-0.51 s
+    and the page cache way 0.36-1.80 s, O_DIRECT the faster in 3 to 6 rounds of 6. ``refused`` says why O_DIRECT
+    was not measured, where the file system refuses it (tmpfs before Linux 6.6)."""
 
     cached: DurableWrite
     direct: DurableWrite | None
