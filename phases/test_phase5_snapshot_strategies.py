@@ -499,7 +499,7 @@ def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make
             plain_writes: list[DurableFloor] = []
             # What a snapshotter that captures again and again keeps: the anonymous memory its captures copy into
             # before their O_DIRECT writes, allocated here, outside every round's time (named below). The first
-            # allocation of a process may take fresh memory (1 GiB: 2.4-2.7 s here, the host's first touch), which a
+            # allocation of a process may take fresh memory (1 GiB: 2.2-2.7 s here, the host's first touch), which a
             # capture allocating its own each time would pay once: it is given back and allocated again.
             first_staging = make_staging_memory(mem_size)
             first_staging.close()
