@@ -49,7 +49,7 @@ import pytest
 from snapproof.guests import storm
 from snapproof.native.capture import DURABLE_WRITE_HOW, DurableFloor, FileCapture, durable_floor, floor_words
 from snapproof.native.compare import exact_oracle
-from snapproof.native.image import ImageWay
+from snapproof.native.image import ImageWay, SnapshotFormatError, SnapshotImage
 from snapproof.native.kvm import KVM_MEM_LOG_DIRTY_PAGES, ExitReason
 from snapproof.native.layout import offset_of
 from snapproof.native.live import VcpuRunner
@@ -519,6 +519,12 @@ def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make
                          f"{cap.write.how}, synced",
                          f"round {i}: {captured} pages of {storm_vm.memory.size // PAGE_SIZE} captured, "
                          f"{hashed:#x} bytes of {mem_size:#x} hashed, synced in {cap.write.sync_ns} ns")
+                if i == BENCH_ROUNDS:
+                    # Outside every round's time: the file as the device holds it hashes to what the writer hashed
+                    # as the copy went, so no piece was written to the wrong place or left out.
+                    st.check(not (problem := unreadable(cap.image.path)),
+                             f"round {i}: the file read back verifies ({cap.write.hash_algo.name.lower()} of its "
+                             f"{fmt_bytes(mem_size)} image, as hashed when copied)", f"round {i}: {problem}")
                 os.unlink(cap.image.path)  # the next round's file is a new one, as each capture's is
             st.note("per round: total " + ", ".join(fmt_ns(c.total_ns) for c in caps) + "; file created "
                     + ", ".join(fmt_ns(c.create_ns) for c in caps))
@@ -581,6 +587,15 @@ def test_benchmark_qemu_background_snapshot(report, benchmark, qemu_guests, make
                             f"capture in {fmt_ns(needed)}, and the plain durable write of the same bytes alone takes "
                             f"{fmt_ns(plain)} ({plain / needed:.2f}x that)")
         runner.stop()
+
+
+def unreadable(path: os.PathLike[str] | str) -> str:
+    """Why the snapshot file at ``path`` does not load verified (its image hashed as read back), or ""."""
+    try:
+        SnapshotImage.open(path)
+    except SnapshotFormatError as e:
+        return str(e)
+    return ""
 
 
 # The pre-armed case's guest: its sweep of every page between the pre-arm and the pause is one WP fault per page.
