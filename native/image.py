@@ -716,8 +716,8 @@ class _FinalFollower:
                 self._error = e
                 self._cv.notify_all()
 
-    def finish(self, timeout: float) -> int:
-        """Wait until everything marked final is gone over, then stop the thread: the bytes gone over."""
+    def finish(self, timeout: float) -> None:
+        """Wait until everything marked final is gone over, then stop the thread."""
         with self._cv:
             done = self._cv.wait_for(lambda: self._done >= self._final or self._error is not None, timeout=timeout)
             self._stopping = True
@@ -729,7 +729,6 @@ class _FinalFollower:
         if not done:
             raise TimeoutError(f"the snapshot image {self._what} went over {self._done:#x} of the {self._final:#x} "
                                f"bytes marked final within {timeout:.0f} s")
-        return self._done
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop after the piece in hand (an abort): nothing more is done."""
@@ -745,31 +744,44 @@ class _FinalFollower:
                 raise TimeoutError(f"the snapshot image {self._what} thread did not stop within {timeout:.0f} s")
 
 
+class _EarlyWriteback:
+    """Starts the writeback of each piece of the image a writer's thread is done with (``start(offset, size)``,
+    offsets in the file), and keeps what that cost and why it stopped: only a head start, so the first error
+    ends it quietly and the final sync writes what is left, and fails loudly."""
+
+    def __init__(self, start: Callable[[int, int], None]):
+        self._start = start
+        self.ns = 0
+        self.error = ""
+
+    def __call__(self, start: int, end: int) -> None:
+        if self.error:
+            return
+        t0 = time.perf_counter_ns()
+        try:
+            self._start(MEMORY_OFFSET + start, end - start)
+        except OSError as e:
+            self.error = str(e)
+        self.ns += time.perf_counter_ns() - t0
+
+
 class _HashAsFinal:
     """The hashing thread's work: hash each final piece of the image while it is still in the CPU's cache, then
     start its writeback (where the image is the file's mapping)."""
 
-    def __init__(self, memory: memoryview, algo: HashAlgo, start_writeback: Callable[[int, int], None] | None):
+    def __init__(self, memory: memoryview, algo: HashAlgo, writeback: _EarlyWriteback | None):
         self.memory = memory
         self.hash = content_hasher(algo)
-        self._start_writeback = start_writeback
+        self.writeback = writeback
         self.hash_ns = 0
-        self.writeback_ns = 0
-        self.writeback_error = ""
 
     def __call__(self, start: int, end: int) -> None:
-        clock = time.perf_counter_ns
-        t0 = clock()
+        t0 = time.perf_counter_ns()
         with self.memory[start:end] as piece:
             self.hash.update(piece)
-        t1 = clock()
-        self.hash_ns += t1 - t0
-        if self._start_writeback is not None and not self.writeback_error:
-            try:
-                self._start_writeback(MEMORY_OFFSET + start, end - start)
-            except OSError as e:  # only a head start: the final sync writes what is left, and fails loudly
-                self.writeback_error = str(e)
-            self.writeback_ns += clock() - t1
+        self.hash_ns += time.perf_counter_ns() - t0
+        if self.writeback is not None:
+            self.writeback(start, end)
 
 
 class _WriteFromMemory:
@@ -777,14 +789,12 @@ class _WriteFromMemory:
     anonymous memory to the file, beside the hash: with O_DIRECT the device reads the pages itself; through the
     page cache, each piece's writeback is started once it is there."""
 
-    def __init__(self, memory: memoryview, fd: int, path: str, direct: bool):
+    def __init__(self, memory: memoryview, fd: int, path: str, writeback: _EarlyWriteback | None):
         self.memory = memory
         self._fd = fd
         self._path = path
-        self._direct = direct
+        self.writeback = writeback  # None with O_DIRECT: nothing is left in the page cache to write back
         self.write_ns = 0
-        self.writeback_ns = 0
-        self.writeback_error = ""
 
     def __call__(self, start: int, end: int) -> None:
         if not sys.platform.startswith("linux"):  # these ways are refused elsewhere (SnapshotImage.create)
@@ -798,14 +808,9 @@ class _WriteFromMemory:
                     raise OSError(f"{self._path}: pwrite at {MEMORY_OFFSET + start + done:#x} wrote {n} of "
                                   f"{len(piece) - done:#x} bytes")
                 done += n
-        t1 = time.perf_counter_ns()
-        self.write_ns += t1 - t0
-        if not self._direct and not self.writeback_error:
-            try:
-                start_writeback(self._fd, MEMORY_OFFSET + start, end - start)
-            except OSError as e:  # only a head start: the final sync writes what is left, and fails loudly
-                self.writeback_error = str(e)
-            self.writeback_ns += time.perf_counter_ns() - t1
+        self.write_ns += time.perf_counter_ns() - t0
+        if self.writeback is not None:
+            self.writeback(start, end)
 
 
 # madvise(2)'s MADV_POPULATE_WRITE (Linux 5.14): Python 3.11's mmap module does not name it.
@@ -882,6 +887,10 @@ class StagingMemory:
         self.lent_to = path
         return self.mm
 
+    def give_back(self) -> None:
+        """The writer it was lent to is done with it: the next writer may have it."""
+        self.lent_to = ""
+
     def close(self) -> None:
         if self.lent_to:
             raise BufferError(f"StagingMemory still in use by the writer of {self.lent_to}: finalize or abort it first")
@@ -956,13 +965,22 @@ class SnapshotWriter:
             raise
         self.memory = memoryview(self._mm)[self._offset:]
         self.hash_algo = HASH_ALGO_OF_VERSION[FORMAT_VERSION]
-        self._hash = _HashAsFinal(self.memory, self.hash_algo, _writeback_starter(self._file.fileno(), self._mm)
-                                  if self.way is ImageWay.MAPPING else None)
+        # The page cache's pieces have their writeback started by the thread that put them there: the hash's, when
+        # the image is the file's mapping (unmapped first), the writer's after each pwrite; O_DIRECT leaves none.
+        self._writeback: _EarlyWriteback | None = None
+        if self.way is ImageWay.MAPPING:
+            if (starter := _writeback_starter(self._file.fileno(), self._mm)) is not None:
+                self._writeback = _EarlyWriteback(starter)
+        elif self.way is ImageWay.PWRITE and _sync_file_range() is not None:
+            fd = self._file.fileno()
+            self._writeback = _EarlyWriteback(lambda offset, size: start_writeback(fd, offset, size))
+        self._hash = _HashAsFinal(self.memory, self.hash_algo, self._writeback if self.way is ImageWay.MAPPING
+                                  else None)
         self._followers = [_FinalFollower("hasher", self._hash, _HASH_STEP)]
         self._write: _WriteFromMemory | None = None
         if self.way is not ImageWay.MAPPING:
             fd = (self._direct_file or self._file).fileno()
-            self._write = _WriteFromMemory(self.memory, fd, self.path, direct=self._direct_file is not None)
+            self._write = _WriteFromMemory(self.memory, fd, self.path, self._writeback)
             self._followers.append(_FinalFollower("writer", self._write, _WRITE_STEP, PAGE_SIZE))
         # A writer dropped without finalize() or abort() must not leave its threads waiting for work forever, nor
         # its staging memory lent to nobody.
@@ -1010,7 +1028,7 @@ class SnapshotWriter:
             raise in_use from None
         if self._lent is not None:
             self._collected.detach()  # given back here, never again when this writer is collected
-            self._lent.lent_to = ""  # its owner keeps it for the next writer
+            self._lent.give_back()  # its owner keeps it for the next writer
             return
         try:
             self._mm.close()
@@ -1073,13 +1091,11 @@ class SnapshotWriter:
             f.close()
             if self._direct_file is not None:
                 self._direct_file.close()
-        writers: list[_HashAsFinal | _WriteFromMemory] = [self._hash]
-        if self._write is not None:
-            writers.append(self._write)
+        wb = self._writeback
         self.stats = WriteStats(hash_algo=self.hash_algo, hashed_as_final=marked,
                                 hashed_at_finalize=self.memory_size - marked, hash_ns=self._hash.hash_ns + (t3 - t2),
-                                hash_wait_ns=t1 - t0, writeback_ns=sum(w.writeback_ns for w in writers),
-                                writeback_error="; ".join(w.writeback_error for w in writers if w.writeback_error),
+                                hash_wait_ns=t1 - t0, writeback_ns=0 if wb is None else wb.ns,
+                                writeback_error="" if wb is None else wb.error,
                                 sync_ns=t4 - t3, finalize_ns=t4 - t0, way=self.way, way_refused=self.way_refused,
                                 write_ns=0 if self._write is None else self._write.write_ns)
         return SnapshotImage.open(self.path, verify=False)
@@ -1100,7 +1116,7 @@ class SnapshotWriter:
                     self._mm.close()
             if self._lent is not None:
                 self._collected.detach()
-                self._lent.lent_to = ""
+                self._lent.give_back()
             if self._direct_file is not None:
                 self._direct_file.close()
             self._file.close()
@@ -1112,7 +1128,7 @@ def _collected(followers: Sequence[_FinalFollower], lent: StagingMemory | None) 
         _close_all(followers)
     finally:
         if lent is not None:
-            lent.lent_to = ""
+            lent.give_back()
 
 
 def _close_all(followers: Sequence[_FinalFollower]) -> None:
