@@ -52,24 +52,45 @@ def refuse_o_direct(monkeypatch) -> None:
     monkeypatch.setattr(os, "open", refuse)
 
 
+def assert_covers_the_image(ranges: list[tuple[int, int]], what: str) -> None:
+    """(file offset, size) ranges, in the order they came, cover the image exactly: no gap, no overlap."""
+    end = image.MEMORY_OFFSET
+    for offset, size in ranges:
+        assert offset == end, f"{what} at {offset:#x}, the previous one ended at {end:#x}: {ranges}"
+        end += size
+    assert end == image.MEMORY_OFFSET + SIZE, f"{what} ended at {end:#x}, the image at {image.MEMORY_OFFSET + SIZE:#x}"
+
+
 def writer_threads() -> set[str]:
     return {t.name for t in threading.enumerate() if t.name.startswith("snapshot-")}
 
 
 @pytest.mark.parametrize("way", FROM_MEMORY, ids=[w.value for w in FROM_MEMORY])
 @pytest.mark.parametrize("marked", [SIZE, SIZE // 2 - 5, 0], ids=["all-marked", "half-marked", "none-marked"])
-def test_a_writer_from_memory_writes_its_way_and_the_file_reads_back_the_same(tmp_path, file_reads, way,  # noqa: F811
+def test_a_writer_from_memory_writes_its_way_and_the_file_reads_back_the_same(tmp_path, monkeypatch,
+                                                                              file_reads, way,  # noqa: F811
                                                                               marked):
-    """What was marked final was written beside the hash (its writeback started, through the page cache); the
-    rest (an unaligned mark included) at finalize, from memory, never read back from the file. The file verifies
-    and holds the bytes, its threads are gone."""
+    """What was marked final was written beside the hash, in order, each byte once (its writeback started,
+    through the page cache; none by O_DIRECT); the rest (an unaligned mark included) at finalize, from memory,
+    never read back from the file. The file verifies and holds the bytes, its threads are gone."""
+    writes: list[tuple[int, int]] = []
+    started: list[tuple[int, int]] = []
+    real_pwrite, real_start = os.pwrite, image.start_writeback
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: (writes.append((offset, len(data))),
+                                                                real_pwrite(fd, data, offset))[1])
+    monkeypatch.setattr(image, "start_writeback", lambda fd, offset, size: (started.append((offset, size)),
+                                                                            real_start(fd, offset, size))[1])
     data = pattern(SIZE)
     with SnapshotImage.create(tmp_path / "d.snap", SIZE, way=way) as w:
         write_pieces(w, data, marked)
         img = w.finalize()
     s = w.stats
-    assert s is not None and s.way is way and s.way_refused == "" and s.write_ns > 0, s
-    assert s.writeback_error == "" and (s.writeback_ns > 0) == (way is ImageWay.PWRITE), s
+    assert s is not None and s.way is way and s.way_refused == "" and s.writeback_error == "", s
+    assert_covers_the_image(writes, "pwrite")
+    if way is ImageWay.PWRITE:
+        assert_covers_the_image(started, "writeback started")
+    else:
+        assert not started, f"O_DIRECT left nothing to write back, yet writeback was started for {started}"
     assert (s.hashed_as_final, s.hashed_at_finalize, sum(file_reads)) == (marked, SIZE - marked, 0), s
     assert img.content_hash == blake3.blake3(data).digest()
     assert SnapshotImage.open(img.path).verified and SnapshotImage.open(img.path).read_memory() == data
