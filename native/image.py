@@ -570,6 +570,12 @@ _HASH_STEP = 4 << 20
 # keeps the device busy without waiting on the hash (8 MiB O_DIRECT pieces: 1 GiB in 0.30-0.36 s here, beside the
 # hash on the other thread).
 _WRITE_STEP = 8 << 20
+# An image this small gets no threads: the thread that marks it final hashes (and writes) it there and then. Two
+# threads' start and hand-overs cost more than their overlap saves below about 2 MiB (1 MiB here, hashed with blake3
+# and pwritten into the page cache: 0.33-0.38 ms on the caller, 0.53-0.68 ms on two threads; 2 MiB 0.63-0.74 ms
+# either way), and a capture copies such an image in one piece (``native.capture.COPY_PIECE``), so no copy is left
+# to overlap. Done at the mark, not at finalize, its writeback still runs beside the engine's finalize.
+_ON_CALLER_UP_TO = 2 << 20
 # sync_file_range(2)'s flag: start writing back the range's dirty pages, do not wait for it.
 _SYNC_FILE_RANGE_WRITE = 2
 # A bound on finalize's wait for the hashing thread: generous for a loaded host hashing at 20 MB/s.
@@ -651,7 +657,7 @@ class WriteStats:
     writer's memory as it was marked final (in cache, right after it was written) or at finalize from the file."""
 
     hash_algo: HashAlgo
-    hashed_as_final: int      # bytes hashed by the writer's thread as they were marked final
+    hashed_as_final: int      # bytes hashed as they were marked final, by the writer's thread (``where``)
     hashed_at_finalize: int   # bytes never marked final, hashed at finalize: from the file (holes unread), or from
                               # the writer's anonymous memory as they are written (ImageWay.PWRITE, DIRECT)
     hash_ns: int              # time in the hash function, both ways (the thread's overlaps the writing)
@@ -663,23 +669,37 @@ class WriteStats:
     way: ImageWay = ImageWay.MAPPING  # how the image reached the file
     way_refused: str = ""     # why the way asked for was not taken ("" if it was)
     write_ns: int = 0         # time in the writes from anonymous memory, on their own thread (overlapped)
+    on_caller: bool = False   # a small image: hashed (and written) on the thread that marked it final, no threads
 
     @property
     def how(self) -> str:
         """How the image reached the file, in words."""
         return f"{self.way.words} ({self.way_refused})" if self.way_refused else self.way.words
 
+    @property
+    def where(self) -> str:
+        """Where the image was hashed (and written from memory) as it was marked final, in words."""
+        if self.on_caller:
+            return (f"on the thread that marked it final (an image of at most {_ON_CALLER_UP_TO >> 20} MiB gets no "
+                    "threads)")
+        return "on the writer's threads beside the copy"
+
 
 class _FinalFollower:
     """Runs ``work(start, end)`` over a writer's memory image in order, on a thread of its own, as far as the image
     is marked final, at most ``step`` bytes a call and only up to a multiple of ``align``. Stopped by ``finish()``
-    or ``close()`` (the writer's finalize, abort, or its collection), each joining the thread with a time-out."""
+    or ``close()`` (the writer's finalize, abort, or its collection), each joining the thread with a time-out.
 
-    def __init__(self, what: str, work: Callable[[int, int], None], step: int, align: int = 1):
+    ``on_caller``: no thread; each ``mark_final()`` does the work on the caller's thread before it returns (a small
+    image, ``_ON_CALLER_UP_TO``). Its error is kept for ``finish()`` to raise, as a thread's is."""
+
+    def __init__(self, what: str, work: Callable[[int, int], None], step: int, align: int = 1,
+                 on_caller: bool = False):
         self._what = what
         self._work = work
         self._step = step
         self._align = align
+        self.on_caller = on_caller
         self._cv = threading.Condition()
         self._final = 0       # memory[:final] is final (rounded down to align)
         self._done = 0        # work has gone over memory[:done] (only the thread moves it)
@@ -695,9 +715,21 @@ class _FinalFollower:
             if end > self._final:
                 self._final = end
                 self._cv.notify_all()
-            if self._thread is None:
+            if self._thread is None and not self.on_caller:
                 self._thread = threading.Thread(target=self._run, name=f"snapshot-{self._what}", daemon=True)
                 self._thread.start()
+        if self.on_caller:
+            self._go_over()
+
+    def _go_over(self) -> None:
+        """``on_caller``: the work over what is marked final and not yet gone over, here, its error kept."""
+        try:
+            while self._error is None and self._done < self._final:
+                end = min(self._final, self._done + self._step)
+                self._work(self._done, end)
+                self._done = end
+        except Exception as e:  # raised by finish(), as a thread's error is
+            self._error = e
 
     def _run(self) -> None:
         try:
@@ -718,11 +750,16 @@ class _FinalFollower:
 
     def finish(self, timeout: float) -> None:
         """Wait until everything marked final is gone over, then stop the thread."""
-        with self._cv:
-            done = self._cv.wait_for(lambda: self._done >= self._final or self._error is not None, timeout=timeout)
-            self._stopping = True
-            self._cv.notify_all()
-        self._join(timeout)
+        if self.on_caller:
+            self._go_over()
+            self._stopping, done = True, True
+        else:
+            with self._cv:
+                done = self._cv.wait_for(lambda: self._done >= self._final or self._error is not None,
+                                         timeout=timeout)
+                self._stopping = True
+                self._cv.notify_all()
+            self._join(timeout)
         if self._error is not None:
             raise RuntimeError(f"the snapshot image {self._what} failed after {self._done:#x} bytes: "
                                f"{self._error!r}") from self._error
@@ -976,12 +1013,14 @@ class SnapshotWriter:
             self._writeback = _EarlyWriteback(lambda offset, size: start_writeback(fd, offset, size))
         self._hash = _HashAsFinal(self.memory, self.hash_algo, self._writeback if self.way is ImageWay.MAPPING
                                   else None)
-        self._followers = [_FinalFollower("hasher", self._hash, _HASH_STEP)]
+        self.on_caller = memory_size <= _ON_CALLER_UP_TO
+        self._followers = [_FinalFollower("hasher", self._hash, _HASH_STEP, on_caller=self.on_caller)]
         self._write: _WriteFromMemory | None = None
         if self.way is not ImageWay.MAPPING:
             fd = (self._direct_file or self._file).fileno()
             self._write = _WriteFromMemory(self.memory, fd, self.path, self._writeback)
-            self._followers.append(_FinalFollower("writer", self._write, _WRITE_STEP, PAGE_SIZE))
+            self._followers.append(_FinalFollower("writer", self._write, _WRITE_STEP, PAGE_SIZE,
+                                                  on_caller=self.on_caller))
         # A writer dropped without finalize() or abort() must not leave its threads waiting for work forever, nor
         # its staging memory lent to nobody.
         self._collected = weakref.finalize(self, _collected, list(self._followers), self._lent)
@@ -1097,7 +1136,8 @@ class SnapshotWriter:
                                 hash_wait_ns=t1 - t0, writeback_ns=0 if wb is None else wb.ns,
                                 writeback_error="" if wb is None else wb.error,
                                 sync_ns=t4 - t3, finalize_ns=t4 - t0, way=self.way, way_refused=self.way_refused,
-                                write_ns=0 if self._write is None else self._write.write_ns)
+                                write_ns=0 if self._write is None else self._write.write_ns,
+                                on_caller=self.on_caller)
         return SnapshotImage.open(self.path, verify=False)
 
     def abort(self) -> None:

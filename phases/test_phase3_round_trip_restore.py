@@ -116,9 +116,9 @@ def capture_timings(st, cap) -> None:
               f"file's page cache, allocated at create), finalize {fmt_ns(cap.finalize_ns)} (un-protect + handler "
               "stopped through its eventfd, no sleeps)")
     w = cap.write
-    st.timing("file finalize", cap.file_ns, f"{w.hash_algo.name.lower()} tail {fmt_ns(w.hash_wait_ns)} (hashed "
-              f"{fmt_bytes(w.hashed_as_final)} of the image as the copy went, {fmt_ns(w.hash_ns)} on its thread), "
-              f"fsync x2 {fmt_ns(w.sync_ns)} (image + vCPU section, then the header with COMPLETE)")
+    st.timing("file finalize", cap.file_ns, f"{w.hash_algo.name.lower()} wait {fmt_ns(w.hash_wait_ns)} (hashed "
+              f"{w.where}: {fmt_ns(w.hash_ns)}), fsync x2 {fmt_ns(w.sync_ns)} (image + vCPU section, then the header "
+              "with COMPLETE)")
 
 
 def restore_timings(st, restored) -> None:
@@ -889,14 +889,12 @@ def test_benchmark_capture_to_file(report, benchmark, make_memory, make_marker16
                   f"{fmt_ns(median([c.bulk_ns for c in rounds]))}, finalize "
                   f"{fmt_ns(median([c.finalize_ns for c in rounds]))} (un-protect + join, no fixed sleep)")
         st.timing("hash", median([w.hash_ns for w in writes]),
-                  f"{writes[0].hash_algo.name.lower()} on the writer's thread, overlapping the copy; finalize waited "
-                  f"{fmt_ns(median([w.hash_wait_ns for w in writes]))} for its tail (and the writes')")
+                  f"{writes[0].hash_algo.name.lower()} {writes[0].where}; finalize waited "
+                  f"{fmt_ns(median([w.hash_wait_ns for w in writes]))} for it (and the writes)")
         if way is not ImageWay.MAPPING:
-            st.timing("writes", median([w.write_ns for w in writes]),
-                      "each final piece from the staging memory, on a thread of their own beside the hash")
+            st.timing("writes", median([w.write_ns for w in writes]), "each final piece from the staging memory")
         st.timing("writeback", median([w.writeback_ns for w in writes]),
-                  "sync_file_range of each piece written to the page cache, on the writer's threads, overlapping the "
-                  "copy (none by O_DIRECT)")
+                  "sync_file_range of each piece written to the page cache (none by O_DIRECT)")
         st.timing("fsync", median([w.sync_ns for w in writes]),
                   "finalize's two: the image (what writeback left, or the blocks O_DIRECT allocated) and the vCPU "
                   "section, then the header with COMPLETE")

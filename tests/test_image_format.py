@@ -758,13 +758,14 @@ def test_a_hash_that_fails_on_the_thread_fails_finalize_and_leaves_the_file_inco
 
 
 def test_a_writer_dropped_without_finalize_stops_its_hashing_thread(tmp_path):
-    """Forgetting both finalize() and abort() leaves no thread behind once the writer is collected."""
+    """Forgetting both finalize() and abort() leaves no thread behind once the writer is collected (an image large
+    enough to get a hashing thread)."""
     import gc
     import threading
 
-    w = SnapshotImage.create(tmp_path / "dropped.snap", MEMORY_SIZE)
-    w.memory[:] = pattern(MEMORY_SIZE)
-    w.mark_final(MEMORY_SIZE)
+    w = SnapshotImage.create(tmp_path / "dropped.snap", PIECES_SIZE)
+    w.memory[:] = pieces_pattern()
+    w.mark_final(PIECES_SIZE)
     thread = next(t for t in threading.enumerate() if t.name == "snapshot-hasher")
     del w
     gc.collect()

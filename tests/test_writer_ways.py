@@ -24,6 +24,7 @@ pytestmark = pytest.mark.platform("linux")
 
 PAGE = image.PAGE_SIZE
 SIZE = 4 * image._WRITE_STEP + 3 * PAGE  # pieces of the writing thread's step and a short tail
+SMALL = image._ON_CALLER_UP_TO  # the largest image a writer goes over on the caller's thread
 FROM_MEMORY = [ImageWay.PWRITE, ImageWay.DIRECT]  # the ways that write from anonymous memory
 
 
@@ -113,23 +114,52 @@ def test_a_file_system_that_refuses_o_direct_gets_the_page_cache_way_and_says_wh
     assert SnapshotImage.open(img.path).read_memory() == data
 
 
+@pytest.mark.parametrize("size", [SIZE, SMALL], ids=["on-a-thread", "on-the-caller"])
 @pytest.mark.parametrize("way", FROM_MEMORY, ids=[w.value for w in FROM_MEMORY])
-def test_a_failed_write_fails_finalize_and_leaves_the_file_incomplete(tmp_path, monkeypatch, way):
-    """The device's error is not lost on the writing thread: finalize raises it, naming the writer, and the header
-    never says COMPLETE."""
+def test_a_failed_write_fails_finalize_and_leaves_the_file_incomplete(tmp_path, monkeypatch, way, size):
+    """The device's error is not lost, on the writing thread or on the caller's (a small image): finalize raises
+    it, naming the writer, and the header never says COMPLETE."""
     def fails(fd, data, offset):
         raise OSError(errno.EIO, f"pwrite at {offset:#x}: {os.strerror(errno.EIO)}")
 
     path = tmp_path / "eio.snap"
-    with SnapshotImage.create(path, SIZE, way=way) as w:
+    with SnapshotImage.create(path, size, way=way) as w:
         monkeypatch.setattr(os, "pwrite", fails)
-        write_pieces(w, pattern(SIZE), SIZE)
+        write_pieces(w, pattern(size), size)
         with pytest.raises(RuntimeError, match=r"the snapshot image writer failed after 0x0 bytes: "
                                                r"OSError\(5, 'pwrite at 0x1000: Input/output error'\)"):
             w.finalize()
     monkeypatch.undo()
     with pytest.raises(image.SnapshotFormatError, match="flags"):
         SnapshotImage.open(path)
+    assert not writer_threads(), f"threads left: {writer_threads()}"
+
+
+@pytest.mark.parametrize("way", list(ImageWay), ids=[w.value for w in ImageWay])
+@pytest.mark.parametrize("size", [SMALL, SMALL + PAGE], ids=["small", "a-page-more"])
+def test_a_small_image_is_hashed_and_written_as_it_is_marked_final_on_the_callers_thread(tmp_path, file_reads,  # noqa: F811
+                                                                               way, size):
+    """Up to ``_ON_CALLER_UP_TO`` the writer starts no thread: marking the image final hashes it (and writes it,
+    from anonymous memory) there and then, on the caller's thread; the stats say so. A page more, and its threads
+    take each final piece. Either way each byte is hashed once as it was marked, and the file holds the bytes,
+    never read back from it."""
+    small = size <= image._ON_CALLER_UP_TO
+    data = pattern(size, seed=3)
+    with SnapshotImage.create(tmp_path / "s.snap", size, way=way) as w:
+        write_pieces(w, data, size)
+        started = writer_threads()
+        if small and way is not ImageWay.MAPPING:
+            with open(w.path, "rb") as f:
+                f.seek(image.MEMORY_OFFSET)
+                assert f.read(size) == data, "the marked image was not written when mark_final returned"
+        img = w.finalize()
+    s = w.stats
+    assert s is not None and s.on_caller is small, s
+    assert bool(started) is not small, f"threads started while the image was marked final: {started}"
+    assert (s.hashed_as_final, s.hashed_at_finalize, sum(file_reads)) == (size, 0, 0), s
+    assert s.where.startswith("on the thread that marked it final" if small else "on the writer's threads"), s.where
+    assert img.content_hash == blake3.blake3(data).digest()
+    assert SnapshotImage.open(img.path).read_memory() == data
     assert not writer_threads(), f"threads left: {writer_threads()}"
 
 
