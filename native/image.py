@@ -1311,7 +1311,7 @@ class SnapshotImage:
             fail("hypervisor", " or ".join(repr(h) for h in HYPERVISORS), repr(raw_tag))
         img.hypervisor = tag.decode("ascii")
         reserved = _get(header, "reserved")
-        if any(reserved):
+        if reserved != bytes(len(reserved)):  # compared whole: any() over its bytes was half of an open's time
             at = next(i for i, b in enumerate(reserved) if b)
             fail("reserved", "all zero", f"byte {reserved[at]:#04x} at header offset {FIELDS['reserved'][0] + at:#x}")
 
