@@ -5,6 +5,7 @@ and check the error names the field and what it saw."""
 
 import ctypes
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -771,6 +772,26 @@ def test_a_writer_dropped_without_finalize_stops_its_hashing_thread(tmp_path):
     gc.collect()
     thread.join(10)
     assert not thread.is_alive(), "the dropped writer's hashing thread still runs"
+
+
+@pytest.mark.platform("linux")
+def test_a_full_file_system_is_named_when_a_populated_writer_is_created(tmp_path, monkeypatch):
+    """A writer that will write every page (``populate``) has the image's blocks allocated at create: a file system
+    without room for them is an ENOSPC there, naming the file and the image's size, not a SIGBUS in the copy into
+    its mapping. (Simulated: the allocation refuses, as a full file system does.)"""
+    import errno
+
+    def no_room(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
+    path = tmp_path / "full.snap"
+    with pytest.raises(OSError, match=rf"{path}: no room on its file system for the 0x400000-byte memory image "
+                                      r"\(No space left on device\)") as raised:
+        SnapshotImage.create(path, 4 << 20, populate=True)
+    assert raised.value.errno == errno.ENOSPC
+    with SnapshotImage.create(tmp_path / "sparse.snap", 4 << 20) as w:  # a sparse writer allocates nothing
+        w.abort()
 
 
 @pytest.mark.parametrize("end", [-1, MEMORY_SIZE + 1])
