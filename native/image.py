@@ -871,7 +871,8 @@ def _allocate_blocks(fd: int, offset: int, size: int, path: str) -> None:
     """The file's blocks for a range allocated before a shared mapping of it is populated (posix_fallocate): a file
     system without room for them is a clear ENOSPC here, naming the file, not a fault in the populate or a SIGBUS
     in the copy into the mapping; and pages with blocks behind them populate faster (1, 64 and 256 MiB on this
-    host's ext4: 0.96-1.05 ms against 1.10-1.16, 17 ms against 21-28, 43-48 ms against 56-63). Linux only."""
+    host's ext4: 0.96-1.05 ms against 1.10-1.16, 17 ms against 21-28, 43-48 ms against 56-63). Linux only. A file
+    system that cannot allocate ahead (EOPNOTSUPP, EINVAL) is left to allocate as the pages are written, as before."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -880,7 +881,8 @@ def _allocate_blocks(fd: int, offset: int, size: int, path: str) -> None:
         if e.errno == errno.ENOSPC:
             raise OSError(e.errno, f"{path}: no room on its file system for the {size:#x}-byte memory image "
                                    f"({os.strerror(e.errno)})") from e
-        raise
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
 
 
 def _open_direct(path: str) -> tuple[int, str]:

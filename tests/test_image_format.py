@@ -790,8 +790,26 @@ def test_a_full_file_system_is_named_when_a_populated_writer_is_created(tmp_path
                                       r"\(No space left on device\)") as raised:
         SnapshotImage.create(path, 4 << 20, populate=True)
     assert raised.value.errno == errno.ENOSPC
-    with SnapshotImage.create(tmp_path / "sparse.snap", 4 << 20) as w:  # a sparse writer allocates nothing
-        w.abort()
+    SnapshotImage.create(tmp_path / "sparse.snap", 4 << 20).abort()  # a sparse writer allocates nothing
+
+
+@pytest.mark.platform("linux")
+@pytest.mark.parametrize("refusal", ["EOPNOTSUPP", "EINVAL"])
+def test_a_file_system_that_cannot_allocate_ahead_still_gets_a_populated_writer(tmp_path, monkeypatch, refusal):
+    """Allocating the image's blocks ahead is a speed-up and an early ENOSPC, not a need: where the file system
+    refuses it, the writer is made as before and its file holds what is written."""
+    import errno
+
+    def cannot(fd, offset, size):
+        raise OSError(getattr(errno, refusal), os.strerror(getattr(errno, refusal)))
+
+    monkeypatch.setattr(os, "posix_fallocate", cannot)
+    data = pattern(MEMORY_SIZE)
+    with SnapshotImage.create(tmp_path / "no-fallocate.snap", MEMORY_SIZE, populate=True) as w:
+        w.memory[:] = data
+        w.mark_final(MEMORY_SIZE)
+        img = w.finalize()
+    assert SnapshotImage.open(img.path).read_memory() == data
 
 
 @pytest.mark.parametrize("end", [-1, MEMORY_SIZE + 1])
