@@ -43,6 +43,7 @@ from snapproof.native.image import (
     ImageWay,
     SnapshotImage,
     VcpuPart,
+    WriteStats,
     describe_part_difference,
     msr_entries,
     part_field,
@@ -747,6 +748,11 @@ def test_benchmark_time_to_first_instruction(report, benchmark, require, marker1
 SEQUENCE_WAY = ImageWay.PWRITE
 
 
+def copier_also(write: WriteStats) -> str:
+    """What else a capture's bulk copy did, in words: at most 2 MiB, the image's hash and write (``on_caller``)."""
+    return " with the hash and the write it did as it marked the image final" if write.on_caller else ""
+
+
 def plain_write_words(writes: list[DurableFloor]) -> str:
     """This host's plain durable writes of one benchmark, in words: the median of the faster way, then each way's."""
     faster = fmt_ns(median([w.total_ns for w in writes]))
@@ -774,8 +780,7 @@ def test_benchmark_original_sequence_1MiB(report, benchmark, make_memory, make_m
     rounds: list[dict[str, int]] = []
     live: list[tuple[FileCapture, RestoredVm, int, Exit]] = []
     plain_writes: list[DurableFloor] = []
-    wheres: set[str] = set()
-    on_callers: set[bool] = set()
+    writes: list[WriteStats] = []
 
     def before_round() -> None:
         """Untimed: the marker put back, and the host's plain durable write of the same memory, interleaved with
@@ -795,8 +800,7 @@ def test_benchmark_original_sequence_1MiB(report, benchmark, make_memory, make_m
         while live:
             cap, restored, total, ex = live.pop()
             try:
-                wheres.add(cap.write.where)
-                on_callers.add(cap.write.on_caller)
+                writes.append(cap.write)
                 rounds.append({"total": total, "capture": cap.total_ns, "file": cap.file_ns, "engine": cap.engine_ns,
                                "ready": restored.ready_ns, "run": ex.run_ns,
                                "ok": ex.reason is ExitReason.HLT and restored.memory.byte(MARKER) == AFTER})
@@ -817,8 +821,6 @@ def test_benchmark_original_sequence_1MiB(report, benchmark, make_memory, make_m
     with report.stage("figures") as st:
         total = median([r["total"] for r in rounds])
         floor = fresh_vm_floor["median_ns"]
-        where = " or ".join(sorted(wheres))
-        engine_also = ", and the hash and the write, done as it marked the image final" if any(on_callers) else ""
         st.timing("sequence", total, "median; capture + restore + re-run, the content check excluded; "
                   f"{total / floor:.2f}x a fresh VM over memory already in place ({fmt_ns(floor)}); forkd's PR #160 "
                   "took 162.6 ms")
@@ -834,9 +836,9 @@ def test_benchmark_original_sequence_1MiB(report, benchmark, make_memory, make_m
                     f"{fmt_ns(needed)}, and a fresh VM plus the plain durable write alone take {fmt_ns(limit)}")
         st.timing("capture", median([r["capture"] for r in rounds]),
                   f"engine {fmt_ns(median([r['engine'] for r in rounds]))} (its bulk copy into the kept staging "
-                  f"memory{engine_also}), file finalize {fmt_ns(median([r['file'] for r in rounds]))} (the writes' "
-                  f"and the hash's tails, fsync x2); the image reached the file by {SEQUENCE_WAY.words}, hashed and "
-                  f"written {where}")
+                  f"memory{copier_also(writes[0])}), file finalize {fmt_ns(median([r['file'] for r in rounds]))} "
+                  f"(the writes' and the hash's tails, fsync x2); the image reached the file by {SEQUENCE_WAY.words}, "
+                  f"hashed and written {writes[0].where}")
         st.timing("restore -> ready", median([r["ready"] for r in rounds]))
         st.timing("re-run", median([r["run"] for r in rounds]), "entry to HLT with the first touch of its pages")
         report.figure("sequence_ns", [r["total"] for r in rounds], "ns",
@@ -893,7 +895,7 @@ def test_benchmark_capture_to_file(report, benchmark, make_memory, make_marker16
                   f"by {writes[0].how}")
         st.timing("engine", median([c.engine_ns for c in rounds]),
                   f"arm {fmt_ns(median([c.arm_ns for c in rounds]))}, bulk copy "
-                  f"{fmt_ns(median([c.bulk_ns for c in rounds]))}, finalize "
+                  f"{fmt_ns(median([c.bulk_ns for c in rounds]))}{copier_also(writes[0])}, finalize "
                   f"{fmt_ns(median([c.finalize_ns for c in rounds]))} (un-protect + join, no fixed sleep)")
         st.timing("hash", median([w.hash_ns for w in writes]),
                   f"{writes[0].hash_algo.name.lower()} {writes[0].where}; finalize waited "
